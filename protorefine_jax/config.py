@@ -1,0 +1,120 @@
+"""Configuration of the refinement and scoring core.
+
+`RefineConfig` is a pytree: fields that set shapes or pick code paths are
+static (pytree aux data, a change recompiles), continuous hyper-parameters are
+leaves (traced, so a sweep over them reuses one compiled program).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from flax import struct
+
+Distance = Literal["sqeuclidean", "cosine"]
+MStep = Literal["closed_form", "optax"]
+Optimizer = Literal["sgd", "preconditioned"]
+BankMode = Literal["refined", "union"]
+
+_DISTANCES = ("sqeuclidean", "cosine")
+_M_STEPS = ("closed_form", "optax")
+_OPTIMIZERS = ("sgd", "preconditioned")
+_BANK_MODES = ("refined", "union")
+
+
+@struct.dataclass
+class RefineConfig:
+    """Everything `refine_and_score` needs besides the bank and the queries.
+
+    Static fields (changing one recompiles):
+      distance: `"sqeuclidean"` (PatchCore+, paper Eq. 7) or `"cosine"`, meaning
+        `(1 - cos) / 2` (WinCLIP+, Eq. 8).
+      num_iters: EM iterations `N` (SPEC 3.2; paper default 10).
+      sinkhorn_iters: fixed Sinkhorn iteration count per E-step
+        (`min_iterations == max_iterations`, so vmap runs no data-dependent
+        while loop).
+      warm_start: start each E-step's Sinkhorn from the previous E-step's dual
+        potentials. The cost changes little between EM iterations, so this buys
+        marginal accuracy for free. Not in the paper or SPEC: a project choice,
+        see RESULTS.md.
+      m_step: `"closed_form"` (squared Euclidean only; the paper's "Closed
+        PatchCore+", SPEC 3.2) or `"optax"` (gradient steps on W with T fixed).
+      optimizer: for `m_step="optax"`: `"sgd"` (plain `optax.sgd`, SPEC default)
+        or `"preconditioned"` (gradient times `(G + delta I)^-1`, then sgd;
+        SPEC 8 suggests it because G is ill-conditioned).
+      inner_steps: optax steps per M-step.
+      use_transport: keep the OT term of the M-step loss (paper's T*). False
+        gives "W only": W is the least-squares `W0` (paper Table 2 ablation).
+      use_refinement: False gives the host method (PatchCore / WinCLIP scoring
+        against the bank itself).
+      bank: score against `"refined"` prototypes `R = W M` or the `"union"` of
+        `M` and `R` (SPEC 4).
+      grid_shape: patch grid `(h, w)` with `h * w = m`; None means square.
+      image_size: `(H, W)` of the anomaly map (bilinear upsample + blur).
+        None skips upsampling and blur and returns the raw `[h, w]` patch
+        grid, for callers that build maps themselves (WinCLIP window scales).
+      blur_sigma: Gaussian blur sigma in map pixels (paper: 4; kernel
+        `2 * round(4 * sigma) + 1`, reflect padding, as scipy).
+
+    Traced fields (a new value does not recompile):
+      lam: weight of the OT term (paper: 0.3 PatchCore+, 0.1 WinCLIP+).
+      epsilon: entropic regularisation relative to the mean transport cost
+        (SPEC: `epsilon_abs = epsilon * mean(C)`, default 0.05).
+      ridge: ridge of the Gram solves relative to `trace(G) / n` (SPEC 3.1).
+      lr: optax step size relative to the safe step: for `"sgd"` the step is
+        `lr / L` with `L` the Lipschitz constant of the squared-Euclidean
+        gradient (`2 (1 + lam) lambda_max(G + delta I) / m`, by power
+        iteration); for `"preconditioned"` it is `lr * m / (2 (1 + lam))`, so
+        `lr = 1` is a Newton step for the squared-Euclidean loss. Relative
+        steps keep one default valid across feature scales (a project choice:
+        the paper gives no step size).
+    """
+
+    lam: float = 0.3
+    epsilon: float = 0.05
+    ridge: float = 1e-4
+    lr: float = 1.0
+    distance: Distance = struct.field(pytree_node=False, default="sqeuclidean")
+    num_iters: int = struct.field(pytree_node=False, default=10)
+    sinkhorn_iters: int = struct.field(pytree_node=False, default=100)
+    warm_start: bool = struct.field(pytree_node=False, default=True)
+    m_step: MStep = struct.field(pytree_node=False, default="closed_form")
+    optimizer: Optimizer = struct.field(pytree_node=False, default="preconditioned")
+    inner_steps: int = struct.field(pytree_node=False, default=10)
+    use_transport: bool = struct.field(pytree_node=False, default=True)
+    use_refinement: bool = struct.field(pytree_node=False, default=True)
+    bank: BankMode = struct.field(pytree_node=False, default="refined")
+    grid_shape: tuple[int, int] | None = struct.field(pytree_node=False, default=None)
+    image_size: tuple[int, int] | None = struct.field(pytree_node=False, default=(256, 256))
+    blur_sigma: float = struct.field(pytree_node=False, default=4.0)
+
+    def __post_init__(self):
+        _check_choice("distance", self.distance, _DISTANCES)
+        _check_choice("m_step", self.m_step, _M_STEPS)
+        _check_choice("optimizer", self.optimizer, _OPTIMIZERS)
+        _check_choice("bank", self.bank, _BANK_MODES)
+        if self.m_step == "closed_form" and self.distance != "sqeuclidean":
+            raise ValueError(
+                'm_step="closed_form" exists only for distance="sqeuclidean"; '
+                'use m_step="optax" with distance="cosine".'
+            )
+        for name in ("num_iters", "sinkhorn_iters", "inner_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if self.blur_sigma < 0:
+            raise ValueError(f"blur_sigma must be >= 0, got {self.blur_sigma}.")
+        # Traced fields arrive as tracers when jax rebuilds the config inside a
+        # transformation; only concrete Python numbers can be checked here.
+        for name, low in (("lam", 0.0), ("epsilon", None), ("ridge", 0.0), ("lr", None)):
+            value = getattr(self, name)
+            if isinstance(value, int | float):
+                if low is None and value <= 0:
+                    raise ValueError(f"{name} must be > 0, got {value}.")
+                if low is not None and value < low:
+                    raise ValueError(f"{name} must be >= {low}, got {value}.")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")

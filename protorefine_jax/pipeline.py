@@ -1,0 +1,215 @@
+"""The compiled entry points: `refine_and_score`, `detect`, the online scan.
+
+`score_query` is written for ONE query; this module is the one place that
+vmaps it over a batch (SPEC 5). Shape-setting settings are static fields of
+`RefineConfig`, float hyper-parameters are traced, so a sweep over `lam`,
+`epsilon`, `ridge` or `lr` reuses one compiled program.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from protorefine_jax import checks
+from protorefine_jax.config import RefineConfig
+from protorefine_jax.coreset import greedy_coreset_indices, projection_matrix
+from protorefine_jax.refine import Refinement, gram_system, refine
+from protorefine_jax.scoring import anomaly_map, base_patch_scores, refined_patch_scores
+
+
+class Diagnostics(NamedTuple):
+    """Per-query numerical health of the refinement (zeros when it is off).
+
+    Attributes:
+      marginal_error: relative Sinkhorn marginal error of the last E-step.
+      w_rel_change: relative change of W in the last EM iteration.
+      lsq_residual: relative least-squares residual of `W0` (near 0: the bank
+        reproduces the query exactly, the degenerate regime).
+    """
+
+    marginal_error: Float[Array, "*B"]
+    w_rel_change: Float[Array, "*B"]
+    lsq_residual: Float[Array, "*B"]
+
+
+class RefineOutput(NamedTuple):
+    """Scores of a batch of queries.
+
+    Attributes:
+      image_scores: `[B]` image anomaly scores (`max_j s_j`).
+      maps: `[B, H, W]` anomaly maps (`[B, h, w]` grids when
+        `config.image_size` is None).
+      patch_scores: `[B, m]` patch scores `s_j`.
+      diagnostics: per-query `Diagnostics`, each field `[B]`.
+    """
+
+    image_scores: Float[Array, " B"]
+    maps: Float[Array, "B H W"]
+    patch_scores: Float[Array, "B m"]
+    diagnostics: Diagnostics
+
+
+def score_query(
+    bank: Float[Array, "n c"], query: Float[Array, "m c"], config: RefineConfig
+) -> RefineOutput:
+    """Refine the bank for one query and score it (paper Alg. 1, SPEC 3-4).
+
+    Pure and unbatched: compose it with your own `jit`/`vmap`/`scan`.
+
+    Args:
+      bank: `[n, c]` prototypes `M`.
+      query: `[m, c]` patch features `F`.
+      config: refinement and scoring settings.
+
+    Returns:
+      `RefineOutput` with scalar image score, `[H, W]` map, `[m]` patch scores.
+    """
+    sys = gram_system(bank, query, config)
+    if config.use_refinement:
+        ref = refine(sys, config)
+        scores = refined_patch_scores(sys, ref.w, config)
+    else:
+        zero = jnp.zeros((), sys.gram.dtype)
+        ref = Refinement(None, zero, zero, zero)
+        scores = base_patch_scores(sys, config)
+    diag = Diagnostics(ref.marginal_error, ref.w_rel_change, ref.lsq_residual)
+    return RefineOutput(jnp.max(scores), anomaly_map(scores, config), scores, diag)
+
+
+@jax.jit
+def _refine_and_score_batch(bank, queries, config):
+    return jax.vmap(score_query, in_axes=(None, 0, None))(bank, queries, config)
+
+
+def refine_and_score(
+    bank: Float[Array, "n c"], queries: Float[Array, "B m c"], config: RefineConfig
+) -> RefineOutput:
+    """Batched, jitted `score_query` with input checks (SPEC 5).
+
+    Shapes, feature dimensions and finiteness are checked before jit (value
+    checks are skipped when called under the caller's own transformation).
+    Inputs sharded over devices on the batch axis (`NamedSharding`) run
+    unchanged: the batch axis is embarrassingly parallel.
+
+    Args:
+      bank: `[n, c]` prototypes (e.g. `build_bank(...).prototypes`).
+      queries: `[B, m, c]` patch features of the query images.
+      config: refinement and scoring settings.
+
+    Returns:
+      `RefineOutput` with `[B]` image scores, `[B, H, W]` maps, `[B, m]` patch
+      scores and `[B]` diagnostics.
+
+    Example:
+      >>> bank = build_bank(support_feats, alpha=0.05).prototypes
+      >>> out = refine_and_score(bank, query_feats, RefineConfig(lam=0.3))
+      >>> out.image_scores.shape, out.maps.shape
+      ((16,), (16, 256, 256))
+    """
+    checks.check_bank_and_queries(bank, queries)
+    return _refine_and_score_batch(bank, queries, config)
+
+
+def make_detect(
+    extract: Callable[[Any, Float[Array, "B H W 3"]], Float[Array, "B m c"]],
+) -> Callable[..., RefineOutput]:
+    """Compose a feature extractor with the refiner into one jitted `detect`.
+
+    Args:
+      extract: pure `extract(params, images) -> [B, m, c]`.
+
+    Returns:
+      `detect(params, bank, images, config) -> RefineOutput`, jitted once;
+      backbone, refinement and scoring compile into a single XLA program.
+    """
+
+    @jax.jit
+    def detect(params, bank, images, config: RefineConfig) -> RefineOutput:
+        feats = extract(params, images)
+        return jax.vmap(score_query, in_axes=(None, 0, None))(bank, feats, config)
+
+    return detect
+
+
+class OnlineState(NamedTuple):
+    """Carry of the online scan.
+
+    Attributes:
+      buffer: `[capacity, c]` ring buffer of prototypes taken from queries.
+      cursor: next slot to overwrite (the oldest).
+    """
+
+    buffer: Float[Array, "K c"]
+    cursor: Array
+
+
+def _online_step(bank, config, add_per_query, state: OnlineState, query):
+    """Score one query against `M` plus the buffer, then push its prototypes."""
+    full = jnp.concatenate([bank, state.buffer], axis=0)  # [n + K, c]
+    sys = gram_system(full, query, config)
+    ref = refine(sys, config)
+    scores = refined_patch_scores(sys, ref.w, config)
+    diag = Diagnostics(ref.marginal_error, ref.w_rel_change, ref.lsq_residual)
+    out = RefineOutput(jnp.max(scores), anomaly_map(scores, config), scores, diag)
+    # The query's refined prototypes R = W M, summarised by a greedy coreset.
+    refined = ref.w @ full  # [m, c]
+    points = refined @ projection_matrix(refined.shape[1], 128, 0)
+    new = refined[greedy_coreset_indices(points, add_per_query, 0)]
+    slots = (state.cursor + jnp.arange(add_per_query)) % state.buffer.shape[0]
+    buffer = state.buffer.at[slots].set(new)
+    return OnlineState(buffer, (state.cursor + add_per_query) % state.buffer.shape[0]), out
+
+
+@functools.partial(jax.jit, static_argnames=("capacity", "add_per_query"))
+def _online_scan(bank, queries, config, capacity, add_per_query):
+    # The buffer starts as copies of the bank: duplicates change no score
+    # (min over the same points) and the ridge keeps G invertible, so the
+    # first query sees exactly the offline bank, and all shapes stay static.
+    start = jnp.take(bank, jnp.arange(capacity) % bank.shape[0], axis=0)
+    state = OnlineState(start, jnp.zeros((), jnp.int32))
+    step = functools.partial(_online_step, bank, config, add_per_query)
+    _, outs = jax.lax.scan(step, state, queries)
+    return outs
+
+
+def online_refine_and_score(
+    bank: Float[Array, "n c"],
+    queries: Float[Array, "T m c"],
+    config: RefineConfig,
+    *,
+    capacity: int,
+    add_per_query: int,
+) -> RefineOutput:
+    """Online PatchCore+/WinCLIP+ (paper Table 6, SPEC 4) as a `lax.scan`.
+
+    Queries are processed in stream order; each query's refined prototypes
+    (a greedy coreset of `add_per_query` rows of `R = W M`) enter a ring
+    buffer of `capacity` rows that joins the bank for the following queries.
+    The bank size `n + capacity` is static.
+
+    Args:
+      bank: `[n, c]` original prototypes (always kept).
+      queries: `[T, m, c]` the query stream, in order.
+      config: refinement settings (`use_refinement` must be True).
+      capacity: ring-buffer rows `K`.
+      add_per_query: prototypes pushed per query (`<= min(K, m)`).
+
+    Returns:
+      `RefineOutput` with leading axis `T`, in stream order.
+    """
+    checks.check_bank_and_queries(bank, queries)
+    if not config.use_refinement:
+        raise ValueError("the online variant refines by definition; set use_refinement=True.")
+    m = queries.shape[1]
+    if not 1 <= add_per_query <= min(capacity, m):
+        raise ValueError(
+            f"add_per_query must lie in [1, min(capacity, m)] = [1, {min(capacity, m)}], "
+            f"got {add_per_query}."
+        )
+    return _online_scan(bank, queries, config, capacity, add_per_query)

@@ -1,0 +1,28 @@
+"""Helpers shared by the tests (import as `from helpers import ...`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def subspace(rng, rank, c):
+    """A random `[rank, c]` basis: deep features live near such subspaces."""
+    return rng.standard_normal((rank, c))
+
+
+def lowrank_features(rng, shape, basis, noise=0.05):
+    """`shape[:-1]` points in span(`basis`) plus isotropic noise, float32."""
+    coeff = rng.standard_normal((*shape[:-1], basis.shape[0]))
+    return (coeff @ basis + noise * rng.standard_normal(shape)).astype(np.float32)
+
+
+class TraceCounter:
+    """Wraps a function and counts how often jax traces it."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.count = 0
+
+    def __call__(self, *args, **kwargs):
+        self.count += 1
+        return self.fn(*args, **kwargs)

@@ -1,0 +1,190 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import lowrank_features, subspace
+
+from protorefine_jax import (
+    RefineConfig,
+    build_bank,
+    make_detect,
+    online_refine_and_score,
+    refine_and_score,
+    score_query,
+)
+from protorefine_jax import pipeline as pl
+
+CFG = RefineConfig(num_iters=3, sinkhorn_iters=20, image_size=(32, 32))
+
+
+def data(rng, b=3, m=64, c=48, n=20):
+    basis = subspace(rng, 12, c)
+    bank = jnp.asarray(lowrank_features(rng, (n, c), basis))
+    queries = jnp.asarray(lowrank_features(rng, (b, m, c), basis))
+    return bank, queries
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        CFG,
+        CFG.replace(use_refinement=False),
+        CFG.replace(use_transport=False),
+        CFG.replace(bank="union"),
+        CFG.replace(m_step="optax", inner_steps=3),
+        CFG.replace(distance="cosine", m_step="optax", lam=0.1, inner_steps=3),
+    ],
+)
+def test_vmapped_batch_equals_a_python_loop_over_queries(rng, cfg):
+    bank, queries = data(rng)
+    out = refine_and_score(bank, queries, cfg)
+    one = jax.jit(score_query)
+    for i in range(queries.shape[0]):
+        ref = one(bank, queries[i], cfg)
+        # float32 distances ||f||^2 + ||r||^2 - 2<f, r> cancel: batched and
+        # unbatched matmuls round differently at the 1e-5 level.
+        # Squared norms here are ~600, so atol 1e-3 is ~2e-6 of them.
+        np.testing.assert_allclose(out.image_scores[i], ref.image_scores, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(out.maps[i], ref.maps, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(out.patch_scores[i], ref.patch_scores, rtol=1e-4, atol=1e-3)
+    assert out.maps.shape == (3, 32, 32)
+    assert out.diagnostics.lsq_residual.shape == (3,)
+
+
+def test_new_float_hyperparameters_do_not_recompile(rng):
+    bank, queries = data(rng)
+    cfg = CFG.replace(m_step="optax", inner_steps=2)
+    refine_and_score(bank, queries, cfg)
+    size = pl._refine_and_score_batch._cache_size()
+    for lam, eps, lr, ridge in [(0.1, 0.02, 0.5, 1e-3), (1.0, 0.2, 2.0, 1e-5)]:
+        out = refine_and_score(bank, queries, cfg.replace(lam=lam, epsilon=eps, lr=lr, ridge=ridge))
+    assert pl._refine_and_score_batch._cache_size() == size
+    # ... and the new values are really used.
+    base = refine_and_score(bank, queries, cfg)
+    assert not np.allclose(out.image_scores, base.image_scores)
+
+
+def test_static_fields_do_recompile(rng):
+    bank, queries = data(rng)
+    refine_and_score(bank, queries, CFG)
+    size = pl._refine_and_score_batch._cache_size()
+    refine_and_score(bank, queries, CFG.replace(num_iters=2))
+    assert pl._refine_and_score_batch._cache_size() == size + 1
+
+
+def test_feature_dimension_mismatch_is_rejected(rng):
+    bank, queries = data(rng)
+    with pytest.raises(ValueError, match=r"feature dimension mismatch: bank has c=48 .* c=40"):
+        refine_and_score(bank, queries[..., :40], CFG)
+
+
+def test_empty_bank_is_rejected(rng):
+    _, queries = data(rng)
+    with pytest.raises(ValueError, match="bank is empty"):
+        refine_and_score(jnp.zeros((0, 48)), queries, CFG)
+
+
+def test_unbatched_queries_are_rejected_with_a_hint(rng):
+    bank, queries = data(rng)
+    with pytest.raises(ValueError, match=r"queries\[None\]"):
+        refine_and_score(bank, queries[0], CFG)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["bank", "queries"])
+def test_non_finite_features_are_rejected_before_jit(rng, bad, where):
+    bank, queries = data(rng)
+    if where == "bank":
+        bank = bank.at[2, 5].set(bad)
+    else:
+        queries = queries.at[1, 3, 0].set(bad)
+    with pytest.raises(ValueError, match=rf"{where} contains 1 NaN or infinite"):
+        refine_and_score(bank, queries, CFG)
+
+
+def test_duplicate_prototypes_give_finite_scores(rng):
+    bank, queries = data(rng)
+    dup = jnp.concatenate([bank, bank, bank[:5]])
+    out = refine_and_score(dup, queries, CFG)
+    assert np.isfinite(np.asarray(out.maps)).all()
+
+
+def test_config_rejects_closed_form_for_cosine():
+    with pytest.raises(ValueError, match="closed_form"):
+        RefineConfig(distance="cosine", m_step="closed_form")
+
+
+@pytest.mark.parametrize(
+    ("kw", "msg"),
+    [
+        ({"distance": "l1"}, "distance must be one of"),
+        ({"bank": "all"}, "bank must be one of"),
+        ({"num_iters": 0}, "num_iters must be a positive int"),
+        ({"lam": -1.0}, "lam must be >= 0"),
+        ({"epsilon": 0.0}, "epsilon must be > 0"),
+    ],
+)
+def test_config_rejects_bad_values(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        RefineConfig(**kw)
+
+
+def test_refinement_separates_an_anomalous_patch(rng):
+    """A planted off-subspace patch gets the top score once the bank is refined.
+
+    The bank spans the normal subspace, so the refined prototypes reconstruct
+    normal patches almost exactly, and only the planted patch is left far
+    from them (plain nearest-prototype scoring need not find it).
+    """
+    c = 64
+    basis = subspace(rng, 8, c)
+    support = lowrank_features(rng, (2, 64, c), basis, noise=0.01)
+    bank = build_bank(jnp.asarray(support), 0.1)
+    query = lowrank_features(rng, (1, 64, c), basis, noise=0.01)
+    query[0, 27] += 3.0 * rng.standard_normal(c).astype(np.float32)
+    for cfg in [CFG, CFG.replace(use_transport=False)]:
+        out = refine_and_score(bank.prototypes, jnp.asarray(query), cfg)
+        assert int(np.argmax(out.patch_scores[0])) == 27
+
+
+def test_make_detect_equals_extract_then_refine(rng):
+    weights = jnp.asarray(rng.standard_normal((4 * 4 * 3, 16)), jnp.float32)
+
+    def extract(params, images):  # 4x4 patchify + linear map
+        b = images.shape[0]
+        patches = images.reshape(b, 8, 4, 8, 4, 3).transpose(0, 1, 3, 2, 4, 5)
+        return patches.reshape(b, 64, 48) @ params
+
+    images = jnp.asarray(rng.random((2, 32, 32, 3)), jnp.float32)
+    bank = build_bank(extract(weights, images[:1]), 0.25).prototypes
+    detect = make_detect(extract)
+    got = detect(weights, bank, images, CFG)
+    ref = refine_and_score(bank, extract(weights, images), CFG)
+    np.testing.assert_allclose(got.image_scores, ref.image_scores, rtol=1e-5)
+    np.testing.assert_allclose(got.maps, ref.maps, rtol=1e-5, atol=1e-6)
+
+
+def test_online_scan_equals_a_python_loop_with_a_ring_buffer(rng):
+    bank, queries = data(rng, b=4)
+    cap, add = 12, 5
+    out = online_refine_and_score(bank, queries, CFG, capacity=cap, add_per_query=add)
+    buffer = np.asarray(bank)[np.arange(cap) % bank.shape[0]]
+    cursor = 0
+    for t in range(4):
+        full = jnp.concatenate([bank, jnp.asarray(buffer)])
+        ref = jax.jit(score_query)(full, queries[t], CFG)
+        np.testing.assert_allclose(out.image_scores[t], ref.image_scores, rtol=1e-4)
+        np.testing.assert_allclose(out.maps[t], ref.maps, rtol=1e-4, atol=1e-5)
+        sys = pl.gram_system(full, queries[t], CFG)
+        refined = np.asarray(pl.refine(sys, CFG).w @ full)
+        pts = refined @ np.asarray(pl.projection_matrix(48, 128, 0))
+        new = refined[np.asarray(pl.greedy_coreset_indices(jnp.asarray(pts), add, 0))]
+        for k in range(add):
+            buffer[(cursor + k) % cap] = new[k]
+        cursor = (cursor + add) % cap
+
+
+def test_online_rejects_bad_sizes(rng):
+    bank, queries = data(rng)
+    with pytest.raises(ValueError, match="add_per_query"):
+        online_refine_and_score(bank, queries, CFG, capacity=4, add_per_query=8)

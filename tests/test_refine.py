@@ -1,0 +1,154 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from protorefine_jax import RefineConfig
+from protorefine_jax import refine as rf
+
+
+def dist(x, y, distance):
+    """Float64 pairwise distance [len(x), len(y)] in feature space."""
+    if distance == "sqeuclidean":
+        return ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    yn = y / np.linalg.norm(y, axis=1, keepdims=True)
+    return 0.5 * (1.0 - xn @ yn.T)
+
+
+def numpy_loss(w, plan, bank, query, distance, lam):
+    """The M-step loss written in feature space, float64 (SPEC 3.2)."""
+    if distance == "cosine":
+        bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+        query = query / np.linalg.norm(query, axis=1, keepdims=True)
+    refined = w @ bank
+    recon = np.mean(np.diag(dist(query, refined, distance)))
+    return recon + lam * np.sum(plan * dist(bank, refined, distance))
+
+
+def problem(rng, n=12, m=20, c=40):
+    bank = rng.standard_normal((n, c))
+    query = rng.standard_normal((m, c))
+    w = rng.standard_normal((m, n)) * 0.3
+    plan = rng.random((n, m))
+    return bank, query, w, plan / plan.sum()
+
+
+@pytest.mark.parametrize("distance", ["sqeuclidean", "cosine"])
+def test_gram_space_cost_equals_feature_space_cost(rng, distance):
+    bank, query, w, _ = problem(rng)
+    cfg = RefineConfig(distance=distance, m_step="optax")
+    with jax.enable_x64(True):
+        sys = rf.gram_system(jnp.asarray(bank), jnp.asarray(query), cfg)
+        got = np.asarray(rf.proto_to_refined(sys, jnp.asarray(w), cfg))
+    b = bank / np.linalg.norm(bank, axis=1, keepdims=True) if distance == "cosine" else bank
+    np.testing.assert_allclose(got, dist(b, w @ b, distance), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("distance", ["sqeuclidean", "cosine"])
+def test_loss_and_gradient_match_feature_space_finite_differences(rng, distance):
+    bank, query, w, plan = problem(rng)
+    lam = 0.3
+    cfg = RefineConfig(distance=distance, m_step="optax", lam=lam)
+    with jax.enable_x64(True):
+        sys = rf.gram_system(jnp.asarray(bank), jnp.asarray(query), cfg)
+        loss = float(rf.m_step_loss(jnp.asarray(w), jnp.asarray(plan), sys, cfg))
+        grad = np.asarray(jax.grad(rf.m_step_loss)(jnp.asarray(w), jnp.asarray(plan), sys, cfg))
+    np.testing.assert_allclose(loss, numpy_loss(w, plan, bank, query, distance, lam), rtol=1e-10)
+    h = 1e-6
+    for j, i in [(0, 0), (3, 7), (19, 11), (10, 5)]:
+        wp, wm = w.copy(), w.copy()
+        wp[j, i] += h
+        wm[j, i] -= h
+        fd = (
+            numpy_loss(wp, plan, bank, query, distance, lam)
+            - numpy_loss(wm, plan, bank, query, distance, lam)
+        ) / (2 * h)
+        np.testing.assert_allclose(grad[j, i], fd, rtol=1e-6, atol=1e-9)
+
+
+def test_least_squares_init_is_the_ridge_solution(rng):
+    bank, query, _, _ = problem(rng, n=30, c=20)  # n > c: singular Gram
+    cfg = RefineConfig(ridge=1e-3)
+    with jax.enable_x64(True):
+        sys = rf.gram_system(jnp.asarray(bank), jnp.asarray(query), cfg)
+        w0 = np.asarray(rf.least_squares_init(sys))
+    gram = bank @ bank.T
+    delta = 1e-3 * np.trace(gram) / 30
+    ref = np.linalg.solve(gram + delta * np.eye(30), bank @ query.T).T
+    np.testing.assert_allclose(w0, ref, rtol=1e-8, atol=1e-10)
+
+
+def test_lsq_residual_is_relative_reconstruction_error(rng):
+    bank, query, _, _ = problem(rng)
+    cfg = RefineConfig()
+    with jax.enable_x64(True):
+        sys = rf.gram_system(jnp.asarray(bank), jnp.asarray(query), cfg)
+        w0 = rf.least_squares_init(sys)
+        got = float(rf.lsq_residual(sys, w0))
+    ref = np.linalg.norm(query - np.asarray(w0) @ bank) / np.linalg.norm(query)
+    np.testing.assert_allclose(got, ref, rtol=1e-8)
+
+
+def _refine(bank, query, **kw):
+    cfg = RefineConfig(**kw)
+    sys = rf.gram_system(jnp.asarray(bank, jnp.float32), jnp.asarray(query, jnp.float32), cfg)
+    return rf.refine(sys, cfg)
+
+
+def test_closed_form_is_the_fixed_point_of_many_sgd_steps(rng):
+    bank, query, _, _ = problem(rng, n=16, m=30, c=64)
+    common = dict(ridge=0.0, num_iters=1, sinkhorn_iters=200, lam=0.3)
+    closed = _refine(bank, query, m_step="closed_form", **common)
+    sgd = _refine(bank, query, m_step="optax", optimizer="sgd", inner_steps=3000, **common)
+    np.testing.assert_allclose(np.asarray(sgd.w), np.asarray(closed.w), rtol=0, atol=2e-5)
+
+
+def test_one_preconditioned_newton_step_reaches_the_closed_form(rng):
+    bank, query, _, _ = problem(rng, n=16, m=30, c=64)
+    common = dict(ridge=0.0, num_iters=1, sinkhorn_iters=200, lam=0.3)
+    closed = _refine(bank, query, m_step="closed_form", **common)
+    # A Newton step is exact up to the plan's column sums (1/m at convergence).
+    newton = _refine(
+        bank, query, m_step="optax", optimizer="preconditioned", inner_steps=1, **common
+    )
+    np.testing.assert_allclose(np.asarray(newton.w), np.asarray(closed.w), rtol=0, atol=1e-4)
+
+
+def test_few_plain_sgd_steps_stay_near_w_only(rng):
+    """SPEC 8: with ill-conditioned G, 10 plain steps barely leave W0."""
+    basis = rng.standard_normal((16, 64)) * np.logspace(0, -2, 16)[:, None]
+    bank = rng.standard_normal((16, 16)) @ basis
+    query = rng.standard_normal((30, 16)) @ basis
+    common = dict(num_iters=1, sinkhorn_iters=100)
+    w_only = _refine(bank, query, use_transport=False)
+    closed = _refine(bank, query, m_step="closed_form", **common)
+    sgd = _refine(bank, query, m_step="optax", optimizer="sgd", inner_steps=10, **common)
+    to_w0 = np.linalg.norm(np.asarray(sgd.w - w_only.w))
+    to_closed = np.linalg.norm(np.asarray(sgd.w - closed.w))
+    assert to_w0 < 0.5 * to_closed
+
+
+def test_w_only_returns_the_least_squares_init(rng):
+    bank, query, _, _ = problem(rng)
+    out = _refine(bank, query, use_transport=False)
+    cfg = RefineConfig()
+    sys = rf.gram_system(jnp.asarray(bank, jnp.float32), jnp.asarray(query, jnp.float32), cfg)
+    np.testing.assert_allclose(np.asarray(out.w), np.asarray(rf.least_squares_init(sys)))
+
+
+def test_duplicate_prototypes_stay_finite(rng):
+    bank, query, _, _ = problem(rng, n=10, c=30)
+    bank = np.concatenate([bank, bank, bank[:3]])  # singular Gram
+    for kw in [{}, {"m_step": "optax"}, {"distance": "cosine", "m_step": "optax"}]:
+        out = _refine(bank, query, **kw)
+        assert np.isfinite(np.asarray(out.w)).all()
+        assert np.isfinite(float(out.marginal_error))
+
+
+def test_em_diagnostics_are_reported(rng):
+    bank, query, _, _ = problem(rng, n=16, m=30, c=64)
+    out = _refine(bank, query, num_iters=10, sinkhorn_iters=100)
+    assert 0.0 <= float(out.marginal_error) < 1e-2
+    assert 0.0 <= float(out.w_rel_change) < 1.0
+    assert 0.0 < float(out.lsq_residual) < 1.0

@@ -1,0 +1,57 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.special import logsumexp
+
+from protorefine_jax.transport import sinkhorn_plan
+
+
+def numpy_sinkhorn(cost, eps, iters, a, b):
+    """Float64 log-domain Sinkhorn, g then f per iteration (as ott)."""
+    f = np.zeros(len(a))
+    g = np.zeros(len(b))
+    for _ in range(iters):
+        g = eps * np.log(b) - eps * logsumexp((f[:, None] - cost) / eps, axis=0)
+        f = eps * np.log(a) - eps * logsumexp((g[None, :] - cost) / eps, axis=1)
+    return np.exp((f[:, None] + g[None, :] - cost) / eps)
+
+
+def test_plan_matches_float64_numpy_sinkhorn(rng):
+    n, m = 20, 50
+    cost = rng.random((n, m)) * 3.0
+    eps = 0.05 * cost.mean()
+    a, b = np.full(n, 1 / n), np.full(m, 1 / m)
+    ref = numpy_sinkhorn(cost, eps, 30, a, b)
+    got = sinkhorn_plan(jnp.asarray(cost, jnp.float32), eps, 30)
+    np.testing.assert_allclose(np.asarray(got.plan), ref, rtol=2e-3, atol=1e-7)
+
+
+def test_converged_plan_meets_marginals(rng):
+    n, m = 30, 80
+    cost = jnp.asarray(rng.random((n, m)), jnp.float32)
+    out = sinkhorn_plan(cost, 0.05 * float(cost.mean()), 500)
+    np.testing.assert_allclose(np.asarray(out.plan.sum(1)), np.full(n, 1 / n), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(out.plan.sum(0)), np.full(m, 1 / m), rtol=1e-4)
+    assert float(out.marginal_error) < 1e-4
+
+
+def test_marginal_error_reports_unconverged_plans(rng):
+    cost = jnp.asarray(rng.random((30, 80)) ** 4, jnp.float32)
+    short = sinkhorn_plan(cost, 0.01 * float(cost.mean()), 1)
+    col = np.asarray(short.plan.sum(0))
+    np.testing.assert_allclose(float(short.marginal_error), np.max(np.abs(col * 80 - 1)), rtol=1e-4)
+    assert float(short.marginal_error) > 1e-2
+
+
+def test_warm_start_from_converged_potentials_stays_converged(rng):
+    cost = jnp.asarray(rng.random((30, 80)), jnp.float32)
+    eps = 0.05 * float(cost.mean())
+    full = sinkhorn_plan(cost, eps, 500)
+    warm = sinkhorn_plan(cost, eps, 1, init=(full.f, full.g))
+    np.testing.assert_allclose(np.asarray(warm.plan), np.asarray(full.plan), rtol=1e-4, atol=1e-8)
+
+
+def test_no_gradient_flows_through_the_plan(rng):
+    cost = jnp.asarray(rng.random((5, 7)), jnp.float32)
+    grad = jax.grad(lambda c: jnp.sum(sinkhorn_plan(c, 0.1, 10).plan * 2.0))(cost)
+    np.testing.assert_array_equal(np.asarray(grad), 0.0)
