@@ -1,0 +1,84 @@
+"""Data parallelism over local devices: the query batch sharded, the bank replicated.
+
+The computation is the same jitted program as on one device; only the input
+placement changes (`jax.sharding.NamedSharding` on the batch axis), and XLA
+partitions the vmapped refinement, which has no cross-query communication.
+
+Multi-host: call `jax.distributed.initialize()` on every host first (see the
+README's GPU section); `batch_mesh(jax.devices())` then spans all hosts' devices
+and each host feeds its slice of the batch through
+`jax.make_array_from_process_local_data`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+BATCH_AXIS = "batch"
+
+
+def batch_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh named `"batch"` over `devices` (default: all local devices)."""
+    devices = jax.local_devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (BATCH_AXIS,))
+
+
+def pad_batch(x, multiple: int):
+    """Pad axis 0 of `x` to a multiple of `multiple` by repeating the last row.
+
+    Args:
+      x: array with a leading batch axis.
+      multiple: the device count.
+
+    Returns:
+      `(padded, original_size)`.
+    """
+    size = x.shape[0]
+    extra = (-size) % multiple
+    if extra == 0:
+        return x, size
+    return jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)], axis=0), size
+
+
+def shard_batch(x, mesh: Mesh):
+    """Place `x` with its leading axis split over the mesh's batch axis."""
+    spec = P(BATCH_AXIS, *([None] * (x.ndim - 1)))
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Place every array of `tree` whole on every device of the mesh."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def run_sharded(
+    fn: Callable[..., Any], args: tuple, batch_argnum: int, mesh: Mesh | None = None
+) -> Any:
+    """`fn(*args)` with `args[batch_argnum]` split on axis 0 over the mesh.
+
+    The other arguments (params, bank, config) are replicated. The batch is
+    padded to a multiple of the device count and every output leaf (all lead
+    with the batch axis) is cut back to the original size.
+
+    Args:
+      fn: a jitted function, e.g. `refine_and_score` or a `detect`.
+      args: its positional arguments.
+      batch_argnum: which argument is the `[B, ...]` batch.
+      mesh: the mesh; all local devices when None.
+
+    Returns:
+      `fn`'s output, first axis of every leaf of size `B`.
+    """
+    mesh = batch_mesh() if mesh is None else mesh
+    padded, size = pad_batch(jnp.asarray(args[batch_argnum]), mesh.size)
+    placed = list(replicate(args, mesh))
+    placed[batch_argnum] = shard_batch(padded, mesh)
+    out = fn(*placed)
+    return jax.tree_util.tree_map(lambda leaf: leaf[:size], out)
