@@ -1,0 +1,38 @@
+"""Exceptions raised by the dataset readers.
+
+Every message names what is wrong AND how to fix it, because these errors are
+what a user sees first when a dataset folder is laid out differently from what
+the readers expect. All of them derive from :class:`DatasetError`, so callers
+can catch one type; each also derives from the closest builtin
+(`FileNotFoundError` / `ValueError`) so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+
+class DatasetError(Exception):
+    """Base class of every dataset-reading error in `protorefine_jax.data`."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """The dataset root, a category or a split folder does not exist."""
+
+
+class UnknownCategoryError(DatasetError, ValueError):
+    """A category name is not among the known categories of a named dataset."""
+
+
+class CorruptImageError(DatasetError, ValueError):
+    """An image or mask file exists but cannot be decoded."""
+
+
+class MissingMaskError(DatasetError, FileNotFoundError):
+    """A defective test image has no ground-truth mask file."""
+
+
+class EmptyTrainSetError(DatasetError, ValueError):
+    """`train/good` holds no image, so no support set can be drawn."""
+
+
+class NotEnoughShotsError(DatasetError, ValueError):
+    """More support shots were requested than there are good training images."""

@@ -1,0 +1,252 @@
+"""Anomaly-detection metrics in percent (numpy on host, pure functions).
+
+Image AUROC / F1-max (paper Table 1), pixel AUROC / F1-max and AUPRO up to
+FPR 0.3 (Bergmann et al., "The MVTec Anomaly Detection Dataset", IJCV 2021).
+
+All curves come from one descending sort of the scores with tied scores
+collapsed to one threshold, so ties are handled exactly as scikit-learn's
+`roc_auc_score` and `precision_recall_curve` handle them, in O(N log N) time
+and O(N) memory: 150 maps of 256x256 (10M pixels) take ~4 s and ~0.6 GB
+peak in `evaluate`, which sorts the pixels once for all three pixel metrics.
+
+Definitions:
+
+- AUROC: trapezoidal area under (FPR, TPR) over all distinct thresholds.
+- F1-max: `max_t 2 TP / (TP + FP + P)` over thresholds `score >= t` (equal to
+  `2 PR / (P + R)`), the maximum over sklearn's precision-recall curve.
+- AUPRO: regions are the 8-connected components of each GT mask
+  (`scipy.ndimage.label` with a 3x3 structure, as the official MVTec code).
+  For a threshold, PRO is the mean over ALL regions of all images of the
+  fraction of the region's pixels above threshold; FPR is computed over the
+  normal pixels of all images. PRO is integrated over FPR in [0, 0.3] by the
+  trapezoid rule, interpolating linearly at 0.3, then divided by 0.3.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import scipy.ndimage
+
+AUPRO_FPR_LIMIT = 0.3
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
+
+
+class _Curve(NamedTuple):
+    fps: np.ndarray  # [D] false positives with score >= each distinct threshold
+    tps: np.ndarray  # [D] true positives, same thresholds (descending)
+    num_pos: int
+    num_neg: int
+
+
+def _check_scores(scores: np.ndarray, what: str) -> None:
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        n_nan = int(np.isnan(scores).sum())
+        first = int(np.flatnonzero(bad.ravel())[0])
+        raise ValueError(
+            f"{what} contain {int(bad.sum())} non-finite value(s) ({n_nan} NaN; first at "
+            f"flat index {first}). Metrics are undefined on NaN/inf: fix the detector "
+            "output (e.g. a singular solve or log of zero) before evaluating."
+        )
+
+
+def _check_labels(labels: np.ndarray, scores: np.ndarray, what: str) -> tuple[int, int]:
+    if labels.shape != scores.shape:
+        raise ValueError(
+            f"{what}: labels shape {labels.shape} != scores shape {scores.shape}; pass one "
+            "label per score (masks [N, H, W] with maps [N, H, W])."
+        )
+    if labels.dtype != bool and not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"{what}: labels must be 0/1 or bool, got values {np.unique(labels)}.")
+    num_pos = int(np.count_nonzero(labels))
+    num_neg = labels.size - num_pos
+    if num_pos == 0 or num_neg == 0:
+        present = "anomalous (1)" if num_neg == 0 else "normal (0)"
+        raise ValueError(
+            f"{what} is undefined: all {labels.size} labels are {present}. It needs both "
+            "normal and anomalous samples; evaluate on a test set with good AND defective "
+            "images (for pixel metrics: at least one defect pixel in the masks)."
+        )
+    return num_pos, num_neg
+
+
+class _Sorted(NamedTuple):
+    order: np.ndarray  # [P] flat indices by descending score
+    ends: np.ndarray  # [D] last sorted position of each run of equal scores
+
+
+def _sort_desc(scores: np.ndarray) -> _Sorted:
+    """Sorts flat scores once; shared by the pixel curve and AUPRO in `evaluate`."""
+    # Order within ties is irrelevant (ties collapse to one threshold), so the
+    # unstable sort, ~3x faster than a stable one on 10M floats, is fine.
+    order = np.argsort(scores)[::-1]
+    sorted_scores = scores[order]
+    ends = np.append(np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), scores.size - 1)
+    return _Sorted(order=order, ends=ends)
+
+
+def _curve(labels, scores, what: str, srt: _Sorted | None = None) -> _Curve:
+    """Cumulative FP/TP counts at each distinct score, highest first."""
+    labels = np.asarray(labels).ravel()
+    scores = np.asarray(scores).ravel()
+    num_pos, num_neg = _check_labels(labels, scores, what)
+    _check_scores(scores, what + " scores")
+    srt = _sort_desc(scores) if srt is None else srt
+    tps = np.cumsum(labels[srt.order], dtype=np.int64)[srt.ends]
+    fps = srt.ends + 1 - tps
+    return _Curve(fps=fps, tps=tps, num_pos=num_pos, num_neg=num_neg)
+
+
+def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
+    # np.trapezoid needs numpy>=2 (pyproject allows 1.26) and np.trapz is deprecated there.
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1])) * 0.5)
+
+
+def _auroc(c: _Curve) -> float:
+    fpr = np.concatenate([[0.0], c.fps / c.num_neg])
+    tpr = np.concatenate([[0.0], c.tps / c.num_pos])
+    return _trapezoid(tpr, fpr) * 100.0
+
+
+def _f1_max(c: _Curve) -> float:
+    return float(np.max(2.0 * c.tps / (c.tps + c.fps + c.num_pos))) * 100.0
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve in percent (any shape; flattened).
+
+    Args:
+      labels: `[...]` 0/1 or bool, 1 = anomalous.
+      scores: `[...]` float, higher = more anomalous.
+
+    Returns:
+      AUROC in [0, 100].
+
+    Raises:
+      ValueError: shape mismatch, non-binary labels, one class only, NaN/inf.
+    """
+    return _auroc(_curve(labels, scores, "AUROC"))
+
+
+def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Best F1 over all thresholds, in percent (any shape; flattened).
+
+    Args:
+      labels: `[...]` 0/1 or bool, 1 = anomalous.
+      scores: `[...]` float, higher = more anomalous.
+
+    Returns:
+      F1-max in [0, 100].
+
+    Raises:
+      ValueError: shape mismatch, non-binary labels, one class only, NaN/inf.
+    """
+    return _f1_max(_curve(labels, scores, "F1-max"))
+
+
+def _trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """Trapezoid area under y(x) for x in [x0, x_max], x sorted ascending."""
+    ins = int(np.searchsorted(x, x_max, side="right"))  # x[:ins] <= x_max
+    area = _trapezoid(y[:ins], x[:ins])
+    if ins < x.size and x[ins - 1] < x_max:
+        x0, x1, y0, y1 = x[ins - 1], x[ins], y[ins - 1], y[ins]
+        y_at = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
+        area += 0.5 * (y0 + y_at) * (x_max - x0)
+    return area
+
+
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMIT) -> float:
+    """Normalised area under the per-region-overlap curve up to `fpr_limit`, in percent.
+
+    Args:
+      masks: `[N, H, W]` 0/1 or bool ground truth.
+      maps: `[N, H, W]` float anomaly maps.
+      fpr_limit: upper FPR of the integral (0.3 standard); area / fpr_limit.
+
+    Returns:
+      AUPRO in [0, 100].
+
+    Raises:
+      ValueError: shape mismatch, no defect region, no normal pixel, NaN/inf.
+    """
+    masks = np.asarray(masks)
+    maps = np.asarray(maps)
+    _check_aupro_inputs(masks, maps, fpr_limit)
+    _check_labels(masks, maps, "AUPRO")
+    _check_scores(maps, "AUPRO maps")
+    return _aupro(masks, _sort_desc(maps.ravel()), fpr_limit)
+
+
+def _check_aupro_inputs(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> None:
+    if masks.ndim != 3 or maps.shape != masks.shape:
+        raise ValueError(
+            f"AUPRO needs masks and maps of the same shape [N, H, W], got {masks.shape} "
+            f"and {maps.shape}."
+        )
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}.")
+
+
+def _aupro(masks: np.ndarray, srt: _Sorted, fpr_limit: float) -> float:
+    """AUPRO of validated `masks: [N, H, W]` given the sorted flat maps."""
+    # Per pixel: its contribution to the FP count (normal pixels) and to the
+    # summed region overlaps (1 / region area for defect pixels).
+    region_weight = np.zeros(masks.shape, np.float64)
+    num_regions = 0
+    for i, mask in enumerate(masks):
+        labelled, n = scipy.ndimage.label(mask, structure=_EIGHT_CONNECTED)
+        if n:
+            areas = np.bincount(labelled.ravel(), minlength=n + 1).astype(np.float64)
+            inv = np.concatenate([[0.0], 1.0 / areas[1:]])
+            region_weight[i] = inv[labelled]
+        num_regions += n
+    normal = ~masks.ravel().astype(bool)
+    num_normal = int(normal.sum())
+    fpr = np.cumsum(normal[srt.order], dtype=np.int64)[srt.ends] / num_normal
+    pro = np.cumsum(region_weight.ravel()[srt.order])[srt.ends] / num_regions
+    del region_weight
+    # Cumulative sums of 1/area drift by ~1e-16 per step: clip so PRO ends at 1.
+    fpr = np.concatenate([[0.0], np.minimum(fpr, 1.0)])
+    pro = np.concatenate([[0.0], np.minimum(pro, 1.0)])
+    return _trapezoid_to(fpr, pro, fpr_limit) / fpr_limit * 100.0
+
+
+def evaluate(
+    image_labels: np.ndarray,
+    image_scores: np.ndarray,
+    masks: np.ndarray | None = None,
+    maps: np.ndarray | None = None,
+) -> dict[str, float]:
+    """All metrics of the protocol (SPEC section 6), in percent.
+
+    Args:
+      image_labels: `[N]` 0/1, 1 = anomalous image.
+      image_scores: `[N]` float image scores.
+      masks: `[N, H, W]` bool ground truth, or None to skip pixel metrics.
+      maps: `[N, H, W]` float anomaly maps (required with `masks`).
+
+    Returns:
+      `{"image_auroc", "image_f1_max"}` plus, with masks,
+      `{"pixel_auroc", "pixel_f1_max", "aupro"}`.
+
+    Raises:
+      ValueError: see :func:`auroc` and :func:`aupro`.
+    """
+    img = _curve(image_labels, image_scores, "image AUROC / F1-max")
+    out = {"image_auroc": _auroc(img), "image_f1_max": _f1_max(img)}
+    if masks is None:
+        return out
+    if maps is None:
+        raise ValueError("evaluate: masks were given without maps; pass both or neither.")
+    masks = np.asarray(masks)
+    maps = np.asarray(maps)
+    _check_aupro_inputs(masks, maps, AUPRO_FPR_LIMIT)
+    _check_scores(maps, "pixel maps")  # before sorting: NaN would sort arbitrarily
+    srt = _sort_desc(maps.ravel())  # one sort of all pixels serves all pixel metrics
+    pix = _curve(masks, maps, "pixel AUROC / F1-max", srt)
+    out["pixel_auroc"] = _auroc(pix)
+    out["pixel_f1_max"] = _f1_max(pix)
+    out["aupro"] = _aupro(masks, srt, AUPRO_FPR_LIMIT)
+    return out
