@@ -1,0 +1,1 @@
+"""Small stand-alone tools (benchmarks, fixtures); each runs with `python -m`."""
