@@ -71,6 +71,38 @@ def normalize_rows(x: Float[Array, "k c"]) -> Float[Array, "k c"]:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _EPS)
 
 
+_PRECISIONS = {
+    "float32": jax.lax.Precision.HIGHEST,
+    "tf32": jax.lax.Precision.DEFAULT,
+}
+
+
+def feature_products(x: Float[Array, "a c"], y: Float[Array, "b c"], precision: str):
+    """`x @ y.T [a, b]` over the feature axis in the configured precision.
+
+    These are the only products whose cost scales with `c`; everything after
+    them works on `[n, n]` and `[m, n]` matrices in float32.
+
+    Args:
+      x: `[a, c]` rows.
+      y: `[b, c]` rows.
+      precision: `"float32"` (full-precision passes), `"tf32"` (the backend's
+        default: TF32 tensor cores on NVIDIA GPUs, float32 on CPU) or
+        `"bfloat16"` (inputs rounded to bfloat16, float32 accumulation).
+
+    Returns:
+      float32 `[a, b]`.
+    """
+    if precision == "bfloat16":
+        return jax.lax.dot_general(
+            x.astype(jnp.bfloat16),
+            y.astype(jnp.bfloat16),
+            (((1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
+    return jnp.matmul(x, y.T, precision=_PRECISIONS[precision])
+
+
 def gram_system(
     bank: Float[Array, "n c"], query: Float[Array, "m c"], config: RefineConfig
 ) -> GramSystem:
@@ -86,8 +118,8 @@ def gram_system(
     """
     if config.distance == "cosine":
         bank, query = normalize_rows(bank), normalize_rows(query)
-    gram = bank @ bank.T  # [n, n]
-    cross = query @ bank.T  # [m, n]
+    gram = feature_products(bank, bank, config.precision)  # [n, n]
+    cross = feature_products(query, bank, config.precision)  # [m, n]
     n = gram.shape[0]
     m_sq = jnp.diagonal(gram)
     # Ridge relative to the mean eigenvalue trace(G)/n: scale-free, and keeps a

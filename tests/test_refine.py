@@ -152,3 +152,16 @@ def test_em_diagnostics_are_reported(rng):
     assert 0.0 <= float(out.marginal_error) < 1e-2
     assert 0.0 <= float(out.w_rel_change) < 1.0
     assert 0.0 < float(out.lsq_residual) < 1.0
+
+
+@pytest.mark.parametrize(
+    ("precision", "rtol"), [("float32", 1e-6), ("tf32", 1e-6), ("bfloat16", 2e-2)]
+)
+def test_feature_products_in_each_precision(rng, precision, rtol):
+    x = rng.standard_normal((30, 200)).astype(np.float32)
+    y = rng.standard_normal((20, 200)).astype(np.float32)
+    got = np.asarray(rf.feature_products(jnp.asarray(x), jnp.asarray(y), precision))
+    ref = x.astype(np.float64) @ y.astype(np.float64).T
+    scale = np.sqrt((x**2).sum(1))[:, None] * np.sqrt((y**2).sum(1))[None, :]
+    assert got.dtype == np.float32
+    assert np.max(np.abs(got - ref) / scale) < rtol
