@@ -1,0 +1,136 @@
+"""Result files of an evaluation: summary over seeds, markdown table, overlays."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from protorefine_jax.data import aggregate_seeds
+
+METRICS = ("image_auroc", "pixel_auroc", "image_f1_max", "pixel_f1_max", "aupro")
+GROUP_KEYS = ("dataset", "category", "method", "shots")
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and std over seeds of every metric, per (dataset, category, method, shots).
+
+    A `"mean"` category row per (dataset, method, shots) averages the category
+    means when a run covers several categories.
+
+    Args:
+      rows: per-seed result rows.
+
+    Returns:
+      Summary rows with `<metric>_mean`, `<metric>_std` and `num_seeds`.
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in GROUP_KEYS), []).append(row)
+    summary = []
+    for key, members in groups.items():
+        stats = aggregate_seeds([{m: r[m] for m in METRICS if m in r} for r in members])
+        entry = dict(zip(GROUP_KEYS, key, strict=True), num_seeds=len(members))
+        for metric, (mean, std) in stats.items():
+            entry[f"{metric}_mean"], entry[f"{metric}_std"] = mean, std
+        summary.append(entry)
+    categories = {s["category"] for s in summary}
+    if len(categories) > 1:
+        per_method: dict[tuple, list[dict[str, Any]]] = {}
+        for s in summary:
+            per_method.setdefault((s["dataset"], s["method"], s["shots"]), []).append(s)
+        for (dataset, method, shots), members in per_method.items():
+            entry = {"dataset": dataset, "category": "mean", "method": method, "shots": shots}
+            entry["num_seeds"] = min(m["num_seeds"] for m in members)
+            for metric in METRICS:
+                if f"{metric}_mean" in members[0]:
+                    entry[f"{metric}_mean"] = float(np.mean([m[f"{metric}_mean"] for m in members]))
+                    entry[f"{metric}_std"] = float(np.mean([m[f"{metric}_std"] for m in members]))
+            summary.append(entry)
+    return summary
+
+
+def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
+    """The summary as a markdown table, `mean +- std` per metric (percent)."""
+    head = ["dataset", "category", "shots", "method", "seeds"] + list(METRICS)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = sorted(
+        summary,
+        key=lambda s: (s["dataset"], s["category"] == "mean", s["category"], s["shots"]),
+    )
+    for s in order:
+        cells = [s["dataset"], s["category"], str(s["shots"]), s["method"], str(s["num_seeds"])]
+        for metric in METRICS:
+            mean = s.get(f"{metric}_mean")
+            cells.append("-" if mean is None else f"{mean:.1f} ± {s[f'{metric}_std']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Pretty JSON, numpy scalars converted."""
+    path.write_text(json.dumps(obj, indent=2, default=_to_builtin) + "\n")
+
+
+def _to_builtin(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"cannot serialise {type(x).__name__}")
+
+
+def _jet(x: np.ndarray) -> np.ndarray:
+    """Jet colormap of values in [0, 1], `[..., 3]` float in [0, 1]."""
+    r = np.clip(1.5 - np.abs(4 * x - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * x - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * x - 1), 0, 1)
+    return np.stack([r, g, b], axis=-1)
+
+
+def overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, lo: float, hi: float):
+    """Image | map overlay side by side, ground-truth outline in white.
+
+    Args:
+      image: `[S, S, 3]` uint8.
+      amap: `[S, S]` anomaly map.
+      mask: `[S, S]` bool ground truth.
+      lo: map value drawn as blue (shared by all overlays of a run).
+      hi: map value drawn as red.
+
+    Returns:
+      `[S, 2S, 3]` uint8.
+    """
+    norm = np.clip((amap - lo) / max(hi - lo, 1e-12), 0, 1)
+    blend = 0.5 * image / 255.0 + 0.5 * _jet(norm)
+    edge = mask & ~(
+        np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1)
+    )
+    blend[edge] = 1.0
+    return np.concatenate([image, (blend * 255).astype(np.uint8)], axis=1)
+
+
+def save_overlays(
+    folder: Path,
+    prefix: str,
+    images: np.ndarray,
+    maps: np.ndarray,
+    masks: np.ndarray,
+    names: Sequence[str],
+    value_range: tuple[float, float],
+) -> list[str]:
+    """Writes one overlay PNG per image; returns the file names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for img, amap, mask, name in zip(images, maps, masks, names, strict=True):
+        stem = name.replace("/", "_").rsplit(".", 1)[0]
+        path = folder / f"{prefix}_{stem}.png"
+        Image.fromarray(overlay(img, amap, mask, *value_range)).save(path)
+        files.append(path.name)
+    return files

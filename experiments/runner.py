@@ -1,0 +1,360 @@
+"""The evaluation loop behind `experiments.eval`: importable, no flag parsing.
+
+Per category and host, test features are extracted once and shared by every
+shot count, seed and method; support features are cached per file, so the
+nested support sets of `sample_support` cost one extraction per image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from experiments import report
+from experiments.hosts import PatchCoreHost
+from experiments.methods import Method, get_method
+from protorefine_jax.data import load_dataset_category, make_synthetic_dataset, sample_support
+from protorefine_jax.data.registry import list_categories
+from protorefine_jax.metrics import evaluate
+
+# Coreset ratios when --alpha is not given (paper Sec. 6.1).
+PATCHCORE_ALPHA = 0.05
+WINCLIP_ALPHA = {"mvtec": 0.5, "visa": 0.3, "mpdd": 0.2}
+DEFAULT_LAM = {"patchcore": 0.3, "winclip": 0.1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a run needs; `experiments.eval` fills it from flags."""
+
+    dataset: str = "mvtec"
+    data_dir: str | None = None
+    workdir: str | None = None
+    overwrite: bool = False
+    categories: tuple[str, ...] = ()
+    shots: tuple[int, ...] = (1, 2, 4)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    methods: tuple[str, ...] = ("patchcore", "patchcore+")
+    backbone: str = "efficientnet_lite0"
+    aggregation: str = "official"
+    pretrain_dim: int | None = None
+    target_dim: int | None = None
+    weights: str = ""
+    clip_dir: str | None = None
+    image_size: int | None = None
+    alpha: float | None = None
+    lam: float | None = None
+    epsilon: float = 0.05
+    ridge: float = 1e-4
+    lr: float = 1.0
+    num_iters: int = 10
+    sinkhorn_iters: int = 30
+    warm_start: bool = True
+    m_step: str = "closed_form"
+    optimizer: str = "preconditioned"
+    inner_steps: int = 10
+    bank: str = "refined"
+    precision: str = "float32"
+    online_capacity: int = 256
+    online_add: int = 16
+    batch_size: int = 8
+    num_heatmaps: int = 4
+    synthetic_categories: tuple[str, ...] = ("fabric", "grain")
+    synthetic_counts: tuple[int, ...] = (10, 10, 10)
+    progress: bool = True
+
+
+def check_settings(s: Settings) -> list[Method]:
+    """Validates settings before any work; returns the methods."""
+    methods = [get_method(m) for m in s.methods]
+    if not methods:
+        raise ValueError("--methods is empty; name at least one method.")
+    if not s.shots or min(s.shots) < 1:
+        raise ValueError(f"--shots must be positive integers, got {list(s.shots)}.")
+    if not s.seeds:
+        raise ValueError("--seeds is empty; give at least one seed.")
+    if s.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {s.batch_size}.")
+    if s.dataset != "synthetic" and not s.data_dir:
+        raise ValueError(
+            f"--data_dir is required for dataset {s.dataset!r}: the folder holding the "
+            "category folders (MVTec layout) or the VisA root."
+        )
+    if any(m.host == "winclip" for m in methods) and not s.clip_dir:
+        raise ValueError(
+            "WinCLIP methods need --clip_dir: a local Hugging Face CLIP folder "
+            "(config.json, model.safetensors, vocab.json, merges.txt); see README, 'CLIP weights'."
+        )
+    if len(s.synthetic_counts) != 3:
+        raise ValueError("--synthetic_counts needs three numbers: train-good, test-good, defect.")
+    return methods
+
+
+def prepare_workdir(workdir: str | None, overwrite: bool) -> Path:
+    """Creates the output folder; refuses a non-empty one unless `overwrite`."""
+    path = Path(workdir or time.strftime("runs/%Y%m%d-%H%M%S"))
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"workdir {path} exists and is not empty; results are never overwritten "
+            "silently. Pick a new --workdir, or pass --overwrite."
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def dataset_root(s: Settings) -> Iterator[tuple[str, Path]]:
+    """`(dataset kind, root)`; the synthetic set is generated into a temporary folder."""
+    if s.dataset != "synthetic":
+        yield s.dataset, Path(s.data_dir)
+        return
+    train, good, defect = s.synthetic_counts
+    with tempfile.TemporaryDirectory(prefix="protorefine_synthetic_") as tmp:
+        root = make_synthetic_dataset(
+            tmp, s.synthetic_categories, train, good, defect, image_size=256, seed=0
+        )
+        yield "folder", root
+
+
+def refine_fields(s: Settings, family: str) -> dict[str, Any]:
+    """`RefineConfig` fields set by flags, with host defaults for unset ones."""
+    fields = dict(
+        lam=DEFAULT_LAM[family] if s.lam is None else s.lam,
+        epsilon=s.epsilon,
+        ridge=s.ridge,
+        lr=s.lr,
+        num_iters=s.num_iters,
+        sinkhorn_iters=s.sinkhorn_iters,
+        warm_start=s.warm_start,
+        m_step=s.m_step if family == "patchcore" else "optax",
+        optimizer=s.optimizer,
+        inner_steps=s.inner_steps,
+        bank=s.bank,
+        precision=s.precision,
+    )
+    return fields
+
+
+def host_alpha(s: Settings, family: str) -> float:
+    """The coreset ratio of a host (flag, else the paper's default)."""
+    if s.alpha is not None:
+        return s.alpha
+    return PATCHCORE_ALPHA if family == "patchcore" else WINCLIP_ALPHA.get(s.dataset, 0.5)
+
+
+def make_host(s: Settings, family: str):
+    """The host object of a method family."""
+    if family == "patchcore":
+        return PatchCoreHost(
+            s.backbone,
+            s.aggregation,
+            s.image_size or 256,
+            s.weights,
+            s.batch_size,
+            s.pretrain_dim,
+            s.target_dim,
+        )
+    from experiments.clip_host import WinClipHost  # imports transformers: only when needed
+
+    return WinClipHost(s.clip_dir, s.image_size or 240, s.batch_size, s.dataset)
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the numbers were measured."""
+    dev = jax.devices()[0]
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": getattr(dev, "device_kind", str(dev)),
+        "num_devices": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+class SupportCache:
+    """Support features per image file, extracted once per host and category."""
+
+    def __init__(self, host, data):
+        self.host, self.data, self.feats = host, data, {}
+
+    def __call__(self, paths) -> np.ndarray:
+        """`[k, ...]` features of the support files `paths`."""
+        todo = [p for p in paths if p not in self.feats]
+        if todo:
+            for p, f in zip(todo, self.host.features(self.data.load_images(todo)), strict=True):
+                self.feats[p] = f
+        return np.stack([self.feats[p] for p in paths])
+
+
+def load_test_set(data, host) -> dict[str, Any]:
+    """Test features, masks, labels and names of one category (features once)."""
+    feats, masks, labels, names = [], [], [], []
+    for batch in data.test_batches(max(host.batch_size, 1) * 4):
+        feats.append(host.features(batch.images))
+        masks.append(batch.masks)
+        labels.append(batch.labels)
+        names.extend(data.name(item.path) for item in batch.items)
+    return {
+        "features": jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *feats),
+        "masks": np.concatenate(masks),
+        "labels": np.concatenate(labels),
+        "names": names,
+    }
+
+
+def heatmap_indices(labels: np.ndarray, count: int) -> np.ndarray:
+    """Up to `count` defective test images, evenly spread, plus one normal one."""
+    bad = np.flatnonzero(labels == 1)
+    pick = bad[np.linspace(0, len(bad) - 1, min(count, len(bad))).round().astype(int)]
+    good = np.flatnonzero(labels == 0)
+    return np.concatenate([pick, good[:1]]) if count and len(good) else pick
+
+
+def run(s: Settings) -> dict[str, Any]:
+    """Runs the whole evaluation and writes the result files.
+
+    Args:
+      s: settings.
+
+    Returns:
+      The content of `results.json`.
+    """
+    methods = check_settings(s)
+    workdir = prepare_workdir(s.workdir, s.overwrite)
+    start = time.time()
+    families = sorted({m.host for m in methods})
+    rows: list[dict[str, Any]] = []
+    scores_file = (workdir / "scores.jsonl").open("w")
+    resolved = {"settings": dataclasses.asdict(s), "families": {}}
+    with dataset_root(s) as (dataset, root):
+        categories = list(s.categories) or list(list_categories(dataset, root))
+        if not categories:
+            raise FileNotFoundError(f"no category folders (with train/good) found under {root}.")
+        hosts = {f: make_host(s, f) for f in families}
+        total = len(categories) * len(s.shots) * len(s.seeds) * len(methods)
+        bar = tqdm(total=total, disable=not s.progress, desc="eval", unit="run")
+        for category in categories:
+            for family, host in hosts.items():
+                data = load_dataset_category(dataset, root, category, host.image_size)
+                bar.set_postfix_str(f"{category}: extracting test features ({family})")
+                test = load_test_set(data, host)
+                support_features = SupportCache(host, data)
+                stream = np.random.default_rng(0).permutation(len(test["labels"]))
+                resolved["families"][family] = {
+                    "features": host.describe(),
+                    "alpha": host_alpha(s, family),
+                    "refine": refine_fields(s, family),
+                }
+                shown = heatmap_indices(test["labels"], s.num_heatmaps)
+                for k in s.shots:
+                    for seed in s.seeds:
+                        support = sample_support(data.train_good, k, seed, root=data.root)
+                        bank = host.build_bank(
+                            support_features(support.paths), host_alpha(s, family)
+                        )
+                        for method in (m for m in methods if m.host == family):
+                            bar.set_postfix_str(f"{category} {k}-shot seed {seed} {method.name}")
+                            config = host.base_config(**refine_fields(s, family)).replace(
+                                **method.overrides
+                            )
+                            t0 = time.time()
+                            result = host.score(
+                                bank,
+                                test["features"],
+                                method,
+                                config,
+                                stream,
+                                {"capacity": s.online_capacity, "add_per_query": s.online_add},
+                            )
+                            seconds = time.time() - t0
+                            metrics = evaluate(
+                                test["labels"], result.image_scores, test["masks"], result.maps
+                            )
+                            row = {
+                                "dataset": s.dataset,
+                                "category": category,
+                                "method": method.name,
+                                "shots": k,
+                                "seed": seed,
+                                **metrics,
+                                "support": list(support.names),
+                                "bank_size": int(bank_size(bank)),
+                                "bank_degenerate": bool(bank_degenerate(bank)),
+                                "score_seconds": seconds,
+                                **{
+                                    f"{name}_max": float(np.max(v))
+                                    for name, v in result.diagnostics.items()
+                                },
+                            }
+                            rows.append(row)
+                            scores_file.write(
+                                json.dumps(
+                                    {
+                                        **{key: row[key] for key in report.GROUP_KEYS},
+                                        "seed": seed,
+                                        "files": test["names"],
+                                        "labels": test["labels"].tolist(),
+                                        "scores": result.image_scores.tolist(),
+                                    }
+                                )
+                                + "\n"
+                            )
+                            if seed == s.seeds[0] and k == s.shots[0] and len(shown):
+                                report.save_overlays(
+                                    workdir / "heatmaps",
+                                    f"{category}_{method.name}_{k}shot",
+                                    data.load_images([data.test[i].path for i in shown]),
+                                    result.maps[shown],
+                                    test["masks"][shown],
+                                    [test["names"][i] for i in shown],
+                                    (
+                                        float(np.percentile(result.maps, 1)),
+                                        float(np.percentile(result.maps, 99.9)),
+                                    ),
+                                )
+                            bar.update(1)
+        bar.close()
+    scores_file.close()
+    summary = report.summarize(rows)
+    table = report.markdown_table(summary)
+    out = {
+        "rows": rows,
+        "summary": summary,
+        "config": resolved,
+        "machine": machine_info(),
+        "wall_seconds": time.time() - start,
+    }
+    report.write_json(workdir / "results.json", out)
+    report.write_json(workdir / "config.json", resolved)
+    (workdir / "results.md").write_text(table)
+    print(table)
+    print(f"results in {workdir}/ (results.json, results.md, scores.jsonl, heatmaps/)")
+    return out
+
+
+def bank_size(bank) -> int:
+    """Rows of a bank (CNN `MemoryBank`, or the largest scale of a CLIP bank list)."""
+    if hasattr(bank, "prototypes"):
+        return bank.prototypes.shape[0]
+    return max(b.prototypes.shape[0] for b in bank)
+
+
+def bank_degenerate(bank) -> bool:
+    """Whether any bank (scale) is degenerate (SPEC 8)."""
+    if hasattr(bank, "degenerate"):
+        return bank.degenerate
+    return any(b.degenerate for b in bank)

@@ -1,0 +1,137 @@
+"""The eval CLI: smoke run on synthetic data with a random backbone, flags, errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+from conftest import SHARED_DATA
+
+from experiments import eval as eval_cli
+from experiments import runner
+
+FLAGS = flags.FLAGS
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(
+    dataset="synthetic",
+    synthetic_categories=["fabric"],
+    synthetic_counts=["3", "3", "3"],
+    image_size=64,
+    weights="random",
+    shots=["1", "2"],
+    seeds=["0", "1"],
+    methods=["patchcore", "patchcore+", "patchcore+online"],
+    num_iters=2,
+    sinkhorn_iters=10,
+    online_capacity=16,
+    online_add=4,
+    batch_size=4,
+    num_heatmaps=2,
+    progress=False,
+)
+
+
+@pytest.fixture(autouse=True)
+def parsed_flags():
+    if not FLAGS.is_parsed():
+        FLAGS.mark_as_parsed()
+
+
+def test_smoke_run_writes_every_result_file(tmp_path):
+    workdir = tmp_path / "run"
+    with flagsaver.flagsaver(workdir=str(workdir), **TINY):
+        eval_cli.main(["eval"])
+    results = json.loads((workdir / "results.json").read_text())
+    assert len(results["rows"]) == 2 * 2 * 3  # shots x seeds x methods
+    row = results["rows"][0]
+    for key in (
+        "dataset",
+        "category",
+        "method",
+        "shots",
+        "seed",
+        "image_auroc",
+        "pixel_auroc",
+        "image_f1_max",
+        "pixel_f1_max",
+        "aupro",
+        "support",
+    ):
+        assert key in row
+    assert row["support"][0].startswith("train/good/")
+    assert len(results["summary"]) == 2 * 3
+    assert {"image_auroc_mean", "image_auroc_std"} <= set(results["summary"][0])
+    assert "patchcore+" in (workdir / "results.md").read_text()
+    assert json.loads((workdir / "config.json").read_text())["settings"]["image_size"] == 64
+    lines = (workdir / "scores.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and len(json.loads(lines[0])["scores"]) == 6
+    assert len(list((workdir / "heatmaps").glob("*.png"))) == 3 * 3  # 2 defective + 1 good
+
+
+def test_existing_workdir_is_never_overwritten(tmp_path):
+    (tmp_path / "old.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="never overwritten silently"):
+        runner.prepare_workdir(str(tmp_path), overwrite=False)
+    assert (tmp_path / "old.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize(
+    ("settings", "msg"),
+    [
+        ({"methods": ("winclip+",), "dataset": "synthetic"}, "need --clip_dir"),
+        ({"methods": ("patchcore++",), "dataset": "synthetic"}, "unknown method"),
+        ({"dataset": "mvtec"}, "--data_dir is required"),
+        ({"shots": (0,), "dataset": "synthetic"}, "--shots must be positive"),
+    ],
+)
+def test_bad_settings_fail_before_any_work(settings, msg):
+    with pytest.raises(ValueError, match=msg):
+        runner.check_settings(runner.Settings(**settings))
+
+
+def test_missing_data_dir_exits_with_a_message(tmp_path, capsys):
+    with flagsaver.flagsaver(
+        dataset="mpdd", data_dir=str(tmp_path / "nope"), workdir=str(tmp_path / "w"), progress=False
+    ):
+        with pytest.raises(SystemExit):
+            eval_cli.main(["eval"])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bare_flagfile_names_resolve_to_experiments_flags():
+    argv = eval_cli.resolve_flagfiles(["eval", "--flagfile=mpdd_2shot.flags", "--shots=1"])
+    assert argv[1] == f"--flagfile={REPO / 'experiments' / 'flags' / 'mpdd_2shot.flags'}"
+    assert argv[2] == "--shots=1"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "experiments" / "flags").glob("*.flags")) + [REPO / "demo.flags"]
+)
+def test_every_flagfile_parses(path):
+    with flagsaver.flagsaver():
+        FLAGS(["eval", f"--flagfile={path}"])
+        settings = eval_cli.settings_from_flags()
+    runner.check_settings(
+        settings.__class__(**{**settings.__dict__, "data_dir": "x", "clip_dir": "x"})
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "mpdd").is_dir(), reason="../shared/data/mpdd is absent")
+def test_mpdd_2shot_flagfile_on_real_images(tmp_path):
+    argv = eval_cli.resolve_flagfiles(["eval", "--flagfile=mpdd_2shot.flags"])
+    with flagsaver.flagsaver():
+        FLAGS(
+            argv
+            + [
+                f"--data_dir={SHARED_DATA / 'mpdd'}",
+                f"--workdir={tmp_path / 'r'}",
+                "--seeds=0",
+                "--progress=false",
+            ]
+        )
+        out = runner.run(eval_cli.settings_from_flags())
+    by_method = {r["method"]: r for r in out["rows"]}
+    assert set(by_method) == {"patchcore", "patchcore+"}
+    assert by_method["patchcore+"]["image_auroc"] > 60.0
