@@ -1,0 +1,249 @@
+"""File I/O for CLIP: load a local HF CLIP folder, convert OpenCLIP checkpoints.
+
+This is the edge of the CLIP package: everything here reads or writes files;
+nothing downloads. A *CLIP folder* is a Hugging Face CLIP model folder:
+
+  config.json                       HF `CLIPConfig`
+  model.safetensors                 weights, HF PyTorch layout (or
+                                    model.safetensors.index.json + shards,
+                                    flax_model.msgpack, pytorch_model.bin)
+  vocab.json, merges.txt            CLIP BPE tokenizer
+
+`load_clip` reads it without torch (safetensors via `safetensors.numpy`,
+`.bin` through the allow-listed unpickler of `features.checkpoints`) and converts the
+weights to the HF Flax param tree itself (`convert.hf_state_dict_to_flax`), so
+no randomly initialised copy of the model is ever built.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pathlib
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import safetensors.numpy
+from flax import serialization
+from transformers import CLIPTokenizer
+
+from protorefine_jax.clip import bpe, convert
+from protorefine_jax.clip.spec import CLIP_MEAN, CLIP_STD, PRESETS, ClipSpec
+from protorefine_jax.features import checkpoints
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "flax_model.msgpack",
+    "pytorch_model.bin",
+)
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+CONVERT_COMMAND = (
+    "python -m protorefine_jax.clip.convert_openclip --checkpoint <open_clip weights: "
+    ".safetensors | .bin | .pt | .npz> --bpe <bpe_simple_vocab_16e6.txt.gz> "
+    "--model ViT-B-16-plus-240 --out {folder}"
+)
+
+
+class ClipBundle(NamedTuple):
+    """A loaded CLIP model.
+
+    Attributes:
+      spec: architecture (static; selects the HF Flax module).
+      params: HF Flax param tree (`jax.Array` leaves) for `FlaxCLIPModule`.
+      tokenizer: HF `CLIPTokenizer` built from the folder's vocab/merges.
+    """
+
+    spec: ClipSpec
+    params: dict[str, Any]
+    tokenizer: CLIPTokenizer
+
+
+def missing_clip_files(folder: str | pathlib.Path) -> list[str]:
+    """Names of the files a CLIP folder lacks (empty when it is complete)."""
+    folder = pathlib.Path(folder)
+    missing = [n for n in ("config.json",) + TOKENIZER_FILES if not (folder / n).is_file()]
+    if not any((folder / n).is_file() for n in WEIGHT_FILES):
+        missing.append("model.safetensors")
+    return missing
+
+
+def check_clip_folder(folder: str | pathlib.Path) -> None:
+    """Raises `FileNotFoundError` naming what is missing and how to provide it."""
+    missing = missing_clip_files(folder)
+    if not missing:
+        return
+    where = "does not exist" if not pathlib.Path(folder).is_dir() else "is incomplete"
+    raise FileNotFoundError(
+        f"CLIP folder {folder} {where}: missing {', '.join(missing)}. Nothing is downloaded "
+        "at run time. Put a Hugging Face CLIP folder there (config.json, model.safetensors, "
+        "vocab.json, merges.txt; e.g. a local copy of openai/clip-vit-base-patch16), or build "
+        "one for the paper's OpenCLIP ViT-B-16-plus-240 (laion400m_e31) from its weight file "
+        "and the BPE file bpe_simple_vocab_16e6.txt.gz (inside the open_clip_torch wheel): "
+        + CONVERT_COMMAND.format(folder=folder)
+    )
+
+
+def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """Reads a flat weight file into `{name: np.ndarray}` without torch.
+
+    Delegates to the project's torch-free reader
+    (`protorefine_jax.features.checkpoints.load_state_dict`: safetensors, npz,
+    torch zip and legacy pickles through an allow-listed unpickler). A training
+    checkpoint's `state_dict` entry is unwrapped there; DDP `module.` prefixes
+    are stripped here.
+
+    Args:
+      path: `.safetensors`, `.npz`, or a torch checkpoint (`.bin`, `.pt`, `.pth`).
+
+    Returns:
+      The state dict.
+
+    Raises:
+      FileNotFoundError: if `path` does not exist.
+      CheckpointError: (a `ValueError`) if the file cannot be parsed.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file {path} does not exist.")
+    sd = checkpoints.load_state_dict(path)
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _read_hf_weights(folder: pathlib.Path, spec: ClipSpec) -> dict[str, Any]:
+    if (folder / "model.safetensors").is_file():
+        sd = read_state_dict(folder / "model.safetensors")
+    elif (folder / "model.safetensors.index.json").is_file():
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        sd = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            sd.update(read_state_dict(folder / shard))
+    elif (folder / "flax_model.msgpack").is_file():
+        tree = serialization.msgpack_restore((folder / "flax_model.msgpack").read_bytes())
+        sd = convert.flax_to_hf_state_dict(tree)
+    else:
+        sd = read_state_dict(folder / "pytorch_model.bin")
+    return convert.hf_state_dict_to_flax(sd, spec)
+
+
+def load_tokenizer(folder: str | pathlib.Path) -> CLIPTokenizer:
+    """HF `CLIPTokenizer` from the folder's `vocab.json` / `merges.txt` (offline)."""
+    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def load_clip(folder: str | pathlib.Path) -> ClipBundle:
+    """Loads a local HF CLIP folder into a spec, Flax params and a tokenizer.
+
+    Args:
+      folder: HF CLIP folder (see module docstring).
+
+    Returns:
+      `ClipBundle(spec, params, tokenizer)`; params are float32 `jax.Array`s.
+
+    Raises:
+      FileNotFoundError: naming the missing files and how to provide them.
+      ValueError: if the weights do not match `config.json`.
+    """
+    check_clip_folder(folder)
+    folder = pathlib.Path(folder)
+    spec = ClipSpec.from_hf_config(json.loads((folder / "config.json").read_text()))
+    params = jax.tree.map(jax.numpy.asarray, _read_hf_weights(folder, spec))
+    return ClipBundle(spec, params, load_tokenizer(folder))
+
+
+def write_clip_folder(
+    out_dir: str | pathlib.Path,
+    hf_state_dict: Mapping[str, np.ndarray],
+    spec: ClipSpec,
+    bpe_text: str,
+) -> pathlib.Path:
+    """Writes a complete HF CLIP folder (config, safetensors, tokenizer files).
+
+    Args:
+      out_dir: folder to create or fill.
+      hf_state_dict: HF PyTorch-layout weights matching `spec`.
+      spec: architecture, written as `config.json`.
+      bpe_text: decoded CLIP BPE merges file, turned into `vocab.json` +
+        `merges.txt`.
+
+    Returns:
+      The folder path.
+    """
+    convert.check_hf_state_dict(hf_state_dict, spec)
+    files = bpe.tokenizer_files(bpe_text, context_length=spec.context_length)
+    vocab_size = len(json.loads(files["vocab.json"]))
+    if vocab_size != spec.vocab_size:
+        raise ValueError(
+            f"BPE file gives a vocabulary of {vocab_size} tokens but the weights have "
+            f"{spec.vocab_size}: wrong BPE file?"
+        )
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec.to_hf_config().to_json_file(str(out / "config.json"), use_diff=False)
+    tensors = {k: np.array(v, dtype=np.float32, order="C") for k, v in hf_state_dict.items()}
+    safetensors.numpy.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for name, text in files.items():
+        (out / name).write_text(text, encoding="utf-8")
+    preprocessor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": spec.image_size},
+        "do_center_crop": True,
+        "crop_size": {"height": spec.image_size, "width": spec.image_size},
+        "do_normalize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    return out
+
+
+def read_bpe_text(path: str | pathlib.Path) -> str:
+    """Reads a CLIP BPE merges file (`.txt.gz` or plain `.txt`)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"BPE file {path} does not exist; it is bpe_simple_vocab_16e6.txt.gz from the "
+            "open_clip_torch wheel (open_clip/bpe_simple_vocab_16e6.txt.gz)."
+        )
+    raw = path.read_bytes()
+    return (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8")
+
+
+def convert_openclip(
+    checkpoint: str | pathlib.Path,
+    bpe_path: str | pathlib.Path,
+    out_dir: str | pathlib.Path,
+    model_name: str | None = None,
+    hidden_act: str = "gelu",
+    head_width: int = 64,
+) -> pathlib.Path:
+    """Converts an OpenCLIP checkpoint + BPE file into a local HF CLIP folder.
+
+    Args:
+      checkpoint: OpenCLIP weights (`.safetensors`, `.npz`, `.bin`/`.pt` zip).
+      bpe_path: `bpe_simple_vocab_16e6.txt.gz`.
+      out_dir: HF CLIP folder to write.
+      model_name: OpenCLIP model name in `PRESETS` (e.g.
+        `"ViT-B-16-plus-240"`): the weights are checked against it and its
+        activation is used. None infers the shapes from the weights.
+      hidden_act: activation when `model_name` is None.
+      head_width: attention head width when `model_name` is None (OpenCLIP: 64).
+
+    Returns:
+      The folder path.
+    """
+    sd = read_state_dict(checkpoint)
+    if model_name is None:
+        spec = convert.infer_openclip_spec(sd, hidden_act=hidden_act, head_width=head_width)
+    else:
+        if model_name not in PRESETS:
+            raise ValueError(f"unknown model {model_name!r}; known: {sorted(PRESETS)}")
+        spec = PRESETS[model_name]
+        inferred = convert.infer_openclip_spec(sd, hidden_act=spec.hidden_act)
+        if inferred != spec:
+            raise ValueError(f"{checkpoint} does not hold a {model_name}: {inferred} != {spec}")
+    hf_sd = convert.openclip_to_hf_state_dict(sd, spec)
+    return write_clip_folder(out_dir, hf_sd, spec, read_bpe_text(bpe_path))

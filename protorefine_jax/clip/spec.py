@@ -1,0 +1,230 @@
+"""CLIP architecture descriptions and their Hugging Face configs.
+
+`ClipSpec` holds the numbers that fix a CLIP model's shapes. It is a frozen,
+hashable dataclass so it can sit in the static part of a jitted config; the
+Hugging Face `CLIPConfig` (not hashable) is derived from it on demand.
+
+Presets:
+  * `VIT_B_16_PLUS_240`: OpenCLIP ViT-B-16-plus-240 (WinCLIP's and the FastRef
+    paper's model, Sec. 5.2): vision width 896, 12 layers, 14 heads, patch 16,
+    240 px (15x15 tokens); text width 640, 12 layers, 10 heads; embed 640;
+    exact GELU.
+  * `VIT_B_16`: OpenAI ViT-B/16 as on the Hugging Face hub
+    (`openai/clip-vit-base-patch16`): width 768, 224 px (14x14 tokens), text
+    width 512, embed 512, quick GELU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from transformers import CLIPConfig
+from transformers.models.clip.modeling_flax_clip import FlaxCLIPModule
+
+_ACTIVATIONS = ("gelu", "quick_gelu")
+
+# OpenAI CLIP image normalisation (OpenCLIP ViT-B-16-plus-240 uses the same).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+    """Shape-setting hyper-parameters of a CLIP model (vision + text towers).
+
+    Attributes:
+      image_size: input side in pixels (square).
+      patch_size: ViT patch side in pixels.
+      vision_width: vision transformer width `D`.
+      vision_layers: vision transformer depth.
+      vision_heads: vision attention heads.
+      vision_mlp: vision MLP hidden width.
+      text_width: text transformer width.
+      text_layers: text transformer depth.
+      text_heads: text attention heads.
+      text_mlp: text MLP hidden width.
+      context_length: text positions (77 for CLIP).
+      vocab_size: BPE vocabulary size (49408 for CLIP).
+      embed_dim: joint embedding width `E` (output of both projections).
+      hidden_act: `"gelu"` (exact erf GELU, OpenCLIP) or `"quick_gelu"`
+        (OpenAI CLIP).
+      layer_norm_eps: LayerNorm epsilon (1e-5 in both OpenCLIP and HF).
+    """
+
+    image_size: int = 240
+    patch_size: int = 16
+    vision_width: int = 896
+    vision_layers: int = 12
+    vision_heads: int = 14
+    vision_mlp: int = 3584
+    text_width: int = 640
+    text_layers: int = 12
+    text_heads: int = 10
+    text_mlp: int = 2560
+    context_length: int = 77
+    vocab_size: int = 49408
+    embed_dim: int = 640
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {_ACTIVATIONS}, got {self.hidden_act!r}.")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}."
+            )
+        for width, heads, name in (
+            (self.vision_width, self.vision_heads, "vision"),
+            (self.text_width, self.text_heads, "text"),
+        ):
+            if heads < 1 or width % heads:
+                raise ValueError(f"{name} width {width} is not divisible by {heads} heads.")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid `(h, w)` of the vision tower."""
+        side = self.image_size // self.patch_size
+        return (side, side)
+
+    @property
+    def eos_token_id(self) -> int:
+        """Id of `<|endoftext|>`: the last vocabulary entry, as in CLIP's BPE."""
+        return self.vocab_size - 1
+
+    @property
+    def bos_token_id(self) -> int:
+        """Id of `<|startoftext|>`: the second-to-last vocabulary entry."""
+        return self.vocab_size - 2
+
+    def to_hf_config(self) -> CLIPConfig:
+        """Builds the equivalent Hugging Face `CLIPConfig`."""
+        text = dict(
+            vocab_size=self.vocab_size,
+            hidden_size=self.text_width,
+            intermediate_size=self.text_mlp,
+            num_hidden_layers=self.text_layers,
+            num_attention_heads=self.text_heads,
+            max_position_embeddings=self.context_length,
+            hidden_act=self.hidden_act,
+            layer_norm_eps=self.layer_norm_eps,
+            projection_dim=self.embed_dim,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.eos_token_id,
+        )
+        vision = dict(
+            hidden_size=self.vision_width,
+            intermediate_size=self.vision_mlp,
+            num_hidden_layers=self.vision_layers,
+            num_attention_heads=self.vision_heads,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            num_channels=3,
+            hidden_act=self.hidden_act,
+            layer_norm_eps=self.layer_norm_eps,
+            projection_dim=self.embed_dim,
+        )
+        return CLIPConfig(text_config=text, vision_config=vision, projection_dim=self.embed_dim)
+
+    @classmethod
+    def from_hf_config(cls, config: CLIPConfig | dict[str, Any]) -> ClipSpec:
+        """Reads a spec from a Hugging Face `CLIPConfig` or its `config.json` dict.
+
+        Args:
+          config: a `CLIPConfig`, or the parsed `config.json` of an HF CLIP folder.
+
+        Returns:
+          The matching `ClipSpec`.
+
+        Raises:
+          ValueError: if the text and vision activations differ (HF allows it,
+            this project's towers do not need it).
+        """
+        if isinstance(config, dict):
+            config = CLIPConfig.from_dict(config)
+        text, vision = config.text_config, config.vision_config
+        if text.hidden_act != vision.hidden_act:
+            raise ValueError(
+                f"text and vision activations differ ({text.hidden_act!r} vs "
+                f"{vision.hidden_act!r}); not supported."
+            )
+        return cls(
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            vision_width=vision.hidden_size,
+            vision_layers=vision.num_hidden_layers,
+            vision_heads=vision.num_attention_heads,
+            vision_mlp=vision.intermediate_size,
+            text_width=text.hidden_size,
+            text_layers=text.num_hidden_layers,
+            text_heads=text.num_attention_heads,
+            text_mlp=text.intermediate_size,
+            context_length=text.max_position_embeddings,
+            vocab_size=text.vocab_size,
+            embed_dim=config.projection_dim,
+            hidden_act=vision.hidden_act,
+            layer_norm_eps=vision.layer_norm_eps,
+        )
+
+
+VIT_B_16_PLUS_240 = ClipSpec()
+
+VIT_B_16 = ClipSpec(
+    image_size=224,
+    vision_width=768,
+    vision_heads=12,
+    vision_mlp=3072,
+    text_width=512,
+    text_heads=8,
+    text_mlp=2048,
+    embed_dim=512,
+    hidden_act="quick_gelu",
+)
+
+PRESETS: dict[str, ClipSpec] = {
+    "ViT-B-16-plus-240": VIT_B_16_PLUS_240,
+    "ViT-B-16": dataclasses.replace(VIT_B_16, hidden_act="gelu"),
+    "ViT-B-16-quickgelu": VIT_B_16,
+}
+"""OpenCLIP model names -> specs (OpenCLIP's own ViT-B-16 uses exact GELU;
+OpenAI's weights need quick GELU, OpenCLIP name `ViT-B-16-quickgelu`)."""
+
+
+@functools.lru_cache(maxsize=16)
+def clip_module(spec: ClipSpec) -> FlaxCLIPModule:
+    """The (parameter-free) Hugging Face Flax CLIP module for `spec`.
+
+    The module holds no weights: call it with `module.apply({"params": p}, ...)`.
+    """
+    return FlaxCLIPModule(config=spec.to_hf_config())
+
+
+def random_params(spec: ClipSpec, seed: int = 0, std: float = 0.02) -> dict[str, Any]:
+    """Random float32 params in the HF Flax CLIP tree, for tests and benchmarks.
+
+    The tree's shapes come from `module.init` under `jax.eval_shape` (nothing
+    is initialised for real, so this is fast even for full-size models); every
+    leaf is drawn i.i.d. `N(0, std^2)` with numpy.
+
+    Args:
+      spec: CLIP architecture.
+      seed: numpy seed.
+      std: standard deviation of every entry.
+
+    Returns:
+      Params usable wherever loaded ones are (`{"params": tree}` for the module).
+    """
+    ids = jnp.zeros((1, spec.context_length), jnp.int32)
+    pixels = jnp.zeros((1, spec.image_size, spec.image_size, 3), jnp.float32)
+    module = clip_module(spec)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, pixels, ids, ids))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: jnp.asarray(std * rng.standard_normal(s.shape, np.float32)), shapes["params"]
+    )

@@ -1,0 +1,357 @@
+"""WinCLIP and WinCLIP+ (paper Sec. 5.2, Eq. 8-9): extract, build banks, score, detect.
+
+The same composition as the CNN path (`features` + `pipeline`):
+
+  feats = extract_multiscale(params, support_images, config)    # jitted
+  banks = build_banks(feats, alpha=CORESET_ALPHA["mvtec"])      # per scale
+  text = prompts.class_text_features(spec, params, tokenizer, "bottle")
+  out = detect(params, banks, text, query_images, config)       # jitted
+
+Scales: the full-image patch tokens and each window size (2x2, 3x3).
+
+Zero-shot (WinCLIP): `P(anomalous)` = softmax over (normal, anomalous) of
+cosine similarity / temperature (0.07), for the image embedding (`s0`) and
+every window; window scores go to the patch grid by harmonic mean over the
+windows covering each patch; the scales (image score broadcast, one grid per
+window size) are fused by a harmonic mean, as anomalib's WinCLIP.
+
+Few-shot: per scale, the cosine distance `(1 - cos) / 2` of each query
+feature to the scale's memory bank, plain (WinCLIP, `use_refinement=False`)
+or against the refined prototypes (WinCLIP+, `pipeline.score_query` with
+`distance="cosine"`, lam 0.1); window scales are aggregated to the grid like
+the zero-shot ones; the scales' grids are averaged.
+
+Fusion (Eq. 9): image score `(s0 + max_j s_j) / 2` with `s_j` the few-shot
+grid; map = mean of the zero-shot and few-shot grids, upsampled and blurred
+(`scoring.map_operators`). Without banks `detect` is zero-shot WinCLIP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax import Array
+
+from protorefine_jax.bank import MemoryBank, build_bank
+from protorefine_jax.clip.spec import VIT_B_16_PLUS_240, ClipSpec
+from protorefine_jax.clip.towers import MultiscaleFeatures, encode_multiscale
+from protorefine_jax.clip.windows import aggregate_windows, window_grid
+from protorefine_jax.config import RefineConfig
+from protorefine_jax.pipeline import Diagnostics, score_query
+from protorefine_jax.scoring import map_operators
+
+CORESET_ALPHA = {"mvtec": 0.5, "visa": 0.3, "mpdd": 0.2}
+"""Coreset ratios of WinCLIP+ per dataset (paper Sec. 6.1)."""
+
+Banks = Sequence[Array | MemoryBank]
+
+
+@struct.dataclass
+class WinClipConfig:
+    """Settings of WinCLIP / WinCLIP+ (a pytree: floats traced, the rest static).
+
+    Attributes:
+      refine: few-shot scoring settings; `distance` must be `"cosine"`.
+        `use_refinement=False` gives WinCLIP, True WinCLIP+. Its `grid_shape`
+        and `image_size` are set per scale here (raw grids, no upsampling).
+      temperature: softmax temperature of the zero-shot score (CLIP: 0.07).
+      clip: CLIP architecture (static).
+      window_sizes: window sides in patches (static; WinCLIP: 2 and 3).
+      project_patches: full-image patch tokens through the visual projection
+        (static; False keeps the vision width, as anomalib's WinCLIP).
+      window_aggregation: `"harmonic"` (WinCLIP) or `"mean"` (static).
+      zero_shot_fusion: fuse zero-shot scales by `"harmonic"` mean (anomalib)
+        or arithmetic `"mean"` (static).
+      image_size: `(H, W)` of the output maps, None for the raw patch grid.
+      blur_sigma: Gaussian blur of the maps, in map pixels (SPEC 4: 4).
+    """
+
+    refine: RefineConfig
+    temperature: float = 0.07
+    clip: ClipSpec = struct.field(pytree_node=False, default=VIT_B_16_PLUS_240)
+    window_sizes: tuple[int, ...] = struct.field(pytree_node=False, default=(2, 3))
+    project_patches: bool = struct.field(pytree_node=False, default=True)
+    window_aggregation: Literal["harmonic", "mean"] = struct.field(
+        pytree_node=False, default="harmonic"
+    )
+    zero_shot_fusion: Literal["harmonic", "mean"] = struct.field(
+        pytree_node=False, default="harmonic"
+    )
+    image_size: tuple[int, int] | None = struct.field(pytree_node=False, default=(240, 240))
+    blur_sigma: float = struct.field(pytree_node=False, default=4.0)
+
+    def __post_init__(self):
+        if self.refine.distance != "cosine":
+            raise ValueError(
+                f"WinCLIP scores with the cosine distance, got {self.refine.distance!r}."
+            )
+        for size in self.window_sizes:
+            window_grid(self.clip.grid_size, size)
+        for name in ("window_aggregation", "zero_shot_fusion"):
+            if getattr(self, name) not in ("harmonic", "mean"):
+                raise ValueError(
+                    f"{name} must be 'harmonic' or 'mean', got {getattr(self, name)!r}."
+                )
+
+
+def winclip_config(
+    use_refinement: bool = True, clip: ClipSpec = VIT_B_16_PLUS_240, **kwargs: Any
+) -> WinClipConfig:
+    """WinCLIP+ (`use_refinement=True`) or WinCLIP defaults of the paper.
+
+    Args:
+      use_refinement: WinCLIP+ (refined prototypes) or plain WinCLIP.
+      clip: CLIP architecture; maps default to its input size.
+      **kwargs: `RefineConfig` overrides (e.g. `lam`, `num_iters`); keys that
+        are `WinClipConfig` fields go there instead.
+
+    Returns:
+      A config with `distance="cosine"`, `m_step="optax"`, `lam=0.1`.
+    """
+    fields = set(WinClipConfig.__dataclass_fields__) - {"refine"}
+    outer = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
+    refine_kwargs = dict(distance="cosine", m_step="optax", lam=0.1, image_size=None)
+    refine_kwargs.update(kwargs)
+    refine = RefineConfig(use_refinement=use_refinement, **refine_kwargs)
+    outer.setdefault("image_size", (clip.image_size, clip.image_size))
+    return WinClipConfig(refine=refine, clip=clip, **outer)
+
+
+class WinClipOutput(NamedTuple):
+    """Scores of a batch (fields as `pipeline.RefineOutput`, plus the branches).
+
+    Attributes:
+      image_scores: `[B]` fused image scores `s*` (Eq. 9); `s0` without banks.
+      maps: `[B, H, W]` fused anomaly maps (`[B, h, w]` if `image_size` is None).
+      patch_scores: `[B, h*w]` fused patch-grid scores.
+      diagnostics: refinement health, worst case over scales: max marginal
+        error, max W change, min least-squares residual (zeros without banks
+        or refinement).
+      zero_shot_scores: `[B]` `s0` from the image embedding.
+      few_shot_scores: `[B]` `max_j s_j` of the few-shot grid (0 without banks).
+      zero_shot_grid: `[B, h, w]` fused zero-shot patch grid.
+      few_shot_grid: `[B, h, w]` scale-averaged few-shot grid (0 without banks).
+    """
+
+    image_scores: Array
+    maps: Array
+    patch_scores: Array
+    diagnostics: Diagnostics
+    zero_shot_scores: Array
+    few_shot_scores: Array
+    zero_shot_grid: Array
+    few_shot_grid: Array
+
+
+@jax.jit
+def extract_multiscale(params: Any, images: Array, config: WinClipConfig) -> MultiscaleFeatures:
+    """Multi-scale CLIP features of raw images (jitted; the `extract` of this host).
+
+    Args:
+      params: HF Flax CLIP params.
+      images: `[B, S, S, 3]` RGB in [0, 255], `S = config.clip.image_size`.
+      config: CLIP spec, window sizes, patch projection.
+
+    Returns:
+      `MultiscaleFeatures(image [B, E], patches [B, h*w, C], windows)`.
+    """
+    return encode_multiscale(
+        config.clip, params, images, tuple(config.window_sizes), config.project_patches
+    )
+
+
+def _unit(x: Array) -> Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def scale_features(features: MultiscaleFeatures) -> tuple[Array, ...]:
+    """Few-shot scales in bank order: full-image patches, then each window size."""
+    return (features.patches, *features.windows)
+
+
+def build_banks(
+    support: MultiscaleFeatures, alpha: float, **bank_kwargs: Any
+) -> tuple[MemoryBank, ...]:
+    """One coreset memory bank per scale from the support images' features.
+
+    Rows are L2-normalised first, so the greedy coreset (squared Euclidean)
+    works in the cosine geometry the scores use.
+
+    Args:
+      support: features of the `k` support images (`extract_multiscale`).
+      alpha: coreset ratio (`CORESET_ALPHA[dataset]`: 0.5 MVTec, 0.3 VisA,
+        0.2 MPDD).
+      **bank_kwargs: passed to `bank.build_bank` (seed, start_index, ...).
+
+    Returns:
+      Banks in `scale_features` order; each with its degeneracy verdict.
+    """
+    return tuple(build_bank(_unit(f), alpha, **bank_kwargs) for f in scale_features(support))
+
+
+def anomaly_probability(embeddings: Array, text_features: Array, temperature: Array) -> Array:
+    """WinCLIP's zero-shot score: softmax(cos / T)[anomalous].
+
+    Args:
+      embeddings: `[..., E]` image or window embeddings.
+      text_features: `[2, E]` normal / anomalous class embeddings.
+      temperature: softmax temperature.
+
+    Returns:
+      `[...]` probabilities of the anomalous class.
+    """
+    logits = _unit(embeddings) @ _unit(text_features).T / temperature  # [..., 2]
+    return jax.nn.softmax(logits, axis=-1)[..., 1]
+
+
+def _fuse(grids: list[Array], how: str) -> Array:
+    stack = jnp.stack(grids)
+    if how == "harmonic":
+        return stack.shape[0] / jnp.sum(1.0 / stack, axis=0)
+    return jnp.mean(stack, axis=0)
+
+
+def zero_shot_query(
+    image: Array, windows: Sequence[Array], text_features: Array, config: WinClipConfig
+) -> tuple[Array, Array]:
+    """Zero-shot WinCLIP for ONE image.
+
+    Args:
+      image: `[E]` image embedding.
+      windows: one `[n_windows_k, E]` per window size.
+      text_features: `[2, E]`.
+      config: window sizes, aggregation, fusion, temperature.
+
+    Returns:
+      `(s0 [], grid [h, w])`: image score and fused zero-shot patch grid.
+    """
+    grid = config.clip.grid_size
+    s0 = anomaly_probability(image, text_features, config.temperature)
+    grids = [jnp.full(grid, s0)]
+    for size, win in zip(config.window_sizes, windows, strict=True):
+        probs = anomaly_probability(win, text_features, config.temperature)
+        grids.append(aggregate_windows(probs, grid, size, config.window_aggregation))
+    return s0, _fuse(grids, config.zero_shot_fusion)
+
+
+def few_shot_query(
+    scales: Sequence[Array], banks: Sequence[Array], config: WinClipConfig
+) -> tuple[Array, Diagnostics]:
+    """Few-shot WinCLIP / WinCLIP+ grid for ONE image.
+
+    Args:
+      scales: query features per scale (`scale_features` order, no batch axis).
+      banks: `[n_s, c_s]` prototypes per scale, same order.
+      config: refinement settings and window sizes.
+
+    Returns:
+      `(grid [h, w], diagnostics)`: scale-averaged few-shot grid and the
+      worst-case refinement diagnostics over scales.
+    """
+    grid = config.clip.grid_size
+    sizes = (None, *config.window_sizes)
+    grids, diags = [], []
+    for size, feats, bank in zip(sizes, scales, banks, strict=True):
+        shape = grid if size is None else window_grid(grid, size)
+        cfg = config.refine.replace(grid_shape=shape, image_size=None)
+        out = score_query(bank, feats, cfg)
+        if size is None:
+            grids.append(out.patch_scores.reshape(grid))
+        else:
+            grids.append(aggregate_windows(out.patch_scores, grid, size, config.window_aggregation))
+        diags.append(out.diagnostics)
+    worst = Diagnostics(
+        jnp.max(jnp.stack([d.marginal_error for d in diags])),
+        jnp.max(jnp.stack([d.w_rel_change for d in diags])),
+        jnp.min(jnp.stack([d.lsq_residual for d in diags])),
+    )
+    return jnp.mean(jnp.stack(grids), axis=0), worst
+
+
+def _bank_arrays(banks: Banks | None) -> tuple[Array, ...] | None:
+    if banks is None:
+        return None
+    return tuple(b.prototypes if isinstance(b, MemoryBank) else b for b in banks)
+
+
+@jax.jit
+def score(
+    features: MultiscaleFeatures,
+    banks: Banks | None,
+    text_features: Array,
+    config: WinClipConfig,
+) -> WinClipOutput:
+    """Scores a batch from its features (jitted; the one place that vmaps the queries).
+
+    Args:
+      features: query features, leading batch axis `B`.
+      banks: per-scale banks (`build_banks` output or their prototypes), or
+        None for zero-shot WinCLIP.
+      text_features: `[2, E]` from `prompts.class_text_features`.
+      config: settings.
+
+    Returns:
+      `WinClipOutput` with batch axis `B`.
+    """
+    bank_arrays = _bank_arrays(banks)
+    grid = config.clip.grid_size
+    if bank_arrays is not None and len(bank_arrays) != 1 + len(config.window_sizes):
+        raise ValueError(
+            f"expected {1 + len(config.window_sizes)} banks (patches + one per window size), "
+            f"got {len(bank_arrays)}."
+        )
+
+    def one(image, patches, windows):
+        s0, zs_grid = zero_shot_query(image, windows, text_features, config)
+        if bank_arrays is None:
+            zero = jnp.zeros((), zs_grid.dtype)
+            return s0, zs_grid, s0, zs_grid, jnp.zeros_like(zs_grid), Diagnostics(zero, zero, zero)
+        fs_grid, diag = few_shot_query((patches, *windows), bank_arrays, config)
+        fused = 0.5 * (zs_grid + fs_grid)
+        return 0.5 * (s0 + jnp.max(fs_grid)), fused, s0, zs_grid, fs_grid, diag
+
+    image_scores, fused, s0, zs, fs, diag = jax.vmap(one)(
+        features.image, features.patches, tuple(features.windows)
+    )
+    if config.image_size is None:
+        maps = fused
+    else:
+        a, b = map_operators(grid, tuple(config.image_size), float(config.blur_sigma))
+        maps = jnp.einsum("Hh,bhw,Ww->bHW", jnp.asarray(a), fused, jnp.asarray(b))
+    return WinClipOutput(
+        image_scores=image_scores,
+        maps=maps,
+        patch_scores=fused.reshape(fused.shape[0], -1),
+        diagnostics=diag,
+        zero_shot_scores=s0,
+        few_shot_scores=jnp.max(fs, axis=(1, 2)),
+        zero_shot_grid=zs,
+        few_shot_grid=fs,
+    )
+
+
+@jax.jit
+def detect(
+    params: Any,
+    banks: Banks | None,
+    text_features: Array,
+    images: Array,
+    config: WinClipConfig,
+) -> WinClipOutput:
+    """WinCLIP(+) end to end, one XLA program: features, zero-/few-shot scores, maps.
+
+    Args:
+      params: HF Flax CLIP params.
+      banks: per-scale banks (`build_banks`), or None for zero-shot WinCLIP.
+      text_features: `[2, E]` class text embeddings.
+      images: `[B, S, S, 3]` RGB in [0, 255].
+      config: settings (`winclip_config(...)`).
+
+    Returns:
+      `WinClipOutput` (`image_scores [B]`, `maps [B, H, W]`, ...).
+    """
+    return score(extract_multiscale(params, images, config), banks, text_features, config)

@@ -1,0 +1,130 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import TraceCounter
+from transformers import FlaxCLIPModel
+
+from protorefine_jax.clip import towers
+from protorefine_jax.clip.spec import (
+    PRESETS,
+    VIT_B_16,
+    VIT_B_16_PLUS_240,
+    ClipSpec,
+    clip_module,
+    random_params,
+)
+
+SPEC = ClipSpec(
+    image_size=64,
+    patch_size=16,
+    vision_width=32,
+    vision_layers=2,
+    vision_heads=4,
+    vision_mlp=64,
+    text_width=32,
+    text_layers=1,
+    text_heads=4,
+    text_mlp=64,
+    context_length=8,
+    vocab_size=30,
+    embed_dim=16,
+)
+
+
+def init_params(spec, seed=0):
+    """Random params in the HF Flax CLIP tree; std 0.2 so that tokens differ visibly."""
+    return random_params(spec, seed, std=0.2)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(SPEC)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+
+
+def test_presets():
+    assert VIT_B_16_PLUS_240.grid_size == (15, 15)
+    cfg = VIT_B_16_PLUS_240.to_hf_config()
+    assert cfg.vision_config.hidden_size == 896 and cfg.vision_config.num_attention_heads == 14
+    assert cfg.text_config.hidden_size == 640 and cfg.text_config.num_attention_heads == 10
+    assert cfg.projection_dim == 640 and cfg.vision_config.hidden_act == "gelu"
+    assert VIT_B_16.grid_size == (14, 14) and VIT_B_16.hidden_act == "quick_gelu"
+    for spec in PRESETS.values():
+        assert ClipSpec.from_hf_config(spec.to_hf_config()) == spec
+        assert ClipSpec.from_hf_config(spec.to_hf_config().to_dict()) == spec
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError, match="hidden_act"):
+        ClipSpec(hidden_act="relu")
+    with pytest.raises(ValueError, match="not divisible"):
+        ClipSpec(vision_heads=5)
+
+
+def test_preprocess_matches_clip_normalisation(images):
+    got = towers.preprocess(jnp.asarray(images))
+    want = (images / 255.0 - np.array(towers.CLIP_MEAN)) / np.array(towers.CLIP_STD)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_full_grid_window_equals_image_features(params, images):
+    """A window covering the whole grid is the model's own image embedding."""
+    pixels = towers.preprocess(jnp.asarray(images))
+    model = FlaxCLIPModel(SPEC.to_hf_config(), _do_init=False)
+    hf_features = jax.jit(lambda px, p: model.get_image_features(px, params=p))
+    want = np.asarray(hf_features(jnp.transpose(pixels, (0, 3, 1, 2)), params))
+    window = jax.jit(towers.encode_windows, static_argnums=(0, 3))(SPEC, params, pixels, 4)
+    assert window.shape == (2, 1, SPEC.embed_dim)
+    # Same ops in the same order: equal up to float32 reassociation (1e-5 of the scale).
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(window[:, 0], want, atol=1e-5 * scale, rtol=0)
+    image = jax.jit(towers.encode_image, static_argnums=0)(SPEC, params, pixels)
+    np.testing.assert_allclose(image, want, atol=1e-5 * scale, rtol=0)
+
+
+def test_multiscale_shapes_and_patch_tokens(params, images):
+    encode = jax.jit(towers.encode_multiscale, static_argnums=(0, 3, 4))
+    feats = encode(SPEC, params, jnp.asarray(images), (2, 3), True)
+    assert feats.image.shape == (2, 16)
+    assert feats.patches.shape == (2, 16, 16)
+    assert [w.shape for w in feats.windows] == [(2, 9, 16), (2, 4, 16)]
+    # Patch tokens: HF's last hidden state -> post-LN -> visual projection.
+    pixels = towers.preprocess(jnp.asarray(images))
+    vision = jax.jit(
+        lambda p, px: clip_module(SPEC).apply(
+            {"params": p}, px, method=lambda m, x: m.vision_model(x)
+        )
+    )
+    hidden = vision(params, pixels).last_hidden_state
+    vp = params["vision_model"]["post_layernorm"]
+    mu = hidden.mean(-1, keepdims=True)
+    normed = (hidden - mu) / jnp.sqrt(hidden.var(-1, keepdims=True) + 1e-5) * vp["scale"] + vp[
+        "bias"
+    ]
+    want = normed[:, 1:] @ params["visual_projection"]["kernel"]
+    np.testing.assert_allclose(feats.patches, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    raw = encode(SPEC, params, jnp.asarray(images), (2, 3), False)
+    assert raw.patches.shape == (2, 16, SPEC.vision_width)
+    np.testing.assert_allclose(raw.patches, normed[:, 1:], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(raw.windows[0], feats.windows[0], atol=1e-6)
+
+
+def test_window_encoding_does_not_recompile(params, images):
+    counter = TraceCounter(towers.encode_multiscale)
+    encode = jax.jit(counter, static_argnums=(0, 3, 4))
+    first = encode(SPEC, params, jnp.asarray(images), (2, 3), True)
+    second = encode(SPEC, params, jnp.asarray(images[::-1] * 0.5), (2, 3), True)
+    jax.block_until_ready((first, second))
+    assert counter.count == 1
+    encode(SPEC, params, jnp.asarray(images[:1]), (2, 3), True)  # new batch size
+    assert counter.count == 2
+
+
+def test_bad_image_shape_raises(params):
+    with pytest.raises(ValueError, match=r"expected images \[B, 64, 64, 3\]"):
+        towers.encode_multiscale(SPEC, params, jnp.zeros((1, 32, 32, 3)))

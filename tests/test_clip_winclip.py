@@ -1,0 +1,145 @@
+"""WinCLIP / WinCLIP+ scoring against numpy loops; detect end to end on a tiny CLIP."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_clip_towers import SPEC, init_params
+
+from protorefine_jax import RefineConfig
+from protorefine_jax.clip import winclip
+from protorefine_jax.clip.towers import MultiscaleFeatures
+
+GRID = SPEC.grid_size  # 4 x 4
+E = SPEC.embed_dim
+
+
+def _windows(k, h=4, w=4):
+    return [
+        [(i + a) * w + (j + b) for a in range(k) for b in range(k)]
+        for i in range(h - k + 1)
+        for j in range(w - k + 1)
+    ]
+
+
+def _harmonic(scores, k):
+    out = np.zeros(16)
+    wins = _windows(k)
+    for p in range(16):
+        cover = np.array([scores[r] for r in range(len(wins)) if p in wins[r]], np.float64)
+        out[p] = len(cover) / np.sum(1 / cover)
+    return out.reshape(GRID)
+
+
+def _prob(emb, text, t=0.07):
+    emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+    text = text / np.linalg.norm(text, axis=-1, keepdims=True)
+    logits = emb @ text.T / t
+    logits -= logits.max(-1, keepdims=True)
+    p = np.exp(logits)
+    return (p / p.sum(-1, keepdims=True))[..., 1]
+
+
+def _cos_dist(q, bank):
+    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
+    bank = bank / np.linalg.norm(bank, axis=-1, keepdims=True)
+    return ((1 - q @ bank.T) / 2).min(-1)
+
+
+def random_features(rng, b, base=None, noise=1.0):
+    """Features near `base` (or random) with the shapes of a 4x4 grid, windows 2 and 3."""
+    shapes = [(b, 1, E), (b, 16, E), (b, 9, E), (b, 4, E)]
+    parts = [rng.standard_normal(s) for s in shapes]
+    if base is not None:
+        parts = [
+            p[:1] * 0 + np.asarray(x)[:1] + noise * p for p, x in zip(parts, base, strict=True)
+        ]
+    image, patches, w2, w3 = (np.asarray(p, np.float32) for p in parts)
+    return MultiscaleFeatures(
+        jnp.asarray(image[:, 0]), jnp.asarray(patches), (jnp.asarray(w2), jnp.asarray(w3))
+    )
+
+
+def _as_list(f):
+    return [np.asarray(f.image)[:, None], np.asarray(f.patches), *map(np.asarray, f.windows)]
+
+
+@pytest.fixture
+def setup(rng):
+    support = random_features(rng, 2)
+    queries = random_features(rng, 3, base=_as_list(support), noise=0.5)
+    text = rng.standard_normal((2, E)).astype(np.float32)
+    return support, queries, jnp.asarray(text)
+
+
+def test_anomaly_probability(rng):
+    emb = rng.standard_normal((5, E)).astype(np.float32)
+    text = rng.standard_normal((2, E)).astype(np.float32)
+    got = winclip.anomaly_probability(jnp.asarray(emb), jnp.asarray(text), 0.07)
+    np.testing.assert_allclose(got, _prob(emb, text), rtol=1e-4, atol=1e-6)
+
+
+def test_zero_shot_matches_numpy(setup):
+    _, queries, text = setup
+    cfg = winclip.winclip_config(clip=SPEC, image_size=None)
+    out = winclip.score(queries, None, text, cfg)
+    t = np.asarray(text)
+    for b in range(3):
+        s0 = _prob(np.asarray(queries.image[b]), t)
+        g2 = _harmonic(_prob(np.asarray(queries.windows[0][b]), t), 2)
+        g3 = _harmonic(_prob(np.asarray(queries.windows[1][b]), t), 3)
+        grid = 3 / (1 / s0 + 1 / g2 + 1 / g3)
+        np.testing.assert_allclose(out.zero_shot_scores[b], s0, rtol=1e-4)
+        np.testing.assert_allclose(out.zero_shot_grid[b], grid, rtol=1e-4)
+        np.testing.assert_allclose(out.maps[b], grid, rtol=1e-4)
+        np.testing.assert_allclose(out.image_scores[b], s0, rtol=1e-4)
+    np.testing.assert_array_equal(out.few_shot_grid, 0.0)
+
+
+def test_winclip_few_shot_matches_numpy(setup):
+    support, queries, text = setup
+    cfg = winclip.winclip_config(use_refinement=False, clip=SPEC, image_size=None)
+    banks = winclip.build_banks(support, alpha=1.0)
+    assert [b.prototypes.shape for b in banks] == [(32, E), (18, E), (8, E)]
+    np.testing.assert_allclose(jnp.linalg.norm(banks[2].prototypes, axis=-1), 1.0, rtol=1e-5)
+    out = winclip.score(queries, banks, text, cfg)
+    sup = _as_list(support)
+    for b in range(3):
+        q = _as_list(queries)
+        fs = [_cos_dist(q[1][b], sup[1].reshape(-1, E)).reshape(GRID)]
+        for k, i in ((2, 2), (3, 3)):
+            fs.append(_harmonic(_cos_dist(q[i][b], sup[i].reshape(-1, E)), k))
+        fs = np.mean(fs, axis=0)
+        np.testing.assert_allclose(out.few_shot_grid[b], fs, rtol=1e-4, atol=1e-6)
+        zs = np.asarray(out.zero_shot_grid[b])
+        np.testing.assert_allclose(out.maps[b], (zs + fs) / 2, rtol=1e-4, atol=1e-6)
+        s0 = float(out.zero_shot_scores[b])
+        np.testing.assert_allclose(out.image_scores[b], (s0 + fs.max()) / 2, rtol=1e-4)  # Eq. 9
+
+
+def test_detect_end_to_end_tiny_clip(rng):
+    params = init_params(SPEC)
+    images = rng.uniform(0, 255, (4, 64, 64, 3)).astype(np.float32)
+    cfg = winclip.winclip_config(use_refinement=False, clip=SPEC)
+    support = winclip.extract_multiscale(params, images[:2], cfg)
+    banks = winclip.build_banks(support, 1.0)
+    text = jnp.asarray(rng.standard_normal((2, E)), jnp.float32)
+    out = winclip.detect(params, banks, text, images[2:], cfg)
+    assert out.image_scores.shape == (2,) and out.maps.shape == (2, 64, 64)
+    assert np.all(out.few_shot_scores > 1e-4)
+    size = winclip.detect._cache_size()
+    # Same shapes: no recompile. Support images score ~0 in the few-shot branch at alpha 1.
+    again = winclip.detect(params, banks, text, images[:2], cfg)
+    assert winclip.detect._cache_size() == size
+    np.testing.assert_allclose(again.few_shot_scores, 0.0, atol=1e-6)
+
+
+def test_config_errors(setup):
+    support, queries, text = setup
+    with pytest.raises(ValueError, match="cosine"):
+        winclip.WinClipConfig(refine=RefineConfig(distance="sqeuclidean"), clip=SPEC)
+    with pytest.raises(ValueError, match="does not fit"):
+        winclip.winclip_config(clip=SPEC, window_sizes=(5,))
+    cfg = winclip.winclip_config(use_refinement=False, clip=SPEC)
+    banks = winclip.build_banks(support, 1.0)
+    with pytest.raises(ValueError, match="expected 3 banks"):
+        winclip.score(queries, banks[:2], text, cfg)
