@@ -24,25 +24,13 @@ import numpy as np
 from absl import app, flags
 
 from protorefine_jax.clip import PRESETS, build_banks, detect, extract_multiscale, winclip_config
-from protorefine_jax.clip.spec import clip_module
+from protorefine_jax.clip.spec import random_params
 
 _MODEL = flags.DEFINE_enum("model", "ViT-B-16-plus-240", list(PRESETS), "CLIP shape")
 _BATCH = flags.DEFINE_integer("batch", 2, "images per call")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed calls after one warm-up")
 _DETECT = flags.DEFINE_bool("detect", False, "also time detect (WinCLIP and WinCLIP+)")
 _OUT = flags.DEFINE_string("out", None, "optional JSON output path")
-
-
-def random_params(spec, seed: int = 0):
-    """Random float32 params in the HF Flax CLIP tree (shapes from `init`, not run)."""
-    ids = jnp.zeros((1, spec.context_length), jnp.int32)
-    pixels = jnp.zeros((1, spec.image_size, spec.image_size, 3))
-    module = clip_module(spec)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, pixels, ids, ids))
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape, np.float32)), shapes["params"]
-    )
 
 
 def _time(fn, args, repeats: int) -> dict:
