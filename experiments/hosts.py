@@ -22,25 +22,40 @@ from protorefine_jax import RefineConfig, build_bank, online_refine_and_score, r
 from protorefine_jax.features import get_extractor
 
 
-def batched(fn: Callable[[np.ndarray], Any], items: np.ndarray, batch_size: int) -> Any:
+def batch_size_of(tree: Any) -> int:
+    """Leading-axis size shared by every leaf of `tree`."""
+    return len(jax.tree_util.tree_leaves(tree)[0])
+
+
+def take(tree: Any, index) -> Any:
+    """`leaf[index]` for every leaf (numpy indexing on the leading axis)."""
+    return jax.tree_util.tree_map(lambda x: np.asarray(x)[index], tree)
+
+
+def stack(trees: list[Any]) -> Any:
+    """Stacks per-item pytrees along a new leading axis."""
+    return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *trees)
+
+
+def batched(fn: Callable[[Any], Any], items: Any, batch_size: int) -> Any:
     """`fn` over `items` in fixed-size batches (last one padded), outputs concatenated.
 
     Args:
-      fn: maps `[batch_size, ...]` to a pytree of arrays with a leading batch axis.
-      items: `[N, ...]` inputs.
+      fn: maps a `[batch_size, ...]` pytree to a pytree of arrays with a
+        leading batch axis.
+      items: pytree of `[N, ...]` inputs.
       batch_size: compiled batch size.
 
     Returns:
       `fn`'s pytree with leading axis `N`, as numpy arrays.
     """
     outs = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        size = len(chunk)
-        if size < batch_size:
-            pad = np.repeat(chunk[-1:], batch_size - size, axis=0)
-            chunk = np.concatenate([chunk, pad], axis=0)
-        out = fn(chunk)
+    total = batch_size_of(items)
+    for start in range(0, total, batch_size):
+        size = min(batch_size, total - start)
+        # Pad by repeating the last item: every call sees the compiled shape.
+        index = np.minimum(np.arange(start, start + batch_size), start + size - 1)
+        out = fn(take(items, index))
         outs.append(jax.tree_util.tree_map(lambda x, s=size: np.asarray(x[:s]), out))
     return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *outs)
 
@@ -95,6 +110,10 @@ class PatchCoreHost:
             "grid": list(ex.grid),
             "image_size": ex.image_size,
         }
+
+    def prepare(self, category: str) -> None:
+        """Per-category set-up (none for CNN features)."""
+        del category
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """`[N, S, S, 3]` uint8 -> `[N, m, c]` float32 patch features."""

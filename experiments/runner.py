@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments import report
-from experiments.hosts import PatchCoreHost
+from experiments.hosts import PatchCoreHost, stack, take
 from experiments.methods import Method, get_method
 from protorefine_jax.data import load_dataset_category, make_synthetic_dataset, sample_support
 from protorefine_jax.data.registry import list_categories
@@ -191,13 +191,14 @@ class SupportCache:
     def __init__(self, host, data):
         self.host, self.data, self.feats = host, data, {}
 
-    def __call__(self, paths) -> np.ndarray:
-        """`[k, ...]` features of the support files `paths`."""
+    def __call__(self, paths) -> Any:
+        """`[k, ...]` features (a pytree for CLIP) of the support files `paths`."""
         todo = [p for p in paths if p not in self.feats]
         if todo:
-            for p, f in zip(todo, self.host.features(self.data.load_images(todo)), strict=True):
-                self.feats[p] = f
-        return np.stack([self.feats[p] for p in paths])
+            feats = self.host.features(self.data.load_images(todo))
+            for i, p in enumerate(todo):
+                self.feats[p] = take(feats, i)
+        return stack([self.feats[p] for p in paths])
 
 
 def load_test_set(data, host) -> dict[str, Any]:
@@ -250,6 +251,7 @@ def run(s: Settings) -> dict[str, Any]:
         for category in categories:
             for family, host in hosts.items():
                 data = load_dataset_category(dataset, root, category, host.image_size)
+                host.prepare(category)
                 bar.set_postfix_str(f"{category}: extracting test features ({family})")
                 test = load_test_set(data, host)
                 support_features = SupportCache(host, data)

@@ -31,7 +31,9 @@ def _min_distance(dots, q_sq, r_sq, distance: str) -> Float[Array, " m"]:
         return jnp.maximum(jnp.min(d, axis=-1), 0.0)
     # Cosine: queries and prototypes are unit rows; refined ones are not.
     cos = dots / jnp.sqrt(jnp.maximum(q_sq[:, None] * r_sq[None, :], _EPS))
-    return 0.5 * (1.0 - jnp.max(cos, axis=-1))
+    # Rounding can push a cosine past 1; a negative distance would break
+    # harmonic means downstream (WinCLIP window aggregation).
+    return jnp.maximum(0.5 * (1.0 - jnp.max(cos, axis=-1)), 0.0)
 
 
 def base_patch_scores(sys: GramSystem, config: RefineConfig) -> Float[Array, " m"]:

@@ -135,3 +135,43 @@ def test_mpdd_2shot_flagfile_on_real_images(tmp_path):
     by_method = {r["method"]: r for r in out["rows"]}
     assert set(by_method) == {"patchcore", "patchcore+"}
     assert by_method["patchcore+"]["image_auroc"] > 60.0
+
+
+def tiny_clip_folder(path):
+    """A complete HF CLIP folder with a tiny random model and a tiny BPE vocabulary."""
+    import dataclasses
+
+    from test_clip_convert import SPEC
+
+    from protorefine_jax.clip import flax_to_hf_state_dict, random_params, write_clip_folder
+
+    merges = ["h e", "l l", "he ll"]
+    spec = dataclasses.replace(SPEC, vocab_size=512 + len(merges) + 2)
+    sd = flax_to_hf_state_dict(random_params(spec, seed=0))
+    return write_clip_folder(path, sd, spec, "#version: 0.2\n" + "\n".join(merges) + "\n"), spec
+
+
+def test_winclip_methods_run_from_a_clip_folder(tmp_path):
+    folder, spec = tiny_clip_folder(tmp_path / "clip")
+    workdir = tmp_path / "run"
+    tiny = {
+        **TINY,
+        "methods": ["winclip", "winclip+"],
+        "image_size": spec.image_size,
+        "shots": ["1"],
+        "num_heatmaps": 1,
+    }
+    with flagsaver.flagsaver(workdir=str(workdir), clip_dir=str(folder), **tiny):
+        eval_cli.main(["eval"])
+    results = json.loads((workdir / "results.json").read_text())
+    assert {r["method"] for r in results["rows"]} == {"winclip", "winclip+"}
+    assert all(0.0 <= r["image_auroc"] <= 100.0 for r in results["rows"])
+
+
+def test_missing_clip_folder_names_the_missing_files(tmp_path, capsys):
+    tiny = {**TINY, "methods": ["winclip+"], "image_size": 240}
+    with flagsaver.flagsaver(workdir=str(tmp_path / "w"), clip_dir=str(tmp_path / "none"), **tiny):
+        with pytest.raises(SystemExit):
+            eval_cli.main(["eval"])
+    err = capsys.readouterr().err
+    assert "config.json" in err and "model.safetensors" in err and "vocab.json" in err
