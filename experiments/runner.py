@@ -57,7 +57,7 @@ class Settings:
     alpha: float | None = None
     lam: float | None = None
     epsilon: float = 0.05
-    ridge: float = 1e-4
+    ridge: float = 1e-2
     lr: float = 1.0
     num_iters: int = 10
     sinkhorn_iters: int = 30
