@@ -37,6 +37,11 @@ def as_feature_matrix(x, name: str):
     return x
 
 
+@jax.jit
+def _all_finite(x) -> jax.Array:
+    return jnp.all(jnp.isfinite(x))
+
+
 def check_finite(x, name: str) -> None:
     """Raise if concrete `x` holds NaN or infinite values, saying how many.
 
@@ -45,6 +50,9 @@ def check_finite(x, name: str) -> None:
       name: argument name for messages.
     """
     if is_traced(x):
+        return
+    # One boolean leaves the device; the array itself only on failure.
+    if bool(_all_finite(x)):
         return
     arr = np.asarray(x)
     bad = ~np.isfinite(arr)

@@ -35,7 +35,9 @@ class GramSystem(NamedTuple):
       cross: `[m, n]` `P = F M^T`.
       f_sq: `[m]` squared norms of the query patches.
       m_sq: `[n]` squared norms of the prototypes (`diag(G)`).
-      chol: Cholesky factor of `G + delta I` (lower, `[n, n]`).
+      inv: `(G + delta I)^-1` (`[n, n]`, by Cholesky): every later solve
+        against the Gram matrix (the init, each preconditioned optax step)
+        becomes one matrix product.
       delta: the absolute ridge `delta`.
     """
 
@@ -43,7 +45,7 @@ class GramSystem(NamedTuple):
     cross: Float[Array, "m n"]
     f_sq: Float[Array, " m"]
     m_sq: Float[Array, " n"]
-    chol: Float[Array, "n n"]
+    inv: Float[Array, "n n"]
     delta: Float[Array, ""]
 
 
@@ -125,14 +127,15 @@ def gram_system(
     # Ridge relative to the mean eigenvalue trace(G)/n: scale-free, and keeps a
     # singular G (n > c, duplicate prototypes) invertible.
     delta = config.ridge * jnp.maximum(jnp.trace(gram) / n, _EPS)
-    chol = jnp.linalg.cholesky(gram + delta * jnp.eye(n, dtype=gram.dtype))
+    eye = jnp.eye(n, dtype=gram.dtype)
+    inv = jsl.cho_solve((jnp.linalg.cholesky(gram + delta * eye), True), eye)
     f_sq = jnp.sum(query * query, axis=-1)
-    return GramSystem(gram, cross, f_sq, m_sq, chol, delta)
+    return GramSystem(gram, cross, f_sq, m_sq, inv, delta)
 
 
 def ridge_solve(sys: GramSystem, rhs: Float[Array, "k n"]) -> Float[Array, "k n"]:
-    """`rhs (G + delta I)^-1` by the Cholesky factor (the matrix is symmetric)."""
-    return jsl.cho_solve((sys.chol, True), rhs.T).T
+    """`rhs (G + delta I)^-1`."""
+    return rhs @ sys.inv
 
 
 def least_squares_init(sys: GramSystem) -> Float[Array, "m n"]:
@@ -307,7 +310,7 @@ def refine(sys: GramSystem, config: RefineConfig) -> Refinement:
         cost = jax.lax.stop_gradient(proto_to_refined(sys, w, config))
         eps = config.epsilon * jnp.mean(cost)
         init = (f, g) if config.warm_start else None
-        ot = sinkhorn_plan(cost, eps, config.sinkhorn_iters, init=init)
+        ot = sinkhorn_plan(cost, eps, config.sinkhorn_iters, init=init, mode=config.sinkhorn_mode)
         if config.m_step == "closed_form":
             w_new = closed_form_m_step(w0, ot.plan, config)
         else:

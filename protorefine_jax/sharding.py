@@ -44,7 +44,8 @@ def pad_batch(x, multiple: int):
     extra = (-size) % multiple
     if extra == 0:
         return x, size
-    return jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)], axis=0), size
+    xp = np if isinstance(x, np.ndarray) else jnp
+    return xp.concatenate([x, xp.repeat(x[-1:], extra, axis=0)], axis=0), size
 
 
 def shard_batch(x, mesh: Mesh):
@@ -77,8 +78,14 @@ def run_sharded(
       `fn`'s output, first axis of every leaf of size `B`.
     """
     mesh = batch_mesh() if mesh is None else mesh
-    padded, size = pad_batch(jnp.asarray(args[batch_argnum]), mesh.size)
-    placed = list(replicate(args, mesh))
-    placed[batch_argnum] = shard_batch(padded, mesh)
+    batch = args[batch_argnum]
+    # Pad on the host when the batch is there: each device then receives only
+    # its own slice, and nothing else carries a copy of the whole batch.
+    padded, size = pad_batch(
+        batch if isinstance(batch, jax.Array) else np.asarray(batch), mesh.size
+    )
+    rest = args[:batch_argnum] + args[batch_argnum + 1 :]
+    placed = list(replicate(rest, mesh))
+    placed.insert(batch_argnum, shard_batch(padded, mesh))
     out = fn(*placed)
     return jax.tree_util.tree_map(lambda leaf: leaf[:size], out)

@@ -36,6 +36,33 @@ class TransportResult(NamedTuple):
     marginal_error: Float[Array, ""]
 
 
+@jax.tree_util.register_pytree_node_class
+class _AbsorbedKernel(geometry.Geometry):
+    """A geometry given by its kernel, applied as is.
+
+    ott's `Geometry.apply_kernel` raises the kernel to the power
+    `epsilon / eps` on every application (for epsilon schedules); with a
+    fixed epsilon that power is 1 but still costs a `pow` over `[n, m]` per
+    iteration, more than the matrix-vector product itself.
+    """
+
+    def apply_kernel(self, vec, eps=None, axis=0):  # noqa: D102
+        del eps
+        kernel = self._kernel_matrix
+        return jnp.dot(kernel if axis == 1 else kernel.T, vec)
+
+
+def _solver(lse_mode: bool, num_iters: int) -> sinkhorn.Sinkhorn:
+    return sinkhorn.Sinkhorn(
+        lse_mode=lse_mode,
+        min_iterations=num_iters,
+        max_iterations=num_iters,
+        # The error is evaluated once, after the last iteration.
+        inner_iterations=num_iters,
+        implicit_diff=None,
+    )
+
+
 def sinkhorn_plan(
     cost: Float[Array, "n m"],
     epsilon: float | Float[Array, ""],
@@ -43,8 +70,9 @@ def sinkhorn_plan(
     a: Float[Array, " n"] | None = None,
     b: Float[Array, " m"] | None = None,
     init: tuple[Float[Array, " n"], Float[Array, " m"]] | None = None,
+    mode: str = "log",
 ) -> TransportResult:
-    """Entropic OT plan for `cost` with `num_iters` fixed log-domain iterations.
+    """Entropic OT plan for `cost` with `num_iters` fixed Sinkhorn iterations.
 
     No gradient flows through the solver: the M-step holds `T` fixed
     (SPEC 3.2), so `cost` is passed through `stop_gradient`.
@@ -57,6 +85,14 @@ def sinkhorn_plan(
       a: `[n]` source marginal; uniform when None.
       b: `[m]` target marginal; uniform when None.
       init: dual potentials `(f, g)` to start from (warm start), or None.
+      mode: `"log"`: every iteration in ott's log domain (two log-sum-exps,
+        i.e. two `exp` passes over the `[n, m]` cost). `"absorbed"`: one
+        log-domain iteration from `init`, whose plan is then absorbed as the
+        kernel of `num_iters - 1` ott iterations in kernel mode (two
+        matrix-vector products each, no `exp`); the scalings go back into
+        the potentials at the end (log-domain stabilisation by absorption,
+        Schmitzer 2019). The absorbed kernel's rows sum exactly to `a`, so it
+        has no zero row or column and nothing to overflow, whatever `C / eps`.
 
     Returns:
       The plan, the potentials and the marginal error.
@@ -65,18 +101,24 @@ def sinkhorn_plan(
     n, m = cost.shape
     a = jnp.full((n,), 1.0 / n, cost.dtype) if a is None else a
     b = jnp.full((m,), 1.0 / m, cost.dtype) if b is None else b
-    geom = geometry.Geometry(cost_matrix=cost, epsilon=epsilon)
-    problem = linear_problem.LinearProblem(geom, a=a, b=b)
-    solver = sinkhorn.Sinkhorn(
-        lse_mode=True,
-        min_iterations=num_iters,
-        max_iterations=num_iters,
-        # The error is evaluated once, after the last iteration.
-        inner_iterations=num_iters,
-        implicit_diff=None,
+    if mode not in ("log", "absorbed"):
+        raise ValueError(f"unknown Sinkhorn mode {mode!r}; use 'log' or 'absorbed'.")
+    log_problem = linear_problem.LinearProblem(
+        geometry.Geometry(cost_matrix=cost, epsilon=epsilon), a=a, b=b
     )
-    out = solver(problem, init=init)
-    plan = out.matrix
+    log_iters = num_iters if mode == "log" else 1
+    out = _solver(True, log_iters)(log_problem, init=init)
+    plan, f, g = out.matrix, out.f, out.g
+    if mode == "absorbed" and num_iters > 1:
+        # After a log-domain step the rows of the plan sum exactly to `a`:
+        # as a kernel it has no zero row or column and no entry above 1.
+        kernel = plan
+        problem = linear_problem.LinearProblem(
+            _AbsorbedKernel(kernel_matrix=kernel, epsilon=epsilon), a=a, b=b
+        )
+        u, v = _solver(False, num_iters - 1)(problem).scalings
+        plan = u[:, None] * kernel * v[None, :]
+        f, g = f + epsilon * jnp.log(u), g + epsilon * jnp.log(v)
     row_err = jnp.max(jnp.abs(plan.sum(1) - a) / jnp.where(a > 0, a, 1.0))
     col_err = jnp.max(jnp.abs(plan.sum(0) - b) / jnp.where(b > 0, b, 1.0))
-    return TransportResult(plan, out.f, out.g, jnp.maximum(row_err, col_err))
+    return TransportResult(plan, f, g, jnp.maximum(row_err, col_err))

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy.special import logsumexp
 
 from protorefine_jax.transport import sinkhorn_plan
@@ -16,20 +17,23 @@ def numpy_sinkhorn(cost, eps, iters, a, b):
     return np.exp((f[:, None] + g[None, :] - cost) / eps)
 
 
-def test_plan_matches_float64_numpy_sinkhorn(rng):
+@pytest.mark.parametrize("mode", ["log", "absorbed"])
+def test_plan_matches_float64_numpy_sinkhorn(rng, mode):
     n, m = 20, 50
     cost = rng.random((n, m)) * 3.0
     eps = 0.05 * cost.mean()
     a, b = np.full(n, 1 / n), np.full(m, 1 / m)
     ref = numpy_sinkhorn(cost, eps, 30, a, b)
-    got = sinkhorn_plan(jnp.asarray(cost, jnp.float32), eps, 30)
+    # Both modes run the same iterations (scalings instead of potentials).
+    got = sinkhorn_plan(jnp.asarray(cost, jnp.float32), eps, 30, mode=mode)
     np.testing.assert_allclose(np.asarray(got.plan), ref, rtol=2e-3, atol=1e-7)
 
 
-def test_converged_plan_meets_marginals(rng):
+@pytest.mark.parametrize("mode", ["log", "absorbed"])
+def test_converged_plan_meets_marginals(rng, mode):
     n, m = 30, 80
     cost = jnp.asarray(rng.random((n, m)), jnp.float32)
-    out = sinkhorn_plan(cost, 0.05 * float(cost.mean()), 500)
+    out = sinkhorn_plan(cost, 0.05 * float(cost.mean()), 500, mode=mode)
     np.testing.assert_allclose(np.asarray(out.plan.sum(1)), np.full(n, 1 / n), rtol=1e-4)
     np.testing.assert_allclose(np.asarray(out.plan.sum(0)), np.full(m, 1 / m), rtol=1e-4)
     assert float(out.marginal_error) < 1e-4
@@ -55,3 +59,28 @@ def test_no_gradient_flows_through_the_plan(rng):
     cost = jnp.asarray(rng.random((5, 7)), jnp.float32)
     grad = jax.grad(lambda c: jnp.sum(sinkhorn_plan(c, 0.1, 10).plan * 2.0))(cost)
     np.testing.assert_array_equal(np.asarray(grad), 0.0)
+
+
+def test_absorbed_mode_survives_costs_that_underflow_a_plain_kernel(rng):
+    """exp(-C / eps) is 0 in float32 for C / eps > ~104: absorption avoids it."""
+    cost = jnp.asarray(rng.random((20, 50)) * 300.0, jnp.float32)
+    eps = 0.01 * float(cost.mean())  # C / eps up to ~200
+    assert not np.asarray(jnp.exp(-cost / eps) > 0).all()
+    log = sinkhorn_plan(cost, eps, 300)
+    absorbed = sinkhorn_plan(cost, eps, 300, mode="absorbed")
+    assert np.isfinite(np.asarray(absorbed.plan)).all()
+    np.testing.assert_allclose(np.asarray(absorbed.plan), np.asarray(log.plan), atol=1e-6)
+
+
+def test_absorbed_warm_start_continues_the_log_iterations(rng):
+    cost = jnp.asarray(rng.random((30, 80)), jnp.float32)
+    eps = 0.05 * float(cost.mean())
+    first = sinkhorn_plan(cost, eps, 5)
+    cont = sinkhorn_plan(cost, eps, 5, init=(first.f, first.g), mode="absorbed")
+    ref = sinkhorn_plan(cost, eps, 10)
+    np.testing.assert_allclose(np.asarray(cont.plan), np.asarray(ref.plan), rtol=1e-4, atol=1e-8)
+
+
+def test_unknown_mode_is_rejected(rng):
+    with pytest.raises(ValueError, match="unknown Sinkhorn mode"):
+        sinkhorn_plan(jnp.ones((3, 4)), 0.1, 5, mode="fast")
