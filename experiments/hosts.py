@@ -68,11 +68,13 @@ class ScoreResult:
       image_scores: `[T]`.
       maps: `[T, S, S]` anomaly maps at the evaluation resolution.
       diagnostics: name -> `[T]` per-image numerical diagnostics.
+      metrics: the protocol's metrics, filled in by the runner.
     """
 
     image_scores: np.ndarray
     maps: np.ndarray
     diagnostics: dict[str, np.ndarray]
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class PatchCoreHost:

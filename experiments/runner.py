@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from tqdm import tqdm
 
 from experiments import report
@@ -225,6 +226,95 @@ def heatmap_indices(labels: np.ndarray, count: int) -> np.ndarray:
     return np.concatenate([pick, good[:1]]) if count and len(good) else pick
 
 
+def score_row(s: Settings, category: str, method: Method, k: int, support, bank, result, seconds):
+    """The results row of one (category, method, shots, seed)."""
+    return {
+        "dataset": s.dataset,
+        "category": category,
+        "method": method.name,
+        "shots": k,
+        "seed": support.seed,
+        **result.metrics,
+        "support": list(support.names),
+        "bank_size": int(bank_size(bank)),
+        "bank_degenerate": bool(bank_degenerate(bank)),
+        "score_seconds": seconds,
+        **{f"{name}_max": float(np.max(v)) for name, v in result.diagnostics.items()},
+    }
+
+
+class Outputs:
+    """The files a run writes as it goes (rows, per-image scores, overlays)."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.rows: list[dict[str, Any]] = []
+        self.scores = (workdir / "scores.jsonl").open("w")
+
+    def add(self, row: dict[str, Any], test: dict[str, Any], result) -> None:
+        """Keeps the row and appends the per-image scores."""
+        self.rows.append(row)
+        line = {key: row[key] for key in (*report.GROUP_KEYS, "seed")}
+        line.update(
+            files=test["names"], labels=test["labels"].tolist(), scores=result.image_scores.tolist()
+        )
+        self.scores.write(json.dumps(line) + "\n")
+
+    def overlays(self, prefix: str, data, test: dict[str, Any], shown, result) -> None:
+        """Heatmap overlays of the `shown` test images, one colour scale per run."""
+        value_range = (
+            float(np.percentile(result.maps, 1)),
+            float(np.percentile(result.maps, 99.9)),
+        )
+        report.save_overlays(
+            self.workdir / "heatmaps",
+            prefix,
+            data.load_images([data.test[i].path for i in shown]),
+            result.maps[shown],
+            test["masks"][shown],
+            [test["names"][i] for i in shown],
+            value_range,
+        )
+
+
+def run_category(s, dataset, root, category, family, host, methods, out: Outputs, bar) -> dict:
+    """Every shot count, seed and method of one host on one category.
+
+    Returns:
+      What the results should record about this host's configuration.
+    """
+    data = load_dataset_category(dataset, root, category, host.image_size)
+    host.prepare(category)
+    bar.set_postfix_str(f"{category}: extracting test features ({family})")
+    test = load_test_set(data, host)
+    support_features = SupportCache(host, data)
+    stream = np.random.default_rng(0).permutation(len(test["labels"]))
+    shown = heatmap_indices(test["labels"], s.num_heatmaps)
+    alpha = host_alpha(s, family)
+    online = {"capacity": s.online_capacity, "add_per_query": s.online_add}
+    for k in s.shots:
+        for seed in s.seeds:
+            support = sample_support(data.train_good, k, seed, root=data.root)
+            bank = host.build_bank(support_features(support.paths), alpha)
+            if bank_degenerate(bank) and seed == s.seeds[0]:
+                logging.warning("%s, %d-shot: %s", category, k, describe_bank(bank))
+            for method in methods:
+                bar.set_postfix_str(f"{category} {k}-shot seed {seed} {method.name}")
+                config = host.base_config(**refine_fields(s, family)).replace(**method.overrides)
+                t0 = time.time()
+                result = host.score(bank, test["features"], method, config, stream, online)
+                seconds = time.time() - t0
+                result.metrics = evaluate(
+                    test["labels"], result.image_scores, test["masks"], result.maps
+                )
+                row = score_row(s, category, method, k, support, bank, result, seconds)
+                out.add(row, test, result)
+                if seed == s.seeds[0] and k == s.shots[0] and len(shown):
+                    out.overlays(f"{category}_{method.name}_{k}shot", data, test, shown, result)
+                bar.update(1)
+    return {"features": host.describe(), "alpha": alpha, "refine": refine_fields(s, family)}
+
+
 def run(s: Settings) -> dict[str, Any]:
     """Runs the whole evaluation and writes the result files.
 
@@ -237,115 +327,43 @@ def run(s: Settings) -> dict[str, Any]:
     methods = check_settings(s)
     workdir = prepare_workdir(s.workdir, s.overwrite)
     start = time.time()
-    families = sorted({m.host for m in methods})
-    rows: list[dict[str, Any]] = []
-    scores_file = (workdir / "scores.jsonl").open("w")
+    out = Outputs(workdir)
     resolved = {"settings": dataclasses.asdict(s), "families": {}}
     with dataset_root(s) as (dataset, root):
         categories = list(s.categories) or list(list_categories(dataset, root))
         if not categories:
             raise FileNotFoundError(f"no category folders (with train/good) found under {root}.")
-        hosts = {f: make_host(s, f) for f in families}
+        hosts = {f: make_host(s, f) for f in sorted({m.host for m in methods})}
         total = len(categories) * len(s.shots) * len(s.seeds) * len(methods)
-        bar = tqdm(total=total, disable=not s.progress, desc="eval", unit="run")
-        for category in categories:
-            for family, host in hosts.items():
-                data = load_dataset_category(dataset, root, category, host.image_size)
-                host.prepare(category)
-                bar.set_postfix_str(f"{category}: extracting test features ({family})")
-                test = load_test_set(data, host)
-                support_features = SupportCache(host, data)
-                stream = np.random.default_rng(0).permutation(len(test["labels"]))
-                resolved["families"][family] = {
-                    "features": host.describe(),
-                    "alpha": host_alpha(s, family),
-                    "refine": refine_fields(s, family),
-                }
-                shown = heatmap_indices(test["labels"], s.num_heatmaps)
-                for k in s.shots:
-                    for seed in s.seeds:
-                        support = sample_support(data.train_good, k, seed, root=data.root)
-                        bank = host.build_bank(
-                            support_features(support.paths), host_alpha(s, family)
-                        )
-                        for method in (m for m in methods if m.host == family):
-                            bar.set_postfix_str(f"{category} {k}-shot seed {seed} {method.name}")
-                            config = host.base_config(**refine_fields(s, family)).replace(
-                                **method.overrides
-                            )
-                            t0 = time.time()
-                            result = host.score(
-                                bank,
-                                test["features"],
-                                method,
-                                config,
-                                stream,
-                                {"capacity": s.online_capacity, "add_per_query": s.online_add},
-                            )
-                            seconds = time.time() - t0
-                            metrics = evaluate(
-                                test["labels"], result.image_scores, test["masks"], result.maps
-                            )
-                            row = {
-                                "dataset": s.dataset,
-                                "category": category,
-                                "method": method.name,
-                                "shots": k,
-                                "seed": seed,
-                                **metrics,
-                                "support": list(support.names),
-                                "bank_size": int(bank_size(bank)),
-                                "bank_degenerate": bool(bank_degenerate(bank)),
-                                "score_seconds": seconds,
-                                **{
-                                    f"{name}_max": float(np.max(v))
-                                    for name, v in result.diagnostics.items()
-                                },
-                            }
-                            rows.append(row)
-                            scores_file.write(
-                                json.dumps(
-                                    {
-                                        **{key: row[key] for key in report.GROUP_KEYS},
-                                        "seed": seed,
-                                        "files": test["names"],
-                                        "labels": test["labels"].tolist(),
-                                        "scores": result.image_scores.tolist(),
-                                    }
-                                )
-                                + "\n"
-                            )
-                            if seed == s.seeds[0] and k == s.shots[0] and len(shown):
-                                report.save_overlays(
-                                    workdir / "heatmaps",
-                                    f"{category}_{method.name}_{k}shot",
-                                    data.load_images([data.test[i].path for i in shown]),
-                                    result.maps[shown],
-                                    test["masks"][shown],
-                                    [test["names"][i] for i in shown],
-                                    (
-                                        float(np.percentile(result.maps, 1)),
-                                        float(np.percentile(result.maps, 99.9)),
-                                    ),
-                                )
-                            bar.update(1)
-        bar.close()
-    scores_file.close()
-    summary = report.summarize(rows)
+        with tqdm(total=total, disable=not s.progress, desc="eval", unit="run") as bar:
+            for category in categories:
+                for family, host in hosts.items():
+                    family_methods = [m for m in methods if m.host == family]
+                    resolved["families"][family] = run_category(
+                        s, dataset, root, category, family, host, family_methods, out, bar
+                    )
+    out.scores.close()
+    summary = report.summarize(out.rows)
     table = report.markdown_table(summary)
-    out = {
-        "rows": rows,
+    results = {
+        "rows": out.rows,
         "summary": summary,
         "config": resolved,
         "machine": machine_info(),
         "wall_seconds": time.time() - start,
     }
-    report.write_json(workdir / "results.json", out)
+    report.write_json(workdir / "results.json", results)
     report.write_json(workdir / "config.json", resolved)
     (workdir / "results.md").write_text(table)
     print(table)
     print(f"results in {workdir}/ (results.json, results.md, scores.jsonl, heatmaps/)")
-    return out
+    return results
+
+
+def describe_bank(bank) -> str:
+    """`MemoryBank.describe()` of a bank or of every scale of a CLIP bank list."""
+    banks = [bank] if hasattr(bank, "describe") else list(bank)
+    return "; ".join(b.describe() for b in banks)
 
 
 def bank_size(bank) -> int:
