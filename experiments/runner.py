@@ -56,18 +56,20 @@ class Settings:
     clip_dir: str | None = None
     image_size: int | None = None
     alpha: float | None = None
+    # RefineConfig fields; None keeps RefineConfig's default (lam: per host).
     lam: float | None = None
-    epsilon: float = 0.05
-    ridge: float = 1e-2
-    lr: float = 1.0
-    num_iters: int = 10
-    sinkhorn_iters: int = 30
-    warm_start: bool = True
-    m_step: str = "closed_form"
-    optimizer: str = "preconditioned"
-    inner_steps: int = 10
-    bank: str = "refined"
-    precision: str = "float32"
+    epsilon: float | None = None
+    ridge: float | None = None
+    lr: float | None = None
+    num_iters: int | None = None
+    sinkhorn_iters: int | None = None
+    sinkhorn_mode: str | None = None
+    warm_start: bool | None = None
+    m_step: str | None = None
+    optimizer: str | None = None
+    inner_steps: int | None = None
+    bank: str | None = None
+    precision: str | None = None
     online_capacity: int = 256
     online_add: int = 16
     batch_size: int = 8
@@ -129,22 +131,32 @@ def dataset_root(s: Settings) -> Iterator[tuple[str, Path]]:
         yield "folder", root
 
 
+REFINE_FIELDS = (
+    "epsilon",
+    "ridge",
+    "lr",
+    "num_iters",
+    "sinkhorn_iters",
+    "sinkhorn_mode",
+    "warm_start",
+    "m_step",
+    "optimizer",
+    "inner_steps",
+    "bank",
+    "precision",
+)
+
+
 def refine_fields(s: Settings, family: str) -> dict[str, Any]:
-    """`RefineConfig` fields set by flags, with host defaults for unset ones."""
-    fields = dict(
-        lam=DEFAULT_LAM[family] if s.lam is None else s.lam,
-        epsilon=s.epsilon,
-        ridge=s.ridge,
-        lr=s.lr,
-        num_iters=s.num_iters,
-        sinkhorn_iters=s.sinkhorn_iters,
-        warm_start=s.warm_start,
-        m_step=s.m_step if family == "patchcore" else "optax",
-        optimizer=s.optimizer,
-        inner_steps=s.inner_steps,
-        bank=s.bank,
-        precision=s.precision,
-    )
+    """`RefineConfig` fields the settings set; unset ones keep the config's defaults.
+
+    `lam` defaults per host (paper: 0.3 PatchCore+, 0.1 WinCLIP+); WinCLIP+
+    uses the cosine distance, which has no closed-form M-step.
+    """
+    fields = {name: getattr(s, name) for name in REFINE_FIELDS if getattr(s, name) is not None}
+    fields["lam"] = DEFAULT_LAM[family] if s.lam is None else s.lam
+    if family == "winclip":
+        fields["m_step"] = "optax"
     return fields
 
 
@@ -172,8 +184,17 @@ def make_host(s: Settings, family: str):
     return WinClipHost(s.clip_dir, s.image_size or 240, s.batch_size, s.dataset)
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name from `/proc/cpuinfo` (None where there is none)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return None
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return names[0] if names else None
+
+
 def machine_info() -> dict[str, Any]:
-    """Where the numbers were measured."""
+    """Where (and under which load and thread settings) the numbers were measured."""
     dev = jax.devices()[0]
     return {
         "platform": platform.platform(),
@@ -183,6 +204,10 @@ def machine_info() -> dict[str, Any]:
         "device": getattr(dev, "device_kind", str(dev)),
         "num_devices": jax.device_count(),
         "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
     }
 
 
