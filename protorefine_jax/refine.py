@@ -108,7 +108,7 @@ def feature_products(x: Float[Array, "a c"], y: Float[Array, "b c"], precision: 
 def gram_system(
     bank: Float[Array, "n c"], query: Float[Array, "m c"], config: RefineConfig
 ) -> GramSystem:
-    """Inner products and the ridge Cholesky factor for one query (SPEC 3.1).
+    """Inner products and the ridge-regularised Gram inverse for one query (SPEC 3.1).
 
     Args:
       bank: `[n, c]` prototypes `M`.
