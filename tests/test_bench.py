@@ -1,4 +1,4 @@
-"""The benchmark script: a tiny end-to-end run (subprocess), FLOP counting, derived numbers.
+"""The benchmark: a tiny end-to-end run (subprocess), FLOP counting, derived numbers.
 
 No timing is asserted: only that every section runs and reports what it must.
 """
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import bench
+from experiments import bench, bench_analyses, bench_lib, bench_report
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -70,7 +70,7 @@ def check_timing_row(row):
 def test_tiny_run_reports_every_timed_section(tmp_path):
     result, stdout = run_bench(tmp_path, "--sections=extract,refine,detect")
     machine = result["machine"]
-    for key in ("platform", "jax", "backend", "device_kind", "device_count", "cpu_count"):
+    for key in ("platform", "jax", "backend", "device", "num_devices", "cpu_count"):
         assert machine[key], key
     assert result["settings"]["batch_sizes"] == [2]
     rows = result["rows"]
@@ -120,9 +120,13 @@ def test_tiny_run_of_profile_sharding_winclip_and_precision(tmp_path):
         "--precision_categories=fabric",
         timeout=900,
     )
-    assert result["machine"]["device_count"] == 2  # re-executed with fake devices
+    assert result["machine"]["num_devices"] == 2  # re-executed with fake devices
     winclip = [r for r in result["rows"] if r["section"] == "winclip"]
-    assert {r["method"] for r in winclip} == {"winclip", "winclip+"}
+    assert {r["method"] for r in winclip} == {"extract", "winclip", "winclip+"}
+    for row in winclip:
+        check_timing_row(row)
+    (pair,) = [e for e in result["ratios"] if e["section"] == "winclip"]
+    assert 0 < pair["backbone_pct_of_refined"] < 100
     prof = result["profile"]
     assert {r["method"] for r in prof["rows"] if r["case"] == "patchcore_shape"} == {
         "base",
@@ -130,8 +134,12 @@ def test_tiny_run_of_profile_sharding_winclip_and_precision(tmp_path):
         "em_1",
         "sinkhorn_1",
         "default",
+        "sinkhorn_log",
     }
-    assert "sinkhorn_pct" in prof["patchcore_shape"]
+    for shape in ("patchcore_shape", "winclip_shape"):
+        for key in ("sinkhorn_pct", "sinkhorn_log_ms", "sinkhorn_absorbed_ms", "refined_log_ms"):
+            assert key in prof[shape], (shape, key)
+        assert prof[shape]["sinkhorn_ms"] == prof[shape]["sinkhorn_absorbed_ms"]
     assert "optax_inner_steps_pct" in prof["winclip_shape"]
     shard = result["sharding"]
     assert [r["devices"] for r in shard] == [1, 2, 1, 2]
@@ -164,7 +172,7 @@ def test_jaxpr_flops_matches_xla_without_loops_and_multiplies_scans():
         return jnp.sum(x @ y), jnp.max(conv)
 
     traced = jax.jit(loop_free).trace(x, y, images, kernel)
-    flops, _ = bench.jaxpr_flops(traced.jaxpr.jaxpr)
+    flops, _ = bench_lib.jaxpr_flops(traced.jaxpr.jaxpr)
     xla = traced.lower().compile().cost_analysis()
     xla = (xla[0] if isinstance(xla, list) else xla)["flops"]
     matmul, conv = 2 * 32 * 48 * 16, 2 * (2 * 14 * 14 * 8) * (3 * 3 * 3)
@@ -176,18 +184,39 @@ def test_jaxpr_flops_matches_xla_without_loops_and_multiplies_scans():
         square = jnp.asarray(np.eye(48), jnp.float32)
         return jax.lax.fori_loop(0, 10, lambda i, a: a @ square, x)
 
-    flops, _ = bench.jaxpr_flops(jax.make_jaxpr(looped)(x).jaxpr)
+    flops, _ = bench_lib.jaxpr_flops(jax.make_jaxpr(looped)(x).jaxpr)
     np.testing.assert_allclose(flops, 10 * 2 * 32 * 48 * 48, rtol=0.01)
 
 
 def test_derive_profile_shares():
     ms = {"base": 1.0, "w_only": 3.0, "em_1": 4.0, "sinkhorn_1": 5.0, "default": 13.0}
-    out = bench.derive_profile(ms, em=10, sk=30, inner=10)
+    out = bench_analyses.derive_profile(ms, em=10, sk=30, inner=10)
     assert out["em_loop_ms"] == pytest.approx(10.0)
     assert out["lsq_and_scoring_ms"] == pytest.approx(2.0)
     assert out["per_em_iteration_ms"] == pytest.approx(1.0)
+    # Without the other mode's timing: equal iterations assumed.
     assert out["sinkhorn_ms"] == pytest.approx(8.0 * 30 / 29)
     assert out["em_loop_pct"] == pytest.approx(100 * 10 / 13)
+    assert "sinkhorn_log_ms" not in out
+
+
+def test_derive_profile_splits_sinkhorn_by_mode():
+    # One log iteration L = 1 ms: sinkhorn_1 = 5 + 1 (rest + L), log = 5 + 30 L = 35;
+    # absorbed: L plus 29 kernel iterations of 0.2 ms = 5 + 1 + 5.8 = 11.8.
+    ms = {"base": 1.0, "w_only": 3.0, "sinkhorn_1": 6.0, "default": 11.8, "sinkhorn_log": 35.0}
+    out = bench_analyses.derive_profile(ms, em=10, sk=30, inner=10, mode="absorbed")
+    assert out["sinkhorn_log_ms"] == pytest.approx(30.0)
+    assert out["sinkhorn_absorbed_ms"] == pytest.approx(1.0 + 29 * 0.2)
+    assert out["sinkhorn_ms"] == out["sinkhorn_absorbed_ms"]
+    assert out["sinkhorn_log_over_absorbed"] == pytest.approx(30.0 / 6.8)
+    assert out["refined_log_ms"] == 35.0
+    assert out["sinkhorn_pct"] == pytest.approx(100 * 6.8 / 11.8)
+    # The same timings with log as the default mode.
+    ms = {"base": 1.0, "w_only": 3.0, "sinkhorn_1": 6.0, "default": 35.0}
+    out = bench_analyses.derive_profile({**ms, "sinkhorn_absorbed": 11.8}, 10, 30, 10, "log")
+    assert out["sinkhorn_ms"] == pytest.approx(30.0)
+    assert out["sinkhorn_absorbed_ms"] == pytest.approx(6.8)
+    assert out["refined_absorbed_ms"] == 11.8
 
 
 def test_ratios_pair_base_and_refined_rows():
@@ -209,15 +238,24 @@ def test_ratios_pair_base_and_refined_rows():
         row("detect", "wrn", "patchcore+", 1.2),
         row("refine", "winclip_shape", "winclip", 0.1),
     ]
-    (entry,) = bench.ratios(rows)
+    (entry,) = bench_report.ratios(rows)
     assert entry["ratio"] == pytest.approx(1.2)
     assert entry["backbone_pct_of_refined"] == pytest.approx(100 * 0.8 / 1.2)
+    rows += [
+        row("winclip", "tiny", "extract", 0.4),
+        row("winclip", "tiny", "winclip", 0.5),
+        row("winclip", "tiny", "winclip+", 1.0),
+    ]
+    entries = {e["section"]: e for e in bench_report.ratios(rows)}
+    assert set(entries) == {"detect", "winclip"}
+    assert entries["winclip"]["ratio"] == pytest.approx(2.0)
+    assert entries["winclip"]["backbone_pct_of_refined"] == pytest.approx(40.0)
 
 
 def test_device_counts_and_settings_errors():
-    assert bench._device_counts(8, None) == [1, 2, 4, 8]
-    assert bench._device_counts(6, None) == [1, 2, 4, 6]
-    assert bench._device_counts(8, 2) == [1, 2]
+    assert bench_analyses.device_counts(8, None) == [1, 2, 4, 8]
+    assert bench_analyses.device_counts(6, None) == [1, 2, 4, 6]
+    assert bench_analyses.device_counts(8, 2) == [1, 2]
     with pytest.raises(ValueError, match="unknown sections"):
         bench.resolve(bench.BenchSettings(sections=("speed",)))
     with pytest.raises(ValueError, match="batch sizes"):

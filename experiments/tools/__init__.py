@@ -1,1 +1,0 @@
-"""Small stand-alone tools (benchmarks, fixtures); each runs with `python -m`."""
