@@ -65,6 +65,11 @@ def check_finite(x, name: str) -> None:
         )
 
 
+def prototypes_of(bank):
+    """The `[n, c]` array of a bank given as an array or a `MemoryBank`."""
+    return bank.prototypes if hasattr(bank, "prototypes") else bank
+
+
 def check_bank_and_queries(bank, queries) -> None:
     """Shape and value checks for `refine_and_score`.
 

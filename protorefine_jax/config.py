@@ -117,6 +117,11 @@ class RefineConfig:
     precision: Precision = struct.field(pytree_node=False, default="float32")
 
     def __post_init__(self):
+        # Lists from users or JSON would be unhashable static fields.
+        for name in ("grid_shape", "image_size"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(int(v) for v in value))
         _check_choice("distance", self.distance, _DISTANCES)
         _check_choice("m_step", self.m_step, _M_STEPS)
         _check_choice("optimizer", self.optimizer, _OPTIMIZERS)
@@ -136,7 +141,7 @@ class RefineConfig:
             raise ValueError(f"blur_sigma must be >= 0, got {self.blur_sigma}.")
         # Traced fields arrive as tracers when jax rebuilds the config inside a
         # transformation; only concrete Python numbers can be checked here.
-        for name, low in (("lam", 0.0), ("epsilon", None), ("ridge", 0.0), ("lr", None)):
+        for name, low in (("lam", 0.0), ("epsilon", None), ("ridge", None), ("lr", None)):
             value = getattr(self, name)
             if isinstance(value, int | float):
                 if low is None and value <= 0:

@@ -68,7 +68,9 @@ def greedy_coreset_indices(
 
     def dist_to(i):
         p = points[i]
-        return jnp.maximum(sq_norms - 2.0 * points @ p + jnp.dot(p, p), 0.0)
+        # Full float32 on GPUs too (TF32 would reorder near-ties).
+        dots = jnp.matmul(points, p, precision=jax.lax.Precision.HIGHEST)
+        return jnp.maximum(sq_norms - 2.0 * dots + jnp.dot(p, p), 0.0)
 
     start = jnp.asarray(start_index, jnp.int32)
     indices = jnp.zeros((n,), jnp.int32).at[0].set(start)
@@ -112,5 +114,6 @@ def greedy_coreset(
         raise ValueError(f"start_index must lie in [0, {num}), got {start_index}.")
     points = features
     if dim > projection_dim:
-        points = features @ projection_matrix(dim, projection_dim, seed)
+        proj = projection_matrix(dim, projection_dim, seed)
+        points = jnp.matmul(features, proj, precision=jax.lax.Precision.HIGHEST)
     return greedy_coreset_indices(points, n, start_index)

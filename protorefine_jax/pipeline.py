@@ -19,7 +19,7 @@ from jaxtyping import Array, Float
 from protorefine_jax import checks
 from protorefine_jax.config import RefineConfig
 from protorefine_jax.coreset import greedy_coreset_indices, projection_matrix
-from protorefine_jax.refine import Refinement, gram_system, refine
+from protorefine_jax.refine import Refinement, gram_system, matmul_precision, refine
 from protorefine_jax.scoring import anomaly_map, base_patch_scores, refined_patch_scores
 
 
@@ -55,6 +55,22 @@ class RefineOutput(NamedTuple):
     diagnostics: Diagnostics
 
 
+def _score(bank, query, config: RefineConfig, weights=None) -> tuple[RefineOutput, Array | None]:
+    """`score_query` plus the refined transform `W` (None for host scoring)."""
+    with matmul_precision(config):
+        sys = gram_system(bank, query, config, weights, with_inverse=config.use_refinement)
+        if config.use_refinement:
+            ref = refine(sys, config)
+            scores = refined_patch_scores(sys, ref.w, config)
+        else:
+            zero = jnp.zeros((), sys.gram.dtype)
+            ref = Refinement(None, zero, zero, zero)
+            scores = base_patch_scores(sys, config)
+        diag = Diagnostics(ref.marginal_error, ref.w_rel_change, ref.lsq_residual)
+        out = RefineOutput(jnp.max(scores), anomaly_map(scores, config), scores, diag)
+    return out, ref.w
+
+
 def score_query(
     bank: Float[Array, "n c"], query: Float[Array, "m c"], config: RefineConfig
 ) -> RefineOutput:
@@ -70,16 +86,7 @@ def score_query(
     Returns:
       `RefineOutput` with scalar image score, `[H, W]` map, `[m]` patch scores.
     """
-    sys = gram_system(bank, query, config)
-    if config.use_refinement:
-        ref = refine(sys, config)
-        scores = refined_patch_scores(sys, ref.w, config)
-    else:
-        zero = jnp.zeros((), sys.gram.dtype)
-        ref = Refinement(None, zero, zero, zero)
-        scores = base_patch_scores(sys, config)
-    diag = Diagnostics(ref.marginal_error, ref.w_rel_change, ref.lsq_residual)
-    return RefineOutput(jnp.max(scores), anomaly_map(scores, config), scores, diag)
+    return _score(bank, query, config)[0]
 
 
 @jax.jit
@@ -112,6 +119,7 @@ def refine_and_score(
       >>> out.image_scores.shape, out.maps.shape
       ((16,), (16, 256, 256))
     """
+    bank = checks.prototypes_of(bank)
     checks.check_bank_and_queries(bank, queries)
     return _refine_and_score_batch(bank, queries, config)
 
@@ -142,38 +150,44 @@ class OnlineState(NamedTuple):
 
     Attributes:
       buffer: `[capacity, c]` ring buffer of prototypes taken from queries.
+      valid: `[capacity]` which slots hold one yet.
       cursor: next slot to overwrite (the oldest).
     """
 
     buffer: Float[Array, "K c"]
+    valid: Array
     cursor: Array
 
 
-def _online_step(bank, config, add_per_query, state: OnlineState, query):
-    """Score one query against `M` plus the buffer, then push its prototypes."""
-    full = jnp.concatenate([bank, state.buffer], axis=0)  # [n + K, c]
-    sys = gram_system(full, query, config)
-    ref = refine(sys, config)
-    scores = refined_patch_scores(sys, ref.w, config)
-    diag = Diagnostics(ref.marginal_error, ref.w_rel_change, ref.lsq_residual)
-    out = RefineOutput(jnp.max(scores), anomaly_map(scores, config), scores, diag)
-    # The query's refined prototypes R = W M, summarised by a greedy coreset.
-    refined = ref.w @ full  # [m, c]
-    points = refined @ projection_matrix(refined.shape[1], 128, 0)
-    new = refined[greedy_coreset_indices(points, add_per_query, 0)]
-    slots = (state.cursor + jnp.arange(add_per_query)) % state.buffer.shape[0]
+def _online_step(bank, config, add_per_query, projection, state: OnlineState, query):
+    """Score one query against `M` plus the filled slots, then push its prototypes."""
+    valid = jnp.concatenate([jnp.ones((bank.shape[0],), bool), state.valid])
+    full = jnp.concatenate([bank, jnp.where(state.valid[:, None], state.buffer, 0.0)])
+    weights = valid / jnp.sum(valid)  # empty slots get no transport mass
+    out, w = _score(full, query, config, weights)
+    with matmul_precision(config):
+        refined = w @ full  # [m, c]: the query's refined prototypes R = W M
+        points = refined if projection is None else refined @ projection
+        new = refined[greedy_coreset_indices(points, add_per_query, 0)]
+    capacity = state.buffer.shape[0]
+    slots = (state.cursor + jnp.arange(add_per_query)) % capacity
     buffer = state.buffer.at[slots].set(new)
-    return OnlineState(buffer, (state.cursor + add_per_query) % state.buffer.shape[0]), out
+    valid = state.valid.at[slots].set(True)
+    return OnlineState(buffer, valid, (state.cursor + add_per_query) % capacity), out
 
 
 @functools.partial(jax.jit, static_argnames=("capacity", "add_per_query"))
 def _online_scan(bank, queries, config, capacity, add_per_query):
-    # The buffer starts as copies of the bank: duplicates change no score
-    # (min over the same points) and the ridge keeps G invertible, so the
-    # first query sees exactly the offline bank, and all shapes stay static.
-    start = jnp.take(bank, jnp.arange(capacity) % bank.shape[0], axis=0)
-    state = OnlineState(start, jnp.zeros((), jnp.int32))
-    step = functools.partial(_online_step, bank, config, add_per_query)
+    n, c = bank.shape
+    # Empty slots carry zero rows and zero transport weight, so the first
+    # query sees exactly the offline bank; all shapes stay static.
+    state = OnlineState(
+        jnp.zeros((capacity, c), bank.dtype), jnp.zeros((capacity,), bool), jnp.zeros((), jnp.int32)
+    )
+    # The coreset of refined prototypes measures distances after the same
+    # fixed projection as the bank's coreset (skipped for narrow features).
+    projection = projection_matrix(c, 128, 0) if c > 128 else None
+    step = functools.partial(_online_step, bank, config, add_per_query, projection)
     _, outs = jax.lax.scan(step, state, queries)
     return outs
 
@@ -203,6 +217,7 @@ def online_refine_and_score(
     Returns:
       `RefineOutput` with leading axis `T`, in stream order.
     """
+    bank = checks.prototypes_of(bank)
     checks.check_bank_and_queries(bank, queries)
     if not config.use_refinement:
         raise ValueError("the online variant refines by definition; set use_refinement=True.")

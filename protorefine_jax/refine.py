@@ -9,10 +9,20 @@ every quantity the method needs is an inner product of rows of `F`, `M` and
 so one EM iteration costs `O(n^2 m)` instead of `O(n m c)`, and the refined
 prototypes `[m, c]` are never formed. For the cosine distance `F` and `M` are
 row-normalised first (`<x, y>` then is a cosine for the unit rows).
+
+The ridge `delta` (SPEC 3.1) is one regulariser used consistently: the M-step
+loss is evaluated in the ridge-augmented space where each prototype is
+`[M_i, sqrt(delta) e_i]` and each patch `[F_j, 0]`, i.e. with `G + delta I`
+in place of `G`. That adds `delta ||W_j||^2` to the reconstruction term (ridge
+regression: its minimiser is `W0`) and `delta ||e_i - W_j||^2` to the
+transport term, so the closed form is the exact minimiser of the same loss
+the optax steps descend. Distances in the E-step and in the scores are the
+plain feature-space ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import jax
@@ -37,16 +47,20 @@ class GramSystem(NamedTuple):
       m_sq: `[n]` squared norms of the prototypes (`diag(G)`).
       inv: `(G + delta I)^-1` (`[n, n]`, by Cholesky): every later solve
         against the Gram matrix (the init, each preconditioned optax step)
-        becomes one matrix product.
+        becomes one matrix product. None when not needed (host scoring).
       delta: the absolute ridge `delta`.
+      weights: `[n]` prototype marginal `a` of the transport (uniform `1/n`;
+        zero marks an empty slot of the online ring buffer, which then takes
+        part in nothing).
     """
 
     gram: Float[Array, "n n"]
     cross: Float[Array, "m n"]
     f_sq: Float[Array, " m"]
     m_sq: Float[Array, " n"]
-    inv: Float[Array, "n n"]
+    inv: Float[Array, "n n"] | None
     delta: Float[Array, ""]
+    weights: Float[Array, " n"]
 
 
 class Refinement(NamedTuple):
@@ -105,15 +119,35 @@ def feature_products(x: Float[Array, "a c"], y: Float[Array, "b c"], precision: 
     return jnp.matmul(x, y.T, precision=_PRECISIONS[precision])
 
 
+def matmul_precision(config: RefineConfig):
+    """Context for every product of the refinement: full float32 unless "tf32".
+
+    JAX's default matmul precision on NVIDIA GPUs is TF32 (10-bit mantissa),
+    which would silently degrade `W0` and the cancelling distance
+    `||f||^2 + ||r||^2 - 2 <f, r>`. The feature products set their own
+    precision (`feature_products`).
+    """
+    if config.precision == "tf32":
+        return contextlib.nullcontext()
+    return jax.default_matmul_precision("float32")
+
+
 def gram_system(
-    bank: Float[Array, "n c"], query: Float[Array, "m c"], config: RefineConfig
+    bank: Float[Array, "n c"],
+    query: Float[Array, "m c"],
+    config: RefineConfig,
+    weights: Float[Array, " n"] | None = None,
+    with_inverse: bool = True,
 ) -> GramSystem:
     """Inner products and the ridge-regularised Gram inverse for one query (SPEC 3.1).
 
     Args:
-      bank: `[n, c]` prototypes `M`.
+      bank: `[n, c]` prototypes `M` (rows of zero weight must be zero).
       query: `[m, c]` patch features `F`.
       config: distance (cosine normalises rows) and relative ridge.
+      weights: `[n]` prototype marginal; uniform when None.
+      with_inverse: compute `(G + delta I)^-1` (refinement needs it, host
+        scoring does not).
 
     Returns:
       The Gram system.
@@ -123,14 +157,19 @@ def gram_system(
     gram = feature_products(bank, bank, config.precision)  # [n, n]
     cross = feature_products(query, bank, config.precision)  # [m, n]
     n = gram.shape[0]
+    if weights is None:
+        weights = jnp.full((n,), 1.0 / n, gram.dtype)
     m_sq = jnp.diagonal(gram)
-    # Ridge relative to the mean eigenvalue trace(G)/n: scale-free, and keeps a
-    # singular G (n > c, duplicate prototypes) invertible.
-    delta = config.ridge * jnp.maximum(jnp.trace(gram) / n, _EPS)
-    eye = jnp.eye(n, dtype=gram.dtype)
-    inv = jsl.cho_solve((jnp.linalg.cholesky(gram + delta * eye), True), eye)
+    # Ridge relative to the mean eigenvalue trace(G)/n over the used rows:
+    # scale-free, and keeps a singular G (n > c, duplicates) invertible.
+    used = jnp.maximum(jnp.sum(weights > 0), 1)
+    delta = config.ridge * jnp.maximum(jnp.trace(gram) / used, _EPS)
+    inv = None
+    if with_inverse:
+        eye = jnp.eye(n, dtype=gram.dtype)
+        inv = jsl.cho_solve((jnp.linalg.cholesky(gram + delta * eye), True), eye)
     f_sq = jnp.sum(query * query, axis=-1)
-    return GramSystem(gram, cross, f_sq, m_sq, inv, delta)
+    return GramSystem(gram, cross, f_sq, m_sq, inv, delta, weights)
 
 
 def ridge_solve(sys: GramSystem, rhs: Float[Array, "k n"]) -> Float[Array, "k n"]:
@@ -156,7 +195,8 @@ def proto_to_refined(
     r_sq = refined_sq_norms(sys, w)
     if config.distance == "sqeuclidean":
         return jnp.maximum(sys.m_sq[:, None] + r_sq[None, :] - 2.0 * dots, 0.0)
-    return 0.5 * (1.0 - dots / jnp.sqrt(jnp.maximum(r_sq, _EPS))[None, :])
+    norms = jnp.sqrt(jnp.maximum(sys.m_sq[:, None] * r_sq[None, :], _EPS))
+    return 0.5 * (1.0 - dots / norms)
 
 
 def self_distance(sys: GramSystem, w: Float[Array, "m n"], config: RefineConfig):
@@ -165,13 +205,23 @@ def self_distance(sys: GramSystem, w: Float[Array, "m n"], config: RefineConfig)
     r_sq = refined_sq_norms(sys, w)
     if config.distance == "sqeuclidean":
         return sys.f_sq + r_sq - 2.0 * dots
-    return 0.5 * (1.0 - dots / jnp.sqrt(jnp.maximum(r_sq, _EPS)))
+    return 0.5 * (1.0 - dots / jnp.sqrt(jnp.maximum(sys.f_sq * r_sq, _EPS)))
+
+
+def ridge_augmented(sys: GramSystem) -> GramSystem:
+    """The system of `[M, sqrt(delta) I]` and `[F, 0]` (see the module docstring)."""
+    n = sys.gram.shape[0]
+    gram = sys.gram + sys.delta * jnp.eye(n, dtype=sys.gram.dtype)
+    return sys._replace(gram=gram, m_sq=sys.m_sq + sys.delta)
 
 
 def m_step_loss(
     w: Float[Array, "m n"], plan: Float[Array, "n m"], sys: GramSystem, config: RefineConfig
 ) -> Float[Array, ""]:
     """`L(W) = (1/m) sum_j d(F_j, R_j) + lam sum_ij T_ij d(M_i, R_j)` (SPEC 3.2).
+
+    Evaluated in the ridge-augmented space (module docstring), so that `W0`
+    minimises the reconstruction term and the closed form the whole loss.
 
     Args:
       w: `[m, n]` transform.
@@ -182,15 +232,16 @@ def m_step_loss(
     Returns:
       The scalar loss.
     """
-    recon = jnp.mean(self_distance(sys, w, config))
-    transport = jnp.sum(jax.lax.stop_gradient(plan) * proto_to_refined(sys, w, config))
+    aug = ridge_augmented(sys)
+    recon = jnp.mean(self_distance(aug, w, config))
+    transport = jnp.sum(jax.lax.stop_gradient(plan) * proto_to_refined(aug, w, config))
     return recon + config.lam * transport
 
 
 def closed_form_m_step(
     w0: Float[Array, "m n"], plan: Float[Array, "n m"], config: RefineConfig
 ) -> Float[Array, "m n"]:
-    """Exact minimiser of the squared-Euclidean M-step loss.
+    """Exact minimiser of the squared-Euclidean M-step loss (`m_step_loss`).
 
     Setting the gradient of `L` to zero gives, row by row,
     `W_j = ((1/m) W0_j + lam T^T_j) / (1/m + lam c_j)` with `c_j = sum_i T_ij`.
@@ -258,7 +309,10 @@ def optax_m_step(
     """
     m = w.shape[0]
     if config.optimizer == "preconditioned":
-        step = config.lr * m / (2.0 * (1.0 + config.lam))
+        # Newton's step for the squared-Euclidean loss; (1 - cos)/2 between
+        # near-unit vectors is ||x - y||^2 / 4, a quarter of the curvature.
+        curvature = 1.0 if config.distance == "sqeuclidean" else 0.25
+        step = config.lr * m / (2.0 * (1.0 + config.lam) * curvature)
         opt = optax.chain(precondition(sys), optax.sgd(step))
     else:
         lipschitz = 2.0 * (1.0 + config.lam) * _lambda_max(sys) / m
@@ -286,8 +340,10 @@ def refine(sys: GramSystem, config: RefineConfig) -> Refinement:
 
     E-step: Sinkhorn plan between `M` and `R = W M` (cost `d(M_i, R_j)`,
     `epsilon * mean(C)`). M-step: closed form or optax steps with `T` fixed.
-    With `use_transport=False` the loss is the reconstruction term alone,
-    whose minimiser is `W0` itself, so no loop runs ("W only").
+    With `use_transport=False` the loss is the (ridge-regularised)
+    reconstruction term alone, whose minimiser for the squared Euclidean
+    distance is `W0` itself, so no loop runs ("W only"; for the cosine
+    distance `W0` is the least-squares proxy of that minimiser).
 
     Args:
       sys: Gram system of the query.
@@ -302,15 +358,22 @@ def refine(sys: GramSystem, config: RefineConfig) -> Refinement:
     if not config.use_transport:
         return Refinement(w0, zero, zero, residual)
 
-    n, m = sys.gram.shape[0], w0.shape[0]
-    f0, g0 = jnp.zeros((n,), w0.dtype), jnp.zeros((m,), w0.dtype)
+    m = w0.shape[0]
+    # Zero-weight prototypes start (and stay) at potential -inf: they must not
+    # enter the first log-sum-exp of the warm-started Sinkhorn.
+    f0 = jnp.where(sys.weights > 0, 0.0, -jnp.inf).astype(w0.dtype)
+    g0 = jnp.zeros((m,), w0.dtype)
 
     def em_iteration(_, carry):
         w, _, f, g, _ = carry
         cost = jax.lax.stop_gradient(proto_to_refined(sys, w, config))
-        eps = config.epsilon * jnp.mean(cost)
+        # epsilon relative to the mean cost over the used prototypes (SPEC 3.2).
+        mean_cost = jnp.sum(sys.weights[:, None] * cost) / m
+        eps = config.epsilon * jnp.maximum(mean_cost, _EPS)
         init = (f, g) if config.warm_start else None
-        ot = sinkhorn_plan(cost, eps, config.sinkhorn_iters, init=init, mode=config.sinkhorn_mode)
+        ot = sinkhorn_plan(
+            cost, eps, config.sinkhorn_iters, a=sys.weights, init=init, mode=config.sinkhorn_mode
+        )
         if config.m_step == "closed_form":
             w_new = closed_form_m_step(w0, ot.plan, config)
         else:

@@ -38,7 +38,12 @@ def _min_distance(dots, q_sq, r_sq, distance: str) -> Float[Array, " m"]:
 
 def base_patch_scores(sys: GramSystem, config: RefineConfig) -> Float[Array, " m"]:
     """Host-method scores: distance of each patch to its nearest prototype."""
-    return _min_distance(sys.cross, sys.f_sq, sys.m_sq, config.distance)
+    # Empty ring-buffer slots (weight 0) are no prototypes: push them away.
+    m_sq = jnp.where(sys.weights > 0, sys.m_sq, jnp.inf)
+    if config.distance == "cosine":
+        dots = jnp.where(sys.weights > 0, sys.cross, -jnp.inf)
+        return _min_distance(dots, sys.f_sq, jnp.ones_like(m_sq), config.distance)
+    return _min_distance(sys.cross, sys.f_sq, m_sq, config.distance)
 
 
 def refined_patch_scores(

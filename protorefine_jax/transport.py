@@ -2,9 +2,11 @@
 
 The plan `T [n, m]` couples the original prototypes `M` (marginal `a`,
 uniform `1/n`) with the refined prototypes `R = W M` (marginal `b`, uniform
-`1/m`), paper Eq. 4-5. Solved by ott-jax's Sinkhorn in the log domain with a
+`1/m`), paper Eq. 4-5. Solved by ott-jax's Sinkhorn with a
 fixed iteration count (`min_iterations == max_iterations`: ott then runs a
-`scan`, so vmapped queries do not wait on each other's convergence).
+`scan`, so vmapped queries do not wait on each other's convergence), either
+entirely in the log domain or, by default, stabilised by absorption
+(`sinkhorn_plan`'s `mode`).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ import collections
 import dataclasses
 import gzip
 import io
+import json
 import pickle
 import sys
 import types
@@ -18,7 +19,8 @@ from flax.traverse_util import flatten_dict
 from test_clip_convert import SPEC, random_openclip_state_dict
 from transformers import FlaxCLIPModel
 
-from protorefine_jax.clip import convert, loader
+from protorefine_jax.clip import convert, loader, winclip
+from protorefine_jax.clip.spec import CLIP_MEAN, CLIP_STD
 from protorefine_jax.features.checkpoints import CheckpointError
 
 MERGES = ["h e", "l l", "he ll"]
@@ -229,3 +231,46 @@ def test_conversion_errors(tmp_path):
     short.write_bytes(gzip.compress(b"#version: 0.2\nh e\n"))
     with pytest.raises(ValueError, match="vocabulary of 515 tokens but the weights have 517"):
         loader.convert_openclip(tmp_path / "oc.npz", short, tmp_path / "b", None)
+
+
+def test_preprocessor_config_sets_the_jitted_normalisation(tmp_path):
+    spec = _spec()
+    hf_sd = convert.openclip_to_hf_state_dict(random_openclip_state_dict(spec, seed=7), spec)
+    folder = loader.write_clip_folder(tmp_path / "hf", hf_sd, spec, BPE_TEXT)
+    default = loader.load_clip(folder)
+    assert (default.spec.image_mean, default.spec.image_std) == (CLIP_MEAN, CLIP_STD)
+    mean, std = (0.5, 0.25, 0.75), (0.2, 0.3, 0.4)
+    cfg_path = folder / "preprocessor_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(image_mean=list(mean), image_std=list(std))
+    cfg_path.write_text(json.dumps(cfg))
+    custom = loader.load_clip(folder)
+    assert custom.spec == dataclasses.replace(default.spec, image_mean=mean, image_std=std)
+    hash(custom.spec)  # still a valid static jit argument
+
+    # The jitted extraction normalises with the folder's mean/std: images x under the
+    # custom normalisation equal images y under OpenAI's when the normalised pixels match.
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    z = (x / 255.0 - np.array(mean)) / np.array(std)
+    y = (255.0 * (z * np.array(CLIP_STD) + np.array(CLIP_MEAN))).astype(np.float32)
+
+    def features(bundle, images):
+        cfg = winclip.winclip_config(use_refinement=False, clip=bundle.spec, window_sizes=(2,))
+        return winclip.extract_multiscale(bundle.params, images, cfg)
+
+    got, same, plain = features(custom, x), features(default, y), features(default, x)
+    leaves = [jax.tree.leaves(f) for f in (got, same, plain)]
+    for a, b, c in zip(*leaves, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        assert not np.allclose(a, c, atol=1e-3)
+
+    # write_clip_folder writes the spec's normalisation back; no file -> OpenAI values.
+    again = loader.write_clip_folder(tmp_path / "hf2", hf_sd, custom.spec, BPE_TEXT)
+    assert loader.load_clip(again).spec == custom.spec
+    cfg_path.unlink()
+    assert loader.read_normalization(folder) == (CLIP_MEAN, CLIP_STD)
+    cfg_path.write_text(json.dumps({"do_normalize": False, "image_mean": 0.5}))
+    assert loader.read_normalization(folder) == ((0.0,) * 3, (1.0,) * 3)
+    cfg_path.write_text(json.dumps({"image_mean": 0.5, "image_std": [1, 2]}))
+    with pytest.raises(ValueError, match="image_std must be a number or 3 numbers"):
+        loader.read_normalization(folder)

@@ -72,6 +72,19 @@ def test_preprocess_matches_clip_normalisation(images):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_spec_normalisation_fields(images):
+    spec = ClipSpec(image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.5, 1.0])
+    assert spec.image_mean == (0.5, 0.5, 0.5) and hash(spec)  # lists become tuples
+    assert ClipSpec.from_hf_config(spec.to_hf_config()) == ClipSpec()  # shapes only
+    got = towers.preprocess(jnp.asarray(images), spec.image_mean, spec.image_std)
+    want = (images / 255.0 - 0.5) / np.array([0.25, 0.5, 1.0])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="image_std must be positive"):
+        ClipSpec(image_std=(0.2, 0.0, 0.2))
+    with pytest.raises(ValueError, match="3 \\(RGB\\) values"):
+        ClipSpec(image_mean=(0.5, 0.5))
+
+
 def test_full_grid_window_equals_image_features(params, images):
     """A window covering the whole grid is the model's own image embedding."""
     pixels = towers.preprocess(jnp.asarray(images))

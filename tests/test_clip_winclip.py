@@ -1,11 +1,13 @@
 """WinCLIP / WinCLIP+ scoring against numpy loops; detect end to end on a tiny CLIP."""
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_clip_towers import SPEC, init_params
 
-from protorefine_jax import RefineConfig
+from protorefine_jax import RefineConfig, refine
 from protorefine_jax.clip import winclip
 from protorefine_jax.clip.towers import MultiscaleFeatures
 
@@ -143,3 +145,27 @@ def test_config_errors(setup):
     banks = winclip.build_banks(support, 1.0)
     with pytest.raises(ValueError, match="expected 3 banks"):
         winclip.score(queries, banks[:2], text, cfg)
+
+
+@pytest.mark.parametrize("use_refinement", [False, True])
+def test_score_matmuls_run_in_float32_unless_tf32(setup, use_refinement):
+    """JAX's default matmul precision on NVIDIA GPUs is TF32: every product of `score`
+    (text cosines, few-shot distances, refinement, map einsum) must ask for HIGHEST."""
+    support, queries, text = setup
+    banks = winclip.build_banks(support, alpha=1.0)
+    for precision, want in (("float32", "HIGHEST"), ("tf32", "DEFAULT")):
+        cfg = winclip.winclip_config(
+            use_refinement=use_refinement, clip=SPEC, precision=precision, num_iters=2
+        )
+        assert cfg.image_size is not None  # the map einsum is part of the program
+        for b in (None, banks):
+            hlo = winclip.score.lower(queries, b, text, cfg).as_text()
+            dots = re.findall(r"stablehlo\.dot_general[^\n]*", hlo)
+            assert dots, "no products found in the lowered program"
+            wrong = [d for d in dots if f"precision = [{want}, {want}]" not in d]
+            assert not wrong, (precision, wrong)
+
+
+def test_rows_normalised_by_the_refine_helper():
+    assert winclip.normalize_rows is refine.normalize_rows
+    assert not hasattr(winclip, "_unit")

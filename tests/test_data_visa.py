@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from protorefine_jax import data
+from protorefine_jax.data.visa import VisaSplitError
 
 H, W = 24, 40  # VisA images are not square: the reader resizes without crop
 
@@ -83,3 +84,25 @@ def test_visa_errors(tmp_path):
         data.load_visa_category(root / "candle", "candle")
     with pytest.raises(data.DatasetNotFoundError, match=r"VisA root .* does not exist.*Fix"):
         data.load_visa_category(tmp_path / "nope", "candle")
+
+
+@pytest.mark.parametrize(
+    "column,bad",
+    [("label", "Anomaly"), ("label", "good"), ("label", ""), ("split", "val"), ("split", "Train")],
+)
+def test_visa_bad_split_or_label_names_row(tmp_path, column, bad):
+    root = write_visa_tree(tmp_path / "visa")
+    csv_path = root / "split_csv" / "1cls.csv"
+    lines = csv_path.read_text().splitlines()
+    header = lines[0].split(",")
+    row = lines[5].split(",")  # line 6 of the file (line 1 is the header)
+    row[header.index(column)] = bad
+    lines[5] = ",".join(row)
+    csv_path.write_text("\n".join(lines) + "\n")
+    pattern = re.escape(f"{csv_path} line 6: {column} is {bad!r}") + ".*expected one of"
+    with pytest.raises(VisaSplitError, match=pattern):
+        data.visa_categories(root)
+    with pytest.raises(data.DatasetError, match=pattern):
+        data.load_visa_category(root, "candle")
+    with pytest.raises(ValueError, match=pattern):
+        data.load_visa_category(root, "pcb1")  # any bad row fails the whole CSV

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from protorefine_jax.features import preprocess_batch, resize_image, to_rgb
+from protorefine_jax.features.preprocess import resize_rgb
 
 
 def test_gray_rgba_and_pil_become_rgb():
@@ -26,6 +27,27 @@ def test_float_inputs_scaled_from_unit_range():
     np.testing.assert_allclose(to_rgb(x * 255, float_scale=1.0), 127.5)
     with pytest.raises(ValueError, match=r"expected in \[0, 1\].*float_scale=1.0"):
         to_rgb(x * 255)
+
+
+def test_16bit_scaled_by_257_for_arrays_and_pil_modes():
+    x = np.array([[0, 128, 129, 257, 1000, 65535]], np.uint16)
+    want = np.round(x / 257.0).astype(np.uint8)  # [0, 0, 1, 1, 4, 255]: not clipped to 255
+    assert want.tolist() == [[0, 0, 1, 1, 4, 255]]
+    rgb = to_rgb(x)
+    assert rgb.dtype == np.uint8 and (rgb == want[..., None]).all()
+    assert (to_rgb(Image.fromarray(x)) == rgb).all()  # PIL "I;16"
+    assert (to_rgb(Image.fromarray(x.astype(np.int32))) == rgb).all()  # PIL "I"
+    with pytest.raises(ValueError, match=r"mode 'I'.*\[0, 65535\]"):
+        to_rgb(Image.fromarray(np.array([[70000]], np.int32)))
+    assert (to_rgb(np.array([[True, False]])) == np.array([[255, 0]])[..., None]).all()
+
+
+def test_resize_rgb_keeps_dtype():
+    img = np.random.default_rng(0).integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    out = resize_rgb(img, 16)
+    assert out.dtype == np.uint8 and out.shape == (16, 16, 3)
+    np.testing.assert_array_equal(resize_image(img, 16), out.astype(np.float32))
+    assert resize_rgb(img / 255.0, 16).dtype == np.float32
 
 
 def test_resize_no_crop_bilinear_matches_pil():
@@ -63,7 +85,7 @@ def test_preprocess_batch_mixes_sizes_and_layouts():
     [
         (np.zeros((4, 4, 5), np.uint8), ValueError, r"got shape \(4, 4, 5\)"),
         (np.zeros((2, 4, 4, 3), np.uint8), ValueError, r"got shape \(2, 4, 4, 3\)"),
-        (np.zeros((4, 4, 3), np.int32), TypeError, "must be uint8, got int32"),
+        (np.zeros((4, 4, 3), np.int32), TypeError, "must be uint8 or uint16, got int32"),
     ],
 )
 def test_bad_images(image, err, match):

@@ -121,6 +121,7 @@ def test_config_rejects_closed_form_for_cosine():
         ({"bank": "all"}, "bank must be one of"),
         ({"num_iters": 0}, "num_iters must be a positive int"),
         ({"lam": -1.0}, "lam must be >= 0"),
+        ({"ridge": 0.0}, "ridge must be > 0"),
         ({"epsilon": 0.0}, "epsilon must be > 0"),
     ],
 )
@@ -168,24 +169,42 @@ def test_online_scan_equals_a_python_loop_with_a_ring_buffer(rng):
     bank, queries = data(rng, b=4)
     cap, add = 12, 5
     out = online_refine_and_score(bank, queries, CFG, capacity=cap, add_per_query=add)
-    buffer = np.asarray(bank)[np.arange(cap) % bank.shape[0]]
-    cursor = 0
+    buffer, valid, cursor = np.zeros((cap, 48), np.float32), np.zeros(cap, bool), 0
     for t in range(4):
-        full = jnp.concatenate([bank, jnp.asarray(buffer)])
-        ref = jax.jit(score_query)(full, queries[t], CFG)
+        full = jnp.concatenate([bank, jnp.asarray(buffer * valid[:, None])])
+        weights = np.concatenate([np.ones(len(bank), bool), valid])
+        ref, w = jax.jit(pl._score)(full, queries[t], CFG, jnp.asarray(weights / weights.sum()))
         # Buffer contents feed the next query: float32 differences compound.
         np.testing.assert_allclose(out.image_scores[t], ref.image_scores, rtol=1e-3)
         np.testing.assert_allclose(out.maps[t], ref.maps, rtol=1e-3, atol=1e-4)
-        sys = pl.gram_system(full, queries[t], CFG)
-        refined = np.asarray(pl.refine(sys, CFG).w @ full)
-        pts = refined @ np.asarray(pl.projection_matrix(48, 128, 0))
-        new = refined[np.asarray(pl.greedy_coreset_indices(jnp.asarray(pts), add, 0))]
+        refined = np.asarray(w @ full)  # c = 48 <= 128: no projection
+        new = refined[np.asarray(pl.greedy_coreset_indices(jnp.asarray(refined), add, 0))]
         for k in range(add):
-            buffer[(cursor + k) % cap] = new[k]
+            buffer[(cursor + k) % cap], valid[(cursor + k) % cap] = new[k], True
         cursor = (cursor + add) % cap
+
+
+@pytest.mark.parametrize("cfg", [CFG, CFG.replace(bank="union")])
+def test_first_online_query_sees_exactly_the_offline_bank(rng, cfg):
+    bank, queries = data(rng, b=2)
+    out = online_refine_and_score(bank, queries, cfg, capacity=16, add_per_query=4)
+    ref = refine_and_score(bank, queries[:1], cfg)
+    # Same numbers up to float32 summation order (squared norms here are ~600).
+    np.testing.assert_allclose(out.image_scores[0], ref.image_scores[0], rtol=1e-4)
+    np.testing.assert_allclose(out.maps[0], ref.maps[0], rtol=1e-4, atol=1e-3)
 
 
 def test_online_rejects_bad_sizes(rng):
     bank, queries = data(rng)
     with pytest.raises(ValueError, match="add_per_query"):
         online_refine_and_score(bank, queries, CFG, capacity=4, add_per_query=8)
+
+
+def test_lists_and_memory_banks_are_accepted(rng):
+    bank, queries = data(rng)
+    cfg = CFG.replace(grid_shape=[8, 8], image_size=[32, 32])
+    assert cfg.grid_shape == (8, 8)
+    mem = build_bank(queries[:1], 0.3)
+    out = refine_and_score(mem, queries, cfg)
+    ref = refine_and_score(mem.prototypes, queries, CFG)
+    np.testing.assert_allclose(out.maps, ref.maps, rtol=1e-6)

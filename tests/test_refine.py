@@ -16,11 +16,17 @@ def dist(x, y, distance):
     return 0.5 * (1.0 - xn @ yn.T)
 
 
-def numpy_loss(w, plan, bank, query, distance, lam):
-    """The M-step loss written in feature space, float64 (SPEC 3.2)."""
+def numpy_loss(w, plan, bank, query, distance, lam, delta=0.0):
+    """The M-step loss in the ridge-augmented feature space, float64.
+
+    Prototypes `[M_i, sqrt(delta) e_i]`, patches `[F_j, 0]` (refine.py).
+    """
     if distance == "cosine":
         bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
         query = query / np.linalg.norm(query, axis=1, keepdims=True)
+    n = bank.shape[0]
+    bank = np.concatenate([bank, np.sqrt(delta) * np.eye(n)], axis=1)
+    query = np.concatenate([query, np.zeros((query.shape[0], n))], axis=1)
     refined = w @ bank
     recon = np.mean(np.diag(dist(query, refined, distance)))
     return recon + lam * np.sum(plan * dist(bank, refined, distance))
@@ -54,16 +60,15 @@ def test_loss_and_gradient_match_feature_space_finite_differences(rng, distance)
         sys = rf.gram_system(jnp.asarray(bank), jnp.asarray(query), cfg)
         loss = float(rf.m_step_loss(jnp.asarray(w), jnp.asarray(plan), sys, cfg))
         grad = np.asarray(jax.grad(rf.m_step_loss)(jnp.asarray(w), jnp.asarray(plan), sys, cfg))
-    np.testing.assert_allclose(loss, numpy_loss(w, plan, bank, query, distance, lam), rtol=1e-10)
+        delta = float(sys.delta)
+    args = (plan, bank, query, distance, lam, delta)
+    np.testing.assert_allclose(loss, numpy_loss(w, *args), rtol=1e-10)
     h = 1e-6
     for j, i in [(0, 0), (3, 7), (19, 11), (10, 5)]:
         wp, wm = w.copy(), w.copy()
         wp[j, i] += h
         wm[j, i] -= h
-        fd = (
-            numpy_loss(wp, plan, bank, query, distance, lam)
-            - numpy_loss(wm, plan, bank, query, distance, lam)
-        ) / (2 * h)
+        fd = (numpy_loss(wp, *args) - numpy_loss(wm, *args)) / (2 * h)
         np.testing.assert_allclose(grad[j, i], fd, rtol=1e-6, atol=1e-9)
 
 
@@ -96,17 +101,19 @@ def _refine(bank, query, **kw):
     return rf.refine(sys, cfg)
 
 
-def test_closed_form_is_the_fixed_point_of_many_sgd_steps(rng):
+@pytest.mark.parametrize("ridge", [1e-4, 1e-2, 1e-1])
+def test_closed_form_is_the_fixed_point_of_many_sgd_steps(rng, ridge):
     bank, query, _, _ = problem(rng, n=16, m=30, c=64)
-    common = dict(ridge=0.0, num_iters=1, sinkhorn_iters=200, lam=0.3)
+    common = dict(ridge=ridge, num_iters=1, sinkhorn_iters=200, lam=0.3)
     closed = _refine(bank, query, m_step="closed_form", **common)
     sgd = _refine(bank, query, m_step="optax", optimizer="sgd", inner_steps=3000, **common)
     np.testing.assert_allclose(np.asarray(sgd.w), np.asarray(closed.w), rtol=0, atol=2e-5)
 
 
-def test_one_preconditioned_newton_step_reaches_the_closed_form(rng):
+@pytest.mark.parametrize("ridge", [1e-4, 1e-2])
+def test_one_preconditioned_newton_step_reaches_the_closed_form(rng, ridge):
     bank, query, _, _ = problem(rng, n=16, m=30, c=64)
-    common = dict(ridge=0.0, num_iters=1, sinkhorn_iters=200, lam=0.3)
+    common = dict(ridge=ridge, num_iters=1, sinkhorn_iters=200, lam=0.3)
     closed = _refine(bank, query, m_step="closed_form", **common)
     # A Newton step is exact up to the plan's column sums (1/m at convergence).
     newton = _refine(
@@ -120,8 +127,8 @@ def test_few_plain_sgd_steps_stay_near_w_only(rng):
     basis = rng.standard_normal((16, 64)) * np.logspace(0, -2, 16)[:, None]
     bank = rng.standard_normal((16, 16)) @ basis
     query = rng.standard_normal((30, 16)) @ basis
-    common = dict(num_iters=1, sinkhorn_iters=100)
-    w_only = _refine(bank, query, use_transport=False)
+    common = dict(num_iters=1, sinkhorn_iters=100, ridge=1e-4)  # SPEC 8's ridge
+    w_only = _refine(bank, query, use_transport=False, ridge=1e-4)
     closed = _refine(bank, query, m_step="closed_form", **common)
     sgd = _refine(bank, query, m_step="optax", optimizer="sgd", inner_steps=10, **common)
     to_w0 = np.linalg.norm(np.asarray(sgd.w - w_only.w))

@@ -8,6 +8,10 @@ nothing downloads. A *CLIP folder* is a Hugging Face CLIP model folder:
                                     model.safetensors.index.json + shards,
                                     flax_model.msgpack, pytorch_model.bin)
   vocab.json, merges.txt            CLIP BPE tokenizer
+  preprocessor_config.json          optional: `image_mean` / `image_std` of the
+                                    input normalisation (OpenAI CLIP values
+                                    when absent); its resize / crop settings
+                                    are not used (see `towers`)
 
 `load_clip` reads it without torch (safetensors via `safetensors.numpy`,
 `.bin` through the allow-listed unpickler of `features.checkpoints`) and converts the
@@ -17,6 +21,7 @@ no randomly initialised copy of the model is ever built.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import pathlib
@@ -51,7 +56,8 @@ class ClipBundle(NamedTuple):
     """A loaded CLIP model.
 
     Attributes:
-      spec: architecture (static; selects the HF Flax module).
+      spec: architecture and input normalisation (static; selects the HF
+        Flax module; `image_mean/std` from `preprocessor_config.json`).
       params: HF Flax param tree (`jax.Array` leaves) for `FlaxCLIPModule`.
       tokenizer: HF `CLIPTokenizer` built from the folder's vocab/merges.
     """
@@ -133,6 +139,51 @@ def load_tokenizer(folder: str | pathlib.Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def _rgb_triple(value: Any, name: str, path: pathlib.Path) -> tuple[float, float, float]:
+    values = [value] * 3 if isinstance(value, (int, float)) else list(value)
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 3:
+        raise ValueError(f"{path}: {name} must be a number or 3 numbers (RGB), got {value!r}.")
+    return out  # type: ignore[return-value]
+
+
+def read_normalization(
+    folder: str | pathlib.Path,
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """`(image_mean, image_std)` from the folder's `preprocessor_config.json`.
+
+    Keys missing from the file, or a missing file, fall back to OpenAI CLIP's
+    `CLIP_MEAN` / `CLIP_STD`; `"do_normalize": false` means no normalisation
+    (mean 0, std 1: pixels scaled to [0, 1] only). A single number applies to
+    all three channels, as in Hugging Face's image processors.
+
+    Raises:
+      ValueError: the file is not valid JSON or holds malformed values.
+    """
+    path = pathlib.Path(folder) / PREPROCESSOR_FILE
+    if not path.is_file():
+        return CLIP_MEAN, CLIP_STD
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}.")
+    if not config.get("do_normalize", True):
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    mean = _rgb_triple(config.get("image_mean", CLIP_MEAN), "image_mean", path)
+    std = _rgb_triple(config.get("image_std", CLIP_STD), "image_std", path)
+    if min(std) <= 0:
+        raise ValueError(f"{path}: image_std must be positive, got {list(std)}.")
+    return mean, std
+
+
 def load_clip(folder: str | pathlib.Path) -> ClipBundle:
     """Loads a local HF CLIP folder into a spec, Flax params and a tokenizer.
 
@@ -140,15 +191,21 @@ def load_clip(folder: str | pathlib.Path) -> ClipBundle:
       folder: HF CLIP folder (see module docstring).
 
     Returns:
-      `ClipBundle(spec, params, tokenizer)`; params are float32 `jax.Array`s.
+      `ClipBundle(spec, params, tokenizer)`; params are float32 `jax.Array`s;
+      `spec.image_mean/std` come from `preprocessor_config.json`
+      (`read_normalization`), so the jitted towers normalise as the weights
+      expect.
 
     Raises:
       FileNotFoundError: naming the missing files and how to provide them.
-      ValueError: if the weights do not match `config.json`.
+      ValueError: if the weights do not match `config.json`, or
+        `preprocessor_config.json` is malformed.
     """
     check_clip_folder(folder)
     folder = pathlib.Path(folder)
     spec = ClipSpec.from_hf_config(json.loads((folder / "config.json").read_text()))
+    mean, std = read_normalization(folder)
+    spec = dataclasses.replace(spec, image_mean=mean, image_std=std)
     params = jax.tree.map(jax.numpy.asarray, _read_hf_weights(folder, spec))
     return ClipBundle(spec, params, load_tokenizer(folder))
 
@@ -164,7 +221,8 @@ def write_clip_folder(
     Args:
       out_dir: folder to create or fill.
       hf_state_dict: HF PyTorch-layout weights matching `spec`.
-      spec: architecture, written as `config.json`.
+      spec: architecture, written as `config.json`; its `image_mean/std` go to
+        `preprocessor_config.json`.
       bpe_text: decoded CLIP BPE merges file, turned into `vocab.json` +
         `merges.txt`.
 
@@ -193,8 +251,8 @@ def write_clip_folder(
         "do_center_crop": True,
         "crop_size": {"height": spec.image_size, "width": spec.image_size},
         "do_normalize": True,
-        "image_mean": list(CLIP_MEAN),
-        "image_std": list(CLIP_STD),
+        "image_mean": list(spec.image_mean),
+        "image_std": list(spec.image_std),
     }
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     return out

@@ -1,8 +1,13 @@
 """CLIP architecture descriptions and their Hugging Face configs.
 
-`ClipSpec` holds the numbers that fix a CLIP model's shapes. It is a frozen,
-hashable dataclass so it can sit in the static part of a jitted config; the
-Hugging Face `CLIPConfig` (not hashable) is derived from it on demand.
+`ClipSpec` holds the numbers that fix a CLIP model's shapes, plus the image
+normalisation its weights were trained with. It is a frozen, hashable
+dataclass so it can sit in the static part of a jitted config; the Hugging
+Face `CLIPConfig` (not hashable) is derived from it on demand. The
+normalisation is not part of `CLIPConfig` (Hugging Face keeps it in the
+folder's `preprocessor_config.json`, read by `loader.load_clip`), so
+`to_hf_config` / `from_hf_config` round-trip the shapes only and
+`from_hf_config` returns the OpenAI mean/std.
 
 Presets:
   * `VIT_B_16_PLUS_240`: OpenCLIP ViT-B-16-plus-240 (WinCLIP's and the FastRef
@@ -54,6 +59,10 @@ class ClipSpec:
       hidden_act: `"gelu"` (exact erf GELU, OpenCLIP) or `"quick_gelu"`
         (OpenAI CLIP).
       layer_norm_eps: LayerNorm epsilon (1e-5 in both OpenCLIP and HF).
+      image_mean: per-channel RGB mean of the input normalisation, on the
+        [0, 1] scale (`preprocessor_config.json`'s `image_mean`; default
+        OpenAI CLIP's `CLIP_MEAN`, which OpenCLIP ViT-B-16-plus-240 shares).
+      image_std: per-channel RGB std, same scale (default `CLIP_STD`).
     """
 
     image_size: int = 240
@@ -71,8 +80,17 @@ class ClipSpec:
     embed_dim: int = 640
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-5
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
 
     def __post_init__(self):
+        for name in ("image_mean", "image_std"):
+            value = tuple(float(v) for v in getattr(self, name))  # hashable, lists ok
+            if len(value) != 3:
+                raise ValueError(f"{name} needs 3 (RGB) values, got {value}.")
+            object.__setattr__(self, name, value)
+        if min(self.image_std) <= 0:
+            raise ValueError(f"image_std must be positive, got {self.image_std}.")
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {_ACTIVATIONS}, got {self.hidden_act!r}.")
         if self.image_size % self.patch_size:
@@ -103,7 +121,7 @@ class ClipSpec:
         return self.vocab_size - 2
 
     def to_hf_config(self) -> CLIPConfig:
-        """Builds the equivalent Hugging Face `CLIPConfig`."""
+        """Builds the equivalent Hugging Face `CLIPConfig` (shapes; not `image_mean/std`)."""
         text = dict(
             vocab_size=self.vocab_size,
             hidden_size=self.text_width,
@@ -135,6 +153,10 @@ class ClipSpec:
     @classmethod
     def from_hf_config(cls, config: CLIPConfig | dict[str, Any]) -> ClipSpec:
         """Reads a spec from a Hugging Face `CLIPConfig` or its `config.json` dict.
+
+        `CLIPConfig` carries no image normalisation: the spec gets the default
+        (OpenAI) mean/std; `loader.load_clip` replaces them with the folder's
+        `preprocessor_config.json` values.
 
         Args:
           config: a `CLIPConfig`, or the parsed `config.json` of an HF CLIP folder.

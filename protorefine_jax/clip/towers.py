@@ -15,6 +15,18 @@ sequences (`[B * n_windows, 1 + k*k, D]`).
 
 Functions take batches (the HF modules are batched); they are pure and jittable
 with `spec` and window sizes static.
+
+Input images (a documented choice): raw RGB in [0, 255] that arrive already at
+`spec.image_size`, resized at the data edge by PIL BILINEAR straight to the
+square without crop (`protorefine_jax.features.preprocess`, the same
+preprocessing as the CNN backbones and FastRef Sec. 6.1). CLIP's own
+preprocessing (OpenAI / OpenCLIP / HF `CLIPImageProcessor`) resizes the short
+side with BICUBIC and then center-crops; that is NOT reproduced here, so
+features differ slightly from CLIP's reference pipeline on non-square or
+differently sized inputs (a center crop would also cut defects at the image
+border out of the anomaly map). Only the normalisation is CLIP's: the mean/std
+of `spec.image_mean` / `spec.image_std` (the CLIP folder's
+`preprocessor_config.json`, OpenAI's values by default), applied inside jit.
 """
 
 from __future__ import annotations
@@ -46,17 +58,24 @@ class MultiscaleFeatures(NamedTuple):
     windows: tuple[Array, ...]
 
 
-def preprocess(images: Array) -> Array:
+def preprocess(
+    images: Array,
+    mean: tuple[float, ...] = CLIP_MEAN,
+    std: tuple[float, ...] = CLIP_STD,
+) -> Array:
     """CLIP normalisation of raw RGB.
 
     Args:
       images: `[B, H, W, 3]` RGB in [0, 255] (any real dtype).
+      mean: per-channel mean on the [0, 1] scale (`spec.image_mean`; default
+        OpenAI CLIP's).
+      std: per-channel std on the [0, 1] scale (`spec.image_std`).
 
     Returns:
-      `[B, H, W, 3]` float32, `(x / 255 - mean) / std` with CLIP's mean/std.
+      `[B, H, W, 3]` float32, `(x / 255 - mean) / std`.
     """
-    mean = jnp.asarray(CLIP_MEAN, jnp.float32) * 255.0
-    std = jnp.asarray(CLIP_STD, jnp.float32) * 255.0
+    mean = jnp.asarray(mean, jnp.float32) * 255.0
+    std = jnp.asarray(std, jnp.float32) * 255.0
     return (images.astype(jnp.float32) - mean) / std
 
 
@@ -97,7 +116,8 @@ def encode_windows(spec: ClipSpec, params: Params, pixels: Array, size: int) -> 
     Args:
       spec: CLIP architecture (static).
       params: HF Flax CLIP params.
-      pixels: `[B, S, S, 3]` normalised images (`preprocess`), `S = spec.image_size`.
+      pixels: `[B, S, S, 3]` normalised images (`preprocess` with
+        `spec.image_mean/std`), `S = spec.image_size`.
       size: window side `k` in patches; `k` equal to the grid side gives one
         window = the full image (equals `encode_image`).
 
@@ -146,7 +166,8 @@ def encode_multiscale(
     Args:
       spec: CLIP architecture (static).
       params: HF Flax CLIP params.
-      images: `[B, S, S, 3]` raw RGB in [0, 255]; normalised here.
+      images: `[B, S, S, 3]` raw RGB in [0, 255], resized at the data edge
+        (module docstring); normalised here with `spec.image_mean/std`.
       window_sizes: window sides in patches (WinCLIP: 2 and 3).
       project_patches: send full-image patch tokens through the visual
         projection after post-LN (`C = E`); False keeps them `D`-wide (what
@@ -155,7 +176,7 @@ def encode_multiscale(
     Returns:
       `MultiscaleFeatures(image [B, E], patches [B, h*w, C], windows)`.
     """
-    pixels = preprocess(images)
+    pixels = preprocess(images, spec.image_mean, spec.image_std)
     _check_pixels(spec, pixels)
     image, patches, windows = clip_module(spec).apply(
         {"params": params},

@@ -42,6 +42,7 @@ from protorefine_jax.clip.towers import MultiscaleFeatures, encode_multiscale
 from protorefine_jax.clip.windows import aggregate_windows, window_grid
 from protorefine_jax.config import RefineConfig
 from protorefine_jax.pipeline import Diagnostics, score_query
+from protorefine_jax.refine import matmul_precision, normalize_rows
 from protorefine_jax.scoring import map_operators
 
 CORESET_ALPHA = {"mvtec": 0.5, "visa": 0.3, "mpdd": 0.2}
@@ -164,10 +165,6 @@ def extract_multiscale(params: Any, images: Array, config: WinClipConfig) -> Mul
     )
 
 
-def _unit(x: Array) -> Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def scale_features(features: MultiscaleFeatures) -> tuple[Array, ...]:
     """Few-shot scales in bank order: full-image patches, then each window size."""
     return (features.patches, *features.windows)
@@ -190,7 +187,9 @@ def build_banks(
     Returns:
       Banks in `scale_features` order; each with its degeneracy verdict.
     """
-    return tuple(build_bank(_unit(f), alpha, **bank_kwargs) for f in scale_features(support))
+    return tuple(
+        build_bank(normalize_rows(f), alpha, **bank_kwargs) for f in scale_features(support)
+    )
 
 
 def anomaly_probability(embeddings: Array, text_features: Array, temperature: Array) -> Array:
@@ -204,7 +203,7 @@ def anomaly_probability(embeddings: Array, text_features: Array, temperature: Ar
     Returns:
       `[...]` probabilities of the anomalous class.
     """
-    logits = _unit(embeddings) @ _unit(text_features).T / temperature  # [..., 2]
+    logits = normalize_rows(embeddings) @ normalize_rows(text_features).T / temperature  # [..., 2]
     return jax.nn.softmax(logits, axis=-1)[..., 1]
 
 
@@ -287,6 +286,11 @@ def score(
 ) -> WinClipOutput:
     """Scores a batch from its features (jitted; the one place that vmaps the queries).
 
+    Every product here (cosines to the text features, the few-shot scores,
+    the map upsampling) runs in full float32 (`refine.matmul_precision`:
+    JAX's default on NVIDIA GPUs is TF32, a 10-bit mantissa) unless
+    `config.refine.precision == "tf32"`.
+
     Args:
       features: query features, leading batch axis `B`.
       banks: per-scale banks (`build_banks` output or their prototypes), or
@@ -297,6 +301,16 @@ def score(
     Returns:
       `WinClipOutput` with batch axis `B`.
     """
+    with matmul_precision(config.refine):
+        return _score(features, banks, text_features, config)
+
+
+def _score(
+    features: MultiscaleFeatures,
+    banks: Banks | None,
+    text_features: Array,
+    config: WinClipConfig,
+) -> WinClipOutput:
     bank_arrays = _bank_arrays(banks)
     grid = config.clip.grid_size
     if bank_arrays is not None and len(bank_arrays) != 1 + len(config.window_sizes):

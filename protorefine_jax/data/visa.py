@@ -14,6 +14,7 @@ import csv
 from pathlib import Path
 
 from protorefine_jax.data.errors import (
+    DatasetError,
     DatasetNotFoundError,
     EmptyTrainSetError,
     MissingMaskError,
@@ -23,13 +24,24 @@ from protorefine_jax.data.imageio import VISA_MASK_THRESHOLD
 
 VISA_SPLIT_CSV = Path("split_csv") / "1cls.csv"
 _COLUMNS = ("object", "split", "label", "image", "mask")
+_ALLOWED = {"split": ("train", "test"), "label": ("normal", "anomaly")}
+
+
+class VisaSplitError(DatasetError, ValueError):
+    """A row of VisA's split CSV has a `split` or `label` outside the allowed values."""
 
 
 def read_visa_csv(root: str | Path) -> list[dict[str, str]]:
     """Rows of `<root>/split_csv/1cls.csv` as dicts (stripped strings).
 
+    Every row must have `split` in {train, test} and `label` in {normal,
+    anomaly} (exact, case-sensitive, after stripping spaces): anything else
+    would silently count as a test / normal image.
+
     Raises:
       DatasetNotFoundError: missing root or CSV, or the CSV lacks a column.
+      VisaSplitError: a row has another `split` or `label` (the message names
+        the CSV, the line number and the bad value).
     """
     root = Path(root)
     if not root.is_dir():
@@ -51,7 +63,18 @@ def read_visa_csv(root: str | Path) -> list[dict[str, str]]:
                 f"{csv_path} lacks column(s) {missing}; found {reader.fieldnames}. Fix: "
                 f"use VisA's original split_csv/1cls.csv (header {','.join(_COLUMNS)})."
             )
-        return [{k: (row[k] or "").strip() for k in _COLUMNS} for row in reader]
+        rows = []
+        for row in reader:
+            clean = {k: (row[k] or "").strip() for k in _COLUMNS}
+            for column, allowed in _ALLOWED.items():
+                if clean[column] not in allowed:
+                    raise VisaSplitError(
+                        f"{csv_path} line {reader.line_num}: {column} is {clean[column]!r}, "
+                        f"expected one of {', '.join(allowed)}. Fix: correct this row or use "
+                        "VisA's original split_csv/1cls.csv."
+                    )
+            rows.append(clean)
+        return rows
 
 
 def visa_categories(root: str | Path) -> tuple[str, ...]:
@@ -82,6 +105,7 @@ def load_visa_category(
         CSV), or an image listed in the CSV is missing.
       EmptyTrainSetError: no `train,normal` row for the object.
       MissingMaskError: an anomalous test row has no mask, or its file is absent.
+      VisaSplitError: a CSV row has a `split` / `label` outside the allowed values.
     """
     root = Path(root)
     rows = read_visa_csv(root)
