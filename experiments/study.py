@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
     seeds = tuple(int(s) for s in _SEEDS.value)
     if not _REPORT_ONLY.value:
         plan = study_cells.plan(tuple(_PARTS.value), seeds, quick=_QUICK.value)
-        cache = study_cells.FeatureCache(Path(_DATA_ROOT.value), Path(_CACHE_DIR.value))
+        cache = study_cells.FeatureCache(Path(_DATA_ROOT.value), Path(_CACHE_DIR.value), seeds)
         start = time.time()
         study_cells.run_plan(plan, cache, store, tuple(_PARTS.value), quick=_QUICK.value)
         store.meta["last_run"] = {

@@ -83,11 +83,15 @@ class Cell:
     config: tuple  # sorted RefineConfig field items
     alpha: float = ALPHA
     online: bool = False
+    quick: bool = False
 
     def key(self) -> str:
         """Identity of the computation (not of its label or part)."""
+        # Quick (8-image) cells never pass for full ones.
+        subset = {"test_subset": "quick"} if self.quick else {}
         return json.dumps(
             {
+                **subset,
                 "data": self.data,
                 "features": self.features,
                 "shots": self.shots,
@@ -129,7 +133,9 @@ def plan(parts: Iterable[str], seeds: tuple[int, ...], quick: bool = False) -> l
 
     def add(part, data, feat, k, label, fields, online=False, alpha=ALPHA):
         for seed in seeds:
-            cells.append(Cell(part, data, feat, k, seed, label, full_config(fields), alpha, online))
+            cells.append(
+                Cell(part, data, feat, k, seed, label, full_config(fields), alpha, online, quick)
+            )
 
     for part in parts:
         if part == "spec8":
@@ -215,11 +221,19 @@ def plan(parts: Iterable[str], seeds: tuple[int, ...], quick: bool = False) -> l
     return sorted(cells, key=lambda c: (c.data, order[c.features], c.shots, c.seed))
 
 
+def image_key(path) -> str:
+    """`train/good/<file>`: a support image's name, whatever the root's spelling."""
+    return "/".join(Path(path).parts[-3:])
+
+
 class FeatureCache:
     """Patch features per (data, features), extracted once and kept as .npz."""
 
-    def __init__(self, data_root: Path, cache_dir: Path):
+    def __init__(self, data_root: Path, cache_dir: Path, seeds: tuple[int, ...] = (0,)):
         self.data_root, self.cache_dir = data_root, cache_dir
+        # Every support image these seeds draw at any shot count (draws are
+        # nested: the 4-shot set holds the 1- and 2-shot sets).
+        self.seeds = tuple(range(max(10, max(seeds) + 1)))
         self.loaded: dict[tuple[str, str], dict[str, Any]] = {}
 
     def get(self, data: str, feat: str, quick: bool = False) -> dict[str, Any]:
@@ -231,12 +245,14 @@ class FeatureCache:
         cat = load_dataset_category(dataset, self.data_root / folder, category, 256)
         backbone, agg, p_dim, t_dim = FEATURES[feat]
         ex = get_extractor(backbone, agg, 256, p_dim, t_dim, allow_repetition=p_dim is not None)
-        if not path.exists():
+        wanted = {p for seed in self.seeds for p in sample_support(cat.train_good, 4, seed).paths}
+        cached = {}
+        if path.exists():
+            z = np.load(path)
+            cached = {image_key(n): i for i, n in enumerate(z["train_names"].tolist())}
+        if not path.exists() or any(image_key(p) not in cached for p in wanted):
             params = ex.load_params(None)
-            # Every support image any seed <= 9 draws at any shot count (nested draws).
-            names = sorted(
-                {p for seed in range(10) for p in sample_support(cat.train_good, 4, seed).paths}
-            )
+            names = sorted(wanted)
             test = cat.test[:: max(1, len(cat.test) // 8)][:8] if quick else cat.test
 
             def extract(paths):
@@ -249,14 +265,15 @@ class FeatureCache:
             np.savez(
                 path,
                 train=extract(names),
-                train_names=np.array([str(p) for p in names]),
+                train_names=np.array([image_key(p) for p in names]),
                 test=extract([t.path for t in test]),
                 masks=cat.load_masks(test),
                 labels=np.array([t.label for t in test], np.int32),
             )
         z = np.load(path)
+        names = [image_key(n) for n in z["train_names"].tolist()]
         entry = {
-            "train": dict(zip(z["train_names"].tolist(), z["train"], strict=True)),
+            "train": dict(zip(names, z["train"], strict=True)),
             "test": z["test"],
             "masks": z["masks"],
             "labels": z["labels"],
@@ -291,7 +308,7 @@ class CellStore:
 def compute(cell: Cell, feats: dict[str, Any]) -> dict[str, Any]:
     """Metrics, diagnostics and timing of one cell."""
     support = sample_support(feats["pool"], cell.shots, cell.seed)
-    sup = np.stack([feats["train"][str(p)] for p in support.paths])
+    sup = np.stack([feats["train"][image_key(p)] for p in support.paths])
     bank = build_bank(jnp.asarray(sup), cell.alpha)
     cfg = cell.refine_config(feats["grid"])
     test = feats["test"]
@@ -349,7 +366,8 @@ def optax_convergence(cache: FeatureCache, quick: bool) -> dict[str, Any]:
     """
     feats = cache.get("metal_plate", DEFAULT_FEATURES, quick)
     support = sample_support(feats["pool"], 2, 0)
-    bank = build_bank(jnp.asarray(np.stack([feats["train"][str(p)] for p in support.paths])), ALPHA)
+    sup = np.stack([feats["train"][image_key(p)] for p in support.paths])
+    bank = build_bank(jnp.asarray(sup), ALPHA)
     queries = feats["test"][:: max(1, len(feats["test"]) // 8)][:8]
     steps = (1, 10) if quick else (1, 3, 10, 30, 100, 300, 1000, 3000, 10000)
     out: dict[str, Any] = {"steps": list(steps), "queries": len(queries)}
