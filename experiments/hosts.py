@@ -28,8 +28,11 @@ def batch_size_of(tree: Any) -> int:
 
 
 def take(tree: Any, index) -> Any:
-    """`leaf[index]` for every leaf (numpy indexing on the leading axis)."""
-    return jax.tree_util.tree_map(lambda x: np.asarray(x)[index], tree)
+    """`leaf[index]` for every leaf, on the device for device arrays."""
+    return jax.tree_util.tree_map(
+        lambda x: x[jnp.asarray(index)] if isinstance(x, jax.Array) else np.asarray(x)[index],
+        tree,
+    )
 
 
 def stack(trees: list[Any]) -> Any:

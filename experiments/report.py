@@ -19,8 +19,9 @@ GROUP_KEYS = ("dataset", "category", "method", "shots")
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and std over seeds of every metric, per (dataset, category, method, shots).
 
-    A `"mean"` category row per (dataset, method, shots) averages the category
-    means when a run covers several categories.
+    A `"mean"` category row per (dataset, method, shots), when a run covers
+    several categories: per seed the mean over categories, then the mean and
+    std of that over seeds.
 
     Args:
       rows: per-seed result rows.
@@ -40,18 +41,28 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         summary.append(entry)
     categories = {s["category"] for s in summary}
     if len(categories) > 1:
-        per_method: dict[tuple, list[dict[str, Any]]] = {}
-        for s in summary:
-            per_method.setdefault((s["dataset"], s["method"], s["shots"]), []).append(s)
-        for (dataset, method, shots), members in per_method.items():
-            entry = {"dataset": dataset, "category": "mean", "method": method, "shots": shots}
-            entry["num_seeds"] = min(m["num_seeds"] for m in members)
-            for metric in METRICS:
-                if f"{metric}_mean" in members[0]:
-                    entry[f"{metric}_mean"] = float(np.mean([m[f"{metric}_mean"] for m in members]))
-                    entry[f"{metric}_std"] = float(np.mean([m[f"{metric}_std"] for m in members]))
-            summary.append(entry)
+        summary.extend(_category_means(rows))
     return summary
+
+
+def _category_means(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`"mean"` rows: per seed the mean over categories, then mean and std over seeds."""
+    per_seed: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        key = (row["dataset"], row["method"], row["shots"], row["seed"])
+        per_seed.setdefault(key, []).append(row)
+    groups: dict[tuple, list[dict[str, float]]] = {}
+    for (dataset, method, shots, _), members in per_seed.items():
+        means = {m: float(np.mean([r[m] for r in members])) for m in METRICS if m in members[0]}
+        groups.setdefault((dataset, method, shots), []).append(means)
+    out = []
+    for (dataset, method, shots), seeds in groups.items():
+        entry = {"dataset": dataset, "category": "mean", "method": method, "shots": shots}
+        entry["num_seeds"] = len(seeds)
+        for metric, (mean, std) in aggregate_seeds(seeds).items():
+            entry[f"{metric}_mean"], entry[f"{metric}_std"] = mean, std
+        out.append(entry)
+    return out
 
 
 def markdown_table(summary: Sequence[dict[str, Any]]) -> str:

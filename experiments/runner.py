@@ -95,6 +95,17 @@ def check_settings(s: Settings) -> list[Method]:
             f"--data_dir is required for dataset {s.dataset!r}: the folder holding the "
             "category folders (MVTec layout) or the VisA root."
         )
+    families = {m.host for m in methods}
+    if len(families) > 1 and (s.image_size is not None or s.alpha is not None):
+        raise ValueError(
+            "--image_size and --alpha apply to one host; this run mixes PatchCore and WinCLIP "
+            "methods. Leave them unset (each host's default) or run the hosts separately."
+        )
+    if "winclip" in families and s.m_step == "closed_form":
+        raise ValueError(
+            "--m_step=closed_form exists for the squared Euclidean distance only; WinCLIP+ "
+            "uses the cosine distance and needs --m_step=optax (its default)."
+        )
     if any(m.host == "winclip" for m in methods) and not s.clip_dir:
         raise ValueError(
             "WinCLIP methods need --clip_dir: a local Hugging Face CLIP folder "
@@ -156,7 +167,7 @@ def refine_fields(s: Settings, family: str) -> dict[str, Any]:
     fields = {name: getattr(s, name) for name in REFINE_FIELDS if getattr(s, name) is not None}
     fields["lam"] = DEFAULT_LAM[family] if s.lam is None else s.lam
     if family == "winclip":
-        fields["m_step"] = "optax"
+        fields["m_step"] = "optax"  # check_settings refused an explicit closed form
     return fields
 
 
@@ -236,7 +247,8 @@ def load_test_set(data, host) -> dict[str, Any]:
         labels.append(batch.labels)
         names.extend(data.name(item.path) for item in batch.items)
     return {
-        "features": jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *feats),
+        # On the device once: every shot count, seed and method reuses it.
+        "features": jax.device_put(jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *feats)),
         "masks": np.concatenate(masks),
         "labels": np.concatenate(labels),
         "names": names,
@@ -358,6 +370,10 @@ def run(s: Settings) -> dict[str, Any]:
         categories = list(s.categories) or list(list_categories(dataset, root))
         if not categories:
             raise FileNotFoundError(f"no category folders (with train/good) found under {root}.")
+        # Listing is cheap: fail on a bad category or too few images before any work.
+        for category in categories:
+            data = load_dataset_category(dataset, root, category)
+            sample_support(data.train_good, max(s.shots), s.seeds[0], root=data.root)
         hosts = {f: make_host(s, f) for f in sorted({m.host for m in methods})}
         total = len(categories) * len(s.shots) * len(s.seeds) * len(methods)
         with tqdm(total=total, disable=not s.progress, desc="eval", unit="run") as bar:
@@ -367,6 +383,9 @@ def run(s: Settings) -> dict[str, Any]:
                     resolved["families"][family] = run_category(
                         s, dataset, root, category, family, host, family_methods, out, bar
                     )
+                # Rows so far, so that a failure later does not lose them.
+                partial = {"rows": out.rows, "config": resolved, "complete": False}
+                report.write_json(workdir / "results.json", partial)
     out.scores.close()
     summary = report.summarize(out.rows)
     table = report.markdown_table(summary)
@@ -376,6 +395,7 @@ def run(s: Settings) -> dict[str, Any]:
         "config": resolved,
         "machine": machine_info(),
         "wall_seconds": time.time() - start,
+        "complete": True,
     }
     report.write_json(workdir / "results.json", results)
     report.write_json(workdir / "config.json", resolved)

@@ -175,3 +175,43 @@ def test_missing_clip_folder_names_the_missing_files(tmp_path, capsys):
             eval_cli.main(["eval"])
     err = capsys.readouterr().err
     assert "config.json" in err and "model.safetensors" in err and "vocab.json" in err
+
+
+def test_mixed_hosts_refuse_a_shared_image_size():
+    with pytest.raises(ValueError, match="apply to one host"):
+        runner.check_settings(
+            runner.Settings(
+                dataset="synthetic", methods=("patchcore", "winclip"), clip_dir="x", image_size=256
+            )
+        )
+
+
+def test_too_few_good_images_fail_before_any_extraction(tmp_path, capsys):
+    tiny = {**TINY, "shots": ["4"]}  # 3 train-good images only
+    with flagsaver.flagsaver(workdir=str(tmp_path / "w"), **tiny):
+        with pytest.raises(SystemExit):
+            eval_cli.main(["eval"])
+    assert "only 3 good training image" in capsys.readouterr().err
+
+
+def test_category_mean_row_is_the_std_over_seeds_of_category_means():
+    from experiments import report
+
+    rows = []
+    for cat, vals in (("a", (80.0, 90.0)), ("b", (60.0, 100.0))):
+        for seed, v in enumerate(vals):
+            rows.append(
+                {
+                    "dataset": "d",
+                    "category": cat,
+                    "method": "m",
+                    "shots": 1,
+                    "seed": seed,
+                    "image_auroc": v,
+                    "image_f1_max": v,
+                }
+            )
+    mean = next(r for r in report.summarize(rows) if r["category"] == "mean")
+    # Per seed: (80 + 60) / 2 = 70 and (90 + 100) / 2 = 95.
+    assert mean["image_auroc_mean"] == pytest.approx(82.5)
+    assert mean["image_auroc_std"] == pytest.approx(12.5)
