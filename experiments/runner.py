@@ -60,6 +60,7 @@ class Settings:
     lam: float | None = None
     epsilon: float | None = None
     ridge: float | None = None
+    ridge_wide: float | None = None
     lr: float | None = None
     num_iters: int | None = None
     sinkhorn_iters: int | None = None
@@ -145,6 +146,7 @@ def dataset_root(s: Settings) -> Iterator[tuple[str, Path]]:
 REFINE_FIELDS = (
     "epsilon",
     "ridge",
+    "ridge_wide",
     "lr",
     "num_iters",
     "sinkhorn_iters",

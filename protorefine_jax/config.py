@@ -87,6 +87,15 @@ class RefineConfig:
         directions the bank barely uses (where anomalies live) are left in the
         residual. 1e-2 removes the collapse at 4 shots and costs at most noise
         elsewhere (RESULTS.md, tables "ridge" and "main").
+      ridge_wide: the relative ridge used instead of `ridge` when the bank
+        has at least as many (non-empty) prototypes as feature dimensions,
+        `n >= c`. There `G` is singular and a small ridge lets `W` reproduce
+        every query patch, anomalies included; 1e-1 keeps PatchCore+ at the
+        host's level at 4 shots with 152-/168-d features, where 1e-2 still
+        loses up to 3 points (RESULTS.md section 2, "wide banks"). Not in
+        the paper or SPEC (a single ridge); set it equal to `ridge` for that.
+        `n >= c` is the static-shape proxy of `MemoryBank.degenerate`
+        (`rank(M) >= rank(support)`), which needs an SVD outside jit.
       lr: optax step size relative to the safe step: for `"sgd"` the step is
         `lr / L` with `L` the Lipschitz constant of the squared-Euclidean
         gradient (`2 (1 + lam) lambda_max(G + delta I) / m`, by power
@@ -99,6 +108,7 @@ class RefineConfig:
     lam: float = 0.3
     epsilon: float = 0.05
     ridge: float = 1e-2
+    ridge_wide: float = 1e-1
     lr: float = 1.0
     distance: Distance = struct.field(pytree_node=False, default="sqeuclidean")
     num_iters: int = struct.field(pytree_node=False, default=10)
@@ -141,7 +151,13 @@ class RefineConfig:
             raise ValueError(f"blur_sigma must be >= 0, got {self.blur_sigma}.")
         # Traced fields arrive as tracers when jax rebuilds the config inside a
         # transformation; only concrete Python numbers can be checked here.
-        for name, low in (("lam", 0.0), ("epsilon", None), ("ridge", None), ("lr", None)):
+        for name, low in (
+            ("lam", 0.0),
+            ("epsilon", None),
+            ("ridge", None),
+            ("ridge_wide", None),
+            ("lr", None),
+        ):
             value = getattr(self, name)
             if isinstance(value, int | float):
                 if low is None and value <= 0:

@@ -162,8 +162,11 @@ def gram_system(
     m_sq = jnp.diagonal(gram)
     # Ridge relative to the mean eigenvalue trace(G)/n over the used rows:
     # scale-free, and keeps a singular G (n > c, duplicates) invertible.
+    # A wide bank (as many used rows as feature dimensions) takes the larger
+    # `ridge_wide` (RefineConfig); traced, since online banks fill up.
     used = jnp.maximum(jnp.sum(weights > 0), 1)
-    delta = config.ridge * jnp.maximum(jnp.trace(gram) / used, _EPS)
+    rel = jnp.where(used >= bank.shape[-1], config.ridge_wide, config.ridge)
+    delta = rel * jnp.maximum(jnp.trace(gram) / used, _EPS)
     inv = None
     if with_inverse:
         eye = jnp.eye(n, dtype=gram.dtype)

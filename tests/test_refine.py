@@ -72,16 +72,29 @@ def test_loss_and_gradient_match_feature_space_finite_differences(rng, distance)
         np.testing.assert_allclose(grad[j, i], fd, rtol=1e-6, atol=1e-9)
 
 
-def test_least_squares_init_is_the_ridge_solution(rng):
-    bank, query, _, _ = problem(rng, n=30, c=20)  # n > c: singular Gram
-    cfg = RefineConfig(ridge=1e-3)
+@pytest.mark.parametrize("n, c, in_force", [(30, 20, 0.2), (20, 20, 0.2), (19, 20, 1e-3)])
+def test_least_squares_init_is_the_ridge_solution(rng, n, c, in_force):
+    """`ridge_wide` is in force iff n >= c (there the Gram matrix is singular)."""
+    bank, query, _, _ = problem(rng, n=n, c=c)
+    cfg = RefineConfig(ridge=1e-3, ridge_wide=0.2)
     with jax.enable_x64(True):
         sys = rf.gram_system(jnp.asarray(bank), jnp.asarray(query), cfg)
         w0 = np.asarray(rf.least_squares_init(sys))
     gram = bank @ bank.T
-    delta = 1e-3 * np.trace(gram) / 30
-    ref = np.linalg.solve(gram + delta * np.eye(30), bank @ query.T).T
+    delta = in_force * np.trace(gram) / n
+    ref = np.linalg.solve(gram + delta * np.eye(n), bank @ query.T).T
     np.testing.assert_allclose(w0, ref, rtol=1e-8, atol=1e-10)
+
+
+def test_wide_ridge_counts_used_rows_of_a_partly_empty_bank(rng):
+    """An online bank: zero-weight rows do not count towards n >= c."""
+    bank, query, _, _ = problem(rng, n=30, c=20)
+    bank[12:] = 0.0
+    weights = np.where(np.arange(30) < 12, 1.0 / 12, 0.0)
+    cfg = RefineConfig(ridge=1e-3, ridge_wide=0.2)
+    with jax.enable_x64(True):
+        sys = rf.gram_system(jnp.asarray(bank), jnp.asarray(query), cfg, jnp.asarray(weights))
+    np.testing.assert_allclose(float(sys.delta), 1e-3 * np.trace(bank @ bank.T) / 12)
 
 
 def test_lsq_residual_is_relative_reconstruction_error(rng):

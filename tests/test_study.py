@@ -44,6 +44,21 @@ def test_cell_keys_track_the_full_config():
     assert a.key() != c.key()
 
 
+def test_cell_keys_hold_the_ridge_in_force():
+    def key(feat, shots, online=False, **fields):
+        cfg = sc.full_config(fields)
+        return sc.Cell("main", "bottle", feat, shots, 0, "x", cfg, online=online).key()
+
+    # lite0-simple (c=152): n = 51 at 1 shot, 204 at 4 shots.
+    assert key("lite0-simple", 1) == key("lite0-simple", 1, ridge_wide=0.5)
+    assert key("lite0-simple", 4) == key("lite0-simple", 4, ridge=0.5)
+    assert key("lite0-simple", 4) == key("lite0-simple", 4, ridge=0.1, ridge_wide=0.1)
+    assert key("lite0-simple", 4) != key("lite0-simple", 4, ridge_wide=0.5)
+    # An online bank that fills past c=152 depends on both.
+    assert key("lite0-simple", 1, True) != key("lite0-simple", 1, True, ridge_wide=0.5)
+    assert key("lite0-official", 1, True) == key("lite0-official", 1, True, ridge_wide=0.5)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
 def test_quick_study_runs_end_to_end(tmp_path):
