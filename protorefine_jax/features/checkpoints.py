@@ -10,6 +10,10 @@ that opens files. Supported formats:
   int64 element count and its raw little-endian bytes),
 - safetensors and numpy ``.npz``.
 
+It also holds the torch-to-Flax mapping shared by the CNN backbones: a module
+layout ``{torch prefix: (kind, in_ch, out_ch, kernel)}`` with kinds ``conv``,
+``bn`` and ``dense`` gives the expected state-dict shapes and the Flax variables.
+
 The unpickler only resolves an allow-list of globals (``OrderedDict``, the
 ``torch._utils._rebuild_*`` functions and ``torch.*Storage`` types), so a
 checkpoint cannot run arbitrary code, and torch is never imported.
@@ -23,7 +27,7 @@ import os
 import pickle
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -333,3 +337,61 @@ def nested_set(tree: dict, path: tuple[str, ...], leaf: Any) -> None:
     for p in path[:-1]:
         tree = tree.setdefault(p, {})
     tree[path[-1]] = leaf
+
+
+# ``{torch prefix: (kind, in_ch, out_ch, kernel)}``, kind in {"conv", "bn", "dense"}.
+Layout = Mapping[str, tuple[str, int, int, int]]
+_BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+
+
+def layout_shapes(layout: Layout) -> dict[str, tuple[int, ...]]:
+    """Torch state-dict keys and shapes of a module layout, in layout order."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for prefix, (kind, cin, cout, k) in layout.items():
+        if kind == "conv":
+            shapes[prefix + ".weight"] = (cout, cin, k, k)
+        elif kind == "dense":
+            shapes[prefix + ".weight"] = (cout, cin)
+            shapes[prefix + ".bias"] = (cout,)
+        else:
+            for name in _BN_KEYS:
+                shapes[f"{prefix}.{name}"] = (cout,)
+    return shapes
+
+
+def layout_to_flax(
+    state: Mapping[str, np.ndarray],
+    layout: Layout,
+    flax_path: Callable[[str], tuple[str, ...]],
+    source: str,
+) -> dict[str, Any]:
+    """Flax ``{"params", "batch_stats"}`` of a torch state dict laid out as ``layout``.
+
+    Convolutions ``[out, in/groups, kh, kw]`` become ``[kh, kw, in/groups, out]``,
+    dense ``[out, in]`` becomes ``[in, out]``, batch norms ``scale``/``bias`` and
+    ``mean``/``var`` statistics.
+
+    Raises:
+      CheckpointError: naming ``source`` and the first missing or mismatched key.
+    """
+    check_state_dict(state, layout_shapes(layout), source)
+    params: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
+
+    def f32(key: str) -> np.ndarray:
+        return np.asarray(state[key], np.float32)
+
+    for prefix, (kind, *_) in layout.items():
+        path = flax_path(prefix)
+        if kind == "conv":
+            kernel = np.transpose(f32(prefix + ".weight"), (2, 3, 1, 0))
+            nested_set(params, path + ("kernel",), kernel)
+        elif kind == "dense":
+            nested_set(params, path + ("kernel",), f32(prefix + ".weight").T)
+            nested_set(params, path + ("bias",), f32(prefix + ".bias"))
+        else:
+            nested_set(params, path + ("scale",), f32(prefix + ".weight"))
+            nested_set(params, path + ("bias",), f32(prefix + ".bias"))
+            nested_set(stats, path + ("mean",), f32(prefix + ".running_mean"))
+            nested_set(stats, path + ("var",), f32(prefix + ".running_var"))
+    return {"params": params, "batch_stats": stats}

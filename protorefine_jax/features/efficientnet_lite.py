@@ -249,11 +249,6 @@ def normalize(images: jax.Array) -> jax.Array:
     return (images.astype(jnp.float32) - INPUT_MEAN) / INPUT_STD
 
 
-def _conv_kernel(w: np.ndarray) -> np.ndarray:
-    """Torch ``[out, in/groups, kh, kw]`` -> Flax ``[kh, kw, in/groups, out]``."""
-    return np.transpose(w, (2, 3, 1, 0))
-
-
 def _module_layout(config: LiteConfig) -> dict[str, tuple[str, int, int, int]]:
     """``{torch prefix: (kind, in_ch, out_ch, kernel)}`` for every conv/BN/dense."""
     layout = {"_conv_stem": ("conv", 3, STEM_CH, 3), "_bn0": ("bn", 0, STEM_CH, 0)}
@@ -275,17 +270,7 @@ def _module_layout(config: LiteConfig) -> dict[str, tuple[str, int, int, int]]:
 
 def expected_shapes(config: LiteConfig) -> dict[str, tuple[int, ...]]:
     """Torch state-dict keys and shapes the converter needs, in model order."""
-    shapes = {}
-    for prefix, (kind, cin, cout, k) in _module_layout(config).items():
-        if kind == "conv":
-            shapes[prefix + ".weight"] = (cout, cin, k, k)
-        elif kind == "dense":
-            shapes[prefix + ".weight"] = (cout, cin)
-            shapes[prefix + ".bias"] = (cout,)
-        else:
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                shapes[f"{prefix}.{name}"] = (cout,)
-    return shapes
+    return checkpoints.layout_shapes(_module_layout(config))
 
 
 def _flax_path(prefix: str) -> tuple[str, ...]:
@@ -313,22 +298,4 @@ def params_from_state_dict(
       checkpoints.CheckpointError: naming ``source`` and the first missing or
         mismatched key.
     """
-    checkpoints.check_state_dict(state, expected_shapes(config), source)
-    params: dict[str, Any] = {}
-    stats: dict[str, Any] = {}
-
-    f32 = lambda a: np.asarray(a, np.float32)
-    put = checkpoints.nested_set
-    for prefix, (kind, *_) in _module_layout(config).items():
-        path = _flax_path(prefix)
-        if kind == "conv":
-            put(params, path + ("kernel",), f32(_conv_kernel(state[prefix + ".weight"])))
-        elif kind == "dense":
-            put(params, path + ("kernel",), f32(state[prefix + ".weight"].T))
-            put(params, path + ("bias",), f32(state[prefix + ".bias"]))
-        else:
-            put(params, path + ("scale",), f32(state[prefix + ".weight"]))
-            put(params, path + ("bias",), f32(state[prefix + ".bias"]))
-            put(stats, path + ("mean",), f32(state[prefix + ".running_mean"]))
-            put(stats, path + ("var",), f32(state[prefix + ".running_var"]))
-    return {"params": params, "batch_stats": stats}
+    return checkpoints.layout_to_flax(state, _module_layout(config), _flax_path, source)

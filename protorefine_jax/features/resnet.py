@@ -155,14 +155,7 @@ def expected_shapes(
 
     ``num_batches_tracked``, ``layer4.*`` and ``fc.*`` are not needed and not listed.
     """
-    shapes = {}
-    for prefix, (kind, cin, cout, k) in _module_layout(stage_sizes, width_multiplier).items():
-        if kind == "conv":
-            shapes[prefix + ".weight"] = (cout, cin, k, k)
-        else:
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                shapes[f"{prefix}.{name}"] = (cout,)
-    return shapes
+    return checkpoints.layout_shapes(_module_layout(stage_sizes, width_multiplier))
 
 
 def _flax_path(prefix: str) -> tuple[str, ...]:
@@ -196,20 +189,5 @@ def params_from_state_dict(
       checkpoints.CheckpointError: naming ``source`` and the first missing or
         mismatched key.
     """
-    checkpoints.check_state_dict(state, expected_shapes(stage_sizes, width_multiplier), source)
-    params: dict[str, Any] = {}
-    stats: dict[str, Any] = {}
-
-    f32 = lambda a: np.asarray(a, np.float32)
-    put = checkpoints.nested_set
-    for prefix, (kind, *_) in _module_layout(stage_sizes, width_multiplier).items():
-        path = _flax_path(prefix)
-        if kind == "conv":
-            kernel = np.transpose(state[prefix + ".weight"], (2, 3, 1, 0))  # -> [kh, kw, in, out]
-            put(params, path + ("kernel",), f32(kernel))
-        else:
-            put(params, path + ("scale",), f32(state[prefix + ".weight"]))
-            put(params, path + ("bias",), f32(state[prefix + ".bias"]))
-            put(stats, path + ("mean",), f32(state[prefix + ".running_mean"]))
-            put(stats, path + ("var",), f32(state[prefix + ".running_var"]))
-    return {"params": params, "batch_stats": stats}
+    layout = _module_layout(stage_sizes, width_multiplier)
+    return checkpoints.layout_to_flax(state, layout, _flax_path, source)
