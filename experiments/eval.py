@@ -44,7 +44,8 @@ HELP = {
     "seeds": "Support-sampling seeds.",
     "methods": "Methods (experiments/methods.py: patchcore, patchcore+, winclip, winclip+, ...).",
     "backbone": "PatchCore backbone: efficientnet_lite0 | efficientnet_lite2 | wide_resnet50_2.",
-    "aggregation": "PatchCore feature aggregation: official | simple.",
+    "aggregation": "PatchCore aggregation: official | simple (default: official for "
+    "wide_resnet50_2, simple for EfficientNet-Lite; RESULTS.md section 3).",
     "pretrain_dim": "Official aggregation: per-stage pooled size (default per backbone).",
     "target_dim": "Official aggregation: output size (default per backbone).",
     "weights": "Backbone weights file ('' = shipped Lite weights; 'random' = random init).",
