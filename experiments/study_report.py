@@ -155,7 +155,7 @@ def ridge_table(lk: Lookup) -> str:
 def _sweep_labels() -> dict[str, list[tuple[str, float]]]:
     out: dict[str, list[tuple[str, float]]] = {}
     for cell in sc.plan(("sweeps",), (0,)):
-        if cell.method == "patchcore" or " warm=" in cell.method:
+        if cell.method.startswith("patchcore") or " warm=" in cell.method:
             continue
         name, value = cell.method.split("=")
         out.setdefault(name, [])
@@ -170,8 +170,9 @@ def sweep_tables(lk: Lookup) -> str:
     feat, k = sc.DEFAULT_FEATURES, 2
     for name, entries in _sweep_labels().items():
         rows = []
-        for label, _ in entries:
-            base = lk.fmt("sweeps", "metal_plate", feat, k, "patchcore") if name != "alpha" else "-"
+        for label, value in entries:
+            host = f"patchcore alpha={value:g}" if name == "alpha" else "patchcore"
+            base = lk.fmt("sweeps", "metal_plate", feat, k, host)
             rows.append(
                 [
                     label,
