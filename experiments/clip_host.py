@@ -76,9 +76,9 @@ class WinClipHost:
         """Few-shot `RefineConfig`: cosine distance, raw grids (maps built by WinCLIP)."""
         return RefineConfig(distance="cosine", image_size=None, **fields)
 
-    def score(self, banks, test_features, method: Method, config: RefineConfig, stream, online):
+    def score(self, banks, test_features, method: Method, config: RefineConfig, online):
         """Scores every test image (Eq. 9 fusion of zero- and few-shot branches)."""
-        del stream, online
+        del online
         if method.online:
             raise ValueError("the online variant is implemented for PatchCore+ only.")
         wc = WinClipConfig(

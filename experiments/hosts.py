@@ -63,6 +63,41 @@ def batched(fn: Callable[[Any], Any], items: Any, batch_size: int) -> Any:
     return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *outs)
 
 
+def stream_order(count: int) -> np.ndarray:
+    """The fixed order (seed 0) in which the online variant sees a test set."""
+    return np.random.default_rng(0).permutation(count)
+
+
+def score_features(
+    protos,
+    test_features: np.ndarray,
+    config: RefineConfig,
+    batch_size: int,
+    online: dict[str, int] | None = None,
+):
+    """`refine_and_score` over a test set in compiled batches, or the online scan.
+
+    Args:
+      protos: `[n, c]` bank prototypes.
+      test_features: `[T, m, c]`.
+      config: refinement settings.
+      batch_size: compiled batch size (offline).
+      online: `capacity` and `add_per_query` for the online variant, which
+        sees the test set in `stream_order`; None for offline scoring.
+
+    Returns:
+      `RefineOutput` with numpy leaves of leading axis `T`, in test-set order.
+    """
+    if online is None:
+        return batched(
+            lambda x: refine_and_score(protos, jnp.asarray(x), config), test_features, batch_size
+        )
+    order = stream_order(len(test_features))
+    out = online_refine_and_score(protos, jnp.asarray(test_features[order]), config, **online)
+    inverse = np.argsort(order)
+    return jax.tree_util.tree_map(lambda x: np.asarray(x)[inverse], out)
+
+
 @dataclasses.dataclass
 class ScoreResult:
     """Scores of one method on the test set.
@@ -141,7 +176,6 @@ class PatchCoreHost:
         test_features: np.ndarray,
         method: Method,
         config: RefineConfig,
-        stream_order: np.ndarray,
         online: dict[str, int],
     ) -> ScoreResult:
         """Scores every test image with `method`.
@@ -151,23 +185,17 @@ class PatchCoreHost:
           test_features: `[T, m, c]`.
           method: the method (its overrides are already in `config`).
           config: refinement settings.
-          stream_order: `[T]` order in which the online variant sees the test set.
           online: `capacity` and `add_per_query` of the online variant.
 
         Returns:
           Scores and maps in test-set order.
         """
-        protos = bank.prototypes
-        if method.online:
-            feats = jnp.asarray(test_features[stream_order])
-            out = online_refine_and_score(protos, feats, config, **online)
-            inverse = np.argsort(stream_order)
-            out = jax.tree_util.tree_map(lambda x: np.asarray(x)[inverse], out)
-        else:
-            out = batched(
-                lambda x: refine_and_score(protos, jnp.asarray(x), config),
-                test_features,
-                self.batch_size,
-            )
+        out = score_features(
+            bank.prototypes,
+            test_features,
+            config,
+            self.batch_size,
+            online if method.online else None,
+        )
         diags = {k: np.asarray(v) for k, v in out.diagnostics._asdict().items()}
         return ScoreResult(np.asarray(out.image_scores), np.asarray(out.maps), diags)

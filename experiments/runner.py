@@ -337,7 +337,6 @@ def run_category(s, dataset, root, category, family, host, methods, out: Outputs
     bar.set_postfix_str(f"{category}: extracting test features ({family})")
     test = load_test_set(data, host)
     support_features = SupportCache(host, data)
-    stream = np.random.default_rng(0).permutation(len(test["labels"]))
     shown = heatmap_indices(test["labels"], s.num_heatmaps)
     alpha = host_alpha(s, family)
     online = {"capacity": s.online_capacity, "add_per_query": s.online_add}
@@ -351,7 +350,7 @@ def run_category(s, dataset, root, category, family, host, methods, out: Outputs
                 bar.set_postfix_str(f"{category} {k}-shot seed {seed} {method.name}")
                 config = host.base_config(**refine_fields(s, family)).replace(**method.overrides)
                 t0 = time.time()
-                result = host.score(bank, test["features"], method, config, stream, online)
+                result = host.score(bank, test["features"], method, config, online)
                 seconds = time.time() - t0
                 result.metrics = evaluate(
                     test["labels"], result.image_scores, test["masks"], result.maps

@@ -19,12 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from protorefine_jax import (
-    RefineConfig,
-    build_bank,
-    online_refine_and_score,
-    refine_and_score,
-)
+from experiments.hosts import score_features
+from protorefine_jax import RefineConfig, build_bank
 from protorefine_jax import refine as refine_lib
 from protorefine_jax.coreset import coreset_size
 from protorefine_jax.data import load_dataset_category, sample_support
@@ -355,16 +351,7 @@ def compute(cell: Cell, feats: dict[str, Any]) -> dict[str, Any]:
     cfg = cell.refine_config(feats["grid"])
     test = feats["test"]
     start = time.time()
-    if cell.online:
-        order = np.random.default_rng(0).permutation(len(test))
-        out = online_refine_and_score(bank.prototypes, jnp.asarray(test[order]), cfg, **ONLINE)
-        out = jax.tree_util.tree_map(lambda x: np.asarray(x)[np.argsort(order)], out)
-    else:
-        outs = [
-            refine_and_score(bank.prototypes, jnp.asarray(test[i : i + 16]), cfg)
-            for i in range(0, len(test), 16)
-        ]
-        out = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *outs)
+    out = score_features(bank.prototypes, test, cfg, 16, ONLINE if cell.online else None)
     seconds = time.time() - start
     metrics = evaluate(feats["labels"], np.asarray(out.image_scores), feats["masks"], out.maps)
     diag = out.diagnostics
