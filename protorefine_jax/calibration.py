@@ -1,0 +1,198 @@
+"""Support-set calibration of PatchCore+: host and refined scores fused per patch.
+
+The refined score (distance to the refined prototypes `R = W M`) and the
+host score (distance to the nearest bank prototype) flag different patches:
+the refined one what the bank cannot reconstruct, the host one what lies far
+from every prototype. Which is better depends on the data (issue 14,
+RESULTS.md "Calibrated fusion"), and nothing in a few normal images says which.
+So PatchCore+ keeps both: each is standardised by its own distribution on
+HELD-OUT SUPPORT patches, and a patch scores the larger of the two,
+
+    s_j = max((h_j - mean_h) / std_h, (r_j - mean_r) / std_r).
+
+A refinement that adds nothing then costs little, and one that helps keeps
+most of its gain.
+
+Held-out patches (`holdout_splits`): each quadrant of each support image is
+scored against a bank built, by the same coreset, from every other support
+patch (the other quadrants of its image and all other images). This exists at
+1 shot, uses the support images only, and is the same rule at every shot
+count. The held-out queries are refined under the ridge the real bank uses
+(`ridge_wide` iff the real bank has `n >= c`), so calibration and scoring see
+the same regime.
+
+Everything here is pure: numpy/JAX arrays in, arrays out; no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from protorefine_jax import checks
+from protorefine_jax.config import RefineConfig
+from protorefine_jax.coreset import coreset_size, greedy_coreset
+from protorefine_jax.refine import gram_system, matmul_precision, refine
+from protorefine_jax.scoring import base_patch_scores, refined_patch_scores
+
+_TINY = 1e-12
+
+
+class ScoreCalibration(NamedTuple):
+    """Location and scale of the host and refined patch scores on held-out support patches.
+
+    A pytree of float32 scalars (traced under jit: a new category never
+    recompiles).
+
+    Attributes:
+      host_mean: mean host score of the held-out patches.
+      host_std: their standard deviation (floored, never 0).
+      refined_mean: mean refined score of the held-out patches.
+      refined_std: their standard deviation (floored, never 0).
+    """
+
+    host_mean: Float[Array, ""]
+    host_std: Float[Array, ""]
+    refined_mean: Float[Array, ""]
+    refined_std: Float[Array, ""]
+
+
+def fuse(
+    host: Float[Array, "*m"], refined: Float[Array, "*m"], calibration: ScoreCalibration
+) -> Float[Array, "*m"]:
+    """`max` of the standardised host and refined patch scores.
+
+    Args:
+      host: host patch scores (distance to the nearest prototype).
+      refined: refined patch scores, same shape.
+      calibration: their held-out support statistics.
+
+    Returns:
+      The fused patch scores, in held-out standard deviations.
+    """
+    z_host = (host - calibration.host_mean) / calibration.host_std
+    z_refined = (refined - calibration.refined_mean) / calibration.refined_std
+    return jnp.maximum(z_host, z_refined)
+
+
+def holdout_splits(k: int, grid_shape: tuple[int, int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(bank rows, query rows) of every hold-out: each quadrant of each support image.
+
+    Args:
+      k: support images.
+      grid_shape: patch grid `(h, w)` of one image (`h, w >= 2`).
+
+    Returns:
+      `4 k` pairs of int arrays indexing the `[k * m]` stacked support
+      patches: the bank's rows (everything outside the quadrant) and the
+      held-out quadrant's rows.
+    """
+    h, w = grid_shape
+    if h < 2 or w < 2:
+        raise ValueError(
+            f"calibration holds out grid quadrants and needs a grid of at least 2 x 2 "
+            f"patches, got {grid_shape}; use larger images or calibration=False."
+        )
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    quadrant = ((rows >= h // 2).astype(int) * 2 + (cols >= w // 2).astype(int)).ravel()
+    m = h * w
+    everything = np.arange(k * m)
+    splits = []
+    for i in range(k):
+        for q in range(4):
+            held = i * m + np.flatnonzero(quadrant == q)
+            splits.append((np.setdiff1d(everything, held), held))
+    return splits
+
+
+@jax.jit
+def _host_and_refined(bank, query, config: RefineConfig):
+    """Host and refined patch scores of one query from one Gram system."""
+    with matmul_precision(config):
+        system = gram_system(bank, query, config)
+        refined = refined_patch_scores(system, refine(system, config).w, config)
+        host = base_patch_scores(system, config)
+    return host, refined
+
+
+def ridge_in_force(bank_rows: int, feature_dim: int, config: RefineConfig) -> RefineConfig:
+    """`config` with both ridges set to the one a bank of `bank_rows` rows uses."""
+    rel = config.ridge_wide if bank_rows >= feature_dim else config.ridge
+    return config.replace(ridge=rel, ridge_wide=rel)
+
+
+def held_out_scores(
+    support: Float[Array, "k m c"],
+    alpha: float,
+    config: RefineConfig,
+    grid_shape: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Host and refined scores of every held-out support patch (`holdout_splits`).
+
+    Args:
+      support: `[k, m, c]` support patch features.
+      alpha: coreset ratio of the real bank (each hold-out bank uses it too).
+      config: the scoring config (its refinement settings are used).
+      grid_shape: patch grid of one image.
+
+    Returns:
+      `(host, refined)`, each `[k * m]` float64 in hold-out order.
+    """
+    support = jnp.asarray(support)
+    if support.ndim != 3:
+        raise ValueError(
+            f"support must be [k, m, c] patch features of k images, got shape {support.shape}."
+        )
+    k, m, c = support.shape
+    if grid_shape[0] * grid_shape[1] != m:
+        raise ValueError(f"grid_shape {grid_shape} does not hold m={m} patches per image.")
+    checks.check_finite(support, "support")
+    cfg = ridge_in_force(coreset_size(k * m, alpha), c, config)
+    cfg = cfg.replace(use_refinement=True, image_size=None, grid_shape=None)
+    flat = support.reshape(k * m, c)
+    hosts, refs = [], []
+    for bank_rows, held in holdout_splits(k, tuple(grid_shape)):
+        rest = flat[bank_rows]
+        bank = rest[greedy_coreset(rest, alpha)]
+        host, refined = _host_and_refined(bank, flat[held], cfg)
+        hosts.append(np.asarray(host, np.float64))
+        refs.append(np.asarray(refined, np.float64))
+    return np.concatenate(hosts), np.concatenate(refs)
+
+
+def statistics(host: np.ndarray, refined: np.ndarray) -> ScoreCalibration:
+    """Mean and (floored) standard deviation of each kind of held-out score."""
+
+    def loc_scale(x):
+        x = np.asarray(x, np.float64)
+        if x.size == 0 or not np.all(np.isfinite(x)):
+            raise ValueError("held-out scores must be a non-empty, finite array.")
+        mean = float(np.mean(x))
+        std = max(float(np.std(x)), 1e-6 * abs(mean), _TINY)
+        return jnp.float32(mean), jnp.float32(std)
+
+    return ScoreCalibration(*loc_scale(host), *loc_scale(refined))
+
+
+def calibrate(
+    support: Float[Array, "k m c"],
+    alpha: float,
+    config: RefineConfig,
+    grid_shape: tuple[int, int],
+) -> ScoreCalibration:
+    """The calibration of a support set: statistics of its held-out scores.
+
+    Args:
+      support: `[k, m, c]` support patch features (k >= 1).
+      alpha: coreset ratio of the real bank.
+      config: the scoring config.
+      grid_shape: patch grid of one image.
+
+    Returns:
+      The `ScoreCalibration` that `fuse` applies.
+    """
+    return statistics(*held_out_scores(support, alpha, config, grid_shape))

@@ -1,0 +1,147 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import lowrank_features, subspace
+
+from protorefine_jax import RefineConfig, refine_and_score
+from protorefine_jax import calibration as cal
+
+CFG = RefineConfig(num_iters=3, sinkhorn_iters=20, image_size=None)
+# W only: the closed form, no EM loop (cheap to compile; has a float64 reference).
+W_ONLY = CFG.replace(use_transport=False)
+
+
+def support(rng, k=2, grid=(4, 4), c=24):
+    basis = subspace(rng, 6, c)
+    return lowrank_features(rng, (k, grid[0] * grid[1], c), basis)
+
+
+@pytest.mark.parametrize("k, grid", [(1, (4, 4)), (3, (4, 6)), (2, (5, 3))])
+def test_holdout_splits_hold_out_each_quadrant_of_each_image_once(k, grid):
+    m = grid[0] * grid[1]
+    splits = cal.holdout_splits(k, grid)
+    assert len(splits) == 4 * k
+    held_all = np.concatenate([held for _, held in splits])
+    np.testing.assert_array_equal(np.sort(held_all), np.arange(k * m))
+    for bank_rows, held in splits:
+        assert len(np.intersect1d(bank_rows, held)) == 0
+        np.testing.assert_array_equal(np.union1d(bank_rows, held), np.arange(k * m))
+        assert len(np.unique(held // m)) == 1  # one quadrant of one image
+    # The quadrants of one image tile its grid: rows/cols split at the middle.
+    first = splits[0][1].reshape(-1)
+    rows, cols = np.divmod(first, grid[1])
+    assert rows.max() < grid[0] // 2 and cols.max() < grid[1] // 2
+
+
+def test_holdout_splits_reject_a_grid_without_quadrants():
+    with pytest.raises(ValueError, match=r"at least 2 x 2 patches, got \(1, 8\)"):
+        cal.holdout_splits(2, (1, 8))
+
+
+def test_fuse_is_the_max_of_standardised_scores():
+    rng = np.random.default_rng(0)
+    host, refined = rng.random(50), rng.random(50)
+    c = cal.ScoreCalibration(*map(jnp.float32, (0.3, 0.2, 0.1, 0.05)))
+    want = np.maximum((host - 0.3) / 0.2, (refined - 0.1) / 0.05)
+    got = cal.fuse(jnp.asarray(host), jnp.asarray(refined), c)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_statistics_match_numpy_and_floor_a_zero_spread():
+    rng = np.random.default_rng(1)
+    host, refined = rng.gamma(2.0, size=300), np.full(40, 0.5)
+    s = cal.statistics(host, refined)
+    np.testing.assert_allclose([s.host_mean, s.host_std], [host.mean(), host.std()], rtol=1e-6)
+    assert float(s.refined_mean) == pytest.approx(0.5)
+    assert float(s.refined_std) > 0  # floored: constant scores never divide by 0
+
+
+@pytest.mark.parametrize("bad", [np.array([]), np.array([1.0, np.nan])])
+def test_statistics_reject_empty_or_nonfinite_scores(bad):
+    with pytest.raises(ValueError, match="non-empty, finite"):
+        cal.statistics(bad, np.ones(3))
+
+
+def test_ridge_in_force_follows_the_real_bank():
+    cfg = RefineConfig(ridge=1e-2, ridge_wide=1e-1)
+    assert cal.ridge_in_force(10, 24, cfg).ridge == pytest.approx(1e-2)
+    wide = cal.ridge_in_force(24, 24, cfg)
+    assert wide.ridge == pytest.approx(1e-1) and wide.ridge_wide == pytest.approx(1e-1)
+
+
+def _numpy_reference(sup, cfg, grid):
+    """float64 host and W-only scores of every hold-out, with alpha = 1 (bank = all rest rows)."""
+    k, m, c = sup.shape
+    flat = sup.reshape(k * m, c).astype(np.float64)
+    rel = cfg.ridge_wide if k * m >= c else cfg.ridge  # real bank: alpha 1, n = k m
+    hosts, refs = [], []
+    for bank_rows, held in cal.holdout_splits(k, grid):
+        bank, q = flat[bank_rows], flat[held]
+        d = ((q[:, None, :] - bank[None, :, :]) ** 2).sum(-1)
+        hosts.append(d.min(1))
+        gram = bank @ bank.T
+        delta = rel * np.trace(gram) / len(bank)
+        w0 = q @ bank.T @ np.linalg.inv(gram + delta * np.eye(len(bank)))
+        r = w0 @ bank
+        refs.append((((q[:, None, :] - r[None, :, :]) ** 2).sum(-1)).min(1))
+    return np.concatenate(hosts), np.concatenate(refs)
+
+
+@pytest.mark.parametrize("k, c", [(1, 24), (2, 40)])  # 2 shots: 24 rows < c, narrow ridge
+def test_held_out_scores_match_a_float64_reference(rng, k, c):
+    grid = (4, 4)
+    sup = support(rng, k=k, grid=grid, c=c)
+    host, refined = cal.held_out_scores(sup, 1.0, W_ONLY, grid)
+    want_host, want_ref = _numpy_reference(sup, W_ONLY, grid)
+    np.testing.assert_allclose(host, want_host, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(refined, want_ref, rtol=1e-3, atol=1e-3)
+
+
+def test_held_out_refined_scores_are_the_pipelines(rng):
+    """With the EM loop on, each hold-out is scored as `refine_and_score` would."""
+    sup = support(rng, k=1)
+    host, refined = cal.held_out_scores(sup, 1.0, CFG, (4, 4))
+    bank_rows, held = cal.holdout_splits(1, (4, 4))[0]
+    flat = sup.reshape(16, -1)
+    cfg = cal.ridge_in_force(16, flat.shape[1], CFG).replace(grid_shape=(2, 2))
+    out = refine_and_score(jnp.asarray(flat[bank_rows]), jnp.asarray(flat[held][None]), cfg)
+    np.testing.assert_allclose(refined[:4], out.patch_scores[0], rtol=1e-4, atol=1e-5)
+    host_out = refine_and_score(
+        jnp.asarray(flat[bank_rows]),
+        jnp.asarray(flat[held][None]),
+        cfg.replace(use_refinement=False),
+    )
+    np.testing.assert_allclose(host[:4], host_out.patch_scores[0], rtol=1e-4, atol=1e-5)
+
+
+def test_calibrate_is_the_statistics_of_the_held_out_scores(rng):
+    sup = support(rng, k=1)
+    got = cal.calibrate(sup, 1.0, W_ONLY, (4, 4))
+    want = cal.statistics(*cal.held_out_scores(sup, 1.0, W_ONLY, (4, 4)))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6)
+    assert float(got.host_mean) > 0 and float(got.refined_std) > 0
+
+
+def test_held_out_scores_compile_once_per_shape(rng, monkeypatch):
+    calls = []
+    real = cal.gram_system
+    monkeypatch.setattr(cal, "gram_system", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    grid = (6, 6)  # a shape no other test uses: a fresh trace
+    sup = support(rng, k=1, grid=grid, c=20)
+    cal.held_out_scores(sup, 0.5, W_ONLY, grid)
+    cal.held_out_scores(sup * 2.0, 0.5, W_ONLY.replace(ridge=0.05), grid)  # traced floats only
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "sup, grid, match",
+    [
+        (np.ones((16, 8), np.float32), (4, 4), r"\[k, m, c\]"),
+        (np.ones((1, 16, 8), np.float32), (4, 5), "does not hold m=16"),
+        (np.full((1, 16, 8), np.nan, np.float32), (4, 4), "support"),
+    ],
+)
+def test_held_out_scores_reject_bad_support(sup, grid, match):
+    with pytest.raises(ValueError, match=match):
+        cal.held_out_scores(sup, 0.5, W_ONLY, grid)
