@@ -28,6 +28,7 @@ from experiments.hosts import PatchCoreHost, stack, take
 from experiments.methods import Method, get_method
 from protorefine_jax.data import load_dataset_category, make_synthetic_dataset, sample_support
 from protorefine_jax.data.registry import list_categories
+from protorefine_jax.io.paths import check_output_dir
 from protorefine_jax.metrics import evaluate
 
 # Coreset ratios when --alpha is not given (paper Sec. 6.1).
@@ -129,7 +130,7 @@ def check_settings(s: Settings) -> list[Method]:
 
 def prepare_workdir(workdir: str | None, overwrite: bool) -> Path:
     """Creates the output folder; refuses a non-empty one unless `overwrite`."""
-    path = Path(workdir or time.strftime("runs/%Y%m%d-%H%M%S"))
+    path = check_output_dir(workdir or time.strftime("runs/%Y%m%d-%H%M%S"))
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(
             f"workdir {path} exists and is not empty; results are never overwritten "
