@@ -6,12 +6,20 @@ including the legacy format's header pickles) goes through
 resolves (``GLOBAL`` / ``STACK_GLOBAL``, then ``REDUCE`` / ``BUILD`` /
 ``NEWOBJ``); with an allow-list of plain constructors and no persistent ids
 unless the caller handles them, reading a file cannot run code.
+
+Memory: the C unpickler allocates a counted string or bytes object at the
+size the pickle claims before reading it. :class:`SafeUnpickler` therefore
+reads from an in-memory buffer only and first walks the pickle's opcodes
+with ``pickletools.genops`` (which reads each counted argument from the
+buffer and fails when the buffer is shorter than the claim), so every size
+claim is checked against the bytes really present before anything is built.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+import pickletools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,7 +31,7 @@ class SafeUnpickler(pickle.Unpickler):
     """Allow-list unpickler.
 
     Args:
-      file: binary file object positioned at the pickle.
+      file: an in-memory ``io.BytesIO`` positioned at the pickle.
       allowed: ``{(module, name): object}``, the only globals a pickle may
         name (anything else raises ``pickle.UnpicklingError``).
       resolve: optional ``(module, name) -> object | None`` for families of
@@ -38,10 +46,24 @@ class SafeUnpickler(pickle.Unpickler):
         resolve: Callable[[str, str], Any] | None = None,
         persistent_load: Callable[[Any], Any] | None = None,
     ):
+        if not isinstance(file, io.BytesIO):
+            raise TypeError("SafeUnpickler reads from io.BytesIO only (size claims are checked)")
         super().__init__(file)
+        self._file = file
         self._allowed = allowed
         self._resolve = resolve
         self._persistent = persistent_load
+
+    def load(self) -> Any:
+        """Checks every opcode and size claim of the next pickle, then unpickles it."""
+        start = self._file.tell()
+        try:
+            for _ in pickletools.genops(self._file):
+                pass
+        except ValueError as e:  # genops: truncated argument, unknown opcode, no STOP
+            raise pickle.UnpicklingError(f"malformed or truncated pickle ({e})") from e
+        self._file.seek(start)
+        return super().load()
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._allowed:

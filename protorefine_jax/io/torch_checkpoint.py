@@ -236,7 +236,7 @@ def _budget(file_size: int) -> int:
     return MAX_EXPANSION * file_size + SLACK_BYTES
 
 
-def _load_legacy(f: io.BufferedIOBase, file_size: int) -> Any:
+def _load_legacy(f: io.BytesIO, file_size: int) -> Any:
     magic = load_plain(f)
     if magic != LEGACY_MAGIC_NUMBER:
         raise CheckpointError("not a torch checkpoint (bad magic number of the legacy format)")
@@ -436,11 +436,17 @@ def load_state_dict(path: str | os.PathLike, kind: str | None = None) -> dict[st
         if zipfile.is_zipfile(path):
             return _unwrap(_load_zip(path, size), path)
         with open(path, "rb") as f:
-            return _unwrap(_load_legacy(f, size), path)
+            data = f.read()  # the pickles are checked in memory (see safe_pickle)
+        return _unwrap(_load_legacy(io.BytesIO(data), len(data)), path)
     except CheckpointError as e:
         if path in str(e):
             raise
         raise CheckpointError(f"{path}: {e}") from e
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused ({str(e)[:200]}). A weight file must hold data only. Fix: use "
+            "a plain torch.save state dict or a .safetensors file from a trusted source."
+        ) from e
     except MemoryError as e:
         raise CheckpointError(f"{path}: out of memory while reading ({e})") from e
     except _READ_ERRORS as e:
