@@ -397,6 +397,7 @@ _READ_ERRORS = (
     OverflowError,
     RecursionError,
     NotImplementedError,
+    RuntimeError,  # zipfile: encrypted members
 )
 
 
