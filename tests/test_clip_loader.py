@@ -20,8 +20,8 @@ from test_clip_convert import SPEC, random_openclip_state_dict
 from transformers import FlaxCLIPModel
 
 from protorefine_jax.clip import convert, winclip
-from protorefine_jax.io import clip_folder as loader
 from protorefine_jax.clip.spec import CLIP_MEAN, CLIP_STD
+from protorefine_jax.io import clip_folder as loader
 from protorefine_jax.io.errors import CheckpointError
 
 MERGES = ["h e", "l l", "he ll"]

@@ -57,7 +57,11 @@ def test_missing_file_names_the_file(tmp_path):
 def test_refuses_arbitrary_globals(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
-        for obj in (torch_checkpoint.LEGACY_MAGIC_NUMBER, torch_checkpoint.LEGACY_PROTOCOL_VERSION, {}):
+        for obj in (
+            torch_checkpoint.LEGACY_MAGIC_NUMBER,
+            torch_checkpoint.LEGACY_PROTOCOL_VERSION,
+            {},
+        ):
             pickle.dump(obj, f, protocol=2)
         pickle.dump({"x": os.getcwd}, f, protocol=2)  # a global the reader must not resolve
     with pytest.raises(CheckpointError, match=r"evil.pth.*not allowed"):

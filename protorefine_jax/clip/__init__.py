@@ -73,6 +73,7 @@ def __getattr__(name: str):
         return getattr(clip_folder, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = [
     "CORESET_ALPHA",
     "PRESETS",

@@ -107,10 +107,10 @@ class CategoryData:
         return tuple(sorted({t.defect_type for t in self.test if t.label == 1}))
 
     def name(self, path: Path) -> str:
-        """File name relative to :attr:`root` (POSIX), as stored with results.
+        r"""File name relative to :attr:`root` (POSIX), as stored with results.
 
         Always valid UTF-8 (:func:`~protorefine_jax.io.paths.json_safe_text`):
-        bytes of a non-UTF-8 file name appear as ``\\xNN``.
+        bytes of a non-UTF-8 file name appear as ``\xNN``.
         """
         return json_safe_text(Path(path).relative_to(self.root).as_posix())
 

@@ -63,7 +63,6 @@ from protorefine_jax.features.preprocess import (
     UINT16_SCALE,
     pil_to_array,
     resize_rgb,
-    rgb_channels,
 )
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -131,6 +130,8 @@ def _decode(path: Path, what: str) -> np.ndarray:
                     raise _too_large(path, what, f"{width} x {height} pixels")
                 img.load()  # Image.open is lazy: truncated files only fail here.
                 return pil_to_array(img)
+    except ImageTooLargeError:
+        raise
     except Image.DecompressionBombError as e:
         raise _too_large(path, what, f"too large for PIL ({e})") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -175,7 +176,11 @@ def _mask_defect(arr: np.ndarray, threshold: int) -> np.ndarray:
     Compared in the file's own dtype: uint8 `v > t`; uint16 `v / 257 > t`,
     i.e. `v > 257 t`; bool `255 > t`; float `255 v > t` in float32.
     """
-    x = rgb_channels(arr)
+    x = arr[..., None] if arr.ndim == 2 else arr
+    if x.ndim != 3 or x.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"expected a mask [H, W] or [H, W, 1|2|3|4], got shape {arr.shape}")
+    if x.shape[-1] in (2, 4):
+        x = x[..., :-1]  # alpha ignored; gray is not replicated (one byte per pixel)
     if x.dtype == np.bool_:
         hit = x if threshold < 255 else np.zeros_like(x)
     elif x.dtype == np.uint16:

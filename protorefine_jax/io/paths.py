@@ -1,4 +1,4 @@
-"""Paths that come from untrusted text, and names written to disk.
+r"""Paths that come from untrusted text, and names written to disk.
 
 A path read from a file's contents (a shard name in a safetensors index, a
 ``vocab_file`` entry, a VisA CSV row) or from a flag that names a category is
@@ -11,7 +11,7 @@ outside it.
 Names written to disk go through :func:`safe_filename` (one component, no
 separators or control characters), and names written into JSON through
 :func:`json_safe_text` (file names that are not valid UTF-8 keep their bytes
-as ``\\xNN`` escapes instead of lone surrogates, which strict JSON readers
+as ``\xNN`` escapes instead of lone surrogates, which strict JSON readers
 reject).
 """
 
@@ -44,7 +44,12 @@ def check_relative(name: str, what: str, *, single: bool = False) -> str:
     if re.search(r"[\x00-\x1f]", name):
         raise UnsafePathError(f"{what} {name!r} holds control characters.")
     posix, windows = PurePosixPath(name), PureWindowsPath(name)
-    if posix.is_absolute() or windows.is_absolute() or windows.drive or name.startswith(("/", "\\")):
+    if (
+        posix.is_absolute()
+        or windows.is_absolute()
+        or windows.drive
+        or name.startswith(("/", "\\"))
+    ):
         raise UnsafePathError(
             f"{what} {name!r} is an absolute path; only names inside the folder are allowed."
         )
@@ -65,7 +70,7 @@ def safe_child(root: str | os.PathLike, name: str, what: str, *, single: bool = 
 
 
 def json_safe_text(name: str) -> str:
-    """``name`` as valid UTF-8 text: undecodable bytes (lone surrogates) become ``\\xNN``."""
+    r"""``name`` as valid UTF-8 text: undecodable bytes (lone surrogates) become ``\xNN``."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 

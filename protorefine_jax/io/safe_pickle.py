@@ -66,6 +66,7 @@ class SafeUnpickler(pickle.Unpickler):
         return super().load()
 
     def find_class(self, module: str, name: str) -> Any:
+        """The allowed object named ``module.name``; raises for anything else."""
         if (module, name) in self._allowed:
             return self._allowed[(module, name)]
         if self._resolve is not None:
@@ -77,6 +78,7 @@ class SafeUnpickler(pickle.Unpickler):
         )
 
     def persistent_load(self, pid: Any) -> Any:
+        """Delegates to the caller's handler; refuses persistent ids without one."""
         if self._persistent is None:
             raise pickle.UnpicklingError("persistent ids are not allowed here")
         return self._persistent(pid)

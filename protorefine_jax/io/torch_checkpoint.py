@@ -131,7 +131,11 @@ class _LazyTensor(NoState):
             )
 
     def nbytes(self) -> int:
-        item = 4 if self.storage.name == "BFloat16Storage" else _STORAGE_DTYPES[self.storage.name].itemsize
+        item = (
+            4
+            if self.storage.name == "BFloat16Storage"
+            else _STORAGE_DTYPES[self.storage.name].itemsize
+        )
         return math.prod(self.size) * item
 
     def materialise(self) -> np.ndarray:
@@ -260,7 +264,9 @@ def _load_legacy(f: io.BytesIO, file_size: int) -> Any:
             if not isinstance(view_metadata, tuple) or len(view_metadata) != 3:
                 raise pickle.UnpicklingError("malformed storage view metadata")
             _view_key, offset, view_size = view_metadata
-            return _StorageView(root, _as_int(offset, "view offset"), _as_int(view_size, "view size"))
+            return _StorageView(
+                root, _as_int(offset, "view offset"), _as_int(view_size, "view size")
+            )
         return root
 
     obj = _unpickler(f, persistent_load).load()
@@ -357,9 +363,7 @@ def _load_npz(path: str, file_size: int) -> dict[str, np.ndarray]:
                         f"member holds {info.file_size} bytes; refused before allocating"
                     )
             with zf.open(info) as f:
-                out[info.filename[: -len(".npy")]] = np.lib.format.read_array(
-                    f, allow_pickle=False
-                )
+                out[info.filename[: -len(".npy")]] = np.lib.format.read_array(f, allow_pickle=False)
     return out
 
 
