@@ -159,7 +159,7 @@ def encode_multiscale(
     params: Params,
     images: Array,
     window_sizes: tuple[int, ...] = (2, 3),
-    project_patches: bool = True,
+    project_patches: bool = False,
 ) -> MultiscaleFeatures:
     """WinCLIP's multi-scale features of raw images, in one pass of the embedding layer.
 
@@ -170,8 +170,9 @@ def encode_multiscale(
         (module docstring); normalised here with `spec.image_mean/std`.
       window_sizes: window sides in patches (WinCLIP: 2 and 3).
       project_patches: send full-image patch tokens through the visual
-        projection after post-LN (`C = E`); False keeps them `D`-wide (what
-        OpenCLIP's `output_tokens`, used by anomalib's WinCLIP, returns).
+        projection after post-LN (`C = E`); False (default) keeps them
+        `D`-wide, what OpenCLIP's `output_tokens` returns and anomalib's
+        WinCLIP scores with.
 
     Returns:
       `MultiscaleFeatures(image [B, E], patches [B, h*w, C], windows)`.
