@@ -254,12 +254,8 @@ def build_banks(support: MultiscaleFeatures, alpha: float, **bank_kwargs: Any) -
       `WinClipBanks`: coreset banks (each with its degeneracy verdict) and
       every support row, both in `scale_features` order.
     """
-    full = tuple(
-        normalize_rows(f.reshape(-1, f.shape[-1])) for f in scale_features(support)
-    )
-    return WinClipBanks(
-        coreset=tuple(build_bank(f, alpha, **bank_kwargs) for f in full), full=full
-    )
+    full = tuple(normalize_rows(f.reshape(-1, f.shape[-1])) for f in scale_features(support))
+    return WinClipBanks(coreset=tuple(build_bank(f, alpha, **bank_kwargs) for f in full), full=full)
 
 
 def anomaly_probability(embeddings: Array, text_features: Array, temperature: Array) -> Array:
