@@ -215,12 +215,16 @@ def bench_winclip(s: BenchSettings) -> list[dict[str, Any]]:
     base_cfg = winclip_config(use_refinement=False, clip=spec, precision=s.precision)
     plus_cfg = winclip_config(use_refinement=True, clip=spec, precision=s.precision)
     support = extract_multiscale(params, images(s.shots, size, seed=3), plus_cfg)
-    banks = tuple(b.prototypes for b in build_banks(support, s.wc_alpha))
+    # WinClipBanks: WinCLIP scores against every support row, WinCLIP+ refines the coresets.
+    banks = build_banks(support, s.wc_alpha)
     text = jax.device_put(_rng(4).standard_normal((2, spec.embed_dim)).astype(np.float32))
     info = {
         "shape": f"{s.clip_model} {size}px, n="
-        + "/".join(str(b.shape[0]) for b in banks)
-        + f", c={banks[0].shape[1]}"
+        + "/".join(str(b.prototypes.shape[0]) for b in banks)
+        + " (WinCLIP: "
+        + "/".join(str(f.shape[0]) for f in banks.full)
+        + "), c="
+        + "/".join(str(f.shape[1]) for f in banks.full)
     }
     scales = "/".join(str(x.shape[1]) for x in scale_features(support))
     extract_info = {"shape": f"{size}px -> m={scales}, c={support.patches.shape[2]}"}

@@ -20,7 +20,6 @@ from protorefine_jax.clip import (
     class_text_features,
     extract_multiscale,
     load_clip,
-    object_name,
     score,
     winclip_config,
 )
@@ -30,6 +29,8 @@ class WinClipHost:
     """WinCLIP / WinCLIP+ from a local Hugging Face CLIP folder."""
 
     family = "winclip"
+    # anomalib's WinCLIP: Resize((240, 240), bicubic, antialias=True) of the decoded image.
+    resample = "bicubic"
 
     def __init__(self, clip_dir: str, image_size: int, batch_size: int, dataset: str):
         bundle = load_clip(clip_dir)  # names the missing files if the folder is incomplete
@@ -55,10 +56,8 @@ class WinClipHost:
         }
 
     def prepare(self, category: str) -> None:
-        """Encodes the category's normal / anomalous prompt ensembles."""
-        self.text = class_text_features(
-            self.spec, self.params, self.tokenizer, object_name(category)
-        )
+        """Encodes the category's prompt ensembles; the raw category (`metal_nut`), as anomalib."""
+        self.text = class_text_features(self.spec, self.params, self.tokenizer, category)
 
     def features(self, images: np.ndarray):
         """`[N, S, S, 3]` uint8 -> `MultiscaleFeatures` with leading axis N."""
@@ -69,7 +68,7 @@ class WinClipHost:
         )
 
     def build_bank(self, support_features, alpha: float):
-        """One coreset bank per scale (full-image patches, 2x2, 3x3 windows)."""
+        """Per scale (full-image patches, 2x2, 3x3 windows): coreset bank and full memory."""
         return build_banks(support_features, alpha)
 
     def base_config(self, **fields) -> RefineConfig:
@@ -82,7 +81,10 @@ class WinClipHost:
         if method.online:
             raise ValueError("the online variant is implemented for PatchCore+ only.")
         wc = WinClipConfig(
-            refine=config, clip=self.spec, image_size=(self.image_size, self.image_size)
+            refine=config,
+            clip=self.spec,
+            image_size=(self.image_size, self.image_size),
+            **method.host_options,
         )
         out = batched(lambda f: score(f, banks, self.text, wc), test_features, self.batch_size)
         diags = {k: np.asarray(v) for k, v in out.diagnostics._asdict().items()}

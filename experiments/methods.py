@@ -22,6 +22,8 @@ class Method:
       overrides: `RefineConfig` fields set on top of the flag-built config.
       online: score the test stream with `online_refine_and_score`.
       description: one line for `--help` and reports.
+      host_options: host settings beyond `RefineConfig` (WinCLIP:
+        `WinClipConfig` fields such as `plain_memory`).
     """
 
     name: str
@@ -29,6 +31,7 @@ class Method:
     overrides: dict[str, Any]
     online: bool = False
     description: str = ""
+    host_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _methods() -> dict[str, Method]:
@@ -72,7 +75,19 @@ def _methods() -> dict[str, Method]:
             online=True,
             description="online PatchCore+ (refined prototypes join the bank)",
         ),
-        Method("winclip", "winclip", {"use_refinement": False}, description="WinCLIP"),
+        Method(
+            "winclip",
+            "winclip",
+            {"use_refinement": False},
+            description="WinCLIP, every support token and window (anomalib)",
+        ),
+        Method(
+            "winclip_coreset",
+            "winclip",
+            {"use_refinement": False},
+            description="WinCLIP against WinCLIP+'s coreset banks (like-for-like ablation)",
+            host_options={"plain_memory": "coreset"},
+        ),
         Method("winclip+", "winclip", {}, description="WinCLIP+"),
         Method(
             "winclip+w_only",

@@ -334,6 +334,8 @@ def run_category(s, dataset, root, category, family, host, methods, out: Outputs
       What the results should record about this host's configuration.
     """
     data = load_dataset_category(dataset, root, category, host.image_size)
+    # The host's resize filter (WinCLIP: bicubic, as anomalib; PatchCore: bilinear).
+    data = dataclasses.replace(data, resample=getattr(host, "resample", "bilinear"))
     host.prepare(category)
     bar.set_postfix_str(f"{category}: extracting test features ({family})")
     test = load_test_set(data, host)

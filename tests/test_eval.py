@@ -156,7 +156,7 @@ def test_winclip_methods_run_from_a_clip_folder(tmp_path):
     workdir = tmp_path / "run"
     tiny = {
         **TINY,
-        "methods": ["winclip", "winclip+"],
+        "methods": ["winclip", "winclip_coreset", "winclip+"],
         "image_size": spec.image_size,
         "shots": ["1"],
         "num_heatmaps": 1,
@@ -164,7 +164,7 @@ def test_winclip_methods_run_from_a_clip_folder(tmp_path):
     with flagsaver.flagsaver(workdir=str(workdir), clip_dir=str(folder), **tiny):
         eval_cli.main(["eval"])
     results = json.loads((workdir / "results.json").read_text())
-    assert {r["method"] for r in results["rows"]} == {"winclip", "winclip+"}
+    assert {r["method"] for r in results["rows"]} == {"winclip", "winclip_coreset", "winclip+"}
     assert all(0.0 <= r["image_auroc"] <= 100.0 for r in results["rows"])
 
 
