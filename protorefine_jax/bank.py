@@ -50,6 +50,25 @@ class MemoryBank(NamedTuple):
         return line
 
 
+def uses_wide_ridge(rows, feature_dim):
+    """The ridge rule: does a bank of `rows` prototypes take `RefineConfig.ridge_wide`?
+
+    A bank with at least as many (non-empty) rows as feature dimensions,
+    `n >= c`, has a singular Gram matrix and takes the larger relative ridge
+    `ridge_wide`; a narrower bank takes `ridge` (docs/method.md, "The ridge
+    rule"). `n >= c` is the static-shape proxy of `MemoryBank.degenerate`.
+    Works on Python ints (to plan runs) and on traced counts (inside jit).
+
+    Args:
+      rows: prototypes in use `n` (int or scalar array).
+      feature_dim: feature dimension `c`.
+
+    Returns:
+      `rows >= feature_dim` (bool or bool array).
+    """
+    return rows >= feature_dim
+
+
 def numerical_rank(x: Float[Array, "N c"], rtol: float = 1e-3) -> int:
     """Rank of `x` counting singular values above `rtol * sigma_max`.
 
