@@ -23,8 +23,12 @@ default); `main` is a thin wrapper around the importable `runner.run`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
+
+if __name__ == "__main__":  # as a program only: before numpy loads OpenBLAS (experiments/__init__)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import dataclasses
 import sys
 from pathlib import Path
 

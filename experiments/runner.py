@@ -272,12 +272,23 @@ def score_row(s: Settings, category: str, method: Method, k: int, support, state
 
 
 class Outputs:
-    """The files a run writes as it goes (rows, per-image scores, overlays)."""
+    """The files a run writes as it goes (rows, per-image scores, overlays).
+
+    A context manager: `scores.jsonl` is open inside the `with` block and
+    closed when it ends, on success or failure.
+    """
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.rows: list[dict[str, Any]] = []
-        self.scores = (workdir / "scores.jsonl").open("w")
+        self.scores = None
+
+    def __enter__(self) -> Outputs:
+        self.scores = (self.workdir / "scores.jsonl").open("w")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.scores.close()
 
     def add(self, row: dict[str, Any], test: dict[str, Any], result) -> None:
         """Keeps the row and appends the per-image scores."""
@@ -353,9 +364,8 @@ def run(s: Settings) -> dict[str, Any]:
     methods = check_settings(s)
     workdir = prepare_workdir(s.workdir, s.overwrite)
     start = time.time()
-    out = Outputs(workdir)
     resolved = {"settings": dataclasses.asdict(s), "families": {}}
-    with dataset_root(s) as (dataset, root):
+    with Outputs(workdir) as out, dataset_root(s) as (dataset, root):
         categories = list(s.categories) or list(list_categories(dataset, root))
         if not categories:
             raise FileNotFoundError(f"no category folders (with train/good) found under {root}.")
@@ -375,7 +385,6 @@ def run(s: Settings) -> dict[str, Any]:
                 # Rows so far, so that a failure later does not lose them.
                 partial = {"rows": out.rows, "config": resolved, "complete": False}
                 report.write_json(workdir / "results.json", partial)
-    out.scores.close()
     summary = report.summarize(out.rows)
     table = report.markdown_table(summary)
     results = {
