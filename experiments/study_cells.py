@@ -28,7 +28,7 @@ from protorefine_jax import refine as refine_lib
 from protorefine_jax.bank import uses_wide_ridge
 from protorefine_jax.coreset import coreset_size
 from protorefine_jax.data import load_dataset_category, sample_support
-from protorefine_jax.detectors import PatchCore
+from protorefine_jax.detectors import PatchCore, patchcore
 from protorefine_jax.metrics import evaluate
 
 PARTS = ("spec8", "sweeps", "ridge", "main", "optax")
@@ -45,7 +45,7 @@ FEATURES = {
     "lite0-official1024": ("efficientnet_lite0", "official", 1024, 1024),
 }
 DEFAULT_FEATURES = "lite0-official"
-ALPHA = PatchCore.create().alpha
+ALPHA = patchcore.ALPHA  # the detector's default (sweeps vary it)
 ONLINE = {"capacity": 128, "add_per_query": 16}
 
 
