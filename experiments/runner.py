@@ -28,7 +28,13 @@ from experiments.hosts import Host, stack, take
 from experiments.methods import Method, get_method
 from protorefine_jax.data import load_dataset_category, make_synthetic_dataset, sample_support
 from protorefine_jax.data.registry import list_categories
-from protorefine_jax.detectors import PatchCore, bank_degenerate, bank_size, describe_banks
+from protorefine_jax.detectors import (
+    PatchCore,
+    bank_degenerate,
+    bank_size,
+    describe_banks,
+    patchcore,
+)
 from protorefine_jax.metrics import evaluate
 
 
@@ -168,7 +174,7 @@ def make_host(s: Settings, family: str) -> Host:
         detector = PatchCore.create(
             s.backbone,
             s.aggregation,
-            s.image_size or 256,
+            s.image_size or patchcore.IMAGE_SIZE,
             alpha=s.alpha,
             pretrain_dim=s.pretrain_dim,
             target_dim=s.target_dim,
