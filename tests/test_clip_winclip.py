@@ -9,7 +9,7 @@ import pytest
 from helpers import TraceCounter
 from test_clip_towers import SPEC, init_params
 
-from protorefine_jax import RefineConfig, refine
+from protorefine_jax import RefineConfig
 from protorefine_jax.clip import winclip
 from protorefine_jax.clip.towers import MultiscaleFeatures
 
@@ -229,6 +229,34 @@ def test_score_matmuls_run_in_float32_unless_tf32(setup, use_refinement):
             assert not wrong, (precision, wrong)
 
 
-def test_rows_normalised_by_the_refine_helper():
-    assert winclip.normalize_rows is refine.normalize_rows
-    assert not hasattr(winclip, "_unit")
+def test_banks_hold_unit_rows_of_each_scale(setup):
+    support, _, _ = setup
+    banks = winclip.build_banks(support, alpha=1.0)
+    scales = (support.patches, *support.windows)
+    assert len(banks) == len(scales)
+    for bank, feats in zip(banks, scales, strict=True):
+        rows = np.asarray(feats, np.float64).reshape(-1, feats.shape[-1])
+        ref = rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+        got = np.asarray(bank.prototypes, np.float64)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1.0, rtol=1e-5, atol=1e-6)
+        # alpha=1 keeps every row: the bank is the normalised support, reordered.
+        np.testing.assert_allclose(got, ref[np.asarray(bank.indices)], rtol=1e-5, atol=1e-6)
+
+
+def test_score_does_not_recompile_for_new_floats(setup, monkeypatch):
+    support, queries, text = setup
+    banks = winclip.build_banks(support, alpha=1.0)
+    calls = []
+    original = winclip.few_shot_query
+    monkeypatch.setattr(
+        winclip, "few_shot_query", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    jax.clear_caches()
+    cfg = winclip.winclip_config(clip=SPEC, num_iters=2)
+    winclip.score(queries, banks, text, cfg)
+    assert len(calls) == 1
+    winclip.score(queries, banks, text, cfg.replace(temperature=0.05))
+    winclip.score(queries, banks, text, cfg.replace(refine=cfg.refine.replace(lam=0.5)))
+    assert len(calls) == 1
+    winclip.score(queries, banks, text, cfg.replace(refine=cfg.refine.replace(num_iters=3)))
+    assert len(calls) == 2

@@ -215,3 +215,11 @@ def test_category_mean_row_is_the_std_over_seeds_of_category_means():
     # Per seed: (80 + 60) / 2 = 70 and (90 + 100) / 2 = 95.
     assert mean["image_auroc_mean"] == pytest.approx(82.5)
     assert mean["image_auroc_std"] == pytest.approx(12.5)
+
+
+def test_outputs_close_the_scores_file_when_the_run_fails(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with runner.Outputs(tmp_path) as out:
+            scores = out.scores
+            raise RuntimeError("boom")
+    assert scores.closed

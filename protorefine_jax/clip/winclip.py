@@ -354,7 +354,13 @@ def score(
     text_features: Array,
     config: WinClipConfig,
 ) -> WinClipOutput:
-    """Scores a batch from its features (jitted; the one place that vmaps the queries).
+    """Scores a batch from its features (jitted).
+
+    Multi-scale batching: WinCLIP's per-image function (zero-shot scores plus
+    `pipeline.score_query` once per few-shot scale, each scale with its own
+    bank and grid shape) is vmapped over the batch here; the scales run one
+    after another inside it, since their shapes differ (docs/method.md,
+    "Batching").
 
     Every product here (cosines to the text features, the few-shot scores,
     the map upsampling) runs in full float32 (`refine.matmul_precision`:
