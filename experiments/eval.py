@@ -23,14 +23,21 @@ default); `main` is a thin wrapper around the importable `runner.run`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
+
+if __name__ == "__main__":  # as a program only: before numpy loads OpenBLAS (experiments/__init__)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import dataclasses
 import sys
 from pathlib import Path
 
 from absl import app, flags
 
 from experiments import runner
+from protorefine_jax import RefineConfig
+from protorefine_jax.data import imageio
+from protorefine_jax.detectors import patchcore
 
 FLAGS_DIR = Path(__file__).resolve().parent / "flags"
 
@@ -44,15 +51,18 @@ HELP = {
     "seeds": "Support-sampling seeds.",
     "methods": "Methods (experiments/methods.py: patchcore, patchcore+, winclip, winclip+, ...).",
     "backbone": "PatchCore backbone: efficientnet_lite0 | efficientnet_lite2 | wide_resnet50_2.",
-    "aggregation": "PatchCore aggregation: official | simple (default: official for "
-    "wide_resnet50_2, simple for EfficientNet-Lite; RESULTS.md section 3).",
+    "aggregation": "PatchCore aggregation: official | simple (default per backbone: "
+    + ", ".join(f"{k} {v}" for k, v in patchcore.AGGREGATION.items())
+    + "; detectors/patchcore.py).",
     "pretrain_dim": "Official aggregation: per-stage pooled size (default per backbone).",
     "target_dim": "Official aggregation: output size (default per backbone).",
     "weights": "Backbone weights file ('' = shipped Lite weights; 'random' = random init).",
     "clip_dir": "Local Hugging Face CLIP folder (WinCLIP methods; see README).",
-    "image_size": "Input side in pixels (default 256 PatchCore, 240 WinCLIP).",
-    "alpha": "Coreset ratio (default 0.05 PatchCore; WinCLIP 0.5 MVTec, 0.3 VisA, 0.2 MPDD).",
-    "lam": "OT weight lambda (default 0.3 PatchCore+, 0.1 WinCLIP+).",
+    "image_size": f"Input side in pixels (default {patchcore.IMAGE_SIZE} PatchCore; WinCLIP: the "
+    "CLIP model's).",
+    "alpha": f"Coreset ratio (default {patchcore.ALPHA} PatchCore; WinCLIP per dataset, "
+    "clip/winclip.py CORESET_ALPHA).",
+    "lam": f"OT weight lambda (default {RefineConfig.lam} PatchCore+; WinCLIP+: winclip_config's).",
     "online_capacity": "Online variant: ring-buffer rows.",
     "online_add": "Online variant: prototypes added per query.",
     "batch_size": "Images per compiled batch.",
@@ -63,6 +73,14 @@ HELP = {
 }
 for _name in runner.REFINE_FIELDS:
     HELP[_name] = f"RefineConfig.{_name} (unset: the shipped default; see its docstring)."
+
+
+_MAX_IMAGE_PIXELS = flags.DEFINE_integer(
+    "max_image_pixels",
+    imageio.DEFAULT_MAX_IMAGE_PIXELS,
+    "Largest image / mask (width x height) decoded; larger files are refused before "
+    "decoding (a small file can decode to gigabytes). Raise it for genuine large images.",
+)
 
 
 def _define(field: dataclasses.Field) -> None:
@@ -114,6 +132,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
+        imageio.set_max_image_pixels(_MAX_IMAGE_PIXELS.value)
         runner.run(settings_from_flags())
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         # Bad input gets its message, not a traceback.

@@ -4,7 +4,7 @@ Example:
   >>> bundle = load_clip("checkpoints/clip/ViT-B-16-plus-240")  # local HF folder
   >>> config = winclip_config(use_refinement=True, clip=bundle.spec)  # WinCLIP+
   >>> support = extract_multiscale(bundle.params, support_images, config)
-  >>> banks = build_banks(support, CORESET_ALPHA["mvtec"])
+  >>> banks = build_banks(support, CORESET_ALPHA["mvtec"])  # coresets + full memory
   >>> text = class_text_features(bundle.spec, bundle.params, bundle.tokenizer, "bottle")
   >>> out = detect(bundle.params, banks, text, query_images, config)
   >>> out.image_scores.shape, out.maps.shape
@@ -16,16 +16,6 @@ from protorefine_jax.clip.convert import (
     hf_state_dict_to_flax,
     infer_openclip_spec,
     openclip_to_hf_state_dict,
-)
-from protorefine_jax.clip.loader import (
-    ClipBundle,
-    check_clip_folder,
-    convert_openclip,
-    load_clip,
-    load_tokenizer,
-    missing_clip_files,
-    read_state_dict,
-    write_clip_folder,
 )
 from protorefine_jax.clip.prompts import (
     class_text_features,
@@ -51,6 +41,7 @@ from protorefine_jax.clip.towers import (
 )
 from protorefine_jax.clip.winclip import (
     CORESET_ALPHA,
+    WinClipBanks,
     WinClipConfig,
     WinClipOutput,
     anomaly_probability,
@@ -62,6 +53,28 @@ from protorefine_jax.clip.winclip import (
 )
 from protorefine_jax.clip.windows import aggregate_windows, coverage_counts, window_indices
 
+# File reading lives in protorefine_jax.io.clip_folder, which imports this
+# package's pure modules; its names are re-exported lazily to avoid the cycle.
+_CLIP_FOLDER_NAMES = (
+    "ClipBundle",
+    "check_clip_folder",
+    "convert_openclip",
+    "load_clip",
+    "load_tokenizer",
+    "missing_clip_files",
+    "read_state_dict",
+    "write_clip_folder",
+)
+
+
+def __getattr__(name: str):
+    if name in _CLIP_FOLDER_NAMES:
+        from protorefine_jax.io import clip_folder
+
+        return getattr(clip_folder, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "CORESET_ALPHA",
     "PRESETS",
@@ -70,6 +83,7 @@ __all__ = [
     "ClipBundle",
     "ClipSpec",
     "MultiscaleFeatures",
+    "WinClipBanks",
     "WinClipConfig",
     "WinClipOutput",
     "aggregate_windows",

@@ -26,6 +26,7 @@ from protorefine_jax.data.errors import (
     DatasetNotFoundError,
     EmptyTrainSetError,
     MissingMaskError,
+    UnsafeNameError,
 )
 from protorefine_jax.data.imageio import (
     MVTEC_MASK_THRESHOLD,
@@ -33,6 +34,7 @@ from protorefine_jax.data.imageio import (
     read_images,
     read_mask,
 )
+from protorefine_jax.io.paths import UnsafePathError, check_relative, json_safe_text
 
 GOOD = "good"
 
@@ -85,6 +87,8 @@ class CategoryData:
       mask_threshold: masks are binarised with `value > mask_threshold`.
       train_good: sorted defect-free training images (the few-shot pool).
       test: test images, sorted by (defect type, file name).
+      resample: image resize filter, `"bilinear"` (CNN backbones) or
+        `"bicubic"` (CLIP / WinCLIP, as anomalib); masks are always nearest.
     """
 
     category: str
@@ -93,6 +97,7 @@ class CategoryData:
     mask_threshold: int
     train_good: tuple[Path, ...]
     test: tuple[TestItem, ...]
+    resample: str = "bilinear"
 
     @property
     def test_labels(self) -> np.ndarray:
@@ -105,8 +110,12 @@ class CategoryData:
         return tuple(sorted({t.defect_type for t in self.test if t.label == 1}))
 
     def name(self, path: Path) -> str:
-        """File name relative to :attr:`root` (POSIX), as stored with results."""
-        return Path(path).relative_to(self.root).as_posix()
+        r"""File name relative to :attr:`root` (POSIX), as stored with results.
+
+        Always valid UTF-8 (:func:`~protorefine_jax.io.paths.json_safe_text`):
+        bytes of a non-UTF-8 file name appear as ``\xNN``.
+        """
+        return json_safe_text(Path(path).relative_to(self.root).as_posix())
 
     def load_images(self, paths: Sequence[Path]) -> np.ndarray:
         """Decodes images (e.g. a support set).
@@ -117,7 +126,7 @@ class CategoryData:
         Returns:
           `[B, S, S, 3]` uint8 RGB.
         """
-        return read_images(tuple(paths), self.image_size)
+        return read_images(tuple(paths), self.image_size, self.resample)
 
     def load_masks(self, items: Sequence[TestItem]) -> np.ndarray:
         """Decodes the masks of test items; normal items get an all-False mask.
@@ -132,7 +141,7 @@ class CategoryData:
         out = np.zeros((len(items), s, s), bool)
         for i, item in enumerate(items):
             if item.mask_path is not None:
-                out[i] = read_mask(item.mask_path, s, self.mask_threshold)
+                out[i] = read_mask(item.mask_path, s, self.mask_threshold, image_path=item.path)
         return out
 
     def test_batches(self, batch_size: int) -> Iterator[TestBatch]:
@@ -180,6 +189,21 @@ def _find_mask(gt_dir: Path, image: Path) -> Path | None:
     return None
 
 
+def check_category_name(category: str) -> str:
+    """Returns `category` if it is one plain folder name (no separator, no `..`).
+
+    Raises:
+      UnsafeNameError: the name would leave the dataset root, or is not a
+        single folder name.
+    """
+    try:
+        return check_relative(category, "Category", single=True)
+    except UnsafePathError as e:
+        raise UnsafeNameError(
+            f"{e} Fix: pass the name of a category folder directly under the dataset root."
+        ) from e
+
+
 def load_category(
     root: str | Path,
     category: str,
@@ -199,12 +223,14 @@ def load_category(
       The :class:`CategoryData`; nothing is decoded yet.
 
     Raises:
+      UnsafeNameError: `category` is not a single folder name (`..`, `/`).
       DatasetNotFoundError: missing root, category (lists those found) or `test`.
       EmptyTrainSetError: `train/good` is missing or holds no image.
       MissingMaskError: a defective test image has no mask (names image and
         the expected mask path).
     """
     root = Path(root)
+    check_category_name(category)
     found = discover_categories(root)
     cat_dir = root / category
     if not cat_dir.is_dir():
