@@ -149,7 +149,20 @@ class Host:
 
     def fit(self, support_features: Any) -> DetectorState:
         """The detector's state from the support features (banks, calibration)."""
+        self.support = support_features  # a method with other refinement settings recalibrates
         return self.detector.fit_features(support_features, alpha=self.alpha, context=self.context)
+
+    def calibrated_state(self, state: DetectorState, config: Any) -> DetectorState:
+        """`state` with the calibration of `config`'s refinement (PatchCore+ ablations)."""
+        if (
+            state.calibration is None
+            or not getattr(config, "use_refinement", False)
+            or not config.calibrated
+            or config == self.detector.config()
+        ):
+            return state
+        cal = self.detector.calibrate(self.support, config, alpha=self.alpha)
+        return state._replace(calibration=cal)
 
     def config(self, fields: dict[str, Any], method: Method) -> Any:
         """The detector's scoring config: its defaults, then `fields`, then the method's."""
@@ -177,7 +190,7 @@ class Host:
         """
         out = score_features(
             self.detector,
-            state,
+            self.calibrated_state(state, config),
             test_features,
             config,
             self.batch_size,

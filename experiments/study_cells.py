@@ -103,6 +103,10 @@ class Cell:
         keeps both.
         """
         cfg = dict(self.config)
+        # Uncalibrated scores (and host scores, which calibration does not
+        # touch) keep the keys they had before `calibrated` existed.
+        if not cfg.get("calibrated", False) or not cfg.get("use_refinement", True):
+            cfg.pop("calibrated", None)
         wide = cfg.pop("ridge_wide")
         c, low = detector(self.features).extractor.feature_dim, self.bank_rows()
         high = low + (ONLINE["capacity"] if self.online else 0)
@@ -334,14 +338,16 @@ def compute(cell: Cell, feats: dict[str, Any]) -> dict[str, Any]:
     support = sample_support(feats["pool"], cell.shots, cell.seed)
     sup = np.stack([feats["train"][image_key(p)] for p in support.paths])
     det = detector(cell.features)
-    state = det.fit_features(sup, alpha=cell.alpha)
+    cfg = cell.refine_config()
+    # The calibration is the one of this cell's refinement settings.
+    calibrate = cfg.use_refinement and cfg.calibrated
+    state = det.fit_features(sup, alpha=cell.alpha, config=cfg, calibrate=calibrate)
     (bank,) = state.banks
     if bank.prototypes.shape[0] != cell.bank_rows():
         raise ValueError(
             f"{cell.features}: bank of {bank.prototypes.shape[0]} rows, but the cell key "
             f"assumes {cell.bank_rows()} (the cached features do not match the extractor)."
         )
-    cfg = cell.refine_config()
     test = feats["test"]
     start = time.time()
     out = score_features(det, state, test, cfg, 16, ONLINE if cell.online else None)

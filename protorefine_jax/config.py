@@ -58,6 +58,12 @@ class RefineConfig:
         True). False gives "W only": W is the least-squares `W0`.
       use_refinement: False gives the host method (PatchCore / WinCLIP
         scoring against the bank itself); default True.
+      calibrated: fuse the refined patch scores with the host's when a
+        support-set calibration is given (`calibration.fuse`: the max of the
+        two robust z-scores on held-out support patches; the shipped
+        PatchCore+, RESULTS.md "Calibrated PatchCore+"). False, or no
+        calibration passed, scores with the refined prototypes alone (the
+        paper's PatchCore+). No effect on host scoring.
       bank: score against the `"refined"` prototypes `R = W M` (default) or
         the `"union"` of `M` and `R` (RESULTS.md section 3).
       grid_shape: patch grid `(h, w)` with `h * w = m`; None means square.
@@ -115,6 +121,7 @@ class RefineConfig:
     inner_steps: int = struct.field(pytree_node=False, default=10)
     use_transport: bool = struct.field(pytree_node=False, default=True)
     use_refinement: bool = struct.field(pytree_node=False, default=True)
+    calibrated: bool = struct.field(pytree_node=False, default=True)
     bank: BankMode = struct.field(pytree_node=False, default="refined")
     grid_shape: tuple[int, int] | None = struct.field(pytree_node=False, default=None)
     image_size: tuple[int, int] | None = struct.field(pytree_node=False, default=(256, 256))

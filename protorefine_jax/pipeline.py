@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from protorefine_jax import checks
+from protorefine_jax.calibration import ScoreCalibration, fuse
 from protorefine_jax.config import RefineConfig
 from protorefine_jax.coreset import greedy_coreset_indices, projection_matrix
 from protorefine_jax.refine import gram_system, matmul_precision, refine
@@ -55,13 +56,24 @@ class RefineOutput(NamedTuple):
     diagnostics: Diagnostics
 
 
-def _score(bank, query, config: RefineConfig, weights=None) -> tuple[RefineOutput, Array | None]:
-    """`score_query` plus the refined transform `W` (None for host scoring)."""
+def _score(
+    bank, query, config: RefineConfig, weights=None, calibration=None, host_weights=None
+) -> tuple[RefineOutput, Array | None]:
+    """`score_query` plus the refined transform `W` (None for host scoring).
+
+    With a `calibration` (and `config.calibrated`), refined scores are fused
+    with the host scores of the same Gram system (`calibration.fuse`); the
+    host part scores against the rows of positive `host_weights` (default:
+    the bank's used rows).
+    """
     with matmul_precision(config):
         system = gram_system(bank, query, config, weights, with_inverse=config.use_refinement)
         if config.use_refinement:
             ref = refine(system, config)
             scores = refined_patch_scores(system, ref.w, config)
+            if calibration is not None and config.calibrated:
+                host_sys = system if host_weights is None else system._replace(weights=host_weights)
+                scores = fuse(base_patch_scores(host_sys, config), scores, calibration)
             diag = Diagnostics(ref.marginal_error, ref.w_rel_change, ref.lsq_residual)
             w = ref.w
         else:
@@ -74,7 +86,10 @@ def _score(bank, query, config: RefineConfig, weights=None) -> tuple[RefineOutpu
 
 
 def score_query(
-    bank: Float[Array, "n c"], query: Float[Array, "m c"], config: RefineConfig
+    bank: Float[Array, "n c"],
+    query: Float[Array, "m c"],
+    config: RefineConfig,
+    calibration: ScoreCalibration | None = None,
 ) -> RefineOutput:
     """Refine the bank for one query and score it (paper Alg. 1; docs/method.md).
 
@@ -84,28 +99,38 @@ def score_query(
       bank: `[n, c]` prototypes `M`.
       query: `[m, c]` patch features `F`.
       config: refinement and scoring settings.
+      calibration: support-set statistics (`calibration.calibrate`); with
+        one, the refined patch scores are fused with the host's
+        (`calibration.fuse`, the shipped PatchCore+). None: refined scores
+        alone. Ignored by host scoring and when `config.calibrated` is False.
 
     Returns:
       `RefineOutput` with scalar image score, `[H, W]` map, `[m]` patch scores.
     """
-    return _score(bank, query, config)[0]
+    return _score(bank, query, config, calibration=calibration)[0]
 
 
 def score_batch(
-    bank: Float[Array, "n c"], queries: Float[Array, "B m c"], config: RefineConfig
+    bank: Float[Array, "n c"],
+    queries: Float[Array, "B m c"],
+    config: RefineConfig,
+    calibration: ScoreCalibration | None = None,
 ) -> RefineOutput:
     """`score_query` over a batch of queries: the one `vmap` of the per-query function.
 
     Unjitted and unchecked, for composition (`refine_and_score`, `make_detect`).
     """
-    return jax.vmap(score_query, in_axes=(None, 0, None))(bank, queries, config)
+    return jax.vmap(score_query, in_axes=(None, 0, None, None))(bank, queries, config, calibration)
 
 
 _refine_and_score_batch = jax.jit(score_batch)
 
 
 def refine_and_score(
-    bank: Float[Array, "n c"], queries: Float[Array, "B m c"], config: RefineConfig
+    bank: Float[Array, "n c"],
+    queries: Float[Array, "B m c"],
+    config: RefineConfig,
+    calibration: ScoreCalibration | None = None,
 ) -> RefineOutput:
     """Batched, jitted `score_query` with input checks (docs/method.md, "Batching").
 
@@ -118,6 +143,8 @@ def refine_and_score(
       bank: `[n, c]` prototypes (e.g. `build_bank(...).prototypes`).
       queries: `[B, m, c]` patch features of the query images.
       config: refinement and scoring settings.
+      calibration: support-set statistics for the calibrated PatchCore+
+        (`score_query`); None scores with the refined prototypes alone.
 
     Returns:
       `RefineOutput` with `[B]` image scores, `[B, H, W]` maps, `[B, m]` patch
@@ -131,7 +158,7 @@ def refine_and_score(
     """
     bank = checks.prototypes_of(bank)
     checks.check_bank_and_queries(bank, queries)
-    return _refine_and_score_batch(bank, queries, config)
+    return _refine_and_score_batch(bank, queries, config, calibration)
 
 
 def make_detect(
@@ -143,14 +170,15 @@ def make_detect(
       extract: pure `extract(params, images) -> [B, m, c]`.
 
     Returns:
-      `detect(params, bank, images, config) -> RefineOutput`, jitted once;
-      backbone, refinement and scoring compile into a single XLA program.
+      `detect(params, bank, images, config, calibration=None) -> RefineOutput`,
+      jitted once; backbone, refinement and scoring compile into a single XLA
+      program (`calibration` as in `score_query`).
     """
 
     @jax.jit
-    def detect(params, bank, images, config: RefineConfig) -> RefineOutput:
+    def detect(params, bank, images, config: RefineConfig, calibration=None) -> RefineOutput:
         feats = extract(params, images)
-        return score_batch(bank, feats, config)
+        return score_batch(bank, feats, config, calibration)
 
     return detect
 
@@ -169,12 +197,15 @@ class OnlineState(NamedTuple):
     cursor: Array
 
 
-def _online_step(bank, config, add_per_query, projection, state: OnlineState, query):
+def _online_step(bank, config, add_per_query, projection, calibration, state: OnlineState, query):
     """Score one query against `M` plus the filled slots, then push its prototypes."""
     valid = jnp.concatenate([jnp.ones((bank.shape[0],), bool), state.valid])
     full = jnp.concatenate([bank, jnp.where(state.valid[:, None], state.buffer, 0.0)])
     weights = valid / jnp.sum(valid)  # empty slots get no transport mass
-    out, w = _score(full, query, config, weights)
+    # The host part of a calibrated score keeps to the support bank `M`: the
+    # buffer holds refined query prototypes, anomalies included.
+    host = jnp.concatenate([jnp.ones((bank.shape[0],)), jnp.zeros((state.valid.shape[0],))])
+    out, w = _score(full, query, config, weights, calibration, host.astype(weights.dtype))
     with matmul_precision(config):
         refined = w @ full  # [m, c]: the query's refined prototypes R = W M
         points = refined if projection is None else refined @ projection
@@ -187,7 +218,7 @@ def _online_step(bank, config, add_per_query, projection, state: OnlineState, qu
 
 
 @functools.partial(jax.jit, static_argnames=("capacity", "add_per_query"))
-def _online_scan(bank, queries, config, capacity, add_per_query):
+def _online_scan(bank, queries, config, capacity, add_per_query, calibration=None):
     n, c = bank.shape
     # Empty slots carry zero rows and zero transport weight, so the first
     # query sees exactly the offline bank; all shapes stay static.
@@ -197,7 +228,7 @@ def _online_scan(bank, queries, config, capacity, add_per_query):
     # The coreset of refined prototypes measures distances after the same
     # fixed projection as the bank's coreset (skipped for narrow features).
     projection = projection_matrix(c, 128, 0) if c > 128 else None
-    step = functools.partial(_online_step, bank, config, add_per_query, projection)
+    step = functools.partial(_online_step, bank, config, add_per_query, projection, calibration)
     _, outs = jax.lax.scan(step, state, queries)
     return outs
 
@@ -209,6 +240,7 @@ def online_refine_and_score(
     *,
     capacity: int,
     add_per_query: int,
+    calibration: ScoreCalibration | None = None,
 ) -> RefineOutput:
     """Online PatchCore+/WinCLIP+ (paper Table 6; docs/method.md, "Batching") as a `lax.scan`.
 
@@ -223,6 +255,8 @@ def online_refine_and_score(
       config: refinement settings (`use_refinement` must be True).
       capacity: ring-buffer rows `K`.
       add_per_query: prototypes pushed per query (`<= min(K, m)`).
+      calibration: support-set statistics for calibrated scores (the host
+        part scores against `bank` only); None: refined scores alone.
 
     Returns:
       `RefineOutput` with leading axis `T`, in stream order.
@@ -237,4 +271,4 @@ def online_refine_and_score(
             f"add_per_query must lie in [1, min(capacity, m)] = [1, {min(capacity, m)}], "
             f"got {add_per_query}."
         )
-    return _online_scan(bank, queries, config, capacity, add_per_query)
+    return _online_scan(bank, queries, config, capacity, add_per_query, calibration)

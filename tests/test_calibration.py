@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 from helpers import lowrank_features, subspace
 
-from protorefine_jax import RefineConfig, refine_and_score
+from protorefine_jax import RefineConfig, online_refine_and_score, refine_and_score
 from protorefine_jax import calibration as cal
+from protorefine_jax.detectors import PatchCore
 
 CFG = RefineConfig(num_iters=3, sinkhorn_iters=20, image_size=None)
 # W only: the closed form, no EM loop (cheap to compile; has a float64 reference).
@@ -47,13 +48,16 @@ def test_fuse_is_the_max_of_standardised_scores():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_statistics_match_numpy_and_floor_a_zero_spread():
+def test_statistics_are_median_and_iqr_and_floor_a_zero_spread():
     rng = np.random.default_rng(1)
-    host, refined = rng.gamma(2.0, size=300), np.full(40, 0.5)
+    host, refined = rng.gamma(2.0, size=301), np.full(40, 0.5)
     s = cal.statistics(host, refined)
-    np.testing.assert_allclose([s.host_mean, s.host_std], [host.mean(), host.std()], rtol=1e-6)
-    assert float(s.refined_mean) == pytest.approx(0.5)
-    assert float(s.refined_std) > 0  # floored: constant scores never divide by 0
+    srt = np.sort(host)  # 301 samples: quartiles are order statistics 75, 150, 225
+    np.testing.assert_allclose(
+        [s.host_loc, s.host_scale], [srt[150], srt[225] - srt[75]], rtol=1e-6
+    )
+    assert float(s.refined_loc) == pytest.approx(0.5)
+    assert float(s.refined_scale) > 0  # floored: constant scores never divide by 0
 
 
 @pytest.mark.parametrize("bad", [np.array([]), np.array([1.0, np.nan])])
@@ -120,7 +124,7 @@ def test_calibrate_is_the_statistics_of_the_held_out_scores(rng):
     want = cal.statistics(*cal.held_out_scores(sup, 1.0, W_ONLY, (4, 4)))
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-6)
-    assert float(got.host_mean) > 0 and float(got.refined_std) > 0
+    assert float(got.host_loc) > 0 and float(got.refined_scale) > 0
 
 
 def test_held_out_scores_compile_once_per_shape(rng, monkeypatch):
@@ -145,3 +149,69 @@ def test_held_out_scores_compile_once_per_shape(rng, monkeypatch):
 def test_held_out_scores_reject_bad_support(sup, grid, match):
     with pytest.raises(ValueError, match=match):
         cal.held_out_scores(sup, 0.5, W_ONLY, grid)
+
+
+# --- the calibrated score in the pipeline and the detector -------------------
+
+PIPE = RefineConfig(num_iters=2, sinkhorn_iters=10, image_size=(8, 8))
+
+
+def pipeline_data(rng, b=2, m=16, c=24, n=12):
+    basis = subspace(rng, 6, c)
+    bank = jnp.asarray(lowrank_features(rng, (n, c), basis))
+    queries = jnp.asarray(lowrank_features(rng, (b, m, c), basis))
+    return bank, queries
+
+
+CAL = cal.ScoreCalibration(*map(jnp.float32, (0.5, 0.25, 0.1, 0.05)))
+
+
+def test_refine_and_score_fuses_host_and_refined_scores(rng):
+    bank, queries = pipeline_data(rng)
+    fused = refine_and_score(bank, queries, PIPE, CAL)
+    refined = refine_and_score(bank, queries, PIPE)  # no calibration: refined alone
+    host = refine_and_score(bank, queries, PIPE.replace(use_refinement=False))
+    want = np.maximum(
+        (np.asarray(host.patch_scores) - 0.5) / 0.25,
+        (np.asarray(refined.patch_scores) - 0.1) / 0.05,
+    )
+    np.testing.assert_allclose(fused.patch_scores, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fused.image_scores, want.max(1), rtol=1e-4, atol=1e-4)
+    # calibrated=False ignores a calibration; host scoring never uses one.
+    off = refine_and_score(bank, queries, PIPE.replace(calibrated=False), CAL)
+    np.testing.assert_allclose(off.patch_scores, refined.patch_scores, rtol=1e-6)
+    host_cal = refine_and_score(bank, queries, PIPE.replace(use_refinement=False), CAL)
+    np.testing.assert_allclose(host_cal.patch_scores, host.patch_scores, rtol=1e-6)
+
+
+def test_online_calibrated_host_part_keeps_to_the_support_bank(rng):
+    bank, queries = pipeline_data(rng, b=3)
+    online = online_refine_and_score(
+        bank, queries, PIPE, capacity=8, add_per_query=4, calibration=CAL
+    )
+    offline = refine_and_score(bank, queries[:1], PIPE, CAL)
+    # The first query sees exactly the offline bank.
+    np.testing.assert_allclose(
+        online.patch_scores[0], offline.patch_scores[0], rtol=1e-4, atol=1e-4
+    )
+    # Later queries: the host z-score is the support bank's, whatever the buffer holds.
+    host = refine_and_score(bank, queries, PIPE.replace(use_refinement=False))
+    z_host = (np.asarray(host.patch_scores) - 0.5) / 0.25
+    assert np.all(np.asarray(online.patch_scores) >= z_host - 1e-5 * np.abs(z_host) - 1e-4)
+
+
+def test_patchcore_detector_fits_and_applies_its_calibration(rng):
+    det = PatchCore.create("efficientnet_lite0", image_size=64)  # 8 x 8 grid
+    m, c = 64, det.extractor.feature_dim
+    basis = subspace(rng, 8, c)
+    sup = lowrank_features(rng, (1, m, c), basis)
+    queries = lowrank_features(rng, (2, m, c), basis)
+    cfg = det.config(num_iters=2, sinkhorn_iters=10)
+    state = det.fit_features(sup, config=cfg)
+    want = cal.calibrate(sup, det.alpha, cfg, det.extractor.grid)
+    for g, w in zip(state.calibration, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6)
+    out = det.score_features(state, queries, cfg)
+    ref = refine_and_score(state.banks[0].prototypes, jnp.asarray(queries), cfg, want)
+    np.testing.assert_allclose(out.image_scores, ref.image_scores, rtol=1e-5, atol=1e-5)
+    assert det.fit_features(sup, calibrate=False).calibration is None

@@ -44,7 +44,7 @@ def test_readme_compose_snippets_run_as_written():
     # The detector is the library's composition: same numbers as by hand.
     det, params, state = ns["detector"], ns["params"], ns["state"]
     feats = det.features(params, query_images)
-    ref = refine_and_score(state.banks[0].prototypes, feats, det.config())
+    ref = refine_and_score(state.banks[0].prototypes, feats, det.config(), state.calibration)
     np.testing.assert_allclose(out.image_scores, ref.image_scores, rtol=1e-6, atol=1e-6)
     # The second block: the refiner on the reader's own features.
     f = np.asarray(det.features(params, support_images))

@@ -11,7 +11,13 @@ The defaults of this detector are defined here and only here:
 - the refinement settings (lam 0.3, closed-form M-step, ridge rule, ...):
   the defaults of `RefineConfig` (config.py), which are PatchCore+'s.
 
-PatchCore is `config(use_refinement=False)`, PatchCore+ `config()`.
+- the calibrated score of PatchCore+ (`calibration`): `fit` keeps the
+  robust location and scale of the host and refined scores of held-out
+  support quadrants; PatchCore+ scores each patch with the larger of the two
+  standardised scores (RESULTS.md "Calibrated PatchCore+"; issue 14).
+
+PatchCore is `config(use_refinement=False)`, PatchCore+ `config()`; the
+paper's uncalibrated PatchCore+ is `config(calibrated=False)`.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from protorefine_jax import calibration
 from protorefine_jax.bank import build_bank
+from protorefine_jax.calibration import ScoreCalibration
 from protorefine_jax.config import RefineConfig
 from protorefine_jax.detectors.base import DetectorState
 from protorefine_jax.features import Extractor, get_extractor
@@ -108,23 +116,52 @@ class PatchCore:
         del params, category
 
     def fit_features(
-        self, features: Array, *, alpha: float | None = None, context: Any = None
+        self,
+        features: Array,
+        *,
+        alpha: float | None = None,
+        context: Any = None,
+        config: RefineConfig | None = None,
+        calibrate: bool = True,
     ) -> DetectorState:
-        """State from the `[k, m, c]` support features: the greedy-coreset bank.
+        """State from the `[k, m, c]` support features: the bank and its calibration.
 
-        A support-set calibration of the scores belongs here (computed from
-        `features` and the bank into `DetectorState.calibration`) and is
-        applied in `score_features`.
+        The calibration (`protorefine_jax.calibration`) scores held-out
+        quadrants of the support images with the host and the refinement of
+        `config` (default: `self.config()`, the shipped PatchCore+) and keeps
+        their robust location and scale; `score_features` fuses the two
+        scores with it. `calibrate=False` skips it (PatchCore alone needs
+        none; PatchCore+ then scores with the refined prototypes alone).
         """
         del context  # PatchCore needs no per-category context
-        bank = build_bank(jnp.asarray(features), self.alpha if alpha is None else alpha)
-        return DetectorState(banks=(bank,))
+        alpha = self.alpha if alpha is None else alpha
+        bank = build_bank(jnp.asarray(features), alpha)
+        cal = self.calibrate(features, config, alpha=alpha) if calibrate else None
+        return DetectorState(banks=(bank,), calibration=cal)
+
+    def calibrate(
+        self, features: Array, config: RefineConfig | None = None, *, alpha: float | None = None
+    ) -> ScoreCalibration:
+        """The support-set calibration of `[k, m, c]` features under `config`'s refinement."""
+        return calibration.calibrate(
+            features,
+            self.alpha if alpha is None else alpha,
+            self.config() if config is None else config,
+            self.extractor.grid,
+        )
 
     def fit(
-        self, params: Any, support_images: Array, *, alpha: float | None = None
+        self,
+        params: Any,
+        support_images: Array,
+        *,
+        alpha: float | None = None,
+        config: RefineConfig | None = None,
+        calibrate: bool = True,
     ) -> DetectorState:
-        """State from the `[k, S, S, 3]` support images."""
-        return self.fit_features(self.features(params, support_images), alpha=alpha)
+        """State from the `[k, S, S, 3]` support images (see `fit_features`)."""
+        feats = self.features(params, support_images)
+        return self.fit_features(feats, alpha=alpha, config=config, calibrate=calibrate)
 
     def config(self, **fields: Any) -> RefineConfig:
         """`RefineConfig` on this extractor's grid and map size; `fields` override.
@@ -140,7 +177,9 @@ class PatchCore:
         self, state: DetectorState, features: Array, config: RefineConfig
     ) -> RefineOutput:
         """Scores `[B, m, c]` query features (jitted `refine_and_score`)."""
-        return refine_and_score(state.banks[0].prototypes, jnp.asarray(features), config)
+        return refine_and_score(
+            state.banks[0].prototypes, jnp.asarray(features), config, state.calibration
+        )
 
     def score_stream(
         self,
@@ -158,6 +197,7 @@ class PatchCore:
             config,
             capacity=capacity,
             add_per_query=add_per_query,
+            calibration=state.calibration,
         )
 
     def score(
