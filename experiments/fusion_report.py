@@ -15,7 +15,7 @@ from experiments import fusion_analyse as fa
 _OUT = flags.DEFINE_string("out_dir", "runs/fusion_cells", "Stored patch-score cells.")
 _PIXEL = flags.DEFINE_bool("pixel", False, "Also pixel AUROC of the main rows (slow).")
 
-SHIPPED = "zmax host05+ref region"  # the new PatchCore+ (calibration.fuse)
+SHIPPED = "qz0.25-0.75 host05+ref region"  # the new PatchCore+ (calibration.fuse)
 MAIN = {
     "PatchCore (shipped, alpha 0.05)": "host05",
     "PatchCore alpha 1 (full bank)": "host1",
@@ -24,11 +24,11 @@ MAIN = {
 }
 ABLATIONS = {
     "W only (refined only)": "wonly",
-    "new, calibration from leave-one-image-out (k>=2)": "zmax host05+ref auto",
-    "new with W only": "zmax host05+wonly region",
-    "new with host at alpha 1": "zmax host1+ref region",
+    "new, mean/std from leave-one-image-out (k>=2)": "zmax host05+ref auto",
+    "new with W only": "qz0.25-0.75 host05+wonly region",
+    "new with host at alpha 1": "qz0.25-0.75 host1+ref region",
+    "max, scale (x-mean)/std": "zmax host05+ref region",
     "max, scale (x-p50)/(p90-p50)": "qz0.5-0.9 host05+ref region",
-    "max, scale (x-p25)/(p75-p25)": "qz0.25-0.75 host05+ref region",
     "max, scale (x-p50)/(p99-p50)": "qz0.5-0.99 host05+ref region",
     "max, scale x/p99": "maxq host05+ref region",
     "sum, x/std": "sum host05+ref /std region",
