@@ -9,6 +9,7 @@ import pytest
 
 from protorefine_jax import RefineConfig, refine_and_score
 from protorefine_jax.bank import uses_wide_ridge
+from protorefine_jax.calibration import ScoreCalibration
 from protorefine_jax.detectors import (
     DetectorState,
     PatchCore,
@@ -68,7 +69,9 @@ def test_state_is_one_kind_for_every_detector():
     feats = np.abs(np.random.default_rng(1).standard_normal((2, 64, 16), np.float32))
     state = det.fit_features(feats)
     assert isinstance(state, DetectorState) and len(state.banks) == 1
-    assert state.calibration is None and state.context is None
+    # PatchCore+'s support-set calibration (issue 14) lives in the state.
+    assert isinstance(state.calibration, ScoreCalibration) and state.context is None
+    assert det.fit_features(feats, calibrate=False).calibration is None
     assert bank_size(state) == state.banks[0].prototypes.shape[0] == 64
     assert bank_degenerate(state) == bool(state.banks[0].degenerate)
     assert describe_banks(state) == state.banks[0].describe()
