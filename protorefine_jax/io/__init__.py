@@ -1,0 +1,1 @@
+"""File formats at the I/O edge: model directories (`model_dir`)."""
