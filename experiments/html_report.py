@@ -77,7 +77,9 @@ def make_thumbnail(
       `[h, w, 3]` uint8.
     """
     norm = np.clip((np.asarray(amap, np.float64) - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
-    blend = 0.55 * np.asarray(image, np.float64) / 255.0 + 0.45 * _jet(norm)
+    # The map's opacity grows with its value: normal regions show the image.
+    alpha = (0.15 + 0.6 * norm)[..., None]
+    blend = (1 - alpha) * np.asarray(image, np.float64) / 255.0 + alpha * _jet(norm)
     pil = Image.fromarray((np.clip(blend, 0, 1) * 255).astype(np.uint8))
     pil.thumbnail((size, size), Image.Resampling.BILINEAR)
     return np.asarray(pil)
