@@ -58,6 +58,7 @@ from absl import app, flags
 from experiments.bench_analyses import bench_precision, bench_profile, bench_sharding
 from experiments.bench_report import markdown, ratios
 from experiments.bench_sections import bench_detect, bench_extract, bench_refine, bench_winclip
+from experiments.bench_settings import BenchSettings
 from experiments.runner import machine_info
 
 PAPER_SECONDS_PER_IMAGE = {"patchcore": 0.21, "patchcore+": 0.49, "winclip": 0.50, "winclip+": 0.81}
@@ -65,43 +66,6 @@ PAPER_SECONDS_PER_IMAGE = {"patchcore": 0.21, "patchcore+": 0.49, "winclip": 0.5
 
 SECTIONS = ("extract", "refine", "detect", "winclip", "profile", "sharding", "precision")
 _REEXEC_ENV = "PROTOREFINE_BENCH_REEXEC"
-
-
-@dataclasses.dataclass(frozen=True)
-class BenchSettings:
-    """Everything a benchmark run needs; `main` fills it from flags.
-
-    Empty tuples and None mean "the default for this backend" (`resolve`).
-    """
-
-    sections: tuple[str, ...] = ()
-    batch_sizes: tuple[int, ...] = ()
-    winclip_batch_sizes: tuple[int, ...] = ()
-    repeats: int = 5
-    warmup: int = 1
-    backbones: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite2", "wide_resnet50_2")
-    detect_backbone: str = "wide_resnet50_2"
-    aggregation: str = "official"
-    extract_aggregations: tuple[str, ...] = ("official",)
-    image_size: int = 256
-    shots: int = 2
-    alpha: float = 0.05
-    pc_grid: int = 32
-    pc_n: int = 102
-    pc_c: int = 1024
-    wc_grid: int = 15
-    wc_c: int = 640
-    wc_alpha: float = 0.5
-    clip_model: str = "ViT-B-16-plus-240"
-    precision: str = "float32"
-    profile_batch: int | None = None
-    devices: int | None = None
-    sharding_batch: int | None = None
-    precision_backbone: str = "efficientnet_lite0"
-    precision_weights: str = ""
-    precision_categories: tuple[str, ...] = ("fabric", "grain")
-    precision_counts: tuple[int, int, int] = (10, 10, 10)
-    precision_seed: int = 0
 
 
 def resolve(s: BenchSettings) -> BenchSettings:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 import tempfile
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
@@ -27,15 +27,14 @@ from experiments.bench_sections import (
     winclip_refine,
     winclip_refine_configs,
 )
-from experiments.hosts import PatchCoreHost
+from experiments.bench_settings import BenchSettings
+from experiments.hosts import Host
 from experiments.methods import get_method
 from protorefine_jax import RefineConfig, make_detect, refine_and_score
 from protorefine_jax.data import load_dataset_category, make_synthetic_dataset, sample_support
+from protorefine_jax.detectors import PatchCore, bank_size
 from protorefine_jax.metrics import evaluate
 from protorefine_jax.sharding import batch_mesh, replicate, run_sharded, shard_batch
-
-if TYPE_CHECKING:
-    from experiments.bench import BenchSettings
 
 _MODES = ("absorbed", "log")
 
@@ -175,9 +174,9 @@ def bench_sharding(s: BenchSettings) -> list[dict[str, Any]]:
     bank = np.asarray(features(s.pc_n, s.pc_c, seed=1))
     queries = np.asarray(features(batch, s.pc_grid**2, s.pc_c, seed=2))
     host, dbank = detect_setup(s)
-    ext = host.extractor
+    ext = host.detector.extractor
     detect_args = (host.params, dbank, np.asarray(images(batch, s.image_size)))
-    detect_args += (host.base_config(precision=s.precision),)
+    detect_args += (host.detector.config(precision=s.precision),)
     fns = {
         "refine_and_score": (refine_and_score, (bank, queries, patchcore_config(s, s.pc_grid)), 1),
         f"detect {ext.name}": (make_detect(ext.extract), detect_args, 2),
@@ -225,9 +224,8 @@ def bench_precision(s: BenchSettings) -> dict[str, Any]:
     of image scores and maps to float32 (also relative to the float32 score
     range) and image / pixel AUROC per precision.
     """
-    host = PatchCoreHost(
-        s.precision_backbone, s.aggregation, s.image_size, s.precision_weights, batch_size=8
-    )
+    detector = PatchCore.create(s.precision_backbone, s.aggregation, s.image_size)
+    host = Host(detector, detector.load_params(s.precision_weights), batch_size=8)
     rows = []
     with tempfile.TemporaryDirectory(prefix="protorefine_bench_") as tmp:
         root = make_synthetic_dataset(
@@ -237,14 +235,15 @@ def bench_precision(s: BenchSettings) -> dict[str, Any]:
             data = load_dataset_category("folder", root, category, host.image_size)
             test = runner.load_test_set(data, host)
             support = sample_support(data.train_good, s.shots, s.precision_seed, root=data.root)
-            bank = host.build_bank(host.features(data.load_images(support.paths)), s.alpha)
+            support_features = host.features(data.load_images(support.paths))
+            state = detector.fit_features(support_features, alpha=s.alpha)
             for name in ("patchcore", "patchcore+"):
                 method = get_method(name)
                 results = {}
                 for precision in ("float32", "tf32", "bfloat16"):
-                    fields = runner.refine_fields(runner.Settings(precision=precision), "patchcore")
-                    cfg = host.base_config(**fields).replace(**method.overrides)
-                    results[precision] = host.score(bank, test["features"], method, cfg, {})
+                    fields = runner.refine_fields(runner.Settings(precision=precision))
+                    cfg = host.config(fields, method)
+                    results[precision] = host.score(state, test["features"], method, cfg, {})
                 ref = results["float32"]
                 score_range = float(np.ptp(ref.image_scores)) or 1.0
                 map_range = float(np.ptp(ref.maps)) or 1.0
@@ -263,7 +262,7 @@ def bench_precision(s: BenchSettings) -> dict[str, Any]:
                             "rel_map_diff": d_map / map_range,
                             "image_auroc": metrics["image_auroc"],
                             "pixel_auroc": metrics["pixel_auroc"],
-                            "bank_size": int(bank.prototypes.shape[0]),
+                            "bank_size": bank_size(state),
                         }
                     )
                     print(

@@ -10,17 +10,16 @@ throughout: the cost does not depend on their values.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
 
 from experiments.bench_lib import Case, measure, measure_api
-from experiments.hosts import PatchCoreHost
+from experiments.bench_settings import BenchSettings
+from experiments.hosts import Host
 from protorefine_jax import RefineConfig, make_detect, refine_and_score
-
-if TYPE_CHECKING:
-    from experiments.bench import BenchSettings
+from protorefine_jax.detectors import PatchCore
 
 # --------------------------------------------------------------------------- inputs
 
@@ -52,19 +51,11 @@ def winclip_grids(grid: int) -> tuple[tuple[int, int], ...]:
 
 
 def winclip_refine_configs(s: BenchSettings, **fields: Any) -> tuple[RefineConfig, ...]:
-    """Per-scale WinCLIP(+) refinement configs (cosine, optax M-step, lam 0.1)."""
-    return tuple(
-        RefineConfig(
-            distance="cosine",
-            m_step="optax",
-            lam=0.1,
-            grid_shape=g,
-            image_size=None,
-            precision=s.precision,
-            **fields,
-        )
-        for g in winclip_grids(s.wc_grid)
-    )
+    """Per-scale WinCLIP(+) refinement configs: `winclip_config`'s defaults at each grid."""
+    from protorefine_jax.clip.winclip import winclip_config  # imports transformers
+
+    refine = winclip_config(precision=s.precision, **fields).refine
+    return tuple(refine.replace(grid_shape=g, image_size=None) for g in winclip_grids(s.wc_grid))
 
 
 def winclip_refine(banks, queries, configs):
@@ -82,16 +73,17 @@ def winclip_inputs(s: BenchSettings, batch: int) -> tuple[tuple, tuple]:
     return tuple(banks), tuple(queries)
 
 
-def random_host(name: str, aggregation: str, image_size: int) -> PatchCoreHost:
-    """The eval's CNN host with random backbone weights (`init_params(PRNGKey(0))`)."""
-    return PatchCoreHost(name, aggregation, image_size, "random", batch_size=1)
+def random_host(name: str, aggregation: str, image_size: int) -> Host:
+    """The eval's PatchCore host with random backbone weights (`init_params(PRNGKey(0))`)."""
+    detector = PatchCore.create(name, aggregation, image_size)
+    return Host(detector, detector.load_params("random"), batch_size=1)
 
 
-def detect_setup(s: BenchSettings) -> tuple[PatchCoreHost, jax.Array]:
+def detect_setup(s: BenchSettings) -> tuple[Host, jax.Array]:
     """`--detect_backbone` host with random weights and a k-shot coreset bank `[n, c]`."""
     host = random_host(s.detect_backbone, s.aggregation, s.image_size)
-    support = host.extractor.extract(host.params, images(s.shots, s.image_size, seed=3))
-    return host, host.build_bank(support, s.alpha).prototypes
+    support = host.detector.features(host.params, images(s.shots, s.image_size, seed=3))
+    return host, host.detector.fit_features(support, alpha=s.alpha).banks[0].prototypes
 
 
 def backbone_case(name: str, aggregation: str) -> str:
@@ -108,7 +100,7 @@ def bench_extract(s: BenchSettings) -> list[dict[str, Any]]:
     for name in s.backbones:
         for aggregation in s.extract_aggregations:
             host = random_host(name, aggregation, s.image_size)
-            ext = host.extractor
+            ext = host.detector.extractor
             info = {
                 "shape": f"{s.image_size}px -> [{ext.grid[0] * ext.grid[1]}, {ext.feature_dim}]"
             }
@@ -155,7 +147,7 @@ def bench_refine(s: BenchSettings) -> list[dict[str, Any]]:
 def bench_detect(s: BenchSettings) -> list[dict[str, Any]]:
     """End-to-end `make_detect(extract)`: PatchCore vs PatchCore+ (shipped defaults)."""
     host, bank = detect_setup(s)
-    ext = host.extractor
+    ext = host.detector.extractor
     detect = make_detect(ext.extract)
     case = backbone_case(ext.name, s.aggregation)
     info = {
@@ -168,8 +160,8 @@ def bench_detect(s: BenchSettings) -> list[dict[str, Any]]:
         cases = [
             Case("detect", case, method, b, detect, (host.params, bank, batch, cfg), info)
             for method, cfg in (
-                ("patchcore", host.base_config(precision=s.precision, use_refinement=False)),
-                ("patchcore+", host.base_config(precision=s.precision)),
+                ("patchcore", host.detector.config(precision=s.precision, use_refinement=False)),
+                ("patchcore+", host.detector.config(precision=s.precision)),
             )
         ]
         rows += measure(cases, s.repeats, s.warmup)

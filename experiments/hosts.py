@@ -1,10 +1,9 @@
-"""Host methods for the eval CLI: feature extraction, banks and scoring per family.
+"""A library detector in fixed-size batches: what eval, study and bench run.
 
-A host turns decoded images into features, support features into a bank, and
-test features into image scores and maps for one `Method`. The CNN host wraps
-`protorefine_jax.features` + `refine_and_score`; the CLIP host wraps
-`protorefine_jax.clip.winclip`. Both pad batches to a fixed size so every
-batch reuses one compiled program.
+`Host` holds one detector of `protorefine_jax.detectors` (PatchCore(+) or
+WinCLIP(+)) with its parameters and a compiled batch size; it pads batches to
+that size so every batch reuses one compiled program. Nothing here knows
+which detector it holds.
 """
 
 from __future__ import annotations
@@ -18,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.methods import Method
-from protorefine_jax import RefineConfig, build_bank, online_refine_and_score, refine_and_score
-from protorefine_jax.features import get_extractor
+from protorefine_jax.detectors import Detector, DetectorState
 
 
 def batch_size_of(tree: Any) -> int:
@@ -69,31 +67,33 @@ def stream_order(count: int) -> np.ndarray:
 
 
 def score_features(
-    protos,
-    test_features: np.ndarray,
-    config: RefineConfig,
+    detector: Detector,
+    state: DetectorState,
+    test_features: Any,
+    config: Any,
     batch_size: int,
     online: dict[str, int] | None = None,
 ):
-    """`refine_and_score` over a test set in compiled batches, or the online scan.
+    """The detector's scores over a test set in compiled batches, or the online scan.
 
     Args:
-      protos: `[n, c]` bank prototypes.
-      test_features: `[T, m, c]`.
-      config: refinement settings.
+      detector: a library detector.
+      state: its `fit_features` output.
+      test_features: `[T, ...]` features (a pytree for CLIP).
+      config: the detector's scoring config.
       batch_size: compiled batch size (offline).
       online: `capacity` and `add_per_query` for the online variant, which
         sees the test set in `stream_order`; None for offline scoring.
 
     Returns:
-      `RefineOutput` with numpy leaves of leading axis `T`, in test-set order.
+      The detector's output with numpy leaves of leading axis `T`, in test-set order.
     """
     if online is None:
         return batched(
-            lambda x: refine_and_score(protos, jnp.asarray(x), config), test_features, batch_size
+            lambda x: detector.score_features(state, x, config), test_features, batch_size
         )
-    order = stream_order(len(test_features))
-    out = online_refine_and_score(protos, jnp.asarray(test_features[order]), config, **online)
+    order = stream_order(batch_size_of(test_features))
+    out = detector.score_stream(state, take(test_features, order), config, **online)
     inverse = np.argsort(order)
     return jax.tree_util.tree_map(lambda x: np.asarray(x)[inverse], out)
 
@@ -115,83 +115,68 @@ class ScoreResult:
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-class PatchCoreHost:
-    """PatchCore / PatchCore+ on a CNN backbone with PatchCore aggregation."""
+class Host:
+    """One detector, its parameters and a compiled batch size.
 
-    family = "patchcore"
+    Attributes:
+      detector: the library detector.
+      params: its parameters (backbone variables or CLIP params).
+      batch_size: compiled batch size of features and scores.
+      family: the detector's family (`"patchcore"` or `"winclip"`).
+      image_size: input side of the detector.
+      alpha: the detector's coreset ratio (its default unless overridden).
+    """
 
-    def __init__(
-        self,
-        backbone: str,
-        aggregation: str,
-        image_size: int,
-        weights: str,
-        batch_size: int,
-        pretrain_dim: int | None = None,
-        target_dim: int | None = None,
-    ):
-        self.extractor = get_extractor(
-            backbone, aggregation, image_size, pretrain_dim=pretrain_dim, target_dim=target_dim
-        )
-        if weights == "random":
-            self.params = self.extractor.init_params(jax.random.PRNGKey(0))
-        else:
-            self.params = self.extractor.load_params(weights or None)
-        self.image_size = image_size
-        self.batch_size = batch_size
+    def __init__(self, detector: Detector, params: Any, batch_size: int):
+        self.detector, self.params, self.batch_size = detector, params, batch_size
+        self.family = detector.family
+        self.image_size = detector.image_size
+        self.alpha = detector.alpha
+        self.context = None
 
     def describe(self) -> dict[str, Any]:
         """What the results should record about the features."""
-        ex = self.extractor
-        return {
-            "backbone": ex.name,
-            "aggregation": ex.aggregation,
-            "feature_dim": ex.feature_dim,
-            "grid": list(ex.grid),
-            "image_size": ex.image_size,
-        }
+        return self.detector.describe()
 
     def prepare(self, category: str) -> None:
-        """Per-category set-up (none for CNN features)."""
-        del category
+        """Per-category set-up (WinCLIP: the class prompts' text embeddings)."""
+        self.context = self.detector.prepare(self.params, category)
 
-    def features(self, images: np.ndarray) -> np.ndarray:
-        """`[N, S, S, 3]` uint8 -> `[N, m, c]` float32 patch features."""
-        return batched(lambda x: self.extractor.extract(self.params, x), images, self.batch_size)
+    def features(self, images: np.ndarray) -> Any:
+        """`[N, S, S, 3]` uint8 -> features with leading axis N (a pytree for CLIP)."""
+        return batched(lambda x: self.detector.features(self.params, x), images, self.batch_size)
 
-    def build_bank(self, support_features: np.ndarray, alpha: float):
-        """Greedy-coreset bank of the support patches (with its degeneracy check)."""
-        return build_bank(jnp.asarray(support_features), alpha)
+    def fit(self, support_features: Any) -> DetectorState:
+        """The detector's state from the support features (banks, calibration)."""
+        return self.detector.fit_features(support_features, alpha=self.alpha, context=self.context)
 
-    def base_config(self, **fields) -> RefineConfig:
-        """`RefineConfig` for this host's grid and map size, plus `fields`."""
-        s = self.image_size
-        return RefineConfig(
-            distance="sqeuclidean", grid_shape=self.extractor.grid, image_size=(s, s), **fields
-        )
+    def config(self, fields: dict[str, Any], method: Method) -> Any:
+        """The detector's scoring config: its defaults, then `fields`, then the method's."""
+        return self.detector.config(**{**fields, **method.overrides})
 
     def score(
         self,
-        bank,
-        test_features: np.ndarray,
+        state: DetectorState,
+        test_features: Any,
         method: Method,
-        config: RefineConfig,
+        config: Any,
         online: dict[str, int],
     ) -> ScoreResult:
         """Scores every test image with `method`.
 
         Args:
-          bank: the `MemoryBank`.
-          test_features: `[T, m, c]`.
+          state: the detector's state (`fit`).
+          test_features: `[T, ...]` features.
           method: the method (its overrides are already in `config`).
-          config: refinement settings.
+          config: the detector's scoring config.
           online: `capacity` and `add_per_query` of the online variant.
 
         Returns:
           Scores and maps in test-set order.
         """
         out = score_features(
-            bank.prototypes,
+            self.detector,
+            state,
             test_features,
             config,
             self.batch_size,

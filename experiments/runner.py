@@ -24,26 +24,12 @@ from absl import logging
 from tqdm import tqdm
 
 from experiments import report
-from experiments.hosts import PatchCoreHost, stack, take
+from experiments.hosts import Host, stack, take
 from experiments.methods import Method, get_method
 from protorefine_jax.data import load_dataset_category, make_synthetic_dataset, sample_support
 from protorefine_jax.data.registry import list_categories
+from protorefine_jax.detectors import PatchCore, bank_degenerate, bank_size, describe_banks
 from protorefine_jax.metrics import evaluate
-
-# Coreset ratios when --alpha is not given (paper Sec. 6.1).
-PATCHCORE_ALPHA = 0.05
-WINCLIP_ALPHA = {"mvtec": 0.5, "visa": 0.3, "mpdd": 0.2}
-DEFAULT_LAM = {"patchcore": 0.3, "winclip": 0.1}
-# PatchCore aggregation when --aggregation is not given. WRN-50-2: the
-# paper's official PatchCore. EfficientNet-Lite: the simple 3x3 mean, which
-# beats the official pooling for both PatchCore and PatchCore+ on both dev
-# datasets (RESULTS.md section 3; SPEC 8 explains why the official pooling
-# does almost no spatial averaging on Lite's narrow stages).
-DEFAULT_AGGREGATION = {
-    "wide_resnet50_2": "official",
-    "efficientnet_lite0": "simple",
-    "efficientnet_lite2": "simple",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +52,7 @@ class Settings:
     clip_dir: str | None = None
     image_size: int | None = None
     alpha: float | None = None
-    # RefineConfig fields; None keeps RefineConfig's default (lam: per host).
+    # RefineConfig fields; None keeps the detector's default.
     lam: float | None = None
     epsilon: float | None = None
     ridge: float | None = None
@@ -170,41 +156,34 @@ REFINE_FIELDS = (
 )
 
 
-def refine_fields(s: Settings, family: str) -> dict[str, Any]:
-    """`RefineConfig` fields the settings set; unset ones keep the config's defaults.
-
-    `lam` defaults per host (paper: 0.3 PatchCore+, 0.1 WinCLIP+); WinCLIP+
-    uses the cosine distance, which has no closed-form M-step.
-    """
-    fields = {name: getattr(s, name) for name in REFINE_FIELDS if getattr(s, name) is not None}
-    fields["lam"] = DEFAULT_LAM[family] if s.lam is None else s.lam
-    if family == "winclip":
-        fields["m_step"] = "optax"  # check_settings refused an explicit closed form
-    return fields
+def refine_fields(s: Settings) -> dict[str, Any]:
+    """`RefineConfig` fields the settings set; unset ones keep the detector's defaults."""
+    names = ("lam", *REFINE_FIELDS)
+    return {name: getattr(s, name) for name in names if getattr(s, name) is not None}
 
 
-def host_alpha(s: Settings, family: str) -> float:
-    """The coreset ratio of a host (flag, else the paper's default)."""
-    if s.alpha is not None:
-        return s.alpha
-    return PATCHCORE_ALPHA if family == "patchcore" else WINCLIP_ALPHA.get(s.dataset, 0.5)
-
-
-def make_host(s: Settings, family: str):
-    """The host object of a method family."""
+def make_host(s: Settings, family: str) -> Host:
+    """The library detector of a method family, with its parameters, in batches."""
     if family == "patchcore":
-        return PatchCoreHost(
+        detector = PatchCore.create(
             s.backbone,
-            s.aggregation or DEFAULT_AGGREGATION.get(s.backbone, "official"),
+            s.aggregation,
             s.image_size or 256,
-            s.weights,
-            s.batch_size,
-            s.pretrain_dim,
-            s.target_dim,
+            alpha=s.alpha,
+            pretrain_dim=s.pretrain_dim,
+            target_dim=s.target_dim,
         )
-    from experiments.clip_host import WinClipHost  # imports transformers: only when needed
+        return Host(detector, detector.load_params(s.weights), s.batch_size)
+    from protorefine_jax.detectors.winclip import WinClip  # imports transformers: only here
 
-    return WinClipHost(s.clip_dir, s.image_size or 240, s.batch_size, s.dataset)
+    # Names the missing files if the folder is incomplete.
+    detector, params = WinClip.from_folder(s.clip_dir, dataset=s.dataset, alpha=s.alpha)
+    if s.image_size is not None and s.image_size != detector.image_size:
+        raise ValueError(
+            f"--image_size={s.image_size} but the CLIP model in {s.clip_dir} takes "
+            f"{detector.image_size} px; pass --image_size={detector.image_size}."
+        )
+    return Host(detector, params, s.batch_size)
 
 
 def _cpu_model() -> str | None:
@@ -275,7 +254,7 @@ def heatmap_indices(labels: np.ndarray, count: int) -> np.ndarray:
     return np.concatenate([pick, good[:1]]) if count and len(good) else pick
 
 
-def score_row(s: Settings, category: str, method: Method, k: int, support, bank, result, seconds):
+def score_row(s: Settings, category: str, method: Method, k: int, support, state, result, seconds):
     """The results row of one (category, method, shots, seed)."""
     return {
         "dataset": s.dataset,
@@ -285,8 +264,8 @@ def score_row(s: Settings, category: str, method: Method, k: int, support, bank,
         "seed": support.seed,
         **result.metrics,
         "support": list(support.names),
-        "bank_size": int(bank_size(bank)),
-        "bank_degenerate": bool(bank_degenerate(bank)),
+        "bank_size": bank_size(state),
+        "bank_degenerate": bank_degenerate(state),
         "score_seconds": seconds,
         **{f"{name}_max": float(np.max(v)) for name, v in result.diagnostics.items()},
     }
@@ -338,29 +317,28 @@ def run_category(s, dataset, root, category, family, host, methods, out: Outputs
     test = load_test_set(data, host)
     support_features = SupportCache(host, data)
     shown = heatmap_indices(test["labels"], s.num_heatmaps)
-    alpha = host_alpha(s, family)
     online = {"capacity": s.online_capacity, "add_per_query": s.online_add}
     for k in s.shots:
         for seed in s.seeds:
             support = sample_support(data.train_good, k, seed, root=data.root)
-            bank = host.build_bank(support_features(support.paths), alpha)
-            if bank_degenerate(bank) and seed == s.seeds[0]:
-                logging.warning("%s, %d-shot: %s", category, k, describe_bank(bank))
+            state = host.fit(support_features(support.paths))
+            if bank_degenerate(state) and seed == s.seeds[0]:
+                logging.warning("%s, %d-shot: %s", category, k, describe_banks(state))
             for method in methods:
                 bar.set_postfix_str(f"{category} {k}-shot seed {seed} {method.name}")
-                config = host.base_config(**refine_fields(s, family)).replace(**method.overrides)
+                config = host.config(refine_fields(s), method)
                 t0 = time.time()
-                result = host.score(bank, test["features"], method, config, online)
+                result = host.score(state, test["features"], method, config, online)
                 seconds = time.time() - t0
                 result.metrics = evaluate(
                     test["labels"], result.image_scores, test["masks"], result.maps
                 )
-                row = score_row(s, category, method, k, support, bank, result, seconds)
+                row = score_row(s, category, method, k, support, state, result, seconds)
                 out.add(row, test, result)
                 if seed == s.seeds[0] and k == s.shots[0] and len(shown):
                     out.overlays(f"{category}_{method.name}_{k}shot", data, test, shown, result)
                 bar.update(1)
-    return {"features": host.describe(), "alpha": alpha, "refine": refine_fields(s, family)}
+    return {"features": host.describe(), "alpha": host.alpha, "refine": refine_fields(s)}
 
 
 def run(s: Settings) -> dict[str, Any]:
@@ -414,23 +392,3 @@ def run(s: Settings) -> dict[str, Any]:
     print(table)
     print(f"results in {workdir}/ (results.json, results.md, scores.jsonl, heatmaps/)")
     return results
-
-
-def describe_bank(bank) -> str:
-    """`MemoryBank.describe()` of a bank or of every scale of a CLIP bank list."""
-    banks = [bank] if hasattr(bank, "describe") else list(bank)
-    return "; ".join(b.describe() for b in banks)
-
-
-def bank_size(bank) -> int:
-    """Rows of a bank (CNN `MemoryBank`, or the largest scale of a CLIP bank list)."""
-    if hasattr(bank, "prototypes"):
-        return bank.prototypes.shape[0]
-    return max(b.prototypes.shape[0] for b in bank)
-
-
-def bank_degenerate(bank) -> bool:
-    """Whether any bank (scale) is degenerate (SPEC 8)."""
-    if hasattr(bank, "degenerate"):
-        return bank.degenerate
-    return any(b.degenerate for b in bank)

@@ -1,0 +1,106 @@
+"""The interface every detector of this package implements.
+
+A detector is a feature extractor plus a way to turn support features into a
+state and query features into scores. Both detectors (`patchcore.PatchCore`,
+`winclip.WinClip`) follow the same protocol, so the evaluation, study and
+benchmark code in `experiments/` treats them alike:
+
+  detector = PatchCore.create("efficientnet_lite0")
+  params = detector.load_params()
+  state = detector.fit(params, support_images)            # banks, calibration
+  out = detector.score(params, state, query_images, detector.config())
+  out.image_scores, out.maps, out.diagnostics
+
+`fit` and `score` are the composition of two halves that callers with cached
+features use directly: `features(params, images)` and `fit_features` /
+`score_features`. Each detector's defaults (coreset ratio, aggregation,
+refinement weight) are defined once, in its own module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+from jax import Array
+
+from protorefine_jax.bank import MemoryBank
+from protorefine_jax.pipeline import Diagnostics
+
+
+class DetectorState(NamedTuple):
+    """Everything a detector derives from the support set (a pytree).
+
+    Attributes:
+      banks: one `MemoryBank` per scale: one for PatchCore(+), one per
+        few-shot scale for WinCLIP(+) (patch tokens, then each window size).
+        Always a tuple, so callers never ask which kind they hold.
+      context: support-independent per-category data the scores need
+        (WinCLIP: the `[2, E]` class text embeddings; PatchCore: None).
+      calibration: statistics of the support set that `score_features`
+        applies to the scores (None: scores as the method defines them).
+        The slot where a support-set self-calibration plugs in: compute it
+        in `fit_features`, apply it in `score_features`.
+    """
+
+    banks: tuple[MemoryBank, ...]
+    context: Any = None
+    calibration: Any = None
+
+
+class DetectorOutput(Protocol):
+    """What every detector's `score` returns (at least these fields)."""
+
+    image_scores: Array  # [B]
+    maps: Array  # [B, H, W]
+    diagnostics: Diagnostics  # per query, each field [B]
+
+
+class Detector(Protocol):
+    """One few-shot anomaly detector: extractor, support state, scoring."""
+
+    family: str
+    image_size: int
+
+    def features(self, params: Any, images: Array) -> Any:
+        """`[B, S, S, 3]` images -> features with leading axis B (jitted)."""
+
+    def prepare(self, params: Any, category: str) -> Any:
+        """Support-independent per-category context (`DetectorState.context`)."""
+
+    def fit_features(self, features: Any, *, alpha: float | None = None, context=None):
+        """`DetectorState` from the support images' features."""
+
+    def fit(self, params: Any, support_images: Array, **kwargs: Any) -> DetectorState:
+        """`DetectorState` from the support images."""
+
+    def config(self, **fields: Any) -> Any:
+        """The detector's scoring config: its defaults plus `fields`."""
+
+    def score_features(self, state: DetectorState, features: Any, config: Any) -> DetectorOutput:
+        """Scores a batch of query features."""
+
+    def score_stream(
+        self, state: DetectorState, features: Any, config: Any, *, capacity: int, add_per_query: int
+    ) -> DetectorOutput:
+        """The online variant over a stream of query features (PatchCore+ only)."""
+
+    def score(self, params: Any, state: DetectorState, images: Array, config: Any):
+        """Scores a batch of query images."""
+
+    def describe(self, state: DetectorState | None = None) -> dict[str, Any]:
+        """What results should record about the features (and the state's banks)."""
+
+
+def bank_size(state: DetectorState) -> int:
+    """Rows of the largest bank of a state."""
+    return max(int(b.prototypes.shape[0]) for b in state.banks)
+
+
+def bank_degenerate(state: DetectorState) -> bool:
+    """Whether any bank of a state is degenerate (docs/method.md, "ridge rule")."""
+    return any(bool(b.degenerate) for b in state.banks)
+
+
+def describe_banks(state: DetectorState) -> str:
+    """`MemoryBank.describe()` of every bank of a state, one line."""
+    return "; ".join(b.describe() for b in state.banks)

@@ -1,0 +1,179 @@
+"""PatchCore and PatchCore+ as one detector: backbone, aggregation, bank, refinement, scores.
+
+The defaults of this detector are defined here and only here:
+
+- `ALPHA`: coreset ratio of the memory bank (paper Sec. 6.1: 0.05).
+- `AGGREGATION`: PatchCore aggregation per backbone. Wide-ResNet-50-2: the
+  official PatchCore pooling. EfficientNet-Lite: the simple 3x3 mean, which
+  beats the official pooling for PatchCore and PatchCore+ on both dev
+  datasets (RESULTS.md section 3; docs/method.md, "Features").
+- `IMAGE_SIZE`: input side in pixels (256, stride-8 grid of 32 x 32).
+- the refinement settings (lam 0.3, closed-form M-step, ridge rule, ...):
+  the defaults of `RefineConfig` (config.py), which are PatchCore+'s.
+
+PatchCore is `config(use_refinement=False)`, PatchCore+ `config()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from protorefine_jax.bank import build_bank
+from protorefine_jax.config import RefineConfig
+from protorefine_jax.detectors.base import DetectorState
+from protorefine_jax.features import Extractor, get_extractor
+from protorefine_jax.pipeline import RefineOutput, online_refine_and_score, refine_and_score
+
+ALPHA = 0.05
+"""Coreset ratio of the PatchCore(+) memory bank (paper Sec. 6.1)."""
+
+AGGREGATION = {
+    "wide_resnet50_2": "official",
+    "efficientnet_lite0": "simple",
+    "efficientnet_lite2": "simple",
+}
+"""PatchCore aggregation per backbone (RESULTS.md section 3)."""
+
+IMAGE_SIZE = 256
+"""Input side in pixels."""
+
+
+def default_aggregation(backbone: str) -> str:
+    """`AGGREGATION[backbone]`; the official pooling for backbones not listed."""
+    return AGGREGATION.get(backbone, "official")
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchCore:
+    """PatchCore / PatchCore+ on a CNN backbone (see the module docstring).
+
+    Attributes:
+      extractor: backbone plus aggregation (`features.get_extractor`); its
+        `grid` and `feature_dim` are the detector's.
+      alpha: coreset ratio of the bank.
+    """
+
+    extractor: Extractor
+    alpha: float = ALPHA
+
+    family = "patchcore"
+
+    @classmethod
+    def create(
+        cls,
+        backbone: str = "efficientnet_lite0",
+        aggregation: str | None = None,
+        image_size: int = IMAGE_SIZE,
+        *,
+        alpha: float | None = None,
+        pretrain_dim: int | None = None,
+        target_dim: int | None = None,
+        allow_repetition: bool = False,
+    ) -> PatchCore:
+        """The detector of a backbone, with this module's defaults for what is None."""
+        extractor = get_extractor(
+            backbone,
+            aggregation or default_aggregation(backbone),
+            image_size,
+            pretrain_dim=pretrain_dim,
+            target_dim=target_dim,
+            allow_repetition=allow_repetition,
+        )
+        return cls(extractor, ALPHA if alpha is None else alpha)
+
+    @property
+    def image_size(self) -> int:
+        """Input side in pixels."""
+        return self.extractor.image_size
+
+    def load_params(self, weights: str | None = None) -> Any:
+        """Backbone variables: `"random"`, a checkpoint path, or None/"" (shipped weights)."""
+        if weights == "random":
+            return self.extractor.init_params(jax.random.PRNGKey(0))
+        return self.extractor.load_params(weights or None)
+
+    def features(self, params: Any, images: Array) -> Array:
+        """`[B, S, S, 3]` RGB in [0, 255] -> `[B, m, c]` patch features (jitted)."""
+        return self.extractor.extract(params, images)
+
+    def prepare(self, params: Any, category: str) -> None:
+        """Per-category context of the scores: none for PatchCore."""
+        del params, category
+
+    def fit_features(
+        self, features: Array, *, alpha: float | None = None, context: Any = None
+    ) -> DetectorState:
+        """State from the `[k, m, c]` support features: the greedy-coreset bank.
+
+        A support-set calibration of the scores belongs here (computed from
+        `features` and the bank into `DetectorState.calibration`) and is
+        applied in `score_features`.
+        """
+        del context  # PatchCore needs no per-category context
+        bank = build_bank(jnp.asarray(features), self.alpha if alpha is None else alpha)
+        return DetectorState(banks=(bank,))
+
+    def fit(
+        self, params: Any, support_images: Array, *, alpha: float | None = None
+    ) -> DetectorState:
+        """State from the `[k, S, S, 3]` support images."""
+        return self.fit_features(self.features(params, support_images), alpha=alpha)
+
+    def config(self, **fields: Any) -> RefineConfig:
+        """`RefineConfig` on this extractor's grid and map size; `fields` override.
+
+        Everything not in `fields` is `RefineConfig`'s default (PatchCore+'s
+        settings); `use_refinement=False` gives PatchCore.
+        """
+        s = self.extractor.image_size
+        base = dict(distance="sqeuclidean", grid_shape=self.extractor.grid, image_size=(s, s))
+        return RefineConfig(**{**base, **fields})
+
+    def score_features(
+        self, state: DetectorState, features: Array, config: RefineConfig
+    ) -> RefineOutput:
+        """Scores `[B, m, c]` query features (jitted `refine_and_score`)."""
+        return refine_and_score(state.banks[0].prototypes, jnp.asarray(features), config)
+
+    def score_stream(
+        self,
+        state: DetectorState,
+        features: Array,
+        config: RefineConfig,
+        *,
+        capacity: int,
+        add_per_query: int,
+    ) -> RefineOutput:
+        """Online PatchCore+ over `[T, m, c]` query features in stream order."""
+        return online_refine_and_score(
+            state.banks[0].prototypes,
+            jnp.asarray(features),
+            config,
+            capacity=capacity,
+            add_per_query=add_per_query,
+        )
+
+    def score(
+        self, params: Any, state: DetectorState, images: Array, config: RefineConfig
+    ) -> RefineOutput:
+        """Scores `[B, S, S, 3]` query images: image scores, maps, diagnostics."""
+        return self.score_features(state, self.features(params, images), config)
+
+    def describe(self, state: DetectorState | None = None) -> dict[str, Any]:
+        """Backbone, aggregation, feature size and grid (and the bank, given a state)."""
+        ex = self.extractor
+        out: dict[str, Any] = {
+            "backbone": ex.name,
+            "aggregation": ex.aggregation,
+            "feature_dim": ex.feature_dim,
+            "grid": list(ex.grid),
+            "image_size": ex.image_size,
+        }
+        if state is not None:
+            out["banks"] = [b.describe() for b in state.banks]
+        return out

@@ -1,0 +1,128 @@
+"""WinCLIP and WinCLIP+ behind the detector interface (wraps `clip.winclip`).
+
+The method itself (multi-scale CLIP features, zero-shot prompts, per-scale
+banks, Eq. 9 fusion) lives in `protorefine_jax.clip.winclip`; this module
+adds the `Detector` protocol of `detectors.base` on top of it. The defaults
+are those of `clip.winclip`, defined once there: the coreset ratio per
+dataset (`CORESET_ALPHA`), the refinement settings (`winclip_config`: cosine
+distance, optax M-step, lam 0.1) and the input size (the CLIP model's).
+
+WinCLIP is `config(use_refinement=False)`, WinCLIP+ `config()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jax import Array
+
+from protorefine_jax.clip import winclip as winclip_lib
+from protorefine_jax.clip.prompts import class_text_features, object_name
+from protorefine_jax.clip.spec import ClipSpec
+from protorefine_jax.detectors.base import DetectorState
+
+
+def default_alpha(dataset: str) -> float:
+    """WinCLIP+'s coreset ratio for a dataset (`CORESET_ALPHA`; MVTec's if not listed)."""
+    return winclip_lib.CORESET_ALPHA.get(dataset, winclip_lib.CORESET_ALPHA["mvtec"])
+
+
+@dataclasses.dataclass(frozen=True)
+class WinClip:
+    """WinCLIP / WinCLIP+ on one CLIP model.
+
+    Attributes:
+      spec: the CLIP architecture.
+      tokenizer: the CLIP tokenizer (for the class prompts).
+      alpha: coreset ratio of every scale's bank.
+      settings: `WinClipConfig` fields other than `refine` (window sizes,
+        patch projection, ...) passed to `winclip_config`.
+    """
+
+    spec: ClipSpec
+    tokenizer: Any
+    alpha: float = winclip_lib.CORESET_ALPHA["mvtec"]
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    family = "winclip"
+
+    @classmethod
+    def from_folder(
+        cls, clip_dir: str, *, dataset: str = "mvtec", alpha: float | None = None
+    ) -> tuple[WinClip, Any]:
+        """`(detector, params)` from a local Hugging Face CLIP folder."""
+        from protorefine_jax.clip.loader import load_clip  # reads files: only when asked
+
+        spec, params, tokenizer = load_clip(clip_dir)
+        return cls(spec, tokenizer, default_alpha(dataset) if alpha is None else alpha), params
+
+    @property
+    def image_size(self) -> int:
+        """Input side in pixels."""
+        return self.spec.image_size
+
+    def config(self, **fields: Any) -> winclip_lib.WinClipConfig:
+        """`WinClipConfig` with `winclip_config`'s defaults; `fields` override.
+
+        `fields` may be `RefineConfig` fields (e.g. `lam`, `use_refinement`)
+        or `WinClipConfig` fields.
+        """
+        return winclip_lib.winclip_config(clip=self.spec, **{**dict(self.settings), **fields})
+
+    def features(self, params: Any, images: Array) -> Any:
+        """`[B, S, S, 3]` RGB -> `MultiscaleFeatures` with leading axis B (jitted)."""
+        return winclip_lib.extract_multiscale(params, images, self.config())
+
+    def prepare(self, params: Any, category: str) -> Array:
+        """`[2, E]` normal / anomalous text embeddings of a category's prompts."""
+        return class_text_features(self.spec, params, self.tokenizer, object_name(category))
+
+    def fit_features(
+        self, features: Any, *, alpha: float | None = None, context: Array | None = None
+    ) -> DetectorState:
+        """State from the support features: one bank per scale, plus the text (`context`)."""
+        banks = winclip_lib.build_banks(features, self.alpha if alpha is None else alpha)
+        return DetectorState(banks=tuple(banks), context=context)
+
+    def fit(
+        self,
+        params: Any,
+        support_images: Array,
+        *,
+        category: str,
+        alpha: float | None = None,
+    ) -> DetectorState:
+        """State from the `[k, S, S, 3]` support images of `category`."""
+        text = self.prepare(params, category)
+        return self.fit_features(self.features(params, support_images), alpha=alpha, context=text)
+
+    def score_features(
+        self, state: DetectorState, features: Any, config: winclip_lib.WinClipConfig
+    ) -> winclip_lib.WinClipOutput:
+        """Scores a batch of `MultiscaleFeatures` (jitted `clip.winclip.score`)."""
+        if state.context is None:
+            raise ValueError("WinCLIP needs the class text embeddings: fit with a category.")
+        return winclip_lib.score(features, state.banks, state.context, config)
+
+    def score_stream(self, state: DetectorState, features: Any, config: Any, **online: int):
+        """Refuses: the online variant is implemented for PatchCore+ only."""
+        raise ValueError("the online variant is implemented for PatchCore+ only.")
+
+    def score(
+        self, params: Any, state: DetectorState, images: Array, config: winclip_lib.WinClipConfig
+    ) -> winclip_lib.WinClipOutput:
+        """Scores `[B, S, S, 3]` query images: fused image scores, maps, diagnostics."""
+        return self.score_features(state, self.features(params, images), config)
+
+    def describe(self, state: DetectorState | None = None) -> dict[str, Any]:
+        """CLIP widths, grid and input size (and the banks, given a state)."""
+        out: dict[str, Any] = {
+            "vision_width": self.spec.vision_width,
+            "embed_dim": self.spec.embed_dim,
+            "grid": list(self.spec.grid_size),
+            "image_size": self.spec.image_size,
+        }
+        if state is not None:
+            out["banks"] = [b.describe() for b in state.banks]
+        return out
