@@ -44,7 +44,8 @@ class TestItem(NamedTuple):
       path: image file.
       label: 0 normal, 1 anomalous.
       defect_type: `"good"` for normal images, else the defect folder name.
-      mask_path: ground-truth mask file; None for normal images.
+      mask_path: ground-truth mask file; None for normal images (and for
+        defective ones without a mask, read with `require_masks=False`).
     """
 
     __test__ = False  # not a pytest test class, despite the name
@@ -53,6 +54,11 @@ class TestItem(NamedTuple):
     label: int
     defect_type: str
     mask_path: Path | None
+
+    @property
+    def mask_known(self) -> bool:
+        """Whether the ground-truth mask is known (good images: empty; defective: a file)."""
+        return self.label == 0 or self.mask_path is not None
 
 
 class TestBatch(NamedTuple):
@@ -185,6 +191,7 @@ def load_category(
     category: str,
     image_size: int = 256,
     mask_threshold: int = MVTEC_MASK_THRESHOLD,
+    require_masks: bool = True,
 ) -> CategoryData:
     """Lists one category of an MVTec-layout dataset and checks its files.
 
@@ -194,6 +201,9 @@ def load_category(
       image_size: evaluation resolution `S` (256 PatchCore+, 240 WinCLIP+).
       mask_threshold: masks are binarised with `value > mask_threshold`
         (default 127; see :mod:`protorefine_jax.data.imageio`).
+      require_masks: a defective image without a mask is an error (True) or
+        kept with `mask_path=None` (image-level labels only; its mask is then
+        unknown, not empty: see `TestItem.mask_known`).
 
     Returns:
       The :class:`CategoryData`; nothing is decoded yet.
@@ -238,7 +248,9 @@ def load_category(
                 continue
             gt_dir = cat_dir / "ground_truth" / defect_type
             mask = _find_mask(gt_dir, img)
-            if mask is None:
+            if mask is None and not require_masks:
+                test.append(TestItem(img, 1, defect_type, None))
+            elif mask is None:
                 missing.append((img, gt_dir / f"{img.stem}_mask.png"))
             else:
                 test.append(TestItem(img, 1, defect_type, mask))
