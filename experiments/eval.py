@@ -37,6 +37,10 @@ FLAGS_DIR = Path(__file__).resolve().parent / "flags"
 HELP = {
     "dataset": "mvtec | mpdd | visa | folder (any MVTec-layout folder) | synthetic (the demo).",
     "data_dir": "Dataset root (holds <category>/train/good, or VisA's split_csv).",
+    "data_source": "folder (read the image files) | tfds (prepared TFDS array_record files).",
+    "tfds_dir": "--data_source=tfds: folder of the prepared files (prepared there if missing).",
+    "require_masks": "Refuse defective test images without a mask (default: image metrics "
+    "for them; pixel metrics over the images with masks, null without any).",
     "workdir": "Output folder; must be new or empty. Default: runs/<timestamp>.",
     "overwrite": "Allow writing into a non-empty workdir.",
     "categories": "Categories; empty = all found in data_dir.",

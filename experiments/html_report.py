@@ -247,7 +247,9 @@ def _kv_table(d: dict[str, Any]) -> str:
 
 
 def _card(item: ReportItem) -> str:
-    if item.anomalous is None:
+    if item.anomalous is None and item.score is not None:
+        decision, badge = "scored", ""  # no threshold to decide with
+    elif item.anomalous is None:
         decision, badge = "error", '<span class="badge b-err">not scored</span>'
     elif item.anomalous:
         decision, badge = "anomalous", '<span class="badge b-anom">anomalous</span>'
@@ -374,3 +376,68 @@ def write_report(path: str | Path, items: Sequence[ReportItem], **kwargs: Any) -
     path = Path(path)
     path.write_text(render_report(items, **kwargs), encoding="utf-8")
     return path
+
+
+def write_eval_report(
+    path: str | Path,
+    *,
+    title: str,
+    names: Sequence[str],
+    labels: np.ndarray,
+    scores: np.ndarray,
+    maps: np.ndarray,
+    load_images,
+    metrics: dict[str, Any],
+    settings: dict[str, Any],
+    chunk: int = 64,
+) -> Path:
+    """The page of one evaluation run (one category, method, shot count and seed).
+
+    Decisions use the F1-optimal threshold on these same test images (an
+    oracle threshold, as in the F1-max metric; said on the page).
+
+    Args:
+      path: output file.
+      title: page title.
+      names: `[T]` test file names.
+      labels: `[T]` 0/1.
+      scores: `[T]` image scores.
+      maps: `[T, H, W]` anomaly maps.
+      load_images: `indices -> [n, H, W, 3]` uint8 test images (read in chunks).
+      metrics: the run's metrics.
+      settings: what the page should show about the run.
+      chunk: images decoded at a time.
+
+    Returns:
+      `path`.
+    """
+    from protorefine_jax.threshold import f1_threshold
+
+    labels = np.asarray(labels)
+    scores = np.asarray(scores, np.float64)
+    thr = f1_threshold(labels, scores).value if 0 < labels.sum() < labels.size else None
+    lo, hi = float(np.percentile(maps, 1)), float(np.percentile(maps, 99.9))
+    items = []
+    for start in range(0, len(names), chunk):
+        idx = np.arange(start, min(start + chunk, len(names)))
+        images = load_images(idx)
+        for j, i in enumerate(idx):
+            items.append(
+                ReportItem(
+                    name=names[i],
+                    score=float(scores[i]),
+                    anomalous=None if thr is None else bool(scores[i] > thr),
+                    thumbnail=make_thumbnail(images[j], maps[i], lo, hi),
+                    label=int(labels[i]),
+                )
+            )
+    return write_report(
+        path,
+        items,
+        title=title,
+        settings=settings,
+        thresholds=[] if thr is None else [("F1-optimal (oracle)", thr)],
+        threshold_note="decisions at the F1-optimal threshold on these test images (oracle, as "
+        "the F1-max metric); deployment thresholds: experiments.fit",
+        metrics=metrics,
+    )
