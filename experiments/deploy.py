@@ -34,6 +34,7 @@ from experiments.report import overlay
 from protorefine_jax import threshold as threshold_lib
 from protorefine_jax.data.errors import DatasetError
 from protorefine_jax.data.imageio import is_image_file, read_image
+from protorefine_jax.features.preprocess import image_hw
 from protorefine_jax.io import model_dir
 
 EXPORT_FILE = "detector.jaxexport"
@@ -69,7 +70,7 @@ class FitSettings:
     backbone: str = "efficientnet_lite0"
     aggregation: str | None = None
     weights: str = ""
-    image_size: int = 256
+    image_size: int | tuple[int, int] = 256
     alpha: float | None = None
     shots: int = 0
     seed: int = 0
@@ -84,6 +85,24 @@ class FitSettings:
 
 
 # --------------------------------------------------------------------------- images
+
+
+def parse_image_size(text: str | int | Sequence[int]) -> int | tuple[int, int]:
+    """`"256"` -> 256 (square); `"224x544"` (height x width) -> (224, 544)."""
+    if not isinstance(text, str):
+        h, w = image_hw(text)
+        return h if h == w else (h, w)
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values, default=0) <= 0:
+        raise ValueError(
+            "--image_size must be one side (e.g. 256) or HEIGHTxWIDTH (e.g. 224x544), "
+            f"got {text!r}."
+        )
+    return values[0] if len(values) == 1 or values[0] == values[1] else (values[0], values[1])
 
 
 def list_images(spec: str | os.PathLike) -> tuple[Path, list[Path]]:
@@ -126,9 +145,9 @@ def relative_name(root: Path, file: Path) -> str:
 
 
 def read_batch(
-    files: Sequence[Path], image_size: int, strict: bool
+    files: Sequence[Path], image_size: int | tuple[int, int], strict: bool
 ) -> tuple[np.ndarray, list[int], dict[int, str]]:
-    """Reads images; returns `(pixels [n_ok, S, S, 3], ok indices, {index: error})`."""
+    """Reads images; returns `(pixels [n_ok, H, W, 3], ok indices, {index: error})`."""
     ok, images, errors = [], [], {}
     for i, f in enumerate(files):
         try:
@@ -138,7 +157,7 @@ def read_batch(
             if strict:
                 raise
             errors[i] = f"{type(e).__name__}: {e}"
-    pixels = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+    pixels = np.stack(images) if images else np.zeros((0, *image_hw(image_size), 3), np.uint8)
     return pixels, ok, errors
 
 
@@ -187,17 +206,17 @@ def padded(fn: Callable[[np.ndarray], Any], images: np.ndarray, batch_size: int)
 
 @dataclasses.dataclass
 class Scorer:
-    """Scores batches of `[B, S, S, 3]` images: `score(images) -> (scores [B], maps [B, S, S])`.
+    """Scores batches of `[B, H, W, 3]` images: `score(images) -> (scores [B], maps [B, H, W])`.
 
     Attributes:
       score: the scoring function (library detector or exported program).
       runtime: `"library"` or `"export"`.
-      image_size: `S`.
+      image_size: `S`, or `(H, W)`.
     """
 
     score: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
     runtime: str
-    image_size: int
+    image_size: int | tuple[int, int]
 
 
 def weights_identity(detector, weights: str) -> dict[str, Any]:
@@ -325,7 +344,7 @@ def fit_model(s: FitSettings, log: Callable[[str], None] = print) -> dict[str, A
     meta = {
         "detector": {"family": detector.family, "method": s.method, **detector.describe()},
         "backbone": {"name": s.backbone, **weights_identity(detector, s.weights)},
-        "image_size": [s.image_size, s.image_size],
+        "image_size": list(image_hw(s.image_size)),
         "alpha": detector.alpha if s.alpha is None else s.alpha,
         "config": config_dict(config),
         "support": {
@@ -362,14 +381,14 @@ def _pad_chunks(x: np.ndarray, n: int) -> Iterator[np.ndarray]:
         yield chunk
 
 
-def export_artifact(detector, params, state, config, image_size: int) -> bytes:
+def export_artifact(detector, params, state, config, image_size) -> bytes:
     """The `jax.export` program `images -> (scores, maps, patch_scores)`, bank baked in."""
     from protorefine_jax import make_detect
     from protorefine_jax.export import export_detect
 
     detect = make_detect(detector.features)
     return export_detect(
-        detect, params, state.banks[0].prototypes, config, (image_size, image_size, 3)
+        detect, params, state.banks[0].prototypes, config, (*image_hw(image_size), 3)
     )
 
 
@@ -391,7 +410,7 @@ def requested_settings(overrides: dict[str, Any]) -> dict[str, Any]:
         elif key == "aggregation":
             req.setdefault("detector", {})["aggregation"] = value
         elif key == "image_size":
-            req["image_size"] = [int(value), int(value)]
+            req["image_size"] = list(image_hw(parse_image_size(value)))
         else:
             raise ValueError(f"unknown setting {key!r}")
     return req
@@ -440,7 +459,7 @@ def open_model(
                 ) from e
             log(f"detector code not importable ({e}): running the exported program")
             runtime = "export"
-    size = int(meta["image_size"][0])
+    size = parse_image_size(meta["image_size"])
     if runtime == "export":
         return _export_scorer(path, manifest, size), manifest
     return _library_scorer(path, meta, size, weights), manifest
@@ -576,7 +595,11 @@ def predict(s: PredictSettings, log: Callable[[str], None] = print) -> dict[str,
             pixels, ok, errors = read_batch(part, size, s.strict)
             results = list(padded(scorer.score, pixels, s.batch_size))
             scores = np.concatenate([r[0] for r in results]) if results else np.zeros(0)
-            maps = np.concatenate([r[1] for r in results]) if results else np.zeros((0, size, size))
+            maps = (
+                np.concatenate([r[1] for r in results])
+                if results
+                else np.zeros((0, *image_hw(size)))
+            )
             for j, i in enumerate(ok):
                 index = start + i
                 score = float(scores[j])

@@ -31,6 +31,7 @@ from pathlib import Path
 from absl import app, flags
 
 from experiments import runner
+from experiments.deploy import parse_image_size
 
 FLAGS_DIR = Path(__file__).resolve().parent / "flags"
 
@@ -54,7 +55,9 @@ HELP = {
     "target_dim": "Official aggregation: output size (default per backbone).",
     "weights": "Backbone weights file ('' = shipped Lite weights; 'random' = random init).",
     "clip_dir": "Local Hugging Face CLIP folder (WinCLIP methods; see README).",
-    "image_size": "Input side in pixels (default 256 PatchCore, 240 WinCLIP).",
+    "image_size": "Input size: one side in pixels (default 256 PatchCore, 240 WinCLIP) or "
+    "HEIGHTxWIDTH (PatchCore; multiples of 16, e.g. 224x544) so elongated parts keep their "
+    "aspect ratio.",
     "alpha": "Coreset ratio (default 0.05 PatchCore; WinCLIP 0.5 MVTec, 0.3 VisA, 0.2 MPDD).",
     "lam": "OT weight lambda (default 0.3 PatchCore+, 0.1 WinCLIP+).",
     "online_capacity": "Online variant: ring-buffer rows.",
@@ -72,7 +75,9 @@ for _name in runner.REFINE_FIELDS:
 def _define(field: dataclasses.Field) -> None:
     """One absl flag per `Settings` field, typed by its annotation."""
     kind, default, helptext = str(field.type), field.default, HELP[field.name]
-    if kind.startswith("tuple"):
+    if field.name == "image_size":  # "256" or "224x544"
+        flags.DEFINE_string(field.name, default, helptext)
+    elif kind.startswith("tuple"):
         flags.DEFINE_list(field.name, [str(v) for v in default], helptext)
     elif kind.startswith("bool"):
         flags.DEFINE_bool(field.name, default, helptext)
@@ -93,7 +98,9 @@ def settings_from_flags() -> runner.Settings:
     values = {}
     for field in dataclasses.fields(runner.Settings):
         value = flags.FLAGS[field.name].value
-        if str(field.type).startswith("tuple[int"):
+        if field.name == "image_size":
+            value = None if value is None else parse_image_size(value)
+        elif str(field.type).startswith("tuple[int"):
             value = tuple(int(v) for v in value)
         elif str(field.type).startswith("tuple"):
             value = tuple(value)

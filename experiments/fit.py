@@ -44,7 +44,12 @@ _define_string(
 )
 _define_string("aggregation", None, "official | simple (default per backbone).")
 _define_string("weights", "", "Backbone weights file ('' = shipped Lite weights; 'random').")
-_define_integer("image_size", 256, "Input side in pixels (multiple of 16).")
+_define_string(
+    "image_size",
+    "256",
+    "Input size: one side (square, e.g. 256) or HEIGHTxWIDTH (e.g. 224x544, multiples of 16) "
+    "so that elongated parts are not squashed.",
+)
 _define_float("alpha", None, "Coreset ratio (default 0.05).")
 _define_integer("shots", 0, "Support images to draw (seeded); 0 = every image given.")
 _define_integer("seed", 0, "Seed of the --shots draw and of the augmented views.")
@@ -79,7 +84,9 @@ def settings_from_flags() -> deploy.FitSettings:
     """`FitSettings` of the parsed flags."""
     names = [f.name for f in deploy.dataclasses.fields(deploy.FitSettings) if f.name != "refine"]
     refine = tuple((n, FLAGS[n].value) for n in deploy.REFINE_FIELDS if FLAGS[n].value is not None)
-    return deploy.FitSettings(**{n: FLAGS[n].value for n in names}, refine=refine)
+    values = {n: FLAGS[n].value for n in names}
+    values["image_size"] = deploy.parse_image_size(values["image_size"])
+    return deploy.FitSettings(**values, refine=refine)
 
 
 def run(argv: list[str]) -> int:

@@ -50,7 +50,7 @@ _define_bool("progress", True, "Show a progress bar.")
 _define_string("method", None, "Checked against the model.")
 _define_string("backbone", None, "Checked against the model.")
 _define_string("aggregation", None, "Checked against the model.")
-_define_integer("image_size", None, "Checked against the model.")
+_define_string("image_size", None, "Checked against the model (256 or HEIGHTxWIDTH).")
 for _name in deploy.REFINE_FIELDS:
     if _name == "warm_start":
         _define_bool(_name, None, "Checked against the model.")

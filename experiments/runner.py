@@ -53,7 +53,8 @@ class Settings:
     target_dim: int | None = None
     weights: str = ""
     clip_dir: str | None = None
-    image_size: int | None = None
+    # One side (square) or (height, width): --image_size=256 or 224x544.
+    image_size: int | tuple[int, int] | None = None
     alpha: float | None = None
     # RefineConfig fields; None keeps the detector's default.
     lam: float | None = None

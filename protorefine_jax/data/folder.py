@@ -33,6 +33,7 @@ from protorefine_jax.data.imageio import (
     read_images,
     read_mask,
 )
+from protorefine_jax.features.preprocess import image_hw
 
 GOOD = "good"
 
@@ -134,11 +135,10 @@ class CategoryData:
         Returns:
           `[B, S, S]` bool.
         """
-        s = self.image_size
-        out = np.zeros((len(items), s, s), bool)
+        out = np.zeros((len(items), *image_hw(self.image_size)), bool)
         for i, item in enumerate(items):
             if item.mask_path is not None:
-                out[i] = read_mask(item.mask_path, s, self.mask_threshold)
+                out[i] = read_mask(item.mask_path, self.image_size, self.mask_threshold)
         return out
 
     def test_batches(self, batch_size: int) -> Iterator[TestBatch]:

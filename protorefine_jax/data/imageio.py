@@ -49,6 +49,7 @@ from PIL import Image, UnidentifiedImageError
 from protorefine_jax.data.errors import CorruptImageError, DatasetNotFoundError
 from protorefine_jax.features.preprocess import (
     UINT16_SCALE,
+    image_hw,
     pil_to_array,
     resize_rgb,
     rgb_channels,
@@ -88,15 +89,15 @@ def _decode(path: Path, what: str) -> np.ndarray:
         ) from e
 
 
-def read_image(path: str | Path, image_size: int) -> np.ndarray:
+def read_image(path: str | Path, image_size: int | tuple[int, int]) -> np.ndarray:
     """Reads one image as RGB uint8 at the evaluation resolution.
 
     Args:
       path: image file (any PIL-readable format; gray, RGBA, palette, 16-bit ok).
-      image_size: output side `S`.
+      image_size: output side `S`, or `(H, W)` for a non-square output.
 
     Returns:
-      `[S, S, 3]` uint8 RGB: `features.preprocess.resize_rgb` of the decoded
+      `[S, S, 3]` (or `[H, W, 3]`) uint8 RGB: `features.preprocess.resize_rgb` of the decoded
       image (float files rounded to uint8 after the resize).
 
     Raises:
@@ -132,7 +133,7 @@ def _mask_levels(arr: np.ndarray) -> np.ndarray:
     return level.max(axis=-1)
 
 
-def read_mask(path: str | Path, image_size: int, threshold: int) -> np.ndarray:
+def read_mask(path: str | Path, image_size: int | tuple[int, int], threshold: int) -> np.ndarray:
     """Reads one ground-truth mask, binarised, at the evaluation resolution.
 
     Args:
@@ -156,12 +157,15 @@ def read_mask(path: str | Path, image_size: int, threshold: int) -> np.ndarray:
     except ValueError as e:
         raise CorruptImageError(f"Cannot use mask {path}: {e}.") from e
     binary = Image.fromarray(((level > threshold) * 255).astype(np.uint8))
-    if binary.size != (image_size, image_size):
-        binary = binary.resize((image_size, image_size), Image.Resampling.NEAREST)
+    h, w = image_hw(image_size)
+    if binary.size != (w, h):
+        binary = binary.resize((w, h), Image.Resampling.NEAREST)
     return np.asarray(binary) > 0
 
 
-def read_images(paths: list[Path] | tuple[Path, ...], image_size: int) -> np.ndarray:
+def read_images(
+    paths: list[Path] | tuple[Path, ...], image_size: int | tuple[int, int]
+) -> np.ndarray:
     """Reads a batch of images.
 
     Args:
@@ -171,7 +175,7 @@ def read_images(paths: list[Path] | tuple[Path, ...], image_size: int) -> np.nda
     Returns:
       `[B, S, S, 3]` uint8 RGB (`[0, S, S, 3]` for an empty list).
     """
-    out = np.zeros((len(paths), image_size, image_size, 3), np.uint8)
+    out = np.zeros((len(paths), *image_hw(image_size), 3), np.uint8)
     for i, p in enumerate(paths):
         out[i] = read_image(p, image_size)
     return out

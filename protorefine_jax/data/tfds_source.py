@@ -118,6 +118,11 @@ def load_tfds_category(
     """
     from protorefine_jax.data import tfds_builders  # imports tensorflow_datasets
 
+    if not isinstance(image_size, int):
+        raise ValueError(
+            f"--data_source=tfds prepares square images (one side S); got image_size "
+            f"{image_size}. Use --data_source=folder for HEIGHTxWIDTH sizes."
+        )
     if dataset == "visa":
         raise ValueError(
             "--data_source=tfds reads MVTec-layout datasets (mvtec, mpdd, folder); VisA's "

@@ -148,25 +148,38 @@ def to_rgb(image: ImageLike, float_scale: float = 255.0) -> np.ndarray:
     return x
 
 
-def resize_rgb(image: ImageLike, size: int = 256, float_scale: float = 255.0) -> np.ndarray:
-    """:func:`to_rgb`, then PIL bilinear resize to ``size x size``; keeps the dtype.
+def image_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """`(height, width)` of an image size given as one side (square) or as `(H, W)`."""
+    if isinstance(size, int | np.integer):
+        return int(size), int(size)
+    hw = tuple(int(v) for v in size)
+    if len(hw) != 2:
+        raise ValueError(f"image size must be one int or (height, width), got {size!r}")
+    return hw
+
+
+def resize_rgb(
+    image: ImageLike, size: int | tuple[int, int] = 256, float_scale: float = 255.0
+) -> np.ndarray:
+    """:func:`to_rgb`, then PIL bilinear resize to ``size x size`` (or ``(H, W)``); keeps dtype.
 
     Args:
       image: see :func:`to_rgb`.
-      size: output side in pixels.
+      size: output side in pixels, or ``(height, width)`` for a non-square output.
       float_scale: see :func:`to_rgb`.
 
     Returns:
-      ``[size, size, 3]``: uint8 for integer / bool / non-float PIL input,
+      ``[H, W, 3]``: uint8 for integer / bool / non-float PIL input,
       float32 in [0, 255] for float input.
     """
     x = to_rgb(image, float_scale)
-    if x.shape[:2] == (size, size):
+    h, w = image_hw(size)
+    if x.shape[:2] == (h, w):
         return x
     if x.dtype == np.uint8:
-        return np.asarray(Image.fromarray(x).resize((size, size), Image.Resampling.BILINEAR))
+        return np.asarray(Image.fromarray(x).resize((w, h), Image.Resampling.BILINEAR))
     channels = [
-        np.asarray(Image.fromarray(x[..., c]).resize((size, size), Image.Resampling.BILINEAR))
+        np.asarray(Image.fromarray(x[..., c]).resize((w, h), Image.Resampling.BILINEAR))
         for c in range(3)
     ]
     return np.clip(np.stack(channels, axis=-1), 0.0, 255.0).astype(np.float32)
