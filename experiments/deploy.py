@@ -36,6 +36,7 @@ from protorefine_jax.data.errors import DatasetError
 from protorefine_jax.data.imageio import is_image_file, read_image
 from protorefine_jax.features.preprocess import image_hw
 from protorefine_jax.io import model_dir
+from protorefine_jax.io.paths import check_output_dir, safe_filename
 
 EXPORT_FILE = "detector.jaxexport"
 METHODS = {"patchcore": False, "patchcore+": True}  # name -> use_refinement
@@ -221,12 +222,12 @@ class Scorer:
 
 def weights_identity(detector, weights: str) -> dict[str, Any]:
     """Backbone name, weights kind/path and the file's SHA-256 ("random" has none)."""
-    from protorefine_jax.features import checkpoints
+    from protorefine_jax.io import torch_checkpoint
 
     if weights == "random":
         return {"weights": "random", "weights_sha256": "random:PRNGKey(0)"}
     name = detector.extractor.name
-    path = weights or checkpoints.shipped_checkpoint(name)
+    path = weights or torch_checkpoint.shipped_checkpoint(name)
     return {"weights": weights or "shipped", "weights_sha256": model_dir.file_sha256(path)}
 
 
@@ -264,8 +265,8 @@ def _check_fit(s: FitSettings) -> None:
         raise ValueError(f"--batch_size must be >= 1, got {s.batch_size}.")
     if s.views < 2:
         raise ValueError(f"--views must be >= 2, got {s.views}.")
-    out = Path(s.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not s.overwrite:
+    out = check_output_dir(s.out, "--out")
+    if out.exists() and any(out.iterdir()) and not s.overwrite:
         raise FileExistsError(
             f"{out} exists and is not empty; a model is never overwritten silently. Pick a new "
             "--out, or pass --overwrite."
@@ -472,7 +473,13 @@ def _export_scorer(path, manifest, size: int) -> Scorer:
         raise model_dir.ModelFormatError(
             f"{path} has no exported program; refit with `experiments.fit --export`."
         )
-    call = export.deserialize(bytearray(model_dir.read_file(path, EXPORT_FILE))).call
+    blob = model_dir.read_file(path, EXPORT_FILE)  # SHA-256 checked against model.json
+    try:  # the validating loader (platform, version, signature), when importable
+        from protorefine_jax.export import load_detect
+
+        call = load_detect(blob, image_shape=(*image_hw(size), 3))
+    except ImportError:
+        call = export.deserialize(bytearray(blob)).call
 
     def score(images):
         scores, maps, _ = call(np.asarray(images, np.float32))
@@ -535,8 +542,8 @@ class PredictSettings:
 
 
 def prepare_out(out: str, overwrite: bool) -> Path:
-    """Creates `out`; refuses a non-empty one unless `overwrite`."""
-    path = Path(out)
+    """Creates `out`; refuses a file, and a non-empty folder unless `overwrite`."""
+    path = check_output_dir(out, "--out")
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
         raise FileExistsError(
             f"--out {path} exists and is not empty; predictions are never overwritten "
@@ -547,8 +554,8 @@ def prepare_out(out: str, overwrite: bool) -> Path:
 
 
 def _safe_stem(index: int, name: str) -> str:
-    keep = "".join(c if c.isalnum() or c in "._-" else "_" for c in name.rsplit(".", 1)[0])
-    return f"{index:05d}_{keep[-80:]}"
+    # The index keeps names unique after flattening folders; safe_filename keeps them valid.
+    return f"{index:05d}_{safe_filename(name.rsplit('.', 1)[0].replace('/', '_'), 80)}"
 
 
 def predict(s: PredictSettings, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from absl import app, flags
 
 from experiments import runner
 from experiments.deploy import parse_image_size
+from protorefine_jax.data import imageio
 
 FLAGS_DIR = Path(__file__).resolve().parent / "flags"
 
@@ -70,6 +71,14 @@ HELP = {
 }
 for _name in runner.REFINE_FIELDS:
     HELP[_name] = f"RefineConfig.{_name} (unset: the shipped default; see its docstring)."
+
+
+_MAX_IMAGE_PIXELS = flags.DEFINE_integer(
+    "max_image_pixels",
+    imageio.DEFAULT_MAX_IMAGE_PIXELS,
+    "Largest image / mask (width x height) decoded; larger files are refused before "
+    "decoding (a small file can decode to gigabytes). Raise it for genuine large images.",
+)
 
 
 def _define(field: dataclasses.Field) -> None:
@@ -125,6 +134,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
+        imageio.set_max_image_pixels(_MAX_IMAGE_PIXELS.value)
         runner.run(settings_from_flags())
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         # Bad input gets its message, not a traceback.

@@ -25,6 +25,7 @@ import sys
 from absl import flags
 
 from experiments import deploy
+from protorefine_jax.data import imageio
 
 # Own flag registry: fit, predict and eval define flags of the same names and
 # may be imported together (tests, notebooks).
@@ -68,6 +69,11 @@ _define_string(
 )
 _define_bool("export", False, "Also write the jax.export artifact (detector.jaxexport).")
 _define_integer("batch_size", 8, "Images per compiled batch.")
+_define_integer(
+    "max_image_pixels",
+    imageio.DEFAULT_MAX_IMAGE_PIXELS,
+    "Largest image (width x height) decoded; larger files are refused before decoding.",
+)
 _define_bool("progress", True, "Log progress.")
 for _name in deploy.REFINE_FIELDS:
     if _name in ("warm_start",):
@@ -96,6 +102,7 @@ def run(argv: list[str]) -> int:
         return 0
     try:
         rest = FLAGS(argv)
+        imageio.set_max_image_pixels(FLAGS.max_image_pixels)
     except flags.Error as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

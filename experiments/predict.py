@@ -26,6 +26,7 @@ import sys
 from absl import flags
 
 from experiments import deploy
+from protorefine_jax.data import imageio
 
 # Own flag registry: fit, predict and eval define flags of the same names and
 # may be imported together (tests, notebooks).
@@ -46,6 +47,11 @@ _define_string("weights", None, "Backbone weights file on this machine (default:
 _define_bool("strict", False, "Fail on the first unreadable image instead of listing it.")
 _define_float("threshold", None, "Override the model's decision threshold.")
 _define_enum("overlays", "all", ["all", "anomalous", "none"], "Which overlay PNGs to write.")
+_define_integer(
+    "max_image_pixels",
+    imageio.DEFAULT_MAX_IMAGE_PIXELS,
+    "Largest image (width x height) decoded; larger files are refused before decoding.",
+)
 _define_bool("progress", True, "Show a progress bar.")
 _define_string("method", None, "Checked against the model.")
 _define_string("backbone", None, "Checked against the model.")
@@ -79,6 +85,7 @@ def run(argv: list[str]) -> int:
         return 0
     try:
         rest = FLAGS(argv)
+        imageio.set_max_image_pixels(FLAGS.max_image_pixels)
     except flags.Error as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

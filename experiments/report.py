@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from protorefine_jax.data import aggregate_seeds
+from protorefine_jax.io.paths import safe_filename
 
 METRICS = ("image_auroc", "pixel_auroc", "image_f1_max", "pixel_f1_max", "aupro")
 GROUP_KEYS = ("dataset", "category", "method", "shots")
@@ -148,7 +149,7 @@ def save_overlays(
     files = []
     for img, amap, mask, name in zip(images, maps, masks, names, strict=True):
         stem = name.replace("/", "_").rsplit(".", 1)[0]
-        path = folder / f"{prefix}_{stem}.png"
+        path = folder / (safe_filename(f"{prefix}_{stem}") + ".png")
         Image.fromarray(overlay(img, amap, mask, *value_range)).save(path)
         files.append(path.name)
     return files

@@ -29,6 +29,7 @@ from experiments.methods import Method, get_method
 from protorefine_jax.data import load_dataset_category, make_synthetic_dataset, sample_support
 from protorefine_jax.data.registry import list_categories
 from protorefine_jax.detectors import PatchCore, bank_degenerate, bank_size, describe_banks
+from protorefine_jax.io.paths import check_output_dir
 from protorefine_jax.metrics import evaluate, evaluate_known_masks
 
 
@@ -126,7 +127,7 @@ def check_settings(s: Settings) -> list[Method]:
 
 def prepare_workdir(workdir: str | None, overwrite: bool) -> Path:
     """Creates the output folder; refuses a non-empty one unless `overwrite`."""
-    path = Path(workdir or time.strftime("runs/%Y%m%d-%H%M%S"))
+    path = check_output_dir(workdir or time.strftime("runs/%Y%m%d-%H%M%S"))
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(
             f"workdir {path} exists and is not empty; results are never overwritten "

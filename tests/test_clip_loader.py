@@ -19,9 +19,10 @@ from flax.traverse_util import flatten_dict
 from test_clip_convert import SPEC, random_openclip_state_dict
 from transformers import FlaxCLIPModel
 
-from protorefine_jax.clip import convert, loader, winclip
+from protorefine_jax.clip import convert, winclip
 from protorefine_jax.clip.spec import CLIP_MEAN, CLIP_STD
-from protorefine_jax.features.checkpoints import CheckpointError
+from protorefine_jax.io import clip_folder as loader
+from protorefine_jax.io.errors import CheckpointError
 
 MERGES = ["h e", "l l", "he ll"]
 BPE_TEXT = "#version: 0.2\n" + "\n".join(MERGES) + "\n"

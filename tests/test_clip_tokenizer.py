@@ -13,8 +13,9 @@ import pytest
 import regex
 from transformers.models.clip.tokenization_clip import bytes_to_unicode as hf_bytes_to_unicode
 
-from protorefine_jax.clip import bpe, loader, prompts, towers
+from protorefine_jax.clip import bpe, prompts, towers
 from protorefine_jax.clip.spec import ClipSpec
+from protorefine_jax.io import clip_folder as loader
 
 # A tiny merges file in the format of bpe_simple_vocab_16e6.txt (header line first).
 TINY_MERGES = [

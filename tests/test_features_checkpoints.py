@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from protorefine_jax.features import checkpoints
-from protorefine_jax.features.checkpoints import CheckpointError, load_state_dict
+from protorefine_jax.io import torch_checkpoint
+from protorefine_jax.io.torch_checkpoint import CheckpointError, load_state_dict
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -24,7 +25,7 @@ def test_reads_torch_formats(fmt):
 
 
 def test_reads_shipped_legacy_lite0_checkpoint():
-    state = load_state_dict(checkpoints.shipped_checkpoint("efficientnet_lite0"))
+    state = load_state_dict(torch_checkpoint.shipped_checkpoint("efficientnet_lite0"))
     assert len(state) == 296
     assert state["_conv_stem.weight"].shape == (32, 3, 3, 3)
     assert state["_fc.weight"].shape == (1000, 1280)
@@ -56,7 +57,11 @@ def test_missing_file_names_the_file(tmp_path):
 def test_refuses_arbitrary_globals(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
-        for obj in (checkpoints.LEGACY_MAGIC_NUMBER, checkpoints.LEGACY_PROTOCOL_VERSION, {}):
+        for obj in (
+            torch_checkpoint.LEGACY_MAGIC_NUMBER,
+            torch_checkpoint.LEGACY_PROTOCOL_VERSION,
+            {},
+        ):
             pickle.dump(obj, f, protocol=2)
         pickle.dump({"x": os.getcwd}, f, protocol=2)  # a global the reader must not resolve
     with pytest.raises(CheckpointError, match=r"evil.pth.*not allowed"):
@@ -88,4 +93,4 @@ def test_check_state_dict_names_first_bad_key():
 
 def test_shipped_checkpoint_unknown_name():
     with pytest.raises(CheckpointError, match="no shipped weights for 'wide_resnet50_2'"):
-        checkpoints.shipped_checkpoint("wide_resnet50_2")
+        torch_checkpoint.shipped_checkpoint("wide_resnet50_2")

@@ -72,7 +72,8 @@ def test_depthwise_conv_matches_grouped_conv():
 
 
 def test_converter_names_file_and_first_bad_key():
-    from protorefine_jax.features import CheckpointError, checkpoints
+    from protorefine_jax.features import CheckpointError
+    from protorefine_jax.io import torch_checkpoint as checkpoints
 
     state = checkpoints.load_state_dict(checkpoints.shipped_checkpoint("efficientnet_lite0"))
     del state["_blocks.3._depthwise_conv.weight"]

@@ -17,16 +17,6 @@ from protorefine_jax.clip.convert import (
     infer_openclip_spec,
     openclip_to_hf_state_dict,
 )
-from protorefine_jax.clip.loader import (
-    ClipBundle,
-    check_clip_folder,
-    convert_openclip,
-    load_clip,
-    load_tokenizer,
-    missing_clip_files,
-    read_state_dict,
-    write_clip_folder,
-)
 from protorefine_jax.clip.prompts import (
     class_text_features,
     object_name,
@@ -61,6 +51,28 @@ from protorefine_jax.clip.winclip import (
     winclip_config,
 )
 from protorefine_jax.clip.windows import aggregate_windows, coverage_counts, window_indices
+
+# File reading lives in protorefine_jax.io.clip_folder, which imports this
+# package's pure modules; its names are re-exported lazily to avoid the cycle.
+_CLIP_FOLDER_NAMES = (
+    "ClipBundle",
+    "check_clip_folder",
+    "convert_openclip",
+    "load_clip",
+    "load_tokenizer",
+    "missing_clip_files",
+    "read_state_dict",
+    "write_clip_folder",
+)
+
+
+def __getattr__(name: str):
+    if name in _CLIP_FOLDER_NAMES:
+        from protorefine_jax.io import clip_folder
+
+        return getattr(clip_folder, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CORESET_ALPHA",

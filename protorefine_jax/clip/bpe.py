@@ -8,7 +8,7 @@ pair joined), then `<|startoftext|>` and `<|endoftext|>`. For the standard file
 that is 256 + 256 + 48894 + 2 = 49408 entries. Hugging Face's `CLIPTokenizer`
 reads the result as `vocab.json` + `merges.txt`.
 
-Pure functions over strings; reading the `.gz` file lives in `loader.py`.
+Pure functions over strings; reading the `.gz` file lives in `protorefine_jax.io.clip_folder`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """State-dict conversions: OpenCLIP -> HF (PyTorch layout) -> HF Flax params.
 
-Pure numpy, no torch, no file access (file reading lives in `loader.py`).
+Pure numpy, no torch, no file access (file reading lives in `protorefine_jax.io.clip_folder`).
 
 Layouts:
   * OpenCLIP: `visual.conv1.weight` `[D, 3, p, p]`, fused attention

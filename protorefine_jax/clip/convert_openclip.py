@@ -11,11 +11,12 @@ Example (the paper's model; nothing is downloaded, both files are local):
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from absl import app, flags
 
-from protorefine_jax.clip import loader
+from protorefine_jax.io import clip_folder
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint",
@@ -34,13 +35,18 @@ _ACT = flags.DEFINE_enum("act", "gelu", ["gelu", "quick_gelu"], "Activation when
 def main(argv: Sequence[str]) -> None:
     """Runs the conversion and prints the folder written."""
     del argv
-    out = loader.convert_openclip(
-        _CHECKPOINT.value,
-        _BPE.value,
-        _OUT.value,
-        model_name=_MODEL.value or None,
-        hidden_act=_ACT.value,
-    )
+    try:
+        out = clip_folder.convert_openclip(
+            _CHECKPOINT.value,
+            _BPE.value,
+            _OUT.value,
+            model_name=_MODEL.value or None,
+            hidden_act=_ACT.value,
+        )
+    except (ValueError, FileNotFoundError, UnicodeDecodeError) as err:
+        # Bad input (an unsafe or corrupt checkpoint included) gets its message, not a traceback.
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {out}")
 
 

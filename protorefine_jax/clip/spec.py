@@ -5,7 +5,7 @@ normalisation its weights were trained with. It is a frozen, hashable
 dataclass so it can sit in the static part of a jitted config; the Hugging
 Face `CLIPConfig` (not hashable) is derived from it on demand. The
 normalisation is not part of `CLIPConfig` (Hugging Face keeps it in the
-folder's `preprocessor_config.json`, read by `loader.load_clip`), so
+folder's `preprocessor_config.json`, read by `io.clip_folder.load_clip`), so
 `to_hf_config` / `from_hf_config` round-trip the shapes only and
 `from_hf_config` returns the OpenAI mean/std.
 
@@ -155,7 +155,7 @@ class ClipSpec:
         """Reads a spec from a Hugging Face `CLIPConfig` or its `config.json` dict.
 
         `CLIPConfig` carries no image normalisation: the spec gets the default
-        (OpenAI) mean/std; `loader.load_clip` replaces them with the folder's
+        (OpenAI) mean/std; `io.clip_folder.load_clip` replaces them with the folder's
         `preprocessor_config.json` values.
 
         Args:

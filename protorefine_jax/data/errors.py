@@ -26,6 +26,14 @@ class CorruptImageError(DatasetError, ValueError):
     """An image or mask file exists but cannot be decoded."""
 
 
+class ImageTooLargeError(CorruptImageError):
+    """An image or mask has more pixels than the decode limit (decompression bomb)."""
+
+
+class UnsafeNameError(DatasetError, ValueError):
+    """A category name or a path listed in a dataset file would leave its folder."""
+
+
 class MissingMaskError(DatasetError, FileNotFoundError):
     """A defective test image has no ground-truth mask file."""
 

@@ -26,6 +26,7 @@ from protorefine_jax.data.errors import (
     DatasetNotFoundError,
     EmptyTrainSetError,
     MissingMaskError,
+    UnsafeNameError,
 )
 from protorefine_jax.data.imageio import (
     MVTEC_MASK_THRESHOLD,
@@ -34,6 +35,7 @@ from protorefine_jax.data.imageio import (
     read_mask,
 )
 from protorefine_jax.features.preprocess import image_hw
+from protorefine_jax.io.paths import UnsafePathError, check_relative, json_safe_text
 
 GOOD = "good"
 
@@ -112,8 +114,12 @@ class CategoryData:
         return tuple(sorted({t.defect_type for t in self.test if t.label == 1}))
 
     def name(self, path: Path) -> str:
-        """File name relative to :attr:`root` (POSIX), as stored with results."""
-        return Path(path).relative_to(self.root).as_posix()
+        r"""File name relative to :attr:`root` (POSIX), as stored with results.
+
+        Always valid UTF-8 (:func:`~protorefine_jax.io.paths.json_safe_text`):
+        bytes of a non-UTF-8 file name appear as ``\xNN``.
+        """
+        return json_safe_text(Path(path).relative_to(self.root).as_posix())
 
     def load_images(self, paths: Sequence[Path]) -> np.ndarray:
         """Decodes images (e.g. a support set).
@@ -138,7 +144,9 @@ class CategoryData:
         out = np.zeros((len(items), *image_hw(self.image_size)), bool)
         for i, item in enumerate(items):
             if item.mask_path is not None:
-                out[i] = read_mask(item.mask_path, self.image_size, self.mask_threshold)
+                out[i] = read_mask(
+                    item.mask_path, self.image_size, self.mask_threshold, image_path=item.path
+                )
         return out
 
     def test_batches(self, batch_size: int) -> Iterator[TestBatch]:
@@ -186,6 +194,21 @@ def _find_mask(gt_dir: Path, image: Path) -> Path | None:
     return None
 
 
+def check_category_name(category: str) -> str:
+    """Returns `category` if it is one plain folder name (no separator, no `..`).
+
+    Raises:
+      UnsafeNameError: the name would leave the dataset root, or is not a
+        single folder name.
+    """
+    try:
+        return check_relative(category, "Category", single=True)
+    except UnsafePathError as e:
+        raise UnsafeNameError(
+            f"{e} Fix: pass the name of a category folder directly under the dataset root."
+        ) from e
+
+
 def load_category(
     root: str | Path,
     category: str,
@@ -209,12 +232,14 @@ def load_category(
       The :class:`CategoryData`; nothing is decoded yet.
 
     Raises:
+      UnsafeNameError: `category` is not a single folder name (`..`, `/`).
       DatasetNotFoundError: missing root, category (lists those found) or `test`.
       EmptyTrainSetError: `train/good` is missing or holds no image.
       MissingMaskError: a defective test image has no mask (names image and
         the expected mask path).
     """
     root = Path(root)
+    check_category_name(category)
     found = discover_categories(root)
     cat_dir = root / category
     if not cat_dir.is_dir():

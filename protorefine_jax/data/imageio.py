@@ -36,28 +36,72 @@ non-float file). Decisions (the spec is silent):
   the VisA threshold 0; mode `"1"` as 0 / 255; float masks as `v * 255`. The
   threshold is 127 for MVTec-layout masks (documented as 0 / 255; robust to
   antialiased or JPEG-saved masks) and 0 for VisA, whose masks store small
-  class indices (1, 2, ...) rather than 255.
+  class indices (1, 2, ...) rather than 255. Masks are compared in their own
+  integer dtype (uint8 / uint16 / bool; float32 only for float files), never
+  widened to float64.
+- A mask must have the pixel size of its image (`read_mask(..., image_path=)`,
+  used by every reader): a mismatch is a `CorruptImageError` naming both
+  files, not a silent stretch.
+- Files are untrusted: an image or mask with more than `max_image_pixels()`
+  pixels (default `DEFAULT_MAX_IMAGE_PIXELS`, 50 million, e.g. 7071 x 7071;
+  raise it with `set_max_image_pixels` or `--max_image_pixels` of
+  `experiments.eval`) is refused from its header, before decoding, with an
+  `ImageTooLargeError`; PIL's own `DecompressionBombError` becomes the same
+  error.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from protorefine_jax.data.errors import CorruptImageError, DatasetNotFoundError
+from protorefine_jax.data.errors import CorruptImageError, DatasetNotFoundError, ImageTooLargeError
 from protorefine_jax.features.preprocess import (
     UINT16_SCALE,
     image_hw,
     pil_to_array,
     resize_rgb,
-    rgb_channels,
 )
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MVTEC_MASK_THRESHOLD = 127
 VISA_MASK_THRESHOLD = 0
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+_max_pixels = DEFAULT_MAX_IMAGE_PIXELS
+
+
+def max_image_pixels() -> int:
+    """The largest image (width x height) the readers decode."""
+    return _max_pixels
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """Sets the pixel limit of every image / mask decode (None: the default).
+
+    Also sets PIL's own decompression-bomb limit to the same value, so PIL
+    does not refuse what this limit allows.
+
+    Raises:
+      ValueError: a limit below 1.
+    """
+    global _max_pixels
+    limit = DEFAULT_MAX_IMAGE_PIXELS if limit is None else int(limit)
+    if limit < 1:
+        raise ValueError(f"max_image_pixels must be >= 1, got {limit}.")
+    _max_pixels = limit
+    Image.MAX_IMAGE_PIXELS = max(limit, Image.MAX_IMAGE_PIXELS or 0)
+
+
+def _too_large(path: Path, what: str, size: str) -> ImageTooLargeError:
+    return ImageTooLargeError(
+        f"{what} {path} is {size}, more than the limit of {_max_pixels} pixels "
+        "(refused before decoding: a small file can decode to gigabytes). Fix: if the "
+        "file is genuine, raise the limit (--max_image_pixels, or "
+        "protorefine_jax.data.imageio.set_max_image_pixels), or downscale it."
+    )
 
 
 def is_image_file(path: Path) -> bool:
@@ -78,9 +122,19 @@ def _decode(path: Path, what: str) -> np.ndarray:
             "from the dataset folder (or its split CSV)."
         )
     try:
-        with Image.open(path) as img:
-            img.load()  # Image.open is lazy: truncated files only fail here.
-            return pil_to_array(img)
+        with warnings.catch_warnings():
+            # The limit below is ours; PIL's warning would only repeat it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > _max_pixels:
+                    raise _too_large(path, what, f"{width} x {height} pixels")
+                img.load()  # Image.open is lazy: truncated files only fail here.
+                return pil_to_array(img)
+    except ImageTooLargeError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise _too_large(path, what, f"too large for PIL ({e})") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise CorruptImageError(
             f"Cannot decode {what.lower()} {path}: {e}. Fix: re-extract or re-download "
@@ -117,23 +171,58 @@ def read_image(path: str | Path, image_size: int | tuple[int, int]) -> np.ndarra
     return out
 
 
-def _mask_levels(arr: np.ndarray) -> np.ndarray:
-    """`[H, W]` mask values on the 8-bit scale (unrounded), max over colour channels."""
-    x = rgb_channels(arr)
+def _mask_defect(arr: np.ndarray, threshold: int) -> np.ndarray:
+    """`[H, W]` bool: value on the 8-bit scale (unrounded) `> threshold` in any channel.
+
+    Compared in the file's own dtype: uint8 `v > t`; uint16 `v / 257 > t`,
+    i.e. `v > 257 t`; bool `255 > t`; float `255 v > t` in float32.
+    """
+    x = arr[..., None] if arr.ndim == 2 else arr
+    if x.ndim != 3 or x.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"expected a mask [H, W] or [H, W, 1|2|3|4], got shape {arr.shape}")
+    if x.shape[-1] in (2, 4):
+        x = x[..., :-1]  # alpha ignored; gray is not replicated (one byte per pixel)
     if x.dtype == np.bool_:
-        level = x.astype(np.float64) * 255.0
+        hit = x if threshold < 255 else np.zeros_like(x)
     elif x.dtype == np.uint16:
-        level = x.astype(np.float64) / UINT16_SCALE
+        hit = x > threshold * UINT16_SCALE
     elif np.issubdtype(x.dtype, np.floating):
-        level = x.astype(np.float64) * 255.0
+        hit = x.astype(np.float32, copy=False) * np.float32(255.0) > threshold
+    elif x.dtype == np.uint8:
+        hit = x > threshold
     else:
-        level = x.astype(np.float64)
+        raise ValueError(f"unsupported mask dtype {x.dtype}")
     # Colour / palette masks: a red-on-black mask has luminance 76, so use the
     # brightest channel rather than luminance.
-    return level.max(axis=-1)
+    return hit.any(axis=-1)
 
 
-def read_mask(path: str | Path, image_size: int | tuple[int, int], threshold: int) -> np.ndarray:
+def image_pixel_size(path: str | Path) -> tuple[int, int]:
+    """`(width, height)` of an image file from its header (nothing decoded).
+
+    Raises:
+      DatasetNotFoundError / CorruptImageError: as `read_image`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetNotFoundError(f"Image file {path} does not exist.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.size
+    except Image.DecompressionBombError as e:
+        raise _too_large(path, "Image", f"too large for PIL ({e})") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise CorruptImageError(f"Cannot decode image {path}: {e}.") from e
+
+
+def read_mask(
+    path: str | Path,
+    image_size: int | tuple[int, int],
+    threshold: int,
+    image_path: str | Path | None = None,
+) -> np.ndarray:
     """Reads one ground-truth mask, binarised, at the evaluation resolution.
 
     Args:
@@ -142,21 +231,35 @@ def read_mask(path: str | Path, image_size: int | tuple[int, int], threshold: in
       threshold: a pixel is defective when its value on the 8-bit scale is
         `> threshold` (:data:`MVTEC_MASK_THRESHOLD` or
         :data:`VISA_MASK_THRESHOLD`; 16-bit values count as `v / 257`).
+      image_path: the image the mask belongs to; its pixel size (read from
+        the header) must equal the mask's.
 
     Returns:
       `[S, S]` bool, True on defect pixels.
 
     Raises:
       DatasetNotFoundError: the file does not exist.
-      CorruptImageError: the file cannot be decoded (the message names it).
+      CorruptImageError: the file cannot be decoded, or its size differs
+        from the image's (the message names both files).
+      ImageTooLargeError: more pixels than `max_image_pixels()`.
     """
     path = Path(path)
     arr = _decode(path, "Mask")
+    if image_path is not None:
+        width, height = image_pixel_size(image_path)
+        if arr.shape[:2] != (height, width):
+            raise CorruptImageError(
+                f"Mask {path} is {arr.shape[1]} x {arr.shape[0]} pixels but its image "
+                f"{image_path} is {width} x {height}; a mask must have its image's size "
+                "(it is not stretched). Fix: re-export the mask at the image's size, or "
+                "pair the image with its own mask."
+            )
     try:
-        level = _mask_levels(arr)
+        defect = _mask_defect(arr, threshold)
     except ValueError as e:
         raise CorruptImageError(f"Cannot use mask {path}: {e}.") from e
-    binary = Image.fromarray(((level > threshold) * 255).astype(np.uint8))
+    del arr
+    binary = Image.fromarray(defect.view(np.uint8) * np.uint8(255))
     h, w = image_hw(image_size)
     if binary.size != (w, h):
         binary = binary.resize((w, h), Image.Resampling.NEAREST)

@@ -36,7 +36,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from protorefine_jax.data.errors import DatasetNotFoundError
-from protorefine_jax.data.folder import GOOD, CategoryData, TestItem, load_category
+from protorefine_jax.data.folder import (
+    GOOD,
+    CategoryData,
+    TestItem,
+    check_category_name,
+    load_category,
+)
 from protorefine_jax.data.imageio import read_image, read_mask
 from protorefine_jax.data.registry import MPDD_CATEGORIES, MVTEC_CATEGORIES, VISA_CATEGORIES
 from protorefine_jax.data.visa import load_visa_category
@@ -136,7 +142,7 @@ class _CategoryBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "mask": (
                     no_defect
                     if item.mask_path is None
-                    else read_mask(item.mask_path, s, data.mask_threshold)
+                    else read_mask(item.mask_path, s, data.mask_threshold, image_path=item.path)
                 ),
                 "label": item.label,
                 "defect_type": item.defect_type,
@@ -226,12 +232,15 @@ def prepare_category(
 
     Raises:
       ValueError: unknown dataset (lists the known ones).
+      UnsafeNameError: `category` is not a single folder name (it names the
+        output folder under `data_dir` too).
       DatasetNotFoundError: `root` does not exist.
       DatasetError: raised by the readers while listing the category.
     """
     if dataset not in BUILDERS:
         raise ValueError(f"Unknown dataset '{dataset}'. Known: {', '.join(BUILDERS)}.")
     cls = BUILDERS[dataset]
+    check_category_name(category)
     if not Path(root).is_dir():
         # TFDS would say "manual directory is empty" with an AssertionError.
         raise DatasetNotFoundError(

@@ -18,9 +18,11 @@ from protorefine_jax.data.errors import (
     DatasetNotFoundError,
     EmptyTrainSetError,
     MissingMaskError,
+    UnsafeNameError,
 )
-from protorefine_jax.data.folder import GOOD, CategoryData, TestItem
+from protorefine_jax.data.folder import GOOD, CategoryData, TestItem, check_category_name
 from protorefine_jax.data.imageio import VISA_MASK_THRESHOLD
+from protorefine_jax.io.paths import UnsafePathError, safe_child
 
 VISA_SPLIT_CSV = Path("split_csv") / "1cls.csv"
 _COLUMNS = ("object", "split", "label", "image", "mask")
@@ -82,6 +84,14 @@ def visa_categories(root: str | Path) -> tuple[str, ...]:
     return tuple(sorted({r["object"] for r in read_visa_csv(root)}))
 
 
+def _listed(root: Path, name: str, column: str) -> Path:
+    """`root / name` for a path from the CSV; refuses one that leaves the root."""
+    try:
+        return safe_child(root, name, f"{column} path in {root / VISA_SPLIT_CSV}")
+    except UnsafePathError as e:
+        raise UnsafeNameError(f"{e} Fix: list files under the VisA root only.") from e
+
+
 def load_visa_category(
     root: str | Path,
     category: str,
@@ -108,6 +118,7 @@ def load_visa_category(
       VisaSplitError: a CSV row has a `split` / `label` outside the allowed values.
     """
     root = Path(root)
+    check_category_name(category)
     rows = read_visa_csv(root)
     objects = sorted({r["object"] for r in rows})
     rows = [r for r in rows if r["object"] == category]
@@ -119,7 +130,7 @@ def load_visa_category(
     train: list[Path] = []
     test: list[TestItem] = []
     for r in rows:
-        image = root / r["image"]
+        image = _listed(root, r["image"], "image")
         if not image.is_file():
             raise DatasetNotFoundError(
                 f"Image {image} listed in {root / VISA_SPLIT_CSV} does not exist. Fix: "
@@ -135,7 +146,7 @@ def load_visa_category(
         if not anomalous:
             test.append(TestItem(image, 0, GOOD, None))
             continue
-        mask = root / r["mask"] if r["mask"] else None
+        mask = _listed(root, r["mask"], "mask") if r["mask"] else None
         if mask is None or not mask.is_file():
             shown = mask if mask is not None else "(empty 'mask' column)"
             raise MissingMaskError(

@@ -7,11 +7,7 @@ from protorefine_jax.features.aggregation import (
     simple_aggregate,
     unfold_3x3,
 )
-from protorefine_jax.features.checkpoints import (
-    CheckpointError,
-    load_state_dict,
-    shipped_checkpoint,
-)
+from protorefine_jax.features.checkpoints import CheckpointError
 from protorefine_jax.features.efficientnet_lite import EfficientNetLite
 from protorefine_jax.features.extractor import (
     AGGREGATIONS,
@@ -37,11 +33,9 @@ __all__ = [
     "bilinear_resize",
     "check_images",
     "get_extractor",
-    "load_state_dict",
     "official_aggregate",
     "preprocess_batch",
     "resize_image",
-    "shipped_checkpoint",
     "simple_aggregate",
     "to_rgb",
     "unfold_3x3",

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from protorefine_jax.features import aggregation as aggregation_lib
-from protorefine_jax.features import checkpoints, efficientnet_lite, resnet
+from protorefine_jax.features import efficientnet_lite, resnet
 from protorefine_jax.features.preprocess import image_hw
+from protorefine_jax.io import torch_checkpoint
 
 Variables = Any  # {"params": ..., "batch_stats": ...}
 
@@ -146,11 +147,11 @@ def _load(name: str, path: str | os.PathLike | None) -> Variables:
                 "(.pth, .safetensors or .npz state dict)"
             )
         source = os.fspath(path)
-        variables = resnet.params_from_state_dict(checkpoints.load_state_dict(source), source)
+        variables = resnet.params_from_state_dict(torch_checkpoint.load_state_dict(source), source)
     else:
-        source = checkpoints.shipped_checkpoint(name) if path is None else os.fspath(path)
+        source = torch_checkpoint.shipped_checkpoint(name) if path is None else os.fspath(path)
         config = efficientnet_lite.LITE_CONFIGS[name]
-        state = checkpoints.load_state_dict(source)
+        state = torch_checkpoint.load_state_dict(source)
         variables = efficientnet_lite.params_from_state_dict(state, config, source)
     return jax.device_put(variables)
 

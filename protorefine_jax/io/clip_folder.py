@@ -14,9 +14,14 @@ nothing downloads. A *CLIP folder* is a Hugging Face CLIP model folder:
                                     are not used (see `towers`)
 
 `load_clip` reads it without torch (safetensors via `safetensors.numpy`,
-`.bin` through the allow-listed unpickler of `features.checkpoints`) and converts the
+`.bin` through the allow-listed unpickler of `io.torch_checkpoint`) and converts the
 weights to the HF Flax param tree itself (`convert.hf_state_dict_to_flax`), so
 no randomly initialised copy of the model is ever built.
+
+The folder is untrusted data: shard names in `model.safetensors.index.json`
+must be `.safetensors` files inside the folder (read with the safetensors
+reader only, never the pickle one), and every `*_file` entry of
+`tokenizer_config.json` must name a file inside the folder.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from transformers import CLIPTokenizer
 
 from protorefine_jax.clip import bpe, convert
 from protorefine_jax.clip.spec import CLIP_MEAN, CLIP_STD, PRESETS, ClipSpec
-from protorefine_jax.features import checkpoints
+from protorefine_jax.io import torch_checkpoint
+from protorefine_jax.io.errors import CheckpointError
+from protorefine_jax.io.paths import UnsafePathError, check_relative
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -92,17 +99,18 @@ def check_clip_folder(folder: str | pathlib.Path) -> None:
     )
 
 
-def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+def read_state_dict(path: str | pathlib.Path, kind: str | None = None) -> dict[str, np.ndarray]:
     """Reads a flat weight file into `{name: np.ndarray}` without torch.
 
     Delegates to the project's torch-free reader
-    (`protorefine_jax.features.checkpoints.load_state_dict`: safetensors, npz,
+    (`protorefine_jax.io.torch_checkpoint.load_state_dict`: safetensors, npz,
     torch zip and legacy pickles through an allow-listed unpickler). A training
     checkpoint's `state_dict` entry is unwrapped there; DDP `module.` prefixes
     are stripped here.
 
     Args:
       path: `.safetensors`, `.npz`, or a torch checkpoint (`.bin`, `.pt`, `.pth`).
+      kind: force one format (see `torch_checkpoint.load_state_dict`).
 
     Returns:
       The state dict.
@@ -114,7 +122,7 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weight file {path} does not exist.")
-    sd = checkpoints.load_state_dict(path)
+    sd = torch_checkpoint.load_state_dict(path, kind=kind)
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
@@ -122,20 +130,95 @@ def _read_hf_weights(folder: pathlib.Path, spec: ClipSpec) -> dict[str, Any]:
     if (folder / "model.safetensors").is_file():
         sd = read_state_dict(folder / "model.safetensors")
     elif (folder / "model.safetensors.index.json").is_file():
-        index = json.loads((folder / "model.safetensors.index.json").read_text())
         sd = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            sd.update(read_state_dict(folder / shard))
+        for shard in shard_files(folder):
+            sd.update(read_state_dict(shard, kind="safetensors"))
     elif (folder / "flax_model.msgpack").is_file():
-        tree = serialization.msgpack_restore((folder / "flax_model.msgpack").read_bytes())
-        sd = convert.flax_to_hf_state_dict(tree)
+        path = folder / "flax_model.msgpack"
+        try:
+            tree = serialization.msgpack_restore(path.read_bytes())
+            sd = convert.flax_to_hf_state_dict(tree)
+        except Exception as e:  # msgpack raises many unrelated types on corrupt input
+            raise CheckpointError(f"{path}: not a valid Flax msgpack file ({e})") from e
     else:
         sd = read_state_dict(folder / "pytorch_model.bin")
     return convert.hf_state_dict_to_flax(sd, spec)
 
 
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def shard_files(folder: str | pathlib.Path) -> list[pathlib.Path]:
+    """The safetensors shards named by the folder's `model.safetensors.index.json`.
+
+    Raises:
+      CheckpointError: the index is not valid JSON / lacks `weight_map`, or a
+        shard name is not a `.safetensors` file inside the folder (absolute,
+        `..`), naming the index and the entry.
+    """
+    folder = pathlib.Path(folder)
+    index_path = folder / INDEX_FILE
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        names = set(index["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"{index_path}: not a safetensors index (needs a JSON object with a "
+            f"'weight_map' of tensor name -> shard file): {e}"
+        ) from e
+    shards = []
+    for name in sorted(names, key=str):
+        try:
+            check_relative(name, f"shard name in {index_path}")
+        except UnsafePathError as e:
+            raise CheckpointError(f"{e} Fix: list shard files of the folder only.") from e
+        if not name.endswith(".safetensors"):
+            raise CheckpointError(
+                f"{index_path}: shard {name!r} is not a .safetensors file; an index may only "
+                "name safetensors shards."
+            )
+        shards.append(folder / name)
+    return shards
+
+
+def check_tokenizer_config(folder: str | pathlib.Path) -> None:
+    """Checks that `tokenizer_config.json` points at no file outside the folder.
+
+    Hugging Face lets its `*_file` entries (e.g. `vocab_file`) override the
+    folder's own files; an entry that is absolute or has `..` would read any
+    file on disk.
+
+    Raises:
+      ValueError: the file is not valid JSON, or (`UnsafePathError`) an entry
+        leaves the folder (named with the fix).
+    """
+    path = pathlib.Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}.")
+    for key, value in config.items():
+        if key.endswith("_file") and value is not None:
+            try:
+                check_relative(value, f"{path}: {key}")
+            except UnsafePathError as e:
+                raise UnsafePathError(
+                    f"{e} Fix: delete the entry (the folder's own vocab.json / merges.txt "
+                    "are used) or name a file inside the folder."
+                ) from e
+
+
 def load_tokenizer(folder: str | pathlib.Path) -> CLIPTokenizer:
-    """HF `CLIPTokenizer` from the folder's `vocab.json` / `merges.txt` (offline)."""
+    """HF `CLIPTokenizer` from the folder's `vocab.json` / `merges.txt` (offline).
+
+    Raises:
+      UnsafePathError: `tokenizer_config.json` names a file outside the folder.
+    """
+    check_tokenizer_config(folder)
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
