@@ -148,13 +148,15 @@ def define_flags() -> None:
     flags.DEFINE_list("extract_aggregations", ["official"], "Aggregations of `extract`.")
     flags.DEFINE_integer("image_size", 256, "CNN input side (pixels).")
     flags.DEFINE_integer("shots", 2, "Support images per bank.")
-    flags.DEFINE_float("alpha", 0.05, "PatchCore coreset ratio.")
+    flags.DEFINE_float("alpha", BenchSettings.alpha, "PatchCore coreset ratio.")
     flags.DEFINE_integer("pc_grid", 32, "refine_and_score PatchCore+ shape: grid side (m=g*g).")
     flags.DEFINE_integer("pc_n", 102, "refine_and_score PatchCore+ shape: bank size n.")
     flags.DEFINE_integer("pc_c", 1024, "refine_and_score PatchCore+ shape: feature dim c.")
     flags.DEFINE_integer("wc_grid", 15, "WinCLIP+ shape: patch grid side (windows 2, 3).")
     flags.DEFINE_integer("wc_c", 640, "WinCLIP+ shape: feature dim c.")
-    flags.DEFINE_float("wc_alpha", 0.5, "WinCLIP+ coreset ratio (n = alpha * shots * m).")
+    flags.DEFINE_float(
+        "wc_alpha", None, "WinCLIP+ coreset ratio (n = alpha * shots * m); default MVTec's."
+    )
     flags.DEFINE_string("clip_model", "ViT-B-16-plus-240", "CLIP preset (or 'tiny') of winclip.")
     flags.DEFINE_enum(
         "precision", "float32", ["float32", "tf32", "bfloat16"], "RefineConfig.precision."

@@ -63,11 +63,20 @@ def winclip_refine(banks, queries, configs):
     return tuple(refine_and_score(b, q, c) for b, q, c in zip(banks, queries, configs, strict=True))
 
 
+def winclip_alpha(s: BenchSettings) -> float:
+    """`--wc_alpha`, else WinCLIP+'s coreset ratio for MVTec (the detector's default)."""
+    if s.wc_alpha is not None:
+        return s.wc_alpha
+    from protorefine_jax.detectors.winclip import default_alpha  # imports transformers
+
+    return default_alpha("mvtec")
+
+
 def winclip_inputs(s: BenchSettings, batch: int) -> tuple[tuple, tuple]:
     """Random per-scale banks `[n_s, c]` and queries `[B, m_s, c]`."""
     banks, queries = [], []
     for i, (h, w) in enumerate(winclip_grids(s.wc_grid)):
-        n = max(1, math.floor(s.wc_alpha * s.shots * h * w))
+        n = max(1, math.floor(winclip_alpha(s) * s.shots * h * w))
         banks.append(features(n, s.wc_c, seed=10 + i))
         queries.append(features(batch, h * w, s.wc_c, seed=20 + i))
     return tuple(banks), tuple(queries)
@@ -207,12 +216,16 @@ def bench_winclip(s: BenchSettings) -> list[dict[str, Any]]:
     base_cfg = winclip_config(use_refinement=False, clip=spec, precision=s.precision)
     plus_cfg = winclip_config(use_refinement=True, clip=spec, precision=s.precision)
     support = extract_multiscale(params, images(s.shots, size, seed=3), plus_cfg)
-    banks = tuple(b.prototypes for b in build_banks(support, s.wc_alpha))
+    # WinClipBanks: WinCLIP scores against every support row, WinCLIP+ refines the coresets.
+    banks = build_banks(support, winclip_alpha(s))
     text = jax.device_put(_rng(4).standard_normal((2, spec.embed_dim)).astype(np.float32))
     info = {
         "shape": f"{s.clip_model} {size}px, n="
-        + "/".join(str(b.shape[0]) for b in banks)
-        + f", c={banks[0].shape[1]}"
+        + "/".join(str(b.prototypes.shape[0]) for b in banks)
+        + " (WinCLIP: "
+        + "/".join(str(f.shape[0]) for f in banks.full)
+        + "), c="
+        + "/".join(str(f.shape[1]) for f in banks.full)
     }
     scales = "/".join(str(x.shape[1]) for x in scale_features(support))
     extract_info = {"shape": f"{size}px -> m={scales}, c={support.patches.shape[2]}"}

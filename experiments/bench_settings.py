@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from protorefine_jax.detectors import patchcore
+
 
 @dataclasses.dataclass(frozen=True)
 class BenchSettings:
@@ -27,13 +29,13 @@ class BenchSettings:
     extract_aggregations: tuple[str, ...] = ("official",)
     image_size: int = 256
     shots: int = 2
-    alpha: float = 0.05
+    alpha: float = patchcore.ALPHA
     pc_grid: int = 32
     pc_n: int = 102
     pc_c: int = 1024
     wc_grid: int = 15
     wc_c: int = 640
-    wc_alpha: float = 0.5
+    wc_alpha: float | None = None  # None: WinCLIP+'s MVTec ratio (`clip.winclip`)
     clip_model: str = "ViT-B-16-plus-240"
     precision: str = "float32"
     profile_batch: int | None = None

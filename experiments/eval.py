@@ -23,8 +23,12 @@ default); `main` is a thin wrapper around the importable `runner.run`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
+
+if __name__ == "__main__":  # as a program only: before numpy loads OpenBLAS (experiments/__init__)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -32,7 +36,9 @@ from absl import app, flags
 
 from experiments import runner
 from experiments.deploy import parse_image_size
+from protorefine_jax import RefineConfig
 from protorefine_jax.data import imageio
+from protorefine_jax.detectors import patchcore
 
 FLAGS_DIR = Path(__file__).resolve().parent / "flags"
 
@@ -50,17 +56,19 @@ HELP = {
     "seeds": "Support-sampling seeds.",
     "methods": "Methods (experiments/methods.py: patchcore, patchcore+, winclip, winclip+, ...).",
     "backbone": "PatchCore backbone: efficientnet_lite0 | efficientnet_lite2 | wide_resnet50_2.",
-    "aggregation": "PatchCore aggregation: official | simple (default: official for "
-    "wide_resnet50_2, simple for EfficientNet-Lite; RESULTS.md section 3).",
+    "aggregation": "PatchCore aggregation: official | simple (default per backbone: "
+    + ", ".join(f"{k} {v}" for k, v in patchcore.AGGREGATION.items())
+    + "; detectors/patchcore.py).",
     "pretrain_dim": "Official aggregation: per-stage pooled size (default per backbone).",
     "target_dim": "Official aggregation: output size (default per backbone).",
     "weights": "Backbone weights file ('' = shipped Lite weights; 'random' = random init).",
     "clip_dir": "Local Hugging Face CLIP folder (WinCLIP methods; see README).",
-    "image_size": "Input size: one side in pixels (default 256 PatchCore, 240 WinCLIP) or "
-    "HEIGHTxWIDTH (PatchCore; multiples of 16, e.g. 224x544) so elongated parts keep their "
-    "aspect ratio.",
-    "alpha": "Coreset ratio (default 0.05 PatchCore; WinCLIP 0.5 MVTec, 0.3 VisA, 0.2 MPDD).",
-    "lam": "OT weight lambda (default 0.3 PatchCore+, 0.1 WinCLIP+).",
+    "image_size": f"Input size: one side in pixels (default {patchcore.IMAGE_SIZE} PatchCore; "
+    "WinCLIP: the CLIP model's) or HEIGHTxWIDTH (PatchCore; multiples of 16, e.g. 224x544) so "
+    "elongated parts keep their aspect ratio.",
+    "alpha": f"Coreset ratio (default {patchcore.ALPHA} PatchCore; WinCLIP per dataset, "
+    "clip/winclip.py CORESET_ALPHA).",
+    "lam": f"OT weight lambda (default {RefineConfig.lam} PatchCore+; WinCLIP+: winclip_config's).",
     "online_capacity": "Online variant: ring-buffer rows.",
     "online_add": "Online variant: prototypes added per query.",
     "batch_size": "Images per compiled batch.",

@@ -131,6 +131,7 @@ class Host:
         self.detector, self.params, self.batch_size = detector, params, batch_size
         self.family = detector.family
         self.image_size = detector.image_size
+        self.resample = detector.resample
         self.alpha = detector.alpha
         self.context = None
 
@@ -152,7 +153,7 @@ class Host:
 
     def config(self, fields: dict[str, Any], method: Method) -> Any:
         """The detector's scoring config: its defaults, then `fields`, then the method's."""
-        return self.detector.config(**{**fields, **method.overrides})
+        return self.detector.config(**{**fields, **method.overrides, **method.host_options})
 
     def score(
         self,

@@ -28,7 +28,13 @@ from experiments.hosts import Host, stack, take
 from experiments.methods import Method, get_method
 from protorefine_jax.data import load_dataset_category, make_synthetic_dataset, sample_support
 from protorefine_jax.data.registry import list_categories
-from protorefine_jax.detectors import PatchCore, bank_degenerate, bank_size, describe_banks
+from protorefine_jax.detectors import (
+    PatchCore,
+    bank_degenerate,
+    bank_size,
+    describe_banks,
+    patchcore,
+)
 from protorefine_jax.io.paths import check_output_dir
 from protorefine_jax.metrics import evaluate, evaluate_known_masks
 
@@ -180,7 +186,7 @@ def make_host(s: Settings, family: str) -> Host:
         detector = PatchCore.create(
             s.backbone,
             s.aggregation,
-            s.image_size or 256,
+            s.image_size or patchcore.IMAGE_SIZE,
             alpha=s.alpha,
             pretrain_dim=s.pretrain_dim,
             target_dim=s.target_dim,
@@ -304,12 +310,23 @@ def score_row(s: Settings, category: str, method: Method, k: int, support, state
 
 
 class Outputs:
-    """The files a run writes as it goes (rows, per-image scores, overlays)."""
+    """The files a run writes as it goes (rows, per-image scores, overlays).
+
+    A context manager: `scores.jsonl` is open inside the `with` block and
+    closed when it ends, on success or failure.
+    """
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.rows: list[dict[str, Any]] = []
-        self.scores = (workdir / "scores.jsonl").open("w")
+        self.scores = None
+
+    def __enter__(self) -> Outputs:
+        self.scores = (self.workdir / "scores.jsonl").open("w")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.scores.close()
 
     def add(self, row: dict[str, Any], test: dict[str, Any], result) -> None:
         """Keeps the row and appends the per-image scores."""
@@ -362,6 +379,8 @@ def run_category(s, dataset, root, category, family, host, methods, out: Outputs
       What the results should record about this host's configuration.
     """
     data = load_data(s, dataset, root, category, host.image_size)
+    # The host's resize filter (WinCLIP: bicubic, as anomalib; PatchCore: bilinear).
+    data = dataclasses.replace(data, resample=host.resample)
     host.prepare(category)
     bar.set_postfix_str(f"{category}: extracting test features ({family})")
     test = load_test_set(data, host)
@@ -403,9 +422,8 @@ def run(s: Settings) -> dict[str, Any]:
     methods = check_settings(s)
     workdir = prepare_workdir(s.workdir, s.overwrite)
     start = time.time()
-    out = Outputs(workdir)
     resolved = {"settings": dataclasses.asdict(s), "families": {}}
-    with dataset_root(s) as (dataset, root):
+    with Outputs(workdir) as out, dataset_root(s) as (dataset, root):
         categories = list(s.categories) or list(list_categories(dataset, root))
         if not categories:
             raise FileNotFoundError(f"no category folders (with train/good) found under {root}.")
@@ -425,7 +443,6 @@ def run(s: Settings) -> dict[str, Any]:
                 # Rows so far, so that a failure later does not lose them.
                 partial = {"rows": out.rows, "config": resolved, "complete": False}
                 report.write_json(workdir / "results.json", partial)
-    out.scores.close()
     summary = report.summarize(out.rows)
     table = report.markdown_table(summary)
     results = {

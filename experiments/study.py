@@ -19,6 +19,11 @@ Stages (each resumable; nothing is recomputed that is already stored):
 
 from __future__ import annotations
 
+import os
+
+if __name__ == "__main__":  # as a program only: before numpy loads OpenBLAS (experiments/__init__)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import json
 import platform
 import time
@@ -58,7 +63,7 @@ def main(argv: list[str]) -> None:
             "machine": f"{platform.machine()}, {platform.platform()}",
             "jax": jax.__version__,
             "backend": jax.default_backend(),
-            "cpus": __import__("os").cpu_count(),
+            "cpus": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d"),
         }
         store.save()

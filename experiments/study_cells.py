@@ -8,6 +8,7 @@ between parts that need the same number and recomputed when a default moves.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Iterable
@@ -19,17 +20,21 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from experiments.hosts import score_features
-from protorefine_jax import RefineConfig, build_bank
+from experiments import runner
+from experiments.hosts import Host, score_features
+from experiments.methods import METHODS, PAPER, SPEC8, STUDY_MAIN
+from protorefine_jax import RefineConfig
 from protorefine_jax import refine as refine_lib
+from protorefine_jax.bank import uses_wide_ridge
 from protorefine_jax.coreset import coreset_size
 from protorefine_jax.data import load_dataset_category, sample_support
-from protorefine_jax.features import get_extractor
+from protorefine_jax.detectors import PatchCore, patchcore
 from protorefine_jax.metrics import evaluate
 
 PARTS = ("spec8", "sweeps", "ridge", "main", "optax")
 SHOTS = (1, 2, 4)
 DATA = {"metal_plate": ("mpdd", "mpdd", "metal_plate"), "bottle": ("mvtec", "mvtec", "bottle")}
+IMAGE_SIZE = 256
 # name -> (backbone, aggregation, pretrain_dim, target_dim)
 FEATURES = {
     "lite0-official": ("efficientnet_lite0", "official", None, None),
@@ -39,40 +44,33 @@ FEATURES = {
     # SPEC 8's second table: the official pooling sized for WRN (values repeat on Lite0).
     "lite0-official1024": ("efficientnet_lite0", "official", 1024, 1024),
 }
-# Feature dimension c of each set (checked against the cache in `compute`).
-DIMS = {
-    "lite0-official": 360,
-    "lite0-simple": 152,
-    "lite2-official": 432,
-    "lite2-simple": 168,
-    "lite0-official1024": 1024,
-}
-PATCHES = 32 * 32  # per image at 256 px, stride 8
 DEFAULT_FEATURES = "lite0-official"
-ALPHA = 0.05
+ALPHA = patchcore.ALPHA  # the detector's default (sweeps vary it)
 ONLINE = {"capacity": 128, "add_per_query": 16}
 
-# The paper's / SPEC's settings (SPEC 3, 6, 8) as explicit fields, so that the
-# tables do not move when the shipped defaults do.
-PAPER = dict(lam=0.3, epsilon=0.05, ridge=1e-4, ridge_wide=1e-4, num_iters=10, m_step="closed_form")
-SPEC8 = dict(PAPER, sinkhorn_iters=100, warm_start=False, sinkhorn_mode="log")
+
+@functools.cache
+def detector(feat: str) -> PatchCore:
+    """The PatchCore detector of a feature set (its extractor sets `c` and the grid)."""
+    backbone, agg, p_dim, t_dim = FEATURES[feat]
+    return PatchCore.create(
+        backbone,
+        agg,
+        IMAGE_SIZE,
+        pretrain_dim=p_dim,
+        target_dim=t_dim,
+        allow_repetition=p_dim is not None,
+    )
 
 
-def methods(shipped: dict[str, Any]) -> dict[str, tuple[dict[str, Any], bool]]:
-    """Method label -> (RefineConfig fields, online) of the main table."""
+def methods() -> dict[str, tuple[dict[str, Any], bool]]:
+    """Main-table label -> (RefineConfig fields, online), from `methods.METHODS`.
+
+    Empty fields mean the shipped defaults (`full_config` fills them in).
+    """
     return {
-        "patchcore": ({"use_refinement": False}, False),
-        "patchcore+ (paper)": (PAPER, False),
-        "patchcore+": (shipped, False),
-        "W only": ({**shipped, "use_transport": False}, False),
-        "W only (paper)": ({**PAPER, "use_transport": False}, False),
-        "patchcore+ optax sgd": ({**shipped, "m_step": "optax", "optimizer": "sgd"}, False),
-        "patchcore+ optax precond": (
-            {**shipped, "m_step": "optax", "optimizer": "preconditioned"},
-            False,
-        ),
-        "patchcore+ union": ({**shipped, "bank": "union"}, False),
-        "online patchcore+": (shipped, True),
+        label: (dict(METHODS[name].overrides), METHODS[name].online)
+        for label, name in STUDY_MAIN.items()
     }
 
 
@@ -93,23 +91,24 @@ class Cell:
 
     def bank_rows(self) -> int:
         """Coreset size `n` of this cell's bank (`coreset_size`)."""
-        return coreset_size(self.shots * PATCHES, self.alpha)
+        grid = detector(self.features).extractor.grid
+        return coreset_size(self.shots * grid[0] * grid[1], self.alpha)
 
     def key_config(self) -> dict[str, Any]:
         """The config as it acts: `ridge` is the ridge in force.
 
-        A bank uses `ridge_wide` while it has `n >= c` rows and `ridge`
-        otherwise, so only the one in force is part of the identity (cells
-        computed before `ridge_wide` existed keep their keys). An online bank
-        that crosses `n = c` while it fills keeps both.
+        Under the ridge rule (`bank.uses_wide_ridge`) only the ridge in force
+        is part of the identity (cells computed before `ridge_wide` existed
+        keep their keys). An online bank that crosses `n = c` while it fills
+        keeps both.
         """
         cfg = dict(self.config)
         wide = cfg.pop("ridge_wide")
-        c, low = DIMS[self.features], self.bank_rows()
+        c, low = detector(self.features).extractor.feature_dim, self.bank_rows()
         high = low + (ONLINE["capacity"] if self.online else 0)
-        if low >= c:
+        if uses_wide_ridge(low, c):
             cfg["ridge"] = wide
-        elif high >= c:
+        elif uses_wide_ridge(high, c):
             cfg["ridge_wide"] = wide
         return cfg
 
@@ -131,9 +130,9 @@ class Cell:
             sort_keys=True,
         )
 
-    def refine_config(self, grid) -> RefineConfig:
+    def refine_config(self) -> RefineConfig:
         """The RefineConfig of this cell (maps at 256 px on the patch grid)."""
-        return RefineConfig(grid_shape=grid, image_size=(256, 256), **dict(self.config))
+        return detector(self.features).config(**dict(self.config))
 
 
 def full_config(fields: dict[str, Any]) -> tuple:
@@ -147,17 +146,12 @@ def full_config(fields: dict[str, Any]) -> tuple:
     )
 
 
-def shipped_fields() -> dict[str, Any]:
-    """The shipped defaults of RefineConfig (what `patchcore+` means today)."""
-    return {}
-
-
 def plan(parts: Iterable[str], seeds: tuple[int, ...], quick: bool = False) -> list[Cell]:
     """Every cell the requested parts need, in a cache-friendly order."""
     cells: list[Cell] = []
     shots = (1,) if quick else SHOTS
     feats_all = ("lite0-official",) if quick else tuple(f for f in FEATURES if "1024" not in f)
-    shipped = shipped_fields()
+    shipped: dict[str, Any] = {}  # the shipped defaults: `full_config` fills them in
 
     def add(part, data, feat, k, label, fields, online=False, alpha=ALPHA):
         for seed in seeds:
@@ -239,7 +233,7 @@ def plan(parts: Iterable[str], seeds: tuple[int, ...], quick: bool = False) -> l
             for data in DATA:
                 for feat in feats_all:
                     for k in shots:
-                        for label, (fields, online) in methods(shipped).items():
+                        for label, (fields, online) in methods().items():
                             # The optax rows only check that the gradient M-step
                             # matches the closed form; they cost the most CPU time,
                             # so they run on the default features only.
@@ -260,7 +254,12 @@ def image_key(path) -> str:
 
 
 class FeatureCache:
-    """Patch features per (data, features), extracted once and kept as .npz."""
+    """Patch features per (data, features), extracted once and kept as .npz.
+
+    Extraction is the eval's: the PatchCore detector in a `hosts.Host`, the
+    test set through `runner.load_test_set`, the support images through
+    `runner.SupportCache`; this class only keeps the result on disk.
+    """
 
     def __init__(self, data_root: Path, cache_dir: Path, seeds: tuple[int, ...] = (0,)):
         self.data_root, self.cache_dir = data_root, cache_dir
@@ -270,38 +269,31 @@ class FeatureCache:
         self.loaded: dict[tuple[str, str], dict[str, Any]] = {}
 
     def get(self, data: str, feat: str, quick: bool = False) -> dict[str, Any]:
-        """`{train: {name: [m, c]}, test: [T, m, c], masks, labels, grid}`."""
+        """`{train: {name: [m, c]}, test: [T, m, c], masks, labels, pool}`."""
         if (data, feat) in self.loaded:
             return self.loaded[(data, feat)]
         dataset, folder, category = DATA[data]
         path = self.cache_dir / f"{data}_{feat}{'_quick' if quick else ''}.npz"
-        cat = load_dataset_category(dataset, self.data_root / folder, category, 256)
-        backbone, agg, p_dim, t_dim = FEATURES[feat]
-        ex = get_extractor(backbone, agg, 256, p_dim, t_dim, allow_repetition=p_dim is not None)
+        cat = load_dataset_category(dataset, self.data_root / folder, category, IMAGE_SIZE)
+        det = detector(feat)
         wanted = {p for seed in self.seeds for p in sample_support(cat.train_good, 4, seed).paths}
         cached = {}
         if path.exists():
             z = np.load(path)
             cached = {image_key(n): i for i, n in enumerate(z["train_names"].tolist())}
         if not path.exists() or any(image_key(p) not in cached for p in wanted):
-            params = ex.load_params(None)
+            host = Host(det, det.load_params(None), batch_size=8)
             names = sorted(wanted)
-            test = cat.test[:: max(1, len(cat.test) // 8)][:8] if quick else cat.test
-
-            def extract(paths):
-                out = [
-                    np.asarray(ex.extract(params, cat.load_images(paths[i : i + 8])))
-                    for i in range(0, len(paths), 8)
-                ]
-                return np.concatenate(out)
-
+            if quick:
+                cat = dataclasses.replace(cat, test=cat.test[:: max(1, len(cat.test) // 8)][:8])
+            test = runner.load_test_set(cat, host)
             np.savez(
                 path,
-                train=extract(names),
+                train=np.asarray(runner.SupportCache(host, cat)(names)),
                 train_names=np.array([image_key(p) for p in names]),
-                test=extract([t.path for t in test]),
-                masks=cat.load_masks(test),
-                labels=np.array([t.label for t in test], np.int32),
+                test=np.asarray(test["features"]),
+                masks=test["masks"],
+                labels=test["labels"],
             )
         z = np.load(path)
         names = [image_key(n) for n in z["train_names"].tolist()]
@@ -310,7 +302,6 @@ class FeatureCache:
             "test": z["test"],
             "masks": z["masks"],
             "labels": z["labels"],
-            "grid": ex.grid,
             "pool": cat.train_good,
         }
         self.loaded = {(data, feat): entry}  # keep one feature set in memory
@@ -342,16 +333,18 @@ def compute(cell: Cell, feats: dict[str, Any]) -> dict[str, Any]:
     """Metrics, diagnostics and timing of one cell."""
     support = sample_support(feats["pool"], cell.shots, cell.seed)
     sup = np.stack([feats["train"][image_key(p)] for p in support.paths])
-    bank = build_bank(jnp.asarray(sup), cell.alpha)
-    if bank.prototypes.shape != (cell.bank_rows(), DIMS[cell.features]):
+    det = detector(cell.features)
+    state = det.fit_features(sup, alpha=cell.alpha)
+    (bank,) = state.banks
+    if bank.prototypes.shape[0] != cell.bank_rows():
         raise ValueError(
-            f"{cell.features}: bank {bank.prototypes.shape}, but the cell key assumes "
-            f"{(cell.bank_rows(), DIMS[cell.features])}; fix DIMS / PATCHES."
+            f"{cell.features}: bank of {bank.prototypes.shape[0]} rows, but the cell key "
+            f"assumes {cell.bank_rows()} (the cached features do not match the extractor)."
         )
-    cfg = cell.refine_config(feats["grid"])
+    cfg = cell.refine_config()
     test = feats["test"]
     start = time.time()
-    out = score_features(bank.prototypes, test, cfg, 16, ONLINE if cell.online else None)
+    out = score_features(det, state, test, cfg, 16, ONLINE if cell.online else None)
     seconds = time.time() - start
     metrics = evaluate(feats["labels"], np.asarray(out.image_scores), feats["masks"], out.maps)
     diag = out.diagnostics
@@ -396,7 +389,7 @@ def optax_convergence(cache: FeatureCache, quick: bool) -> dict[str, Any]:
     feats = cache.get("metal_plate", DEFAULT_FEATURES, quick)
     support = sample_support(feats["pool"], 2, 0)
     sup = np.stack([feats["train"][image_key(p)] for p in support.paths])
-    bank = build_bank(jnp.asarray(sup), ALPHA)
+    (bank,) = detector(DEFAULT_FEATURES).fit_features(sup, alpha=ALPHA).banks
     queries = feats["test"][:: max(1, len(feats["test"]) // 8)][:8]
     steps = (1, 10) if quick else (1, 3, 10, 30, 100, 300, 1000, 3000, 10000)
     out: dict[str, Any] = {"steps": list(steps), "queries": len(queries)}

@@ -87,7 +87,7 @@ def main_summary(lk: Lookup, data: str) -> str:
     """Image / pixel AUROC per features x method x shots."""
     rows = []
     for feat in (f for f in sc.FEATURES if "1024" not in f):
-        for method in sc.methods({}):
+        for method in sc.methods():
             cells = [
                 f"{lk.fmt('main', data, feat, k, method, 'image_auroc')} / "
                 f"{lk.fmt('main', data, feat, k, method, 'pixel_auroc', std=False)}"
@@ -126,7 +126,7 @@ def main_full(lk: Lookup, data: str, shots: int) -> str:
     """Every metric, mean ± std over seeds, one shot count."""
     rows = []
     for feat in (f for f in sc.FEATURES if "1024" not in f):
-        for method in sc.methods({}):
+        for method in sc.methods():
             rows.append(
                 [feat, method] + [lk.fmt("main", data, feat, shots, method, m) for m in METRICS]
             )
@@ -240,7 +240,7 @@ def optax_table(store: sc.CellStore) -> str:
 def timing_table(lk: Lookup) -> str:
     """Scoring seconds per query image (metal_plate, 97 queries), per method."""
     rows = []
-    for method in sc.methods({}):
+    for method in sc.methods():
         # Median over seeds: the first seed's cell also pays the XLA compile.
         v = [
             np.median(lk.values("main", "metal_plate", sc.DEFAULT_FEATURES, k, method, "seconds"))

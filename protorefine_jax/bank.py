@@ -1,9 +1,11 @@
 """The memory bank: coreset prototypes plus a check for the degenerate regime.
 
-SPEC 8: when the bank spans the whole feature space the support patches span
+When the bank spans the whole feature space the support patches span
 (n >= feature rank), the least-squares step `W0 M` reproduces every query
-patch exactly, anomalies included, and refinement collapses. That is decided
-once, where the bank is built, and reported in `MemoryBank.degenerate`.
+patch exactly, anomalies included, and refinement collapses (docs/method.md,
+"The ridge rule"). That is decided once, where the bank is built, and
+reported in `MemoryBank.degenerate`; `uses_wide_ridge` is the static-shape
+rule the refinement applies.
 """
 
 from __future__ import annotations
@@ -44,10 +46,29 @@ class MemoryBank(NamedTuple):
         if self.degenerate:
             line += (
                 " -- DEGENERATE: the bank spans the support features, so W0 M reproduces"
-                " every query patch (SPEC 8); RefineConfig.ridge_wide applies where n >= c"
+                " every query patch (docs/method.md); RefineConfig.ridge_wide applies where n >= c"
                 " (RESULTS.md section 2); else lower alpha or use wider features"
             )
         return line
+
+
+def uses_wide_ridge(rows, feature_dim):
+    """The ridge rule: does a bank of `rows` prototypes take `RefineConfig.ridge_wide`?
+
+    A bank with at least as many (non-empty) rows as feature dimensions,
+    `n >= c`, has a singular Gram matrix and takes the larger relative ridge
+    `ridge_wide`; a narrower bank takes `ridge` (docs/method.md, "The ridge
+    rule"). `n >= c` is the static-shape proxy of `MemoryBank.degenerate`.
+    Works on Python ints (to plan runs) and on traced counts (inside jit).
+
+    Args:
+      rows: prototypes in use `n` (int or scalar array).
+      feature_dim: feature dimension `c`.
+
+    Returns:
+      `rows >= feature_dim` (bool or bool array).
+    """
+    return rows >= feature_dim
 
 
 def numerical_rank(x: Float[Array, "N c"], rtol: float = 1e-3) -> int:
@@ -83,7 +104,7 @@ def build_bank(
     start_index: int = 0,
     rank_rtol: float = 1e-3,
 ) -> MemoryBank:
-    """Greedy-coreset memory bank from support patch features (SPEC 2).
+    """Greedy-coreset memory bank from support patch features (docs/method.md, "Objects").
 
     Args:
       support_features: `[k, m, c]` or `[N, c]` patch features of the normal

@@ -30,90 +30,74 @@ _SINKHORN_MODES = ("log", "absorbed")
 class RefineConfig:
     """Everything `refine_and_score` needs besides the bank and the queries.
 
+    The method is described in docs/method.md; RESULTS.md section 8 lists
+    the evidence for each shipped default. Ranges are what the code accepts.
+
     Static fields (changing one recompiles):
-      distance: `"sqeuclidean"` (PatchCore+, paper Eq. 7) or `"cosine"`, meaning
-        `(1 - cos) / 2` (WinCLIP+, Eq. 8).
-      num_iters: EM iterations `N` (SPEC 3.2; paper default 10; AUROC
-        saturates from 5, RESULTS.md section 4).
-      sinkhorn_iters: fixed Sinkhorn iteration count per E-step
-        (`min_iterations == max_iterations`, so vmap runs no data-dependent
-        while loop). 30 with `warm_start`: on MPDD metal_plate features the
-        relative marginal error stays below 1e-2 (median 7e-4) and the AUROC
-        equals 100 iterations' (RESULTS.md section 5).
-      sinkhorn_mode: `"log"` (every iteration in ott's log domain, SPEC 3.2)
-        or `"absorbed"` (one log-domain iteration, then ott's kernel-mode
-        iterations on the absorbed plan; see `transport.sinkhorn_plan`). Both
-        converge to the same plan; under vmap the absorbed mode costs a fifth
-        of the log mode per iteration on CPU (no `exp` after the first
-        iteration). A project choice by measurement (RESULTS.md section 5:
-        same marginal errors and AUROC as `"log"`, 2.4x faster at 30
-        iterations in the study's batched CPU runs).
-      warm_start: start each E-step's Sinkhorn from the previous E-step's dual
-        potentials. The cost changes little between EM iterations, so this buys
-        marginal accuracy for free (30 warm iterations: max marginal error
-        7e-3; 30 cold: 0.15). Not in the paper or SPEC: a project choice,
-        RESULTS.md section 5.
-      m_step: `"closed_form"` (squared Euclidean only; the paper's "Closed
-        PatchCore+", SPEC 3.2) or `"optax"` (gradient steps on W with T fixed).
-        The closed form is the default: it is the exact M-step, and 10 plain
-        SGD steps are not (RESULTS.md sections 3 and 6).
-      optimizer: for `m_step="optax"`: `"sgd"` (plain `optax.sgd`, SPEC default)
-        or `"preconditioned"` (gradient times `(G + delta I)^-1`, then sgd;
-        SPEC 8 suggests it because G is ill-conditioned).
-      inner_steps: optax steps per M-step.
-      use_transport: keep the OT term of the M-step loss (paper's T*). False
-        gives "W only": W is the least-squares `W0` (paper Table 2 ablation).
-      use_refinement: False gives the host method (PatchCore / WinCLIP scoring
-        against the bank itself).
-      bank: score against `"refined"` prototypes `R = W M` or the `"union"` of
-        `M` and `R` (SPEC 4); on the dev data both give the same AUROC to
-        0.1 (RESULTS.md section 3), and refined is the smaller bank.
+      distance: `"sqeuclidean"` (PatchCore+, paper Eq. 7) or `"cosine"`,
+        meaning `(1 - cos) / 2` (WinCLIP+, Eq. 8).
+      num_iters: EM iterations, int >= 1 (default 10, the paper's;
+        RESULTS.md section 4).
+      sinkhorn_iters: Sinkhorn iterations per E-step, int >= 1, fixed (no
+        data-dependent loop under vmap). Default 30 with `warm_start`
+        (RESULTS.md section 5).
+      sinkhorn_mode: `"log"` (every iteration in the log domain) or
+        `"absorbed"` (default: one log-domain iteration, then kernel-mode
+        iterations on the absorbed plan; `transport.sinkhorn_plan`). Same
+        plan; a project choice by speed (docs/method.md, "Sinkhorn").
+      warm_start: start each E-step from the previous E-step's dual
+        potentials (default True; a project choice, RESULTS.md section 5).
+      m_step: `"closed_form"` (default; the exact M-step, squared Euclidean
+        only) or `"optax"` (`inner_steps` gradient steps on W with T fixed;
+        the only choice for the cosine distance). docs/method.md, "M-step".
+      optimizer: for `m_step="optax"`: `"sgd"` (plain `optax.sgd`) or
+        `"preconditioned"` (default: gradient times `(G + delta I)^-1`, then
+        sgd; RESULTS.md section 6).
+      inner_steps: optax steps per M-step, int >= 1 (default 10).
+      use_transport: keep the transport term of the M-step loss (default
+        True). False gives "W only": W is the least-squares `W0`.
+      use_refinement: False gives the host method (PatchCore / WinCLIP
+        scoring against the bank itself); default True.
+      bank: score against the `"refined"` prototypes `R = W M` (default) or
+        the `"union"` of `M` and `R` (RESULTS.md section 3).
       grid_shape: patch grid `(h, w)` with `h * w = m`; None means square.
       image_size: `(H, W)` of the anomaly map (bilinear upsample + blur).
         None skips upsampling and blur and returns the raw `[h, w]` patch
         grid, for callers that build maps themselves (WinCLIP window scales).
       precision: arithmetic of the feature-space products `M M^T` and
-        `F M^T`: `"float32"` (full), `"tf32"` (the backend default: TF32 on
-        NVIDIA tensor cores, plain float32 on CPU) or `"bfloat16"` (features
-        rounded to bfloat16, float32 accumulation). Everything downstream is
-        float32. `experiments.bench --precision_check` measures what each
-        changes in the scores.
-      blur_sigma: Gaussian blur sigma in map pixels (paper: 4; kernel
-        `2 * round(4 * sigma) + 1`, reflect padding, as scipy).
+        `F M^T`: `"float32"` (default, full), `"tf32"` (the backend default:
+        TF32 on NVIDIA tensor cores, plain float32 on CPU) or `"bfloat16"`
+        (features rounded to bfloat16, float32 accumulation). Everything
+        downstream is float32. BENCHMARKS.md, "Precision", measures each.
+      blur_sigma: Gaussian blur sigma in map pixels, >= 0 (default 4, the
+        paper's; kernel `2 * round(4 * sigma) + 1`, reflect padding, as scipy).
 
     Traced fields (a new value does not recompile):
-      lam: weight of the OT term (paper: 0.3 PatchCore+, 0.1 WinCLIP+). Kept
-        at the paper's value although `lam=0` (W only) is as good or better on
-        the dev data (RESULTS.md sections 3 and 4): the transport term is
-        the method; W only is one flag away (`use_transport=False`).
-      epsilon: entropic regularisation relative to the mean transport cost
-        (SPEC: `epsilon_abs = epsilon * mean(C)`, default 0.05; AUROC flat
-        over 0.01-0.05, RESULTS.md section 4).
-      ridge: ridge `delta` of the Gram solves relative to `trace(G) / n`, the
-        mean eigenvalue of `G` (SPEC 3.1 proposes 1e-4; the default 1e-2 is
-        this project's remedy for the degenerate regime of SPEC 8). With
-        `n >= rank`, least squares reproduces every query patch (residual 0,
-        anomalies included); the ridge turns the projection into the
-        spectral filter `lambda_i / (lambda_i + delta)`, so components along
-        directions the bank barely uses (where anomalies live) are left in the
-        residual. 1e-2 removes the collapse at 4 shots and costs at most noise
-        elsewhere (RESULTS.md, tables "ridge" and "main").
-      ridge_wide: the relative ridge used instead of `ridge` when the bank
-        has at least as many (non-empty) prototypes as feature dimensions,
-        `n >= c`. There `G` is singular and a small ridge lets `W` reproduce
-        every query patch, anomalies included; 1e-1 keeps PatchCore+ at the
-        host's level at 4 shots with 152-/168-d features, where 1e-2 still
-        loses up to 3 points (RESULTS.md section 2, "wide banks"). Not in
-        the paper or SPEC (a single ridge); set it equal to `ridge` for that.
-        `n >= c` is the static-shape proxy of `MemoryBank.degenerate`
-        (`rank(M) >= rank(support)`), which needs an SVD outside jit.
-      lr: optax step size relative to the safe step: for `"sgd"` the step is
-        `lr / L` with `L` the Lipschitz constant of the squared-Euclidean
-        gradient (`2 (1 + lam) lambda_max(G + delta I) / m`, by power
-        iteration); for `"preconditioned"` it is `lr * m / (2 (1 + lam))`, so
-        `lr = 1` is a Newton step for the squared-Euclidean loss. Relative
-        steps keep one default valid across feature scales (a project choice:
-        the paper gives no step size).
+      lam: weight of the transport term, >= 0 (default 0.3, the paper's
+        PatchCore+ value; WinCLIP+ uses 0.1). 0 is equivalent to W only in
+        the loss. Kept at the paper's value although W only is as good on the
+        dev data (RESULTS.md sections 3 and 4): the transport term is the
+        method.
+      epsilon: entropic regularisation relative to the mean transport cost,
+        > 0 (`epsilon_abs = epsilon * mean(C)`; default 0.05; RESULTS.md
+        section 4).
+      ridge: ridge `delta` of the Gram solves relative to `trace(G) / n`,
+        the mean eigenvalue of `G`, > 0 (default 1e-2; the paper's 1e-4
+        collapses refinement when the bank spans the support features). Used
+        by banks with fewer rows than feature dimensions. docs/method.md,
+        "The ridge rule"; RESULTS.md section 2.
+      ridge_wide: the relative ridge of banks with at least as many
+        (non-empty) rows as feature dimensions, `n >= c` (`G` singular), > 0
+        (default 1e-1; RESULTS.md section 2, "wide banks"). A project
+        choice: set it equal to `ridge` for a single ridge.
+        `bank.uses_wide_ridge` is the rule.
+      lr: optax step size relative to the safe step, > 0 (default 1): for
+        `"sgd"` the step is `lr / L` with `L` the Lipschitz constant of the
+        squared-Euclidean gradient (`2 (1 + lam) lambda_max(G + delta I) / m`,
+        by power iteration); for `"preconditioned"` it is
+        `lr * m / (2 (1 + lam))`, so `lr = 1` is a Newton step for the
+        squared-Euclidean loss. Relative steps keep one default valid across
+        feature scales (a project choice: the paper gives no step size).
     """
 
     lam: float = 0.3

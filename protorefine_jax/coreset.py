@@ -15,7 +15,7 @@ from jaxtyping import Array, Float, Int
 
 
 def coreset_size(num_features: int, alpha: float) -> int:
-    """Bank size `n = max(1, floor(alpha * N))` (SPEC 2).
+    """Bank size `n = max(1, floor(alpha * N))` (docs/method.md, "Objects").
 
     Args:
       num_features: number of candidate rows `N`.
@@ -92,7 +92,7 @@ def greedy_coreset(
     seed: int = 0,
     start_index: int = 0,
 ) -> Int[Array, " n"]:
-    """Indices of a greedy k-center coreset of `features` (SPEC 2).
+    """Indices of a greedy k-center coreset of `features` (docs/method.md, "Objects").
 
     Distances are measured after a fixed Gaussian random projection to
     `projection_dim` dimensions (skipped when `c <= projection_dim`, where it
@@ -101,9 +101,9 @@ def greedy_coreset(
     Args:
       features: `[N, c]` support patch features.
       alpha: ratio in `(0, 1]`; the bank holds `max(1, floor(alpha * N))` rows.
-      projection_dim: JL target dimension (SPEC: 128).
+      projection_dim: JL target dimension (128 by default).
       seed: seed of the projection.
-      start_index: first selected row (SPEC: a config field, default 0).
+      start_index: first selected row (default 0).
 
     Returns:
       `[n]` int32 row indices.

@@ -219,7 +219,7 @@ def evaluate(
     masks: np.ndarray | None = None,
     maps: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """All metrics of the protocol (SPEC section 6), in percent.
+    """All metrics of the protocol (image / pixel AUROC, F1-max, AUPRO), in percent.
 
     Args:
       image_labels: `[N]` 0/1, 1 = anomalous image.

@@ -1,9 +1,9 @@
 """The compiled entry points: `refine_and_score`, `detect`, the online scan.
 
-`score_query` is written for ONE query; this module is the one place that
-vmaps it over a batch (SPEC 5). Shape-setting settings are static fields of
-`RefineConfig`, float hyper-parameters are traced, so a sweep over `lam`,
-`epsilon`, `ridge` or `lr` reuses one compiled program.
+`score_query` is written for ONE query; `score_batch` is the one place that
+vmaps it over a batch (docs/method.md, "Batching"). Shape-setting settings are
+static fields of `RefineConfig`, float hyper-parameters are traced, so a sweep
+over `lam`, `epsilon`, `ridge` or `lr` reuses one compiled program.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from jaxtyping import Array, Float
 from protorefine_jax import checks
 from protorefine_jax.config import RefineConfig
 from protorefine_jax.coreset import greedy_coreset_indices, projection_matrix
-from protorefine_jax.refine import Refinement, gram_system, matmul_precision, refine
+from protorefine_jax.refine import gram_system, matmul_precision, refine
 from protorefine_jax.scoring import anomaly_map, base_patch_scores, refined_patch_scores
 
 
@@ -58,23 +58,25 @@ class RefineOutput(NamedTuple):
 def _score(bank, query, config: RefineConfig, weights=None) -> tuple[RefineOutput, Array | None]:
     """`score_query` plus the refined transform `W` (None for host scoring)."""
     with matmul_precision(config):
-        sys = gram_system(bank, query, config, weights, with_inverse=config.use_refinement)
+        system = gram_system(bank, query, config, weights, with_inverse=config.use_refinement)
         if config.use_refinement:
-            ref = refine(sys, config)
-            scores = refined_patch_scores(sys, ref.w, config)
+            ref = refine(system, config)
+            scores = refined_patch_scores(system, ref.w, config)
+            diag = Diagnostics(ref.marginal_error, ref.w_rel_change, ref.lsq_residual)
+            w = ref.w
         else:
-            zero = jnp.zeros((), sys.gram.dtype)
-            ref = Refinement(None, zero, zero, zero)
-            scores = base_patch_scores(sys, config)
-        diag = Diagnostics(ref.marginal_error, ref.w_rel_change, ref.lsq_residual)
+            zero = jnp.zeros((), system.gram.dtype)
+            scores = base_patch_scores(system, config)
+            diag = Diagnostics(zero, zero, zero)
+            w = None
         out = RefineOutput(jnp.max(scores), anomaly_map(scores, config), scores, diag)
-    return out, ref.w
+    return out, w
 
 
 def score_query(
     bank: Float[Array, "n c"], query: Float[Array, "m c"], config: RefineConfig
 ) -> RefineOutput:
-    """Refine the bank for one query and score it (paper Alg. 1, SPEC 3-4).
+    """Refine the bank for one query and score it (paper Alg. 1; docs/method.md).
 
     Pure and unbatched: compose it with your own `jit`/`vmap`/`scan`.
 
@@ -89,15 +91,23 @@ def score_query(
     return _score(bank, query, config)[0]
 
 
-@jax.jit
-def _refine_and_score_batch(bank, queries, config):
+def score_batch(
+    bank: Float[Array, "n c"], queries: Float[Array, "B m c"], config: RefineConfig
+) -> RefineOutput:
+    """`score_query` over a batch of queries: the one `vmap` of the per-query function.
+
+    Unjitted and unchecked, for composition (`refine_and_score`, `make_detect`).
+    """
     return jax.vmap(score_query, in_axes=(None, 0, None))(bank, queries, config)
+
+
+_refine_and_score_batch = jax.jit(score_batch)
 
 
 def refine_and_score(
     bank: Float[Array, "n c"], queries: Float[Array, "B m c"], config: RefineConfig
 ) -> RefineOutput:
-    """Batched, jitted `score_query` with input checks (SPEC 5).
+    """Batched, jitted `score_query` with input checks (docs/method.md, "Batching").
 
     Shapes, feature dimensions and finiteness are checked before jit (value
     checks are skipped when called under the caller's own transformation).
@@ -140,7 +150,7 @@ def make_detect(
     @jax.jit
     def detect(params, bank, images, config: RefineConfig) -> RefineOutput:
         feats = extract(params, images)
-        return jax.vmap(score_query, in_axes=(None, 0, None))(bank, feats, config)
+        return score_batch(bank, feats, config)
 
     return detect
 
@@ -200,7 +210,7 @@ def online_refine_and_score(
     capacity: int,
     add_per_query: int,
 ) -> RefineOutput:
-    """Online PatchCore+/WinCLIP+ (paper Table 6, SPEC 4) as a `lax.scan`.
+    """Online PatchCore+/WinCLIP+ (paper Table 6; docs/method.md, "Batching") as a `lax.scan`.
 
     Queries are processed in stream order; each query's refined prototypes
     (a greedy coreset of `add_per_query` rows of `R = W M`) enter a ring

@@ -31,6 +31,7 @@ import jax.scipy.linalg as jsl
 import optax
 from jaxtyping import Array, Float
 
+from protorefine_jax.bank import uses_wide_ridge
 from protorefine_jax.config import RefineConfig
 from protorefine_jax.transport import sinkhorn_plan
 
@@ -165,7 +166,7 @@ def gram_system(
     # A wide bank (as many used rows as feature dimensions) takes the larger
     # `ridge_wide` (RefineConfig); traced, since online banks fill up.
     used = jnp.maximum(jnp.sum(weights > 0), 1)
-    rel = jnp.where(used >= bank.shape[-1], config.ridge_wide, config.ridge)
+    rel = jnp.where(uses_wide_ridge(used, bank.shape[-1]), config.ridge_wide, config.ridge)
     delta = rel * jnp.maximum(jnp.trace(gram) / used, _EPS)
     inv = None
     if with_inverse:

@@ -122,12 +122,17 @@ def ref_tokens(sd, spec, pixels_nchw):
     return np.concatenate([cls, tokens], 1) + sd["visual.positional_embedding"]
 
 
-def ref_vision(sd, spec, tokens):
-    """ln_pre, transformer, ln_post on all tokens; returns (CLS @ proj, tokens @ proj)."""
+def ref_vision(sd, spec, tokens, project_tokens=True):
+    """ln_pre, transformer, ln_post on all tokens; returns (CLS @ proj, patch tokens).
+
+    Patch tokens `@ proj` if `project_tokens`, else as OpenCLIP's `output_tokens`
+    returns them (after ln_post, unprojected), which anomalib's WinCLIP scores with.
+    """
     x = _ln(tokens, sd, "visual.ln_pre")
     x = _transformer(x, sd, "visual.transformer.resblocks.", spec.vision_layers, spec.vision_heads)
     x = _ln(x, sd, "visual.ln_post")
-    return x[:, 0] @ sd["visual.proj"], x[:, 1:] @ sd["visual.proj"]
+    patches = x[:, 1:] @ sd["visual.proj"] if project_tokens else x[:, 1:]
+    return x[:, 0] @ sd["visual.proj"], patches
 
 
 def ref_text(sd, spec, ids):
@@ -185,13 +190,19 @@ def test_patch_tokens_and_windows_match_reference(converted):
     images = (
         pixels.transpose(0, 2, 3, 1) * np.array(towers.CLIP_STD) + np.array(towers.CLIP_MEAN)
     ) * 255
-    encode = jax.jit(towers.encode_multiscale, static_argnums=(0, 3))
-    feats = encode(spec, params, jnp.asarray(images, jnp.float32), (2, 3))
+    encode = jax.jit(towers.encode_multiscale, static_argnums=(0, 3, 4))
+    feats = encode(spec, params, jnp.asarray(images, jnp.float32), (2, 3), True)
     scale = np.abs(want_windows).max()
     np.testing.assert_allclose(feats.image, want_image, atol=5e-5 * scale, rtol=0)
     np.testing.assert_allclose(feats.patches, want_patches, atol=5e-5 * scale, rtol=0)
     np.testing.assert_allclose(feats.windows[0], want_windows, atol=5e-5 * scale, rtol=0)
     assert feats.windows[1].shape == (2, 4, spec.embed_dim)
+    # The default (anomalib's): patch tokens after ln_post, unprojected, D wide.
+    _, want_raw = ref_vision(sd, spec, tokens, project_tokens=False)
+    raw = towers.encode_multiscale(spec, params, jnp.asarray(images, jnp.float32))
+    assert raw.patches.shape == (2, 16, spec.vision_width)
+    raw_scale = np.abs(want_raw).max()
+    np.testing.assert_allclose(raw.patches, want_raw, atol=5e-5 * raw_scale, rtol=0)
 
 
 def test_text_embedding_matches_reference(converted):

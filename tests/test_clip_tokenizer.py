@@ -13,7 +13,7 @@ import pytest
 import regex
 from transformers.models.clip.tokenization_clip import bytes_to_unicode as hf_bytes_to_unicode
 
-from protorefine_jax.clip import bpe, prompts, towers
+from protorefine_jax.clip import bpe, prompts
 from protorefine_jax.clip.spec import ClipSpec
 from protorefine_jax.io import clip_folder as loader
 
@@ -133,7 +133,14 @@ def test_prompt_ensemble_sizes():
     assert prompts.object_name("metal_nut") == "metal nut"
 
 
-def test_class_text_features_average_normalised_prompts(tmp_path):
+def test_class_text_features_average_raw_prompt_embeddings(tmp_path):
+    """anomalib's WinCLIP: `torch.mean` of the raw `encode_text` rows, no normalisation.
+
+    Reference: HF's own `FlaxCLIPModel.get_text_features` per prompt, averaged
+    in float64 numpy; the category goes in raw (`metal_nut`), as anomalib passes it.
+    """
+    from transformers import FlaxCLIPModel
+
     tok = write_tokenizer(tmp_path, TINY_MERGES)
     spec = ClipSpec(
         image_size=32,
@@ -153,19 +160,26 @@ def test_class_text_features_average_normalised_prompts(tmp_path):
     from test_clip_towers import init_params
 
     params = init_params(spec)
-    text = prompts.class_text_features(spec, params, tok, "bottle")
-    normal, anomalous = prompts.prompt_ensemble("bottle")
+    text = np.asarray(prompts.class_text_features(spec, params, tok, "metal_nut"), np.float64)
+    normal, anomalous = prompts.prompt_ensemble("metal_nut")
+    assert normal[0] == "a cropped photo of the metal_nut."  # raw category, as anomalib
+    ids = prompts.tokenize(tok, normal + anomalous, 77)
+    model = FlaxCLIPModel(spec.to_hf_config(), _do_init=False)
     emb = np.asarray(
-        jax.jit(towers.encode_text, static_argnums=0)(
-            spec, params, jnp.asarray(prompts.tokenize(tok, normal + anomalous, 77))
-        ),
+        jax.jit(lambda i, p: model.get_text_features(i, params=p))(jnp.asarray(ids), params),
         np.float64,
     )
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    want = np.stack([emb[: len(normal)].mean(0), emb[len(normal) :].mean(0)])
-    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    raw = np.stack([emb[: len(normal)].mean(0), emb[len(normal) :].mean(0)])
     assert text.shape == (2, 16)
-    np.testing.assert_allclose(text, want, atol=1e-5)
+    np.testing.assert_allclose(text, raw, atol=1e-5 * np.abs(raw).max(), rtol=0)
+    # The old recipe (normalise each prompt, average, renormalise) is measurably different:
+    # the rows are not unit vectors and their directions differ too.
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    old = np.stack([unit[: len(normal)].mean(0), unit[len(normal) :].mean(0)])
+    old /= np.linalg.norm(old, axis=1, keepdims=True)
+    assert not np.allclose(np.linalg.norm(text, axis=1), 1.0, atol=1e-3)
+    cos = np.sum(old * raw, axis=1) / np.linalg.norm(raw, axis=1)
+    assert np.all(cos < 1 - 1e-6), cos
 
 
 def _real_bpe():

@@ -100,31 +100,42 @@ def test_full_grid_window_equals_image_features(params, images):
     np.testing.assert_allclose(image, want, atol=1e-5 * scale, rtol=0)
 
 
+def _np_layer_norm(x, scale, bias, eps=1e-5):
+    x = np.asarray(x, np.float64)
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * np.asarray(scale, np.float64) + np.asarray(bias)
+
+
 def test_multiscale_shapes_and_patch_tokens(params, images):
+    """Patch tokens = HF's last hidden state -> post-LN (float64 numpy), unprojected by default.
+
+    anomalib's WinCLIP scores the full-image scale with OpenCLIP's `output_tokens`:
+    the last layer's tokens after `ln_post`, NOT projected (`D` wide).
+    """
     encode = jax.jit(towers.encode_multiscale, static_argnums=(0, 3, 4))
-    feats = encode(SPEC, params, jnp.asarray(images), (2, 3), True)
-    assert feats.image.shape == (2, 16)
-    assert feats.patches.shape == (2, 16, 16)
-    assert [w.shape for w in feats.windows] == [(2, 9, 16), (2, 4, 16)]
-    # Patch tokens: HF's last hidden state -> post-LN -> visual projection.
     pixels = towers.preprocess(jnp.asarray(images))
     vision = jax.jit(
         lambda p, px: clip_module(SPEC).apply(
             {"params": p}, px, method=lambda m, x: m.vision_model(x)
         )
     )
-    hidden = vision(params, pixels).last_hidden_state
+    hidden = np.asarray(vision(params, pixels).last_hidden_state, np.float64)
     vp = params["vision_model"]["post_layernorm"]
-    mu = hidden.mean(-1, keepdims=True)
-    normed = (hidden - mu) / jnp.sqrt(hidden.var(-1, keepdims=True) + 1e-5) * vp["scale"] + vp[
-        "bias"
-    ]
-    want = normed[:, 1:] @ params["visual_projection"]["kernel"]
-    np.testing.assert_allclose(feats.patches, want, atol=1e-5 * np.abs(want).max(), rtol=0)
-    raw = encode(SPEC, params, jnp.asarray(images), (2, 3), False)
+    normed = _np_layer_norm(hidden, vp["scale"], vp["bias"])[:, 1:]  # [B, 16, D]
+    # Default: unprojected, D = vision_width (32) wide, not E (16).
+    raw = towers.encode_multiscale(SPEC, params, jnp.asarray(images))
+    assert raw.image.shape == (2, 16)
     assert raw.patches.shape == (2, 16, SPEC.vision_width)
-    np.testing.assert_allclose(raw.patches, normed[:, 1:], atol=1e-5, rtol=1e-5)
+    assert [w.shape for w in raw.windows] == [(2, 9, 16), (2, 4, 16)]
+    np.testing.assert_allclose(raw.patches, normed, atol=1e-5 * np.abs(normed).max(), rtol=0)
+    # project_patches=True: the same tokens through the visual projection (E wide).
+    feats = encode(SPEC, params, jnp.asarray(images), (2, 3), True)
+    assert feats.patches.shape == (2, 16, 16)
+    want = normed @ np.asarray(params["visual_projection"]["kernel"], np.float64)
+    np.testing.assert_allclose(feats.patches, want, atol=1e-5 * np.abs(want).max(), rtol=0)
     np.testing.assert_allclose(raw.windows[0], feats.windows[0], atol=1e-6)
+    np.testing.assert_allclose(raw.image, feats.image, atol=1e-6)
 
 
 def test_window_encoding_does_not_recompile(params, images):

@@ -156,7 +156,7 @@ def test_winclip_methods_run_from_a_clip_folder(tmp_path):
     workdir = tmp_path / "run"
     tiny = {
         **TINY,
-        "methods": ["winclip", "winclip+"],
+        "methods": ["winclip", "winclip_coreset", "winclip+"],
         "image_size": spec.image_size,
         "shots": ["1"],
         "num_heatmaps": 1,
@@ -164,7 +164,7 @@ def test_winclip_methods_run_from_a_clip_folder(tmp_path):
     with flagsaver.flagsaver(workdir=str(workdir), clip_dir=str(folder), **tiny):
         eval_cli.main(["eval"])
     results = json.loads((workdir / "results.json").read_text())
-    assert {r["method"] for r in results["rows"]} == {"winclip", "winclip+"}
+    assert {r["method"] for r in results["rows"]} == {"winclip", "winclip_coreset", "winclip+"}
     assert all(0.0 <= r["image_auroc"] <= 100.0 for r in results["rows"])
 
 
@@ -215,3 +215,11 @@ def test_category_mean_row_is_the_std_over_seeds_of_category_means():
     # Per seed: (80 + 60) / 2 = 70 and (90 + 100) / 2 = 95.
     assert mean["image_auroc_mean"] == pytest.approx(82.5)
     assert mean["image_auroc_std"] == pytest.approx(12.5)
+
+
+def test_outputs_close_the_scores_file_when_the_run_fails(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with runner.Outputs(tmp_path) as out:
+            scores = out.scores
+            raise RuntimeError("boom")
+    assert scores.closed

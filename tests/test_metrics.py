@@ -51,7 +51,9 @@ def test_pixel_metrics_on_maps_match_sklearn(rng):
         out["pixel_auroc"], 100 * roc_auc_score(labels, scores), rtol=1e-12, atol=1e-10
     )
     np.testing.assert_allclose(out["pixel_f1_max"], _sk_f1_max(labels, scores), rtol=1e-12)
-    np.testing.assert_allclose(out["image_auroc"], 100 * roc_auc_score([0, 1, 1, 0], [1, 2, 2, 3]))
+    np.testing.assert_allclose(
+        out["image_auroc"], 100 * roc_auc_score([0, 1, 1, 0], [1, 2, 2, 3]), rtol=1e-12, atol=1e-10
+    )
     assert set(out) == {"image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro"}
 
 

@@ -51,25 +51,76 @@ def test_vmapped_batch_equals_a_python_loop_over_queries(rng, cfg):
     assert out.diagnostics.lsq_residual.shape == (3,)
 
 
-def test_new_float_hyperparameters_do_not_recompile(rng):
+class TraceCounter:
+    """Counts how often jax traces a function (each compile traces it once)."""
+
+    def __init__(self, fn):
+        self.fn, self.count = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.count += 1
+        return self.fn(*args, **kwargs)
+
+
+@pytest.fixture
+def count_traces(monkeypatch):
+    """`count_traces(module, name)`: a fresh trace counter on `module.name`, caches cleared."""
+
+    def install(module, name):
+        counter = TraceCounter(getattr(module, name))
+        monkeypatch.setattr(module, name, counter)
+        jax.clear_caches()  # a program compiled by an earlier test would hide a trace
+        return counter
+
+    return install
+
+
+def test_new_float_hyperparameters_do_not_recompile(rng, count_traces):
     bank, queries = data(rng)
     cfg = CFG.replace(m_step="optax", inner_steps=2)
+    traces = count_traces(pl, "score_query")
     refine_and_score(bank, queries, cfg)
-    size = pl._refine_and_score_batch._cache_size()
+    assert traces.count == 1
     for lam, eps, lr, ridge in [(0.1, 0.02, 0.5, 1e-3), (1.0, 0.2, 2.0, 1e-5)]:
         out = refine_and_score(bank, queries, cfg.replace(lam=lam, epsilon=eps, lr=lr, ridge=ridge))
-    assert pl._refine_and_score_batch._cache_size() == size
+    assert traces.count == 1
     # ... and the new values are really used.
     base = refine_and_score(bank, queries, cfg)
     assert not np.allclose(out.image_scores, base.image_scores)
 
 
-def test_static_fields_do_recompile(rng):
+def test_static_fields_do_recompile(rng, count_traces):
     bank, queries = data(rng)
+    traces = count_traces(pl, "score_query")
     refine_and_score(bank, queries, CFG)
-    size = pl._refine_and_score_batch._cache_size()
     refine_and_score(bank, queries, CFG.replace(num_iters=2))
-    assert pl._refine_and_score_batch._cache_size() == size + 1
+    assert traces.count == 2
+
+
+def test_online_scan_does_not_recompile_for_new_floats(rng, count_traces):
+    bank, queries = data(rng, b=4)
+    traces = count_traces(pl, "_score")
+    online_refine_and_score(bank, queries, CFG, capacity=8, add_per_query=4)
+    first = traces.count
+    assert first >= 1
+    new = CFG.replace(lam=1.0, epsilon=0.1, ridge=1e-3)
+    online_refine_and_score(bank, queries, new, capacity=8, add_per_query=4)
+    assert traces.count == first
+    online_refine_and_score(bank, queries, CFG, capacity=16, add_per_query=4)  # static: new
+    assert traces.count == 2 * first
+
+
+def test_make_detect_compiles_once_per_shape(rng):
+    w = jnp.asarray(rng.standard_normal((12, 48)), jnp.float32)
+    extract = TraceCounter(lambda params, images: images.reshape(images.shape[0], -1, 12) @ params)
+    detect = make_detect(extract)
+    images = jnp.asarray(rng.standard_normal((2, 16, 16, 3)), jnp.float32)
+    bank = jnp.asarray(rng.standard_normal((20, 48)), jnp.float32)
+    detect(w, bank, images, CFG)
+    detect(w, bank, images, CFG.replace(lam=1.0, epsilon=0.2))
+    assert extract.count == 1
+    detect(w, bank, images, CFG.replace(num_iters=2))
+    assert extract.count == 2
 
 
 def test_feature_dimension_mismatch_is_rejected(rng):

@@ -4,7 +4,7 @@ Example:
   >>> bundle = load_clip("checkpoints/clip/ViT-B-16-plus-240")  # local HF folder
   >>> config = winclip_config(use_refinement=True, clip=bundle.spec)  # WinCLIP+
   >>> support = extract_multiscale(bundle.params, support_images, config)
-  >>> banks = build_banks(support, CORESET_ALPHA["mvtec"])
+  >>> banks = build_banks(support, CORESET_ALPHA["mvtec"])  # coresets + full memory
   >>> text = class_text_features(bundle.spec, bundle.params, bundle.tokenizer, "bottle")
   >>> out = detect(bundle.params, banks, text, query_images, config)
   >>> out.image_scores.shape, out.maps.shape
@@ -41,6 +41,7 @@ from protorefine_jax.clip.towers import (
 )
 from protorefine_jax.clip.winclip import (
     CORESET_ALPHA,
+    WinClipBanks,
     WinClipConfig,
     WinClipOutput,
     anomaly_probability,
@@ -82,6 +83,7 @@ __all__ = [
     "ClipBundle",
     "ClipSpec",
     "MultiscaleFeatures",
+    "WinClipBanks",
     "WinClipConfig",
     "WinClipOutput",
     "aggregate_windows",

@@ -11,8 +11,16 @@ corrupted photo of the {}." twice where CLIP-style lists have one "of a {}."
 and one "of the {}." variant. Other lists can be passed to `prompt_ensemble`.
 
 `class_text_features` tokenizes with the HF tokenizer of the CLIP folder (pure
-Python, offline), encodes with the jitted text tower, L2-normalises every
-prompt embedding, averages per class and renormalises.
+Python, offline), encodes with the jitted text tower and averages the RAW
+(unnormalised) projected prompt embeddings per class, as anomalib's WinCLIP
+does (`torch.mean` of `encode_text` outputs); the rows are normalised only
+inside the cosine of `winclip.anomaly_probability`. (Normalising every prompt
+before averaging, as CLIP's zero-shot ImageNet recipe does, weights prompts
+equally instead of by their embedding norm; it is not what the reference does.)
+
+Object names: anomalib passes the raw dataset category (`"metal_nut"`, not
+`"metal nut"`) into the templates, and so does the eval host;
+`object_name` gives the spaced variant for callers that want it.
 """
 
 from __future__ import annotations
@@ -77,7 +85,10 @@ class Tokenizer(Protocol):
 
 
 def object_name(category: str) -> str:
-    """Object word(s) for a dataset category: `"metal_nut"` -> `"metal nut"`."""
+    """Spaced object words for a dataset category: `"metal_nut"` -> `"metal nut"`.
+
+    Not used by the WinCLIP host, which passes the raw category as anomalib does.
+    """
     return category.replace("_", " ").strip()
 
 
@@ -123,11 +134,9 @@ def tokenize(tokenizer: Tokenizer, prompts: list[str], context_length: int) -> n
 
 @functools.partial(jax.jit, static_argnums=0)
 def _class_means(spec: ClipSpec, params: Any, ids: Array, is_anomalous: Array) -> Array:
-    emb = encode_text(spec, params, ids)  # [P, E]
-    emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
+    emb = encode_text(spec, params, ids)  # [P, E], raw (not normalised), as anomalib
     weights = jnp.stack([1.0 - is_anomalous, is_anomalous]).astype(emb.dtype)  # [2, P]
-    means = (weights @ emb) / jnp.sum(weights, axis=1, keepdims=True)
-    return means / jnp.linalg.norm(means, axis=-1, keepdims=True)
+    return (weights @ emb) / jnp.sum(weights, axis=1, keepdims=True)
 
 
 def class_text_features(spec: ClipSpec, params: Any, tokenizer: Tokenizer, name: str) -> Array:
@@ -137,10 +146,13 @@ def class_text_features(spec: ClipSpec, params: Any, tokenizer: Tokenizer, name:
       spec: CLIP architecture.
       params: HF Flax CLIP params.
       tokenizer: HF `CLIPTokenizer` of the same folder.
-      name: object name (e.g. `object_name("metal_nut")`).
+      name: object name as it goes into the prompts; anomalib's WinCLIP (and
+        the eval host) pass the raw dataset category, e.g. `"metal_nut"`.
 
     Returns:
-      `[2, E]` unit rows: row 0 normal, row 1 anomalous.
+      `[2, E]` raw mean prompt embeddings (NOT unit rows; the cosine in
+      `winclip.anomaly_probability` normalises them): row 0 normal, row 1
+      anomalous.
     """
     normal, anomalous = prompt_ensemble(name)
     ids = tokenize(tokenizer, normal + anomalous, spec.context_length)

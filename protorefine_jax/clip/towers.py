@@ -16,17 +16,19 @@ sequences (`[B * n_windows, 1 + k*k, D]`).
 Functions take batches (the HF modules are batched); they are pure and jittable
 with `spec` and window sizes static.
 
-Input images (a documented choice): raw RGB in [0, 255] that arrive already at
-`spec.image_size`, resized at the data edge by PIL BILINEAR straight to the
-square without crop (`protorefine_jax.features.preprocess`, the same
-preprocessing as the CNN backbones and FastRef Sec. 6.1). CLIP's own
-preprocessing (OpenAI / OpenCLIP / HF `CLIPImageProcessor`) resizes the short
-side with BICUBIC and then center-crops; that is NOT reproduced here, so
-features differ slightly from CLIP's reference pipeline on non-square or
-differently sized inputs (a center crop would also cut defects at the image
-border out of the anomaly map). Only the normalisation is CLIP's: the mean/std
-of `spec.image_mean` / `spec.image_std` (the CLIP folder's
-`preprocessor_config.json`, OpenAI's values by default), applied inside jit.
+Input images: raw RGB in [0, 255] that arrive already at `spec.image_size`,
+resized at the data edge straight to the square without crop, with
+antialiased BICUBIC (`features.preprocess.resize_rgb(..., resample="bicubic")`,
+chosen by the WinCLIP host): what anomalib's WinCLIP does
+(`Resize((240, 240), bicubic, antialias=True)` on the decoded image, then
+CLIP's Normalize). The data edge stores uint8, so pixels are anomalib's float
+values clipped to [0, 255] and rounded (at most 0.5 grey level apart, plus
+the bicubic overshoot at sharp edges). CLIP's own inference preprocessing
+(short side to `S`, then center crop) is NOT used, as in anomalib: a crop
+would cut defects at the image border out of the anomaly map. The
+normalisation is CLIP's: the mean/std of `spec.image_mean` / `spec.image_std`
+(the CLIP folder's `preprocessor_config.json`, OpenAI's values by default,
+which are anomalib's), applied inside jit.
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ def encode_multiscale(
     params: Params,
     images: Array,
     window_sizes: tuple[int, ...] = (2, 3),
-    project_patches: bool = True,
+    project_patches: bool = False,
 ) -> MultiscaleFeatures:
     """WinCLIP's multi-scale features of raw images, in one pass of the embedding layer.
 
@@ -170,8 +172,9 @@ def encode_multiscale(
         (module docstring); normalised here with `spec.image_mean/std`.
       window_sizes: window sides in patches (WinCLIP: 2 and 3).
       project_patches: send full-image patch tokens through the visual
-        projection after post-LN (`C = E`); False keeps them `D`-wide (what
-        OpenCLIP's `output_tokens`, used by anomalib's WinCLIP, returns).
+        projection after post-LN (`C = E`); False (default) keeps them
+        `D`-wide, what OpenCLIP's `output_tokens` returns and anomalib's
+        WinCLIP scores with.
 
     Returns:
       `MultiscaleFeatures(image [B, E], patches [B, h*w, C], windows)`.

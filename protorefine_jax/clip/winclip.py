@@ -3,7 +3,7 @@
 The same composition as the CNN path (`features` + `pipeline`):
 
   feats = extract_multiscale(params, support_images, config)    # jitted
-  banks = build_banks(feats, alpha=CORESET_ALPHA["mvtec"])      # per scale
+  banks = build_banks(feats, alpha=CORESET_ALPHA["mvtec"])      # WinClipBanks
   text = prompts.class_text_features(spec, params, tokenizer, "bottle")
   out = detect(params, banks, text, query_images, config)       # jitted
 
@@ -16,10 +16,24 @@ windows covering each patch; the scales (image score broadcast, one grid per
 window size) are fused by a harmonic mean, as anomalib's WinCLIP.
 
 Few-shot: per scale, the cosine distance `(1 - cos) / 2` of each query
-feature to the scale's memory bank, plain (WinCLIP, `use_refinement=False`)
-or against the refined prototypes (WinCLIP+, `pipeline.score_query` with
+feature to the scale's memory, plain (WinCLIP, `use_refinement=False`) or
+against the refined prototypes (WinCLIP+, `pipeline.score_query` with
 `distance="cosine"`, lam 0.1); window scales are aggregated to the grid like
-the zero-shot ones; the scales' grids are averaged.
+the zero-shot ones; the scales' grids are averaged. The memory: WinCLIP+
+refines the per-scale coreset banks (alpha 0.5 / 0.3 / 0.2, paper Sec. 6.1);
+plain WinCLIP scores against EVERY support patch token and window by default
+(`WinClipConfig.plain_memory="full"`, as anomalib's WinCLIP and the paper's
+reproduced baseline), or against the same coreset (`"coreset"`, the
+like-for-like ablation). `build_banks` returns both (`WinClipBanks`).
+
+Fidelity to anomalib's WinCLIP (`src/anomalib/models/image/winclip/`): the
+full-image patch tokens are the last layer's tokens after post-LN,
+unprojected (`project_patches=False`); prompt embeddings are averaged raw
+(`prompts`); images are resized to 240 x 240 bicubic with antialias at the
+data edge (`towers` docstring). Where this module still differs: the fused
+map is blurred (SPEC 4, sigma 4) after the bilinear upsampling, which
+anomalib does not do. anomalib's own window embeddings are constant under
+open_clip >= 2.26 (README, WinCLIP section); the ones here are per window.
 
 Fusion (Eq. 9): image score `(s0 + max_j s_j) / 2` with `s_j` the few-shot
 grid; map = mean of the zero-shot and few-shot grids, upsampled and blurred
@@ -50,6 +64,8 @@ CORESET_ALPHA = {"mvtec": 0.5, "visa": 0.3, "mpdd": 0.2}
 
 Banks = Sequence[Array | MemoryBank]
 
+PlainMemory = Literal["full", "coreset"]
+
 
 @struct.dataclass
 class WinClipConfig:
@@ -63,7 +79,18 @@ class WinClipConfig:
       clip: CLIP architecture (static).
       window_sizes: window sides in patches (static; WinCLIP: 2 and 3).
       project_patches: full-image patch tokens through the visual projection
-        (static; False keeps the vision width, as anomalib's WinCLIP).
+        (static). Default False: the last layer's tokens after post-LN,
+        unprojected (`D` wide, 896 for ViT-B-16-plus-240), which is what
+        anomalib's WinCLIP uses (OpenCLIP `output_tokens`); True projects
+        them to `E` like the image and window embeddings.
+      plain_memory: memory plain WinCLIP (`refine.use_refinement=False`)
+        scores against when given `WinClipBanks` (static). `"full"`
+        (default): every support patch token and window, as anomalib's
+        WinCLIP and the paper's reproduced WinCLIP; `"coreset"`: the same
+        coreset banks WinCLIP+ refines (like-for-like ablation, which makes
+        the baseline weaker and the WinCLIP -> WinCLIP+ gain larger).
+        WinCLIP+ always refines the coreset. A plain sequence of banks /
+        arrays passed to `score` is used as given, whatever this says.
       window_aggregation: `"harmonic"` (WinCLIP) or `"mean"` (static).
       zero_shot_fusion: fuse zero-shot scales by `"harmonic"` mean (anomalib)
         or arithmetic `"mean"` (static).
@@ -75,7 +102,8 @@ class WinClipConfig:
     temperature: float = 0.07
     clip: ClipSpec = struct.field(pytree_node=False, default=VIT_B_16_PLUS_240)
     window_sizes: tuple[int, ...] = struct.field(pytree_node=False, default=(2, 3))
-    project_patches: bool = struct.field(pytree_node=False, default=True)
+    project_patches: bool = struct.field(pytree_node=False, default=False)
+    plain_memory: PlainMemory = struct.field(pytree_node=False, default="full")
     window_aggregation: Literal["harmonic", "mean"] = struct.field(
         pytree_node=False, default="harmonic"
     )
@@ -92,6 +120,11 @@ class WinClipConfig:
             )
         for size in self.window_sizes:
             window_grid(self.clip.grid_size, size)
+        if self.plain_memory not in ("full", "coreset"):
+            raise ValueError(
+                f"plain_memory must be 'full' (every support row, anomalib's WinCLIP) or "
+                f"'coreset' (WinCLIP+'s banks), got {self.plain_memory!r}."
+            )
         for name in ("window_aggregation", "zero_shot_fusion"):
             if getattr(self, name) not in ("harmonic", "mean"):
                 raise ValueError(
@@ -170,26 +203,59 @@ def scale_features(features: MultiscaleFeatures) -> tuple[Array, ...]:
     return (features.patches, *features.windows)
 
 
-def build_banks(
-    support: MultiscaleFeatures, alpha: float, **bank_kwargs: Any
-) -> tuple[MemoryBank, ...]:
-    """One coreset memory bank per scale from the support images' features.
+@struct.dataclass
+class WinClipBanks:
+    """Per-scale few-shot memory of WinCLIP / WinCLIP+ (`build_banks`; a pytree).
+
+    Iterating, indexing and `len` go to `coreset`, so code written for a
+    per-scale list of `MemoryBank` (sizes, `describe`, degeneracy) keeps
+    working; `score` picks `full` or `coreset` from the config.
+
+    Attributes:
+      coreset: one coreset `MemoryBank` per scale (`scale_features` order):
+        what WinCLIP+ refines, and plain WinCLIP's memory with
+        `plain_memory="coreset"`.
+      full: per scale, `[k * m_s, c_s]` EVERY L2-normalised support row:
+        plain WinCLIP's memory with `plain_memory="full"` (the default).
+    """
+
+    coreset: tuple[MemoryBank, ...]
+    full: tuple[Array, ...]
+
+    def __iter__(self):
+        return iter(self.coreset)
+
+    def __len__(self) -> int:
+        return len(self.coreset)
+
+    def __getitem__(self, index):
+        return self.coreset[index]
+
+    def memory(self, config: WinClipConfig) -> tuple[Array, ...]:
+        """The per-scale rows `config` scores against (see `plain_memory`)."""
+        if not config.refine.use_refinement and config.plain_memory == "full":
+            return self.full
+        return tuple(b.prototypes for b in self.coreset)
+
+
+def build_banks(support: MultiscaleFeatures, alpha: float, **bank_kwargs: Any) -> WinClipBanks:
+    """Per-scale memory from the support images' features: coreset banks and full memory.
 
     Rows are L2-normalised first, so the greedy coreset (squared Euclidean)
     works in the cosine geometry the scores use.
 
     Args:
       support: features of the `k` support images (`extract_multiscale`).
-      alpha: coreset ratio (`CORESET_ALPHA[dataset]`: 0.5 MVTec, 0.3 VisA,
-        0.2 MPDD).
+      alpha: coreset ratio of WinCLIP+ (`CORESET_ALPHA[dataset]`: 0.5 MVTec,
+        0.3 VisA, 0.2 MPDD).
       **bank_kwargs: passed to `bank.build_bank` (seed, start_index, ...).
 
     Returns:
-      Banks in `scale_features` order; each with its degeneracy verdict.
+      `WinClipBanks`: coreset banks (each with its degeneracy verdict) and
+      every support row, both in `scale_features` order.
     """
-    return tuple(
-        build_bank(normalize_rows(f), alpha, **bank_kwargs) for f in scale_features(support)
-    )
+    full = tuple(normalize_rows(f.reshape(-1, f.shape[-1])) for f in scale_features(support))
+    return WinClipBanks(coreset=tuple(build_bank(f, alpha, **bank_kwargs) for f in full), full=full)
 
 
 def anomaly_probability(embeddings: Array, text_features: Array, temperature: Array) -> Array:
@@ -271,20 +337,30 @@ def few_shot_query(
     return jnp.mean(jnp.stack(grids), axis=0), worst
 
 
-def _bank_arrays(banks: Banks | None) -> tuple[Array, ...] | None:
+def _bank_arrays(
+    banks: WinClipBanks | Banks | None, config: WinClipConfig
+) -> tuple[Array, ...] | None:
     if banks is None:
         return None
+    if isinstance(banks, WinClipBanks):
+        return banks.memory(config)
     return tuple(b.prototypes if isinstance(b, MemoryBank) else b for b in banks)
 
 
 @jax.jit
 def score(
     features: MultiscaleFeatures,
-    banks: Banks | None,
+    banks: WinClipBanks | Banks | None,
     text_features: Array,
     config: WinClipConfig,
 ) -> WinClipOutput:
-    """Scores a batch from its features (jitted; the one place that vmaps the queries).
+    """Scores a batch from its features (jitted).
+
+    Multi-scale batching: WinCLIP's per-image function (zero-shot scores plus
+    `pipeline.score_query` once per few-shot scale, each scale with its own
+    bank and grid shape) is vmapped over the batch here; the scales run one
+    after another inside it, since their shapes differ (docs/method.md,
+    "Batching").
 
     Every product here (cosines to the text features, the few-shot scores,
     the map upsampling) runs in full float32 (`refine.matmul_precision`:
@@ -293,8 +369,10 @@ def score(
 
     Args:
       features: query features, leading batch axis `B`.
-      banks: per-scale banks (`build_banks` output or their prototypes), or
-        None for zero-shot WinCLIP.
+      banks: `build_banks` output (plain WinCLIP scores against the memory
+        `config.plain_memory` names, WinCLIP+ against the coresets), a
+        sequence of per-scale banks / arrays used as given, or None for
+        zero-shot WinCLIP.
       text_features: `[2, E]` from `prompts.class_text_features`.
       config: settings.
 
@@ -307,11 +385,11 @@ def score(
 
 def _score(
     features: MultiscaleFeatures,
-    banks: Banks | None,
+    banks: WinClipBanks | Banks | None,
     text_features: Array,
     config: WinClipConfig,
 ) -> WinClipOutput:
-    bank_arrays = _bank_arrays(banks)
+    bank_arrays = _bank_arrays(banks, config)
     grid = config.clip.grid_size
     if bank_arrays is not None and len(bank_arrays) != 1 + len(config.window_sizes):
         raise ValueError(
@@ -351,7 +429,7 @@ def _score(
 @jax.jit
 def detect(
     params: Any,
-    banks: Banks | None,
+    banks: WinClipBanks | Banks | None,
     text_features: Array,
     images: Array,
     config: WinClipConfig,
@@ -360,7 +438,8 @@ def detect(
 
     Args:
       params: HF Flax CLIP params.
-      banks: per-scale banks (`build_banks`), or None for zero-shot WinCLIP.
+      banks: `build_banks` output (see `score`), per-scale banks / arrays used
+        as given, or None for zero-shot WinCLIP.
       text_features: `[2, E]` class text embeddings.
       images: `[B, S, S, 3]` RGB in [0, 255].
       config: settings (`winclip_config(...)`).

@@ -94,6 +94,8 @@ class CategoryData:
       mask_threshold: masks are binarised with `value > mask_threshold`.
       train_good: sorted defect-free training images (the few-shot pool).
       test: test images, sorted by (defect type, file name).
+      resample: image resize filter, `"bilinear"` (CNN backbones) or
+        `"bicubic"` (CLIP / WinCLIP, as anomalib); masks are always nearest.
     """
 
     category: str
@@ -102,6 +104,7 @@ class CategoryData:
     mask_threshold: int
     train_good: tuple[Path, ...]
     test: tuple[TestItem, ...]
+    resample: str = "bilinear"
 
     @property
     def test_labels(self) -> np.ndarray:
@@ -130,7 +133,7 @@ class CategoryData:
         Returns:
           `[B, S, S, 3]` uint8 RGB.
         """
-        return read_images(tuple(paths), self.image_size)
+        return read_images(tuple(paths), self.image_size, self.resample)
 
     def load_masks(self, items: Sequence[TestItem]) -> np.ndarray:
         """Decodes the masks of test items; normal items get an all-False mask.

@@ -143,12 +143,15 @@ def _decode(path: Path, what: str) -> np.ndarray:
         ) from e
 
 
-def read_image(path: str | Path, image_size: int | tuple[int, int]) -> np.ndarray:
+def read_image(
+    path: str | Path, image_size: int | tuple[int, int], resample: str = "bilinear"
+) -> np.ndarray:
     """Reads one image as RGB uint8 at the evaluation resolution.
 
     Args:
       path: image file (any PIL-readable format; gray, RGBA, palette, 16-bit ok).
       image_size: output side `S`, or `(H, W)` for a non-square output.
+      resample: `"bilinear"` or `"bicubic"` (CLIP; `resize_rgb`).
 
     Returns:
       `[S, S, 3]` (or `[H, W, 3]`) uint8 RGB: `features.preprocess.resize_rgb` of the decoded
@@ -161,7 +164,7 @@ def read_image(path: str | Path, image_size: int | tuple[int, int]) -> np.ndarra
     """
     arr = _decode(Path(path), "Image")
     try:
-        out = resize_rgb(arr, image_size)
+        out = resize_rgb(arr, image_size, resample=resample)
     except ValueError as e:
         raise CorruptImageError(
             f"Cannot use image {path}: {e}. Fix: convert it to an 8- or 16-bit PNG."
@@ -267,18 +270,21 @@ def read_mask(
 
 
 def read_images(
-    paths: list[Path] | tuple[Path, ...], image_size: int | tuple[int, int]
+    paths: list[Path] | tuple[Path, ...],
+    image_size: int | tuple[int, int],
+    resample: str = "bilinear",
 ) -> np.ndarray:
     """Reads a batch of images.
 
     Args:
       paths: `B` image files.
       image_size: output side `S`.
+      resample: `"bilinear"` or `"bicubic"` (CLIP; `resize_rgb`).
 
     Returns:
       `[B, S, S, 3]` uint8 RGB (`[0, S, S, 3]` for an empty list).
     """
     out = np.zeros((len(paths), *image_hw(image_size), 3), np.uint8)
     for i, p in enumerate(paths):
-        out[i] = read_image(p, image_size)
+        out[i] = read_image(p, image_size, resample)
     return out

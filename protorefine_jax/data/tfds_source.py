@@ -41,6 +41,7 @@ class TfdsCategory:
     test: tuple[TestItem, ...]
     arrays: dict[str, tuple[np.ndarray, np.ndarray]]
     mask_threshold: int = 127
+    resample: str = "bilinear"
 
     @property
     def test_labels(self) -> np.ndarray:
@@ -67,6 +68,11 @@ class TfdsCategory:
 
     def load_images(self, paths: Sequence[Path]) -> np.ndarray:
         """`[B, S, S, 3]` uint8 images of `paths`."""
+        if self.resample != "bilinear":
+            raise ValueError(
+                f"the TFDS files hold bilinearly resized images; this detector resizes with "
+                f"{self.resample!r} (WinCLIP). Use --data_source=folder."
+            )
         s = self.image_size
         out = np.zeros((len(paths), s, s, 3), np.uint8)
         for i, p in enumerate(paths):

@@ -33,7 +33,10 @@ class DetectorState(NamedTuple):
     Attributes:
       banks: one `MemoryBank` per scale: one for PatchCore(+), one per
         few-shot scale for WinCLIP(+) (patch tokens, then each window size).
-        Always a tuple, so callers never ask which kind they hold.
+        Always a sequence of `MemoryBank` (a tuple, or WinCLIP's
+        `WinClipBanks`, which iterates and indexes as its coreset tuple and
+        also carries the full support memory), so callers never ask which
+        kind they hold.
       context: support-independent per-category data the scores need
         (WinCLIP: the `[2, E]` class text embeddings; PatchCore: None).
       calibration: statistics of the support set that `score_features`
@@ -60,6 +63,7 @@ class Detector(Protocol):
 
     family: str
     image_size: int
+    resample: str  # resize filter of the input images ("bilinear" or "bicubic")
 
     def features(self, params: Any, images: Array) -> Any:
         """`[B, S, S, 3]` images -> features with leading axis B (jitted)."""

@@ -63,6 +63,8 @@ class PatchCore:
     alpha: float = ALPHA
 
     family = "patchcore"
+    # Resize filter of the input images (data.imageio.resize_rgb).
+    resample = "bilinear"
 
     @classmethod
     def create(

@@ -18,7 +18,7 @@ from typing import Any
 from jax import Array
 
 from protorefine_jax.clip import winclip as winclip_lib
-from protorefine_jax.clip.prompts import class_text_features, object_name
+from protorefine_jax.clip.prompts import class_text_features
 from protorefine_jax.clip.spec import ClipSpec
 from protorefine_jax.detectors.base import DetectorState
 
@@ -46,13 +46,15 @@ class WinClip:
     settings: tuple[tuple[str, Any], ...] = ()
 
     family = "winclip"
+    # anomalib's WinCLIP input: Resize((240, 240), bicubic, antialias=True).
+    resample = "bicubic"
 
     @classmethod
     def from_folder(
         cls, clip_dir: str, *, dataset: str = "mvtec", alpha: float | None = None
     ) -> tuple[WinClip, Any]:
         """`(detector, params)` from a local Hugging Face CLIP folder."""
-        from protorefine_jax.clip.loader import load_clip  # reads files: only when asked
+        from protorefine_jax.io.clip_folder import load_clip  # reads files: only when asked
 
         spec, params, tokenizer = load_clip(clip_dir)
         return cls(spec, tokenizer, default_alpha(dataset) if alpha is None else alpha), params
@@ -75,15 +77,21 @@ class WinClip:
         return winclip_lib.extract_multiscale(params, images, self.config())
 
     def prepare(self, params: Any, category: str) -> Array:
-        """`[2, E]` normal / anomalous text embeddings of a category's prompts."""
-        return class_text_features(self.spec, params, self.tokenizer, object_name(category))
+        """`[2, E]` normal / anomalous prompt embeddings of the raw category (as anomalib)."""
+        return class_text_features(self.spec, params, self.tokenizer, category)
 
     def fit_features(
         self, features: Any, *, alpha: float | None = None, context: Array | None = None
     ) -> DetectorState:
-        """State from the support features: one bank per scale, plus the text (`context`)."""
+        """State from the support features: per scale a coreset bank and the full memory.
+
+        `banks` is a `clip.winclip.WinClipBanks`: it iterates, indexes and
+        counts as the tuple of per-scale coreset `MemoryBank`s (what WinCLIP+
+        refines) and also holds every support row (plain WinCLIP's memory,
+        `WinClipConfig.plain_memory`). `context` is the class text.
+        """
         banks = winclip_lib.build_banks(features, self.alpha if alpha is None else alpha)
-        return DetectorState(banks=tuple(banks), context=context)
+        return DetectorState(banks=banks, context=context)
 
     def fit(
         self,

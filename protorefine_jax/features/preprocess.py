@@ -27,6 +27,17 @@ give the same pixels. The rules:
   images does in the PatchCore reference code. uint8 images use PIL's uint8
   path; float images are resized per channel in PIL's 32-bit float mode with
   the same filter.
+- ``resample="bicubic"`` (the CLIP / WinCLIP input, as anomalib's WinCLIP
+  ``Resize((240, 240), bicubic, antialias=True)`` on float tensors): every
+  image is resized per channel in PIL's 32-bit float mode with BICUBIC (Keys
+  cubic, a = -0.5, support widened by the shrink factor: the antialiased
+  bicubic torch's ``interpolate(..., antialias=True)`` implements), without
+  rounding or clamping in between; the float result is then clipped to
+  [0, 255] and, for integer input, rounded to uint8 (the data edge stores
+  uint8). That last step is the only difference from anomalib's unclipped
+  float pixels (at most 0.5 grey level, plus the bicubic overshoot at sharp
+  edges). Tested against a float64 numpy implementation of the kernel
+  (``tests/test_features_preprocess_bicubic.py``).
 """
 
 from __future__ import annotations
@@ -158,31 +169,65 @@ def image_hw(size: int | Sequence[int]) -> tuple[int, int]:
     return hw
 
 
-def resize_rgb(
-    image: ImageLike, size: int | tuple[int, int] = 256, float_scale: float = 255.0
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+"""Resize filters of :func:`resize_rgb` (module docstring)."""
+
+
+def _check_resample(resample: str) -> None:
+    if resample not in RESAMPLE:
+        raise ValueError(
+            f"resample must be one of {sorted(RESAMPLE)} (bilinear: CNN backbones, "
+            f"bicubic: CLIP / WinCLIP), got {resample!r}."
+        )
+
+
+def resize_float(
+    x: np.ndarray, size: int | tuple[int, int], resample: str = "bilinear"
 ) -> np.ndarray:
-    """:func:`to_rgb`, then PIL bilinear resize to ``size x size`` (or ``(H, W)``); keeps dtype.
+    """Per-channel resize of ``[H, W, C]`` in PIL's 32-bit float mode; float32, unclipped."""
+    _check_resample(resample)
+    x = np.asarray(x, np.float32)
+    h, w = image_hw(size)
+    channels = [
+        np.asarray(Image.fromarray(x[..., c]).resize((w, h), RESAMPLE[resample]))
+        for c in range(x.shape[-1])
+    ]
+    return np.stack(channels, axis=-1).astype(np.float32)
+
+
+def resize_rgb(
+    image: ImageLike,
+    size: int | tuple[int, int] = 256,
+    float_scale: float = 255.0,
+    resample: str = "bilinear",
+) -> np.ndarray:
+    """:func:`to_rgb`, then PIL resize to ``size x size`` (or ``(H, W)``); keeps the dtype.
 
     Args:
       image: see :func:`to_rgb`.
       size: output side in pixels, or ``(height, width)`` for a non-square output.
       float_scale: see :func:`to_rgb`.
+      resample: ``"bilinear"`` (default, the CNN backbones) or ``"bicubic"``
+        (antialiased, CLIP / WinCLIP as anomalib; module docstring).
 
     Returns:
       ``[H, W, 3]``: uint8 for integer / bool / non-float PIL input,
       float32 in [0, 255] for float input.
+
+    Raises:
+      ValueError: unknown ``resample`` (names the choices).
     """
+    _check_resample(resample)
     x = to_rgb(image, float_scale)
     h, w = image_hw(size)
     if x.shape[:2] == (h, w):
         return x
-    if x.dtype == np.uint8:
+    if x.dtype == np.uint8 and resample == "bilinear":
         return np.asarray(Image.fromarray(x).resize((w, h), Image.Resampling.BILINEAR))
-    channels = [
-        np.asarray(Image.fromarray(x[..., c]).resize((w, h), Image.Resampling.BILINEAR))
-        for c in range(3)
-    ]
-    return np.clip(np.stack(channels, axis=-1), 0.0, 255.0).astype(np.float32)
+    out = np.clip(resize_float(x, size, resample), 0.0, 255.0)
+    if x.dtype == np.uint8:
+        return np.round(out).astype(np.uint8)
+    return out.astype(np.float32)
 
 
 def resize_image(image: ImageLike, size: int = 256, float_scale: float = 255.0) -> np.ndarray:

@@ -53,7 +53,7 @@ WEIGHT_FILES = (
 )
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 CONVERT_COMMAND = (
-    "python -m protorefine_jax.clip.convert_openclip --checkpoint <open_clip weights: "
+    "python -m experiments.convert_openclip --checkpoint <open_clip weights: "
     ".safetensors | .bin | .pt | .npz> --bpe <bpe_simple_vocab_16e6.txt.gz> "
     "--model ViT-B-16-plus-240 --out {folder}"
 )

@@ -2,7 +2,7 @@ r"""Command line: OpenCLIP checkpoint + BPE file -> local HF CLIP folder.
 
 Example (the paper's model; nothing is downloaded, both files are local):
 
-  python -m protorefine_jax.clip.convert_openclip \
+  python -m experiments.convert_openclip \
     --checkpoint open_clip_pytorch_model.bin \
     --bpe bpe_simple_vocab_16e6.txt.gz \
     --model ViT-B-16-plus-240 \

@@ -1,0 +1,73 @@
+"""The package layers: no import from a lower layer up, no import circle."""
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CORE = ("bank", "checks", "config", "coreset", "transport", "refine", "scoring", "pipeline")
+UPPER = ("features", "clip", "data", "detectors", "io", "experiments")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Modules imported at module level, `if TYPE_CHECKING:` blocks included."""
+    out = set()
+    body = []
+    for node in ast.parse(path.read_text()).body:
+        body += node.body if isinstance(node, ast.If) else [node]
+    for node in body:
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in out if m.split(".")[0] in ("protorefine_jax", "experiments")}
+
+
+def graph() -> dict[str, set[str]]:
+    files = [*REPO.glob("protorefine_jax/**/*.py"), *REPO.glob("experiments/*.py")]
+    names = {module_name(f): f for f in files}
+    # An import of `pkg.name` counts as an edge to the module `pkg.name` if it is one.
+    return {n: {m for m in imports(f) if m in names and m != n} for n, f in names.items()}
+
+
+def test_core_imports_nothing_above_it():
+    g = graph()
+    for name in CORE:
+        bad = [
+            m
+            for m in g[f"protorefine_jax.{name}"]
+            if m.startswith("experiments") or m.split(".")[1:2] in ([u] for u in UPPER)
+        ]
+        assert not bad, f"protorefine_jax.{name} imports {bad}"
+
+
+def test_library_imports_nothing_from_experiments():
+    for name, deps in graph().items():
+        if name.startswith("protorefine_jax"):
+            assert not [d for d in deps if d.startswith("experiments")], name
+
+
+def test_no_import_circle():
+    g = graph()
+    state: dict[str, int] = {}
+
+    def visit(node, stack):
+        state[node] = 1
+        for dep in g[node]:
+            # A package's __init__ re-exporting its modules is not a circle.
+            if node.startswith(dep + ".") or dep.startswith(node + "."):
+                continue
+            if state.get(dep) == 1:
+                raise AssertionError(" -> ".join([*stack, node, dep]))
+            if not state.get(dep):
+                visit(dep, [*stack, node])
+        state[node] = 2
+
+    for node in g:
+        if not state.get(node):
+            visit(node, [])
