@@ -19,7 +19,8 @@ from jaxtyping import Array, Float
 from protorefine_jax import checks
 from protorefine_jax.config import RefineConfig
 from protorefine_jax.coreset import greedy_coreset_indices, projection_matrix
-from protorefine_jax.refine import Refinement, gram_system, matmul_precision, refine
+from protorefine_jax.gram import gram_system, matmul_precision, normalize_rows
+from protorefine_jax.refine import Refinement, refine
 from protorefine_jax.scoring import anomaly_map, base_patch_scores, refined_patch_scores
 
 

@@ -42,7 +42,7 @@ from protorefine_jax.clip.towers import MultiscaleFeatures, encode_multiscale
 from protorefine_jax.clip.windows import aggregate_windows, window_grid
 from protorefine_jax.config import RefineConfig
 from protorefine_jax.pipeline import Diagnostics, score_query
-from protorefine_jax.refine import matmul_precision, normalize_rows
+from protorefine_jax.gram import matmul_precision, normalize_rows
 from protorefine_jax.scoring import map_operators
 
 CORESET_ALPHA = {"mvtec": 0.5, "visa": 0.3, "mpdd": 0.2}
@@ -287,7 +287,7 @@ def score(
     """Scores a batch from its features (jitted; the one place that vmaps the queries).
 
     Every product here (cosines to the text features, the few-shot scores,
-    the map upsampling) runs in full float32 (`refine.matmul_precision`:
+    the map upsampling) runs in full float32 (`gram.matmul_precision`:
     JAX's default on NVIDIA GPUs is TF32, a 10-bit mantissa) unless
     `config.refine.precision == "tf32"`.
 
