@@ -96,8 +96,8 @@ class RefineConfig:
         same rounded features) or `"float64"` (everything in float64: needs
         `jax.config.update("jax_enable_x64", True)` before the config is
         built; outputs are float64). Everything downstream of the products
-        is float32 except under `"float64"`. `experiments.bench --precision_check` measures what each
-        changes in the scores.
+        is float32 except under `"float64"`. `experiments.bench
+        --precision_check` measures what each changes in the scores.
       blur_sigma: Gaussian blur sigma in map pixels (paper: 4; kernel
         `2 * round(4 * sigma) + 1`, reflect padding, as scipy).
 

@@ -30,6 +30,7 @@ import optax
 from jaxtyping import Array, Float
 
 from protorefine_jax.config import RefineConfig
+
 # The Gram-space algebra lives in `gram`; re-exported for existing callers.
 from protorefine_jax.gram import (  # noqa: F401
     _EPS,

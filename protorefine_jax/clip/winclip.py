@@ -41,8 +41,8 @@ from protorefine_jax.clip.spec import VIT_B_16_PLUS_240, ClipSpec
 from protorefine_jax.clip.towers import MultiscaleFeatures, encode_multiscale
 from protorefine_jax.clip.windows import aggregate_windows, window_grid
 from protorefine_jax.config import RefineConfig
-from protorefine_jax.pipeline import Diagnostics, score_query
 from protorefine_jax.gram import matmul_precision, normalize_rows
+from protorefine_jax.pipeline import Diagnostics, score_query
 from protorefine_jax.scoring import map_operators
 
 CORESET_ALPHA = {"mvtec": 0.5, "visa": 0.3, "mpdd": 0.2}
