@@ -90,7 +90,7 @@ def score_features(
     """
     if online is None:
         return batched(
-            lambda x: refine_and_score(protos, jnp.asarray(x), config), test_features, batch_size
+            lambda x: refine_and_score(protos, np.asarray(x), config), test_features, batch_size
         )
     order = stream_order(len(test_features))
     out = online_refine_and_score(protos, jnp.asarray(test_features[order]), config, **online)
