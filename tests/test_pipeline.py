@@ -128,7 +128,7 @@ def test_device_inputs_cost_no_host_read_back(rng, monkeypatch):
     assert out.inputs_ok.shape == (3,)
 
 
-@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e30, 3e37])
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e30, 1e37])
 def test_cosine_scores_are_scale_invariant(rng, scale):
     """Issue 13 item 6: (1 - cos)/2 does not depend on the feature scale."""
     bank, queries = data(rng)
@@ -183,7 +183,10 @@ def test_bfloat16_norms_match_the_rounded_products(rng):
     queries = queries.at[0, :20].set(bank)
     cfg = CFG.replace(precision="bfloat16", use_refinement=False)
     out = refine_and_score(bank, queries, cfg)
-    np.testing.assert_allclose(np.asarray(out.patch_scores)[0, :20], 0.0, atol=1e-6)
+    # float32 cancellation of |f|^2 + |m|^2 - 2<f, m> leaves a few ulp of
+    # |f|^2; the old bias was about 2^-8 |f|^2, 400x this tolerance.
+    f_sq = float(np.max(np.sum(np.asarray(bank) ** 2, axis=-1)))
+    np.testing.assert_allclose(np.asarray(out.patch_scores)[0, :20], 0.0, atol=1e-5 * f_sq)
 
 
 def test_tiny_run_is_deterministic(rng):
