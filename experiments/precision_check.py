@@ -42,6 +42,7 @@ METHODS = {
 
 
 def main(argv):
+    """Runs every cell in both precisions and writes the table."""
     del argv
     cache = study_cells.FeatureCache(
         Path(_DATA_ROOT.value), Path(_CACHE_DIR.value), tuple(range(_SEEDS.value))
