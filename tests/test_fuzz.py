@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from protorefine_jax import RefineConfig, online_refine_and_score, refine_and_score
 from protorefine_jax.config import RANGES
 
-FUZZ_EXAMPLES = int(os.environ.get("PROTOREFINE_FUZZ_EXAMPLES", "30"))
+FUZZ_EXAMPLES = int(os.environ.get("PROTOREFINE_FUZZ_EXAMPLES", "20"))
 CONFIG_EXAMPLES = 100
 
 
