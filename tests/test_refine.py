@@ -48,7 +48,8 @@ def test_gram_space_cost_equals_feature_space_cost(rng, distance):
         sys = rf.gram_system(
             jnp.asarray(bank), jnp.asarray(query), cfg.replace(precision="float64")
         )
-        got = np.asarray(rf.proto_to_refined(sys, jnp.asarray(w), cfg))
+        # In the system's units; `scale_sq` (power of two) returns to the caller's.
+        got = np.asarray(rf.proto_to_refined(sys, jnp.asarray(w), cfg)) * float(sys.scale_sq)
     b = bank / np.linalg.norm(bank, axis=1, keepdims=True) if distance == "cosine" else bank
     np.testing.assert_allclose(got, dist(b, w @ b, distance), rtol=1e-10, atol=1e-12)
 
@@ -62,9 +63,12 @@ def test_loss_and_gradient_match_feature_space_finite_differences(rng, distance)
         sys = rf.gram_system(
             jnp.asarray(bank), jnp.asarray(query), cfg.replace(precision="float64")
         )
-        loss = float(rf.m_step_loss(jnp.asarray(w), jnp.asarray(plan), sys, cfg))
-        grad = np.asarray(jax.grad(rf.m_step_loss)(jnp.asarray(w), jnp.asarray(plan), sys, cfg))
-        delta = float(sys.delta)
+        unit = float(sys.scale_sq)  # the system's units -> the features' units
+        loss = float(rf.m_step_loss(jnp.asarray(w), jnp.asarray(plan), sys, cfg)) * unit
+        grad = unit * np.asarray(
+            jax.grad(rf.m_step_loss)(jnp.asarray(w), jnp.asarray(plan), sys, cfg)
+        )
+        delta = float(sys.delta) * unit
     args = (plan, bank, query, distance, lam, delta)
     np.testing.assert_allclose(loss, numpy_loss(w, *args), rtol=1e-10)
     h = 1e-6
