@@ -222,9 +222,9 @@ def test_config_rejects_closed_form_for_cosine():
         ({"distance": "l1"}, "distance must be one of"),
         ({"bank": "all"}, "bank must be one of"),
         ({"num_iters": 0}, "num_iters must be a positive int"),
-        ({"lam": -1.0}, "lam must be >= 0"),
-        ({"ridge": 0.0}, "ridge must be > 0"),
-        ({"epsilon": 0.0}, "epsilon must be > 0"),
+        ({"lam": -1.0}, "lam must be a finite number in \\[0, "),
+        ({"ridge": 0.0}, "ridge must be a finite number in \\[1e-06, "),
+        ({"epsilon": 0.0}, "epsilon must be a finite number in \\[0.001, "),
     ],
 )
 def test_config_rejects_bad_values(kw, msg):
