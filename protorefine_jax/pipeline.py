@@ -19,7 +19,8 @@ from jaxtyping import Array, Float
 from protorefine_jax import checks
 from protorefine_jax.config import RefineConfig
 from protorefine_jax.coreset import greedy_coreset_indices, projection_matrix
-from protorefine_jax.refine import gram_system, matmul_precision, refine
+from protorefine_jax.gram import gram_system, matmul_precision, normalize_rows
+from protorefine_jax.refine import refine
 from protorefine_jax.scoring import anomaly_map, base_patch_scores, refined_patch_scores
 
 
@@ -47,12 +48,17 @@ class RefineOutput(NamedTuple):
         `config.image_size` is None).
       patch_scores: `[B, m]` patch scores `s_j`.
       diagnostics: per-query `Diagnostics`, each field `[B]`.
+      inputs_ok: `[B]` bool, bank and query finite and inside
+        `checks.feature_range` (computed on the device by `refine_and_score`
+        and the online scan; None from `score_query`). A False entry's scores
+        are meaningless; `checks.raise_if_invalid` raises the clear error.
     """
 
     image_scores: Float[Array, " B"]
     maps: Float[Array, "B H W"]
     patch_scores: Float[Array, "B m"]
     diagnostics: Diagnostics
+    inputs_ok: Array | None = None
 
 
 def _score(bank, query, config: RefineConfig, weights=None) -> tuple[RefineOutput, Array | None]:
@@ -101,16 +107,28 @@ def score_batch(
     return jax.vmap(score_query, in_axes=(None, 0, None))(bank, queries, config)
 
 
-_refine_and_score_batch = jax.jit(score_batch)
+@jax.jit
+def _refine_and_score_batch(bank, queries, config):
+    out = score_batch(bank, queries, config)
+    return out._replace(inputs_ok=checks.inputs_ok(bank, queries, config))
+
 
 
 def refine_and_score(
-    bank: Float[Array, "n c"], queries: Float[Array, "B m c"], config: RefineConfig
+    bank: Float[Array, "n c"],
+    queries: Float[Array, "B m c"],
+    config: RefineConfig,
+    *,
+    sync_check: bool = False,
 ) -> RefineOutput:
     """Batched, jitted `score_query` with input checks (docs/method.md, "Batching").
 
-    Shapes, feature dimensions and finiteness are checked before jit (value
-    checks are skipped when called under the caller's own transformation).
+    Shapes and feature dimensions are checked before jit. Values (finite,
+    inside `checks.feature_range`) are checked on the host for host inputs
+    (numpy arrays); device arrays are not read back, their per-query flag is
+    returned as `inputs_ok` (`sync_check=True` reads it and raises the same
+    error, one `[B]` bool per call). Value checks are skipped when called under
+    the caller's own transformation.
     Inputs sharded over devices on the batch axis (`NamedSharding`) run
     unchanged: the batch axis is embarrassingly parallel.
 
@@ -118,6 +136,7 @@ def refine_and_score(
       bank: `[n, c]` prototypes (e.g. `build_bank(...).prototypes`).
       queries: `[B, m, c]` patch features of the query images.
       config: refinement and scoring settings.
+      sync_check: read `inputs_ok` back and raise on bad values.
 
     Returns:
       `RefineOutput` with `[B]` image scores, `[B, H, W]` maps, `[B, m]` patch
@@ -130,8 +149,11 @@ def refine_and_score(
       ((16,), (16, 256, 256))
     """
     bank = checks.prototypes_of(bank)
-    checks.check_bank_and_queries(bank, queries)
-    return _refine_and_score_batch(bank, queries, config)
+    checks.check_bank_and_queries(bank, queries, config)
+    out = _refine_and_score_batch(bank, queries, config)
+    if sync_check:
+        checks.raise_if_invalid(out, bank, queries, config)
+    return out
 
 
 def make_detect(
@@ -176,7 +198,10 @@ def _online_step(bank, config, add_per_query, projection, state: OnlineState, qu
     weights = valid / jnp.sum(valid)  # empty slots get no transport mass
     out, w = _score(full, query, config, weights)
     with matmul_precision(config):
-        refined = w @ full  # [m, c]: the query's refined prototypes R = W M
+        # The query's refined prototypes R = W M [m, c], in the rows W was
+        # solved against: unit rows for the cosine distance.
+        rows = normalize_rows(full.astype(w.dtype)) if config.distance == "cosine" else full
+        refined = w @ rows.astype(w.dtype)
         points = refined if projection is None else refined @ projection
         new = refined[greedy_coreset_indices(points, add_per_query, 0)]
     capacity = state.buffer.shape[0]
@@ -199,7 +224,7 @@ def _online_scan(bank, queries, config, capacity, add_per_query):
     projection = projection_matrix(c, 128, 0) if c > 128 else None
     step = functools.partial(_online_step, bank, config, add_per_query, projection)
     _, outs = jax.lax.scan(step, state, queries)
-    return outs
+    return outs._replace(inputs_ok=checks.inputs_ok(bank, queries, config))
 
 
 def online_refine_and_score(
@@ -209,6 +234,7 @@ def online_refine_and_score(
     *,
     capacity: int,
     add_per_query: int,
+    sync_check: bool = False,
 ) -> RefineOutput:
     """Online PatchCore+/WinCLIP+ (paper Table 6; docs/method.md, "Batching") as a `lax.scan`.
 
@@ -223,12 +249,14 @@ def online_refine_and_score(
       config: refinement settings (`use_refinement` must be True).
       capacity: ring-buffer rows `K`.
       add_per_query: prototypes pushed per query (`<= min(K, m)`).
+      sync_check: read the `inputs_ok` flag back and raise on bad values
+        (as `refine_and_score`).
 
     Returns:
       `RefineOutput` with leading axis `T`, in stream order.
     """
     bank = checks.prototypes_of(bank)
-    checks.check_bank_and_queries(bank, queries)
+    checks.check_bank_and_queries(bank, queries, config)
     if not config.use_refinement:
         raise ValueError("the online variant refines by definition; set use_refinement=True.")
     m = queries.shape[1]
@@ -237,4 +265,7 @@ def online_refine_and_score(
             f"add_per_query must lie in [1, min(capacity, m)] = [1, {min(capacity, m)}], "
             f"got {add_per_query}."
         )
-    return _online_scan(bank, queries, config, capacity, add_per_query)
+    out = _online_scan(bank, queries, config, capacity, add_per_query)
+    if sync_check:
+        checks.raise_if_invalid(out, bank, queries, config)
+    return out

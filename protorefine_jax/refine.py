@@ -22,46 +22,27 @@ plain feature-space ones.
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
 import optax
 from jaxtyping import Array, Float
 
-from protorefine_jax.bank import uses_wide_ridge
 from protorefine_jax.config import RefineConfig
+
+# The Gram-space algebra lives in `gram`; re-exported for existing callers.
+from protorefine_jax.gram import (  # noqa: F401
+    _EPS,
+    GramSystem,
+    feature_products,
+    gram_system,
+    matmul_precision,
+    normalize_rows,
+    refined_sq_norms,
+    ridge_solve,
+)
 from protorefine_jax.transport import sinkhorn_plan
-
-_EPS = 1e-12
-
-
-class GramSystem(NamedTuple):
-    """Inner products of one query with the bank.
-
-    Attributes:
-      gram: `[n, n]` `G = M M^T`.
-      cross: `[m, n]` `P = F M^T`.
-      f_sq: `[m]` squared norms of the query patches.
-      m_sq: `[n]` squared norms of the prototypes (`diag(G)`).
-      inv: `(G + delta I)^-1` (`[n, n]`, by Cholesky): every later solve
-        against the Gram matrix (the init, each preconditioned optax step)
-        becomes one matrix product. None when not needed (host scoring).
-      delta: the absolute ridge `delta`.
-      weights: `[n]` prototype marginal `a` of the transport (uniform `1/n`;
-        zero marks an empty slot of the online ring buffer, which then takes
-        part in nothing).
-    """
-
-    gram: Float[Array, "n n"]
-    cross: Float[Array, "m n"]
-    f_sq: Float[Array, " m"]
-    m_sq: Float[Array, " n"]
-    inv: Float[Array, "n n"] | None
-    delta: Float[Array, ""]
-    weights: Float[Array, " n"]
 
 
 class Refinement(NamedTuple):
@@ -83,112 +64,9 @@ class Refinement(NamedTuple):
     lsq_residual: Float[Array, ""]
 
 
-def normalize_rows(x: Float[Array, "k c"]) -> Float[Array, "k c"]:
-    """Unit-norm rows (zero rows stay zero)."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _EPS)
-
-
-_PRECISIONS = {
-    "float32": jax.lax.Precision.HIGHEST,
-    "tf32": jax.lax.Precision.DEFAULT,
-}
-
-
-def feature_products(x: Float[Array, "a c"], y: Float[Array, "b c"], precision: str):
-    """`x @ y.T [a, b]` over the feature axis in the configured precision.
-
-    These are the only products whose cost scales with `c`; everything after
-    them works on `[n, n]` and `[m, n]` matrices in float32.
-
-    Args:
-      x: `[a, c]` rows.
-      y: `[b, c]` rows.
-      precision: `"float32"` (full-precision passes), `"tf32"` (the backend's
-        default: TF32 tensor cores on NVIDIA GPUs, float32 on CPU) or
-        `"bfloat16"` (inputs rounded to bfloat16, float32 accumulation).
-
-    Returns:
-      float32 `[a, b]`.
-    """
-    if precision == "bfloat16":
-        return jax.lax.dot_general(
-            x.astype(jnp.bfloat16),
-            y.astype(jnp.bfloat16),
-            (((1,), (1,)), ((), ())),
-            preferred_element_type=jnp.float32,
-        )
-    return jnp.matmul(x, y.T, precision=_PRECISIONS[precision])
-
-
-def matmul_precision(config: RefineConfig):
-    """Context for every product of the refinement: full float32 unless "tf32".
-
-    JAX's default matmul precision on NVIDIA GPUs is TF32 (10-bit mantissa),
-    which would silently degrade `W0` and the cancelling distance
-    `||f||^2 + ||r||^2 - 2 <f, r>`. The feature products set their own
-    precision (`feature_products`).
-    """
-    if config.precision == "tf32":
-        return contextlib.nullcontext()
-    return jax.default_matmul_precision("float32")
-
-
-def gram_system(
-    bank: Float[Array, "n c"],
-    query: Float[Array, "m c"],
-    config: RefineConfig,
-    weights: Float[Array, " n"] | None = None,
-    with_inverse: bool = True,
-) -> GramSystem:
-    """Inner products and the ridge-regularised Gram inverse for one query (SPEC 3.1).
-
-    Args:
-      bank: `[n, c]` prototypes `M` (rows of zero weight must be zero).
-      query: `[m, c]` patch features `F`.
-      config: distance (cosine normalises rows) and relative ridge.
-      weights: `[n]` prototype marginal; uniform when None.
-      with_inverse: compute `(G + delta I)^-1` (refinement needs it, host
-        scoring does not).
-
-    Returns:
-      The Gram system.
-    """
-    if config.distance == "cosine":
-        bank, query = normalize_rows(bank), normalize_rows(query)
-    gram = feature_products(bank, bank, config.precision)  # [n, n]
-    cross = feature_products(query, bank, config.precision)  # [m, n]
-    n = gram.shape[0]
-    if weights is None:
-        weights = jnp.full((n,), 1.0 / n, gram.dtype)
-    m_sq = jnp.diagonal(gram)
-    # Ridge relative to the mean eigenvalue trace(G)/n over the used rows:
-    # scale-free, and keeps a singular G (n > c, duplicates) invertible.
-    # A wide bank (as many used rows as feature dimensions) takes the larger
-    # `ridge_wide` (RefineConfig); traced, since online banks fill up.
-    used = jnp.maximum(jnp.sum(weights > 0), 1)
-    rel = jnp.where(uses_wide_ridge(used, bank.shape[-1]), config.ridge_wide, config.ridge)
-    delta = rel * jnp.maximum(jnp.trace(gram) / used, _EPS)
-    inv = None
-    if with_inverse:
-        eye = jnp.eye(n, dtype=gram.dtype)
-        inv = jsl.cho_solve((jnp.linalg.cholesky(gram + delta * eye), True), eye)
-    f_sq = jnp.sum(query * query, axis=-1)
-    return GramSystem(gram, cross, f_sq, m_sq, inv, delta, weights)
-
-
-def ridge_solve(sys: GramSystem, rhs: Float[Array, "k n"]) -> Float[Array, "k n"]:
-    """`rhs (G + delta I)^-1`."""
-    return rhs @ sys.inv
-
-
 def least_squares_init(sys: GramSystem) -> Float[Array, "m n"]:
     """`W0 = P (G + delta I)^-1` (SPEC 3.1; the paper's `(M^T M)^-1` is a typo)."""
     return ridge_solve(sys, sys.cross)
-
-
-def refined_sq_norms(sys: GramSystem, w: Float[Array, "m n"]) -> Float[Array, " m"]:
-    """`||R_j||^2 = (W G W^T)_jj` for every refined prototype."""
-    return jnp.sum((w @ sys.gram) * w, axis=-1)
 
 
 def proto_to_refined(
