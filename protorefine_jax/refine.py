@@ -72,12 +72,18 @@ def least_squares_init(sys: GramSystem) -> Float[Array, "m n"]:
 def proto_to_refined(
     sys: GramSystem, w: Float[Array, "m n"], config: RefineConfig
 ) -> Float[Array, "n m"]:
-    """Cost `C[i, j] = d(M_i, R_j)` of the E-step (SPEC 3.2).
+    """Cost `C[i, j] = d(M_i, R_j)` of the E-step (SPEC 3.2)."""
+    return proto_to_refined_t(sys, w.T, config)
+
+
+def proto_to_refined_t(
+    sys: GramSystem, wt: Float[Array, "n m"], config: RefineConfig
+) -> Float[Array, "n m"]:
+    """`proto_to_refined` from `W^T [n, m]` (the plan's layout).
 
     One `[n, n] x [n, m]` product: `G W^T` gives both the cross terms and,
     since `G` is symmetric, `||R_j||^2 = sum_i W_ji (G W^T)_ij`.
     """
-    wt = w.T
     dots = sys.gram @ wt  # [n, m]
     r_sq = jnp.sum(dots * wt, axis=0)
     if config.distance == "sqeuclidean":
@@ -144,9 +150,16 @@ def closed_form_m_step(
     Returns:
       `[m, n]` the new transform.
     """
-    m = w0.shape[0]
+    return closed_form_m_step_t(w0.T, plan, config).T
+
+
+def closed_form_m_step_t(
+    w0t: Float[Array, "n m"], plan: Float[Array, "n m"], config: RefineConfig
+) -> Float[Array, "n m"]:
+    """`closed_form_m_step` in the plan's layout: `W0^T` in, `W^T` out (no transposes)."""
+    m = w0t.shape[1]
     col = jnp.sum(plan, axis=0)  # [m]
-    return (w0 / m + config.lam * plan.T) / (1.0 / m + config.lam * col)[:, None]
+    return (w0t / m + config.lam * plan) / (1.0 / m + config.lam * col)[None, :]
 
 
 def _lambda_max(sys: GramSystem, num_iters: int = 30) -> Float[Array, ""]:
@@ -297,9 +310,15 @@ def refine(sys: GramSystem, config: RefineConfig) -> Refinement:
     f0 = jnp.where(sys.weights > 0, 0.0, -jnp.inf).astype(w0.dtype)
     g0 = jnp.zeros((m,), w0.dtype)
 
+    # The closed form runs on `W^T [n, m]`, the plan's layout, so that the
+    # loop has no transposes; the optax M-step on `W [m, n]`.
+    closed = config.m_step == "closed_form"
+    x0 = w0.T if closed else w0
+
     def em_iteration(_, carry):
-        w, _, f, g, _ = carry
-        cost = jax.lax.stop_gradient(proto_to_refined(sys, w, config))
+        x, _, f, g, _ = carry
+        cost = proto_to_refined_t(sys, x, config) if closed else proto_to_refined(sys, x, config)
+        cost = jax.lax.stop_gradient(cost)
         # epsilon relative to the mean cost over the used prototypes (SPEC 3.2).
         mean_cost = jnp.sum(sys.weights[:, None] * cost) / m
         eps = config.epsilon * jnp.maximum(mean_cost, _EPS)
@@ -307,13 +326,14 @@ def refine(sys: GramSystem, config: RefineConfig) -> Refinement:
         ot = sinkhorn_plan(
             cost, eps, config.sinkhorn_iters, a=sys.weights, init=init, mode=config.sinkhorn_mode
         )
-        if config.m_step == "closed_form":
-            w_new = closed_form_m_step(w0, ot.plan, config)
+        if closed:
+            x_new = closed_form_m_step_t(x0, ot.plan, config)
         else:
-            w_new = optax_m_step(w, ot.plan, sys, config, w0)
-        return w_new, w, ot.f, ot.g, ot.marginal_error
+            x_new = optax_m_step(x, ot.plan, sys, config, w0)
+        return x_new, x, ot.f, ot.g, ot.marginal_error
 
-    carry = (w0, w0, f0, g0, zero)
-    w, w_prev, _, _, marg = jax.lax.fori_loop(0, config.num_iters, em_iteration, carry)
-    change = jnp.linalg.norm(w - w_prev) / jnp.maximum(jnp.linalg.norm(w_prev), _EPS)
+    carry = (x0, x0, f0, g0, zero)
+    x, x_prev, _, _, marg = jax.lax.fori_loop(0, config.num_iters, em_iteration, carry)
+    change = jnp.linalg.norm(x - x_prev) / jnp.maximum(jnp.linalg.norm(x_prev), _EPS)
+    w = x.T if closed else x
     return Refinement(w, marg, change, residual)
