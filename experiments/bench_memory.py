@@ -60,15 +60,15 @@ def largest_batch(rows: list[dict[str, Any]], capacity_gb: float) -> int | None:
 
 def detect_programs(backbone: str, aggregation: str, size: int, n: int):
     """`(name, lower(B))` of PatchCore and PatchCore+ `detect` on a random-weight backbone."""
-    from experiments.hosts import PatchCoreHost
+    from experiments.bench_sections import random_host
 
-    host = PatchCoreHost(backbone, aggregation, size, "random", batch_size=1)
-    ext = host.extractor
+    host = random_host(backbone, aggregation, size)
+    ext = host.detector.extractor
     detect = make_detect(ext.extract)
     bank = jax.ShapeDtypeStruct((n, ext.feature_dim), jnp.float32)
     label = backbone if aggregation == "official" else f"{backbone} ({aggregation})"
     for method, refine in (("patchcore", False), ("patchcore+", True)):
-        cfg = host.base_config(use_refinement=refine)
+        cfg = host.detector.config(use_refinement=refine)
 
         def lower(b, cfg=cfg):
             images = jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8)
