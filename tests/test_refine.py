@@ -86,7 +86,9 @@ def test_preconditioned_gradient_is_autodiff_gradient_times_inverse(rng, distanc
     bank, query, w, plan = problem(rng)
     cfg = RefineConfig(distance=distance, m_step="optax", lam=0.3, ridge=1e-2)
     with jax.enable_x64(True):
-        sys = rf.gram_system(jnp.asarray(bank), jnp.asarray(query), cfg)
+        sys = rf.gram_system(
+            jnp.asarray(bank), jnp.asarray(query), cfg.replace(precision="float64")
+        )
         grad = np.asarray(jax.grad(rf.m_step_loss)(jnp.asarray(w), jnp.asarray(plan), sys, cfg))
         w0 = rf.least_squares_init(sys)
         got = rf.preconditioned_gradient(jnp.asarray(w), w0, jnp.asarray(plan), sys, cfg)
