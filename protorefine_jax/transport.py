@@ -86,7 +86,7 @@ def _absorbed_iterations(cost, epsilon, a, b, f, g, num_iters: int, kernel=None)
 
         def body(_, uv):
             u, v = uv
-            v = b / jnp.maximum(kernel.T @ u, tiny)
+            v = b / jnp.maximum(u @ kernel, tiny)  # not kernel.T @ u: no transpose per iteration
             u = a / jnp.maximum(kernel @ v, tiny)
             return u, v
 
