@@ -26,6 +26,7 @@ from tqdm import tqdm
 from experiments import html_report, report
 from experiments.hosts import Host, stack, take
 from experiments.methods import Method, get_method
+from experiments.prefetch import prefetch
 from protorefine_jax.data import load_dataset_category, make_synthetic_dataset, sample_support
 from protorefine_jax.data.registry import list_categories
 from protorefine_jax.detectors import (
@@ -259,7 +260,8 @@ def load_data(s: Settings, dataset: str, root: Path, category: str, image_size: 
 def load_test_set(data, host) -> dict[str, Any]:
     """Test features, masks, labels and names of one category (features once)."""
     feats, masks, labels, names = [], [], [], []
-    for batch in data.test_batches(max(host.batch_size, 1) * 4):
+    # The next batch is decoded while the detector runs on this one.
+    for batch in prefetch(data.test_batches(max(host.batch_size, 1) * 4)):
         feats.append(host.features(batch.images))
         masks.append(batch.masks)
         labels.append(batch.labels)

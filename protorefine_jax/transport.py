@@ -6,7 +6,9 @@ uniform `1/n`) with the refined prototypes `R = W M` (marginal `b`, uniform
 fixed iteration count (`min_iterations == max_iterations`: ott then runs a
 `scan`, so vmapped queries do not wait on each other's convergence), either
 entirely in the log domain or, by default, in kernel mode stabilised by
-re-absorption (`sinkhorn_plan`'s `mode`).
+re-absorption (`sinkhorn_plan`'s `mode`). The absorbed mode is written out
+here (ott's update order, `g` then `f`): ott's per-iteration bookkeeping (a
+`cond`, error buffers) cost more than the arithmetic for one query per call.
 """
 
 from __future__ import annotations
@@ -42,13 +44,35 @@ class TransportResult(NamedTuple):
 ABSORB_EVERY = 10
 
 
-def _absorbed_iterations(cost, epsilon, a, b, f, g, num_iters: int):
+def _log_iteration(cost, eps, a, b, f):
+    """One log-domain Sinkhorn iteration, `g` then `f` (ott's order), and its plan.
+
+    The `f` update and the plan share one `exp` pass: with
+    `z = (g - C) / eps`, `f = eps (log a - lse_j z)` and the plan
+    `exp((f + g - C) / eps) = a * softmax_j(z)`.
+
+    Returns:
+      `(plan, f, g)`; the plan's rows sum to `a`, and a zero-mass row
+      (`a = 0`) is zero with `f = -inf`.
+    """
+    g = eps * jnp.log(b) - eps * jax.nn.logsumexp((f[:, None] - cost) / eps, axis=0)
+    z = (g[None, :] - cost) / eps
+    z_max = jax.lax.stop_gradient(jnp.max(z, axis=1, keepdims=True))
+    e = jnp.exp(z - z_max)
+    total = jnp.sum(e, axis=1, keepdims=True)
+    plan = (a[:, None] / total) * e
+    f = eps * (jnp.log(a) - (z_max + jnp.log(total))[:, 0])
+    return plan, f, g
+
+
+def _absorbed_iterations(cost, epsilon, a, b, f, g, num_iters: int, kernel=None):
     """`num_iters` kernel-mode Sinkhorn iterations, re-absorbed every `ABSORB_EVERY`.
 
     Each block starts from the kernel `K = exp((f + g - C) / eps)` of the
     current potentials (the current plan: its rows sum to `a`, every entry is
     at most 1), runs plain scaling updates `v = b / K^T u`, `u = a / K v`,
     and absorbs the scalings back into the potentials (`f += eps log u`).
+    `kernel`, if given, is the current plan (the first block skips its `exp`).
     Denominators are clamped at the smallest normal number, so a column whose
     kernel entries all underflowed gets a large finite scaling (the next
     block's `exp` recomputes it) instead of an infinite one (which ott maps
@@ -56,12 +80,13 @@ def _absorbed_iterations(cost, epsilon, a, b, f, g, num_iters: int):
     """
     tiny = jnp.finfo(cost.dtype).tiny
 
-    def block(f, g, length):
-        kernel = jnp.exp((f[:, None] + g[None, :] - cost) / epsilon)
+    def block(f, g, length, kernel=None):
+        if kernel is None:
+            kernel = jnp.exp((f[:, None] + g[None, :] - cost) / epsilon)
 
         def body(_, uv):
             u, v = uv
-            v = b / jnp.maximum(kernel.T @ u, tiny)
+            v = b / jnp.maximum(u @ kernel, tiny)  # not kernel.T @ u: no transpose per iteration
             u = a / jnp.maximum(kernel @ v, tiny)
             return u, v
 
@@ -69,6 +94,10 @@ def _absorbed_iterations(cost, epsilon, a, b, f, g, num_iters: int):
         # a = 0 (empty ring-buffer slot): u = 0 and f stays -inf.
         return f + epsilon * jnp.log(u), g + epsilon * jnp.log(v)
 
+    if kernel is not None and num_iters > 0:
+        first = min(num_iters, ABSORB_EVERY)
+        f, g = block(f, g, first, kernel)
+        num_iters -= first
     full, rest = divmod(num_iters, ABSORB_EVERY)
     f, g = jax.lax.fori_loop(0, full, lambda _, fg: block(*fg, ABSORB_EVERY), (f, g))
     if rest:
@@ -112,7 +141,8 @@ def sinkhorn_plan(
       init: dual potentials `(f, g)` to start from (warm start), or None.
       mode: `"log"`: every iteration in ott's log domain (two log-sum-exps,
         i.e. two `exp` passes over the `[n, m]` cost). `"absorbed"`: one
-        log-domain iteration from `init`, then `num_iters - 1` kernel-mode
+        log-domain iteration from `init` (its plan is the first block's
+        kernel), then `num_iters - 1` kernel-mode
         iterations (two matrix-vector products each) in blocks of
         `ABSORB_EVERY`, the scalings absorbed into the potentials after each
         block and the kernel recomputed from them (one `exp` pass per block;
@@ -130,14 +160,18 @@ def sinkhorn_plan(
     b = jnp.full((m,), 1.0 / m, cost.dtype) if b is None else b
     if mode not in ("log", "absorbed"):
         raise ValueError(f"unknown Sinkhorn mode {mode!r}; use 'log' or 'absorbed'.")
-    log_problem = linear_problem.LinearProblem(
-        geometry.Geometry(cost_matrix=cost, epsilon=epsilon), a=a, b=b
-    )
-    log_iters = num_iters if mode == "log" else 1
-    out = _solver(True, log_iters)(log_problem, init=init)
-    plan, f, g = out.matrix, out.f, out.g
-    if mode == "absorbed" and num_iters > 1:
-        plan, f, g = _absorbed_iterations(cost, epsilon, a, b, f, g, num_iters - 1)
+    if mode == "log":
+        problem = linear_problem.LinearProblem(
+            geometry.Geometry(cost_matrix=cost, epsilon=epsilon), a=a, b=b
+        )
+        out = _solver(True, num_iters)(problem, init=init)
+        plan, f, g = out.matrix, out.f, out.g
+    else:
+        # The g update reads only f (Gauss-Seidel), so only init's f matters.
+        f = jnp.where(a > 0, 0.0, -jnp.inf).astype(cost.dtype) if init is None else init[0]
+        plan, f, g = _log_iteration(cost, epsilon, a, b, f)
+        if num_iters > 1:
+            plan, f, g = _absorbed_iterations(cost, epsilon, a, b, f, g, num_iters - 1, plan)
     row_err = jnp.max(jnp.abs(plan.sum(1) - a) / jnp.where(a > 0, a, 1.0))
     col_err = jnp.max(jnp.abs(plan.sum(0) - b) / jnp.where(b > 0, b, 1.0))
     return TransportResult(plan, f, g, jnp.maximum(row_err, col_err))

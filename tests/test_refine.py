@@ -80,6 +80,23 @@ def test_loss_and_gradient_match_feature_space_finite_differences(rng, distance)
         np.testing.assert_allclose(grad[j, i], fd, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("distance", ["sqeuclidean", "cosine"])
+def test_preconditioned_gradient_is_autodiff_gradient_times_inverse(rng, distance):
+    """The closed-form Newton direction of the optax M-step (float64 reference)."""
+    bank, query, w, plan = problem(rng)
+    cfg = RefineConfig(distance=distance, m_step="optax", lam=0.3, ridge=1e-2)
+    with jax.enable_x64(True):
+        sys = rf.gram_system(
+            jnp.asarray(bank), jnp.asarray(query), cfg.replace(precision="float64")
+        )
+        grad = np.asarray(jax.grad(rf.m_step_loss)(jnp.asarray(w), jnp.asarray(plan), sys, cfg))
+        w0 = rf.least_squares_init(sys)
+        got = rf.preconditioned_gradient(jnp.asarray(w), w0, jnp.asarray(plan), sys, cfg)
+        gram = np.asarray(sys.gram) + float(sys.delta) * np.eye(len(bank))
+    ref = np.linalg.solve(gram, grad.T).T  # grad (G + delta I)^-1 (symmetric)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-8, atol=1e-12)
+
+
 @pytest.mark.parametrize("n, c, in_force", [(30, 20, 0.2), (20, 20, 0.2), (19, 20, 1e-3)])
 def test_least_squares_init_is_the_ridge_solution(rng, n, c, in_force):
     """`ridge_wide` is in force iff n >= c (there the Gram matrix is singular)."""

@@ -118,3 +118,23 @@ def test_absorbed_equals_float64_log_reference_at_small_epsilon(rng, kind, rel_e
         np.testing.assert_allclose(np.abs(plan - ref).sum(), 0.0, atol=1e-4)
         plans[mode] = plan
     np.testing.assert_allclose(plans["absorbed"], plans["log"], rtol=0, atol=2e-6)
+
+
+def test_absorbed_mode_gives_zero_mass_rows_no_plan_and_matches_log(rng):
+    """Empty ring-buffer slots (a_i = 0, potential -inf) take part in nothing."""
+    n, m = 12, 40
+    cost = jnp.asarray(rng.random((n, m)), jnp.float32)
+    a = np.full(n, 1 / 9, np.float32)
+    a[[2, 5, 11]] = 0.0
+    a = jnp.asarray(a)
+    f0 = jnp.where(a > 0, 0.0, -jnp.inf)
+    eps = 0.05 * float(cost.mean())
+    init = (f0, jnp.zeros((m,), jnp.float32))
+    log = sinkhorn_plan(cost, eps, 40, a=a, init=init, mode="log")
+    absorbed = sinkhorn_plan(cost, eps, 40, a=a, init=init, mode="absorbed")
+    plan = np.asarray(absorbed.plan)
+    assert np.isfinite(plan).all()
+    np.testing.assert_array_equal(plan[[2, 5, 11]], 0.0)
+    np.testing.assert_allclose(plan, np.asarray(log.plan), rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(np.asarray(absorbed.g), np.asarray(log.g), rtol=1e-4, atol=1e-6)
+    assert np.isneginf(np.asarray(absorbed.f)[[2, 5, 11]]).all()
