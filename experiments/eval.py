@@ -35,6 +35,7 @@ from pathlib import Path
 from absl import app, flags
 
 from experiments import runner
+from experiments.deploy import parse_image_size
 from protorefine_jax import RefineConfig
 from protorefine_jax.data import imageio
 from protorefine_jax.detectors import patchcore
@@ -44,6 +45,10 @@ FLAGS_DIR = Path(__file__).resolve().parent / "flags"
 HELP = {
     "dataset": "mvtec | mpdd | visa | folder (any MVTec-layout folder) | synthetic (the demo).",
     "data_dir": "Dataset root (holds <category>/train/good, or VisA's split_csv).",
+    "data_source": "folder (read the image files) | tfds (prepared TFDS array_record files).",
+    "tfds_dir": "--data_source=tfds: folder of the prepared files (prepared there if missing).",
+    "require_masks": "Refuse defective test images without a mask (default: image metrics "
+    "for them; pixel metrics over the images with masks, null without any).",
     "workdir": "Output folder; must be new or empty. Default: runs/<timestamp>.",
     "overwrite": "Allow writing into a non-empty workdir.",
     "categories": "Categories; empty = all found in data_dir.",
@@ -58,8 +63,9 @@ HELP = {
     "target_dim": "Official aggregation: output size (default per backbone).",
     "weights": "Backbone weights file ('' = shipped Lite weights; 'random' = random init).",
     "clip_dir": "Local Hugging Face CLIP folder (WinCLIP methods; see README).",
-    "image_size": f"Input side in pixels (default {patchcore.IMAGE_SIZE} PatchCore; WinCLIP: the "
-    "CLIP model's).",
+    "image_size": f"Input size: one side in pixels (default {patchcore.IMAGE_SIZE} PatchCore; "
+    "WinCLIP: the CLIP model's) or HEIGHTxWIDTH (PatchCore; multiples of 16, e.g. 224x544) so "
+    "elongated parts keep their aspect ratio.",
     "alpha": f"Coreset ratio (default {patchcore.ALPHA} PatchCore; WinCLIP per dataset, "
     "clip/winclip.py CORESET_ALPHA).",
     "lam": f"OT weight lambda (default {RefineConfig.lam} PatchCore+; WinCLIP+: winclip_config's).",
@@ -86,7 +92,9 @@ _MAX_IMAGE_PIXELS = flags.DEFINE_integer(
 def _define(field: dataclasses.Field) -> None:
     """One absl flag per `Settings` field, typed by its annotation."""
     kind, default, helptext = str(field.type), field.default, HELP[field.name]
-    if kind.startswith("tuple"):
+    if field.name == "image_size":  # "256" or "224x544"
+        flags.DEFINE_string(field.name, default, helptext)
+    elif kind.startswith("tuple"):
         flags.DEFINE_list(field.name, [str(v) for v in default], helptext)
     elif kind.startswith("bool"):
         flags.DEFINE_bool(field.name, default, helptext)
@@ -107,7 +115,9 @@ def settings_from_flags() -> runner.Settings:
     values = {}
     for field in dataclasses.fields(runner.Settings):
         value = flags.FLAGS[field.name].value
-        if str(field.type).startswith("tuple[int"):
+        if field.name == "image_size":
+            value = None if value is None else parse_image_size(value)
+        elif str(field.type).startswith("tuple[int"):
             value = tuple(int(v) for v in value)
         elif str(field.type).startswith("tuple"):
             value = tuple(value)

@@ -61,6 +61,11 @@ def batched(fn: Callable[[Any], Any], items: Any, batch_size: int) -> Any:
     return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *outs)
 
 
+def _on_host(tree: Any) -> Any:
+    """Numpy leaves: the refiner then checks the values on the host (clear errors)."""
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
 def stream_order(count: int) -> np.ndarray:
     """The fixed order (seed 0) in which the online variant sees a test set."""
     return np.random.default_rng(0).permutation(count)
@@ -90,7 +95,9 @@ def score_features(
     """
     if online is None:
         return batched(
-            lambda x: detector.score_features(state, x, config), test_features, batch_size
+            lambda x: detector.score_features(state, _on_host(x), config),
+            test_features,
+            batch_size,
         )
     order = stream_order(batch_size_of(test_features))
     out = detector.score_stream(state, take(test_features, order), config, **online)

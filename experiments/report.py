@@ -35,7 +35,10 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault(tuple(row[k] for k in GROUP_KEYS), []).append(row)
     summary = []
     for key, members in groups.items():
-        stats = aggregate_seeds([{m: r[m] for m in METRICS if m in r} for r in members])
+        # Pixel metrics are None without masks (image-level labels only): left out.
+        stats = aggregate_seeds(
+            [{m: r[m] for m in METRICS if r.get(m) is not None} for r in members]
+        )
         entry = dict(zip(GROUP_KEYS, key, strict=True), num_seeds=len(members))
         for metric, (mean, std) in stats.items():
             entry[f"{metric}_mean"], entry[f"{metric}_std"] = mean, std
@@ -54,7 +57,11 @@ def _category_means(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         per_seed.setdefault(key, []).append(row)
     groups: dict[tuple, list[dict[str, float]]] = {}
     for (dataset, method, shots, _), members in per_seed.items():
-        means = {m: float(np.mean([r[m] for r in members])) for m in METRICS if m in members[0]}
+        means = {
+            m: float(np.mean([r[m] for r in members]))
+            for m in METRICS
+            if all(r.get(m) is not None for r in members)
+        }
         groups.setdefault((dataset, method, shots), []).append(means)
     out = []
     for (dataset, method, shots), seeds in groups.items():

@@ -23,9 +23,10 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from experiments import report
+from experiments import html_report, report
 from experiments.hosts import Host, stack, take
 from experiments.methods import Method, get_method
+from experiments.prefetch import prefetch
 from protorefine_jax.data import load_dataset_category, make_synthetic_dataset, sample_support
 from protorefine_jax.data.registry import list_categories
 from protorefine_jax.detectors import (
@@ -36,7 +37,7 @@ from protorefine_jax.detectors import (
     patchcore,
 )
 from protorefine_jax.io.paths import check_output_dir
-from protorefine_jax.metrics import evaluate
+from protorefine_jax.metrics import evaluate, evaluate_known_masks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,9 @@ class Settings:
 
     dataset: str = "mvtec"
     data_dir: str | None = None
+    data_source: str = "folder"
+    tfds_dir: str | None = None
+    require_masks: bool = False
     workdir: str | None = None
     overwrite: bool = False
     categories: tuple[str, ...] = ()
@@ -57,7 +61,8 @@ class Settings:
     target_dim: int | None = None
     weights: str = ""
     clip_dir: str | None = None
-    image_size: int | None = None
+    # One side (square) or (height, width): --image_size=256 or 224x544.
+    image_size: int | tuple[int, int] | None = None
     alpha: float | None = None
     # RefineConfig fields; None keeps the detector's default.
     lam: float | None = None
@@ -94,6 +99,13 @@ def check_settings(s: Settings) -> list[Method]:
         raise ValueError("--seeds is empty; give at least one seed.")
     if s.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {s.batch_size}.")
+    if s.data_source not in ("folder", "tfds"):
+        raise ValueError(f"--data_source must be folder or tfds, got {s.data_source!r}.")
+    if s.data_source == "tfds" and not s.tfds_dir:
+        raise ValueError(
+            "--data_source=tfds needs --tfds_dir: the folder holding (or to hold) the prepared "
+            "array_record files (protorefine_jax.data.tfds_builders)."
+        )
     if s.dataset != "synthetic" and not s.data_dir:
         raise ValueError(
             f"--data_dir is required for dataset {s.dataset!r}: the folder holding the "
@@ -236,10 +248,20 @@ class SupportCache:
         return stack([self.feats[p] for p in paths])
 
 
+def load_data(s: Settings, dataset: str, root: Path, category: str, image_size: int = 256):
+    """One category from the folders, or from prepared TFDS files (`--data_source=tfds`)."""
+    if s.data_source == "tfds":
+        from protorefine_jax.data.tfds_source import load_tfds_category
+
+        return load_tfds_category(dataset, root, category, s.tfds_dir, image_size)
+    return load_dataset_category(dataset, root, category, image_size, s.require_masks)
+
+
 def load_test_set(data, host) -> dict[str, Any]:
     """Test features, masks, labels and names of one category (features once)."""
     feats, masks, labels, names = [], [], [], []
-    for batch in data.test_batches(max(host.batch_size, 1) * 4):
+    # The next batch is decoded while the detector runs on this one.
+    for batch in prefetch(data.test_batches(max(host.batch_size, 1) * 4)):
         feats.append(host.features(batch.images))
         masks.append(batch.masks)
         labels.append(batch.labels)
@@ -250,7 +272,18 @@ def load_test_set(data, host) -> dict[str, Any]:
         "masks": np.concatenate(masks),
         "labels": np.concatenate(labels),
         "names": names,
+        # False for defective images without a mask (image-level labels only).
+        "mask_known": np.array([t.mask_known for t in data.test], bool),
     }
+
+
+def metrics_of(test: dict[str, Any], result) -> dict[str, Any]:
+    """The protocol's metrics; pixel metrics over the known masks only (None without)."""
+    if test["mask_known"].all():
+        return evaluate(test["labels"], result.image_scores, test["masks"], result.maps)
+    return evaluate_known_masks(
+        test["labels"], result.image_scores, test["masks"], result.maps, test["mask_known"]
+    )
 
 
 def heatmap_indices(labels: np.ndarray, count: int) -> np.ndarray:
@@ -322,6 +355,24 @@ class Outputs:
             value_range,
         )
 
+    def page(self, prefix: str, data, test: dict[str, Any], result, row: dict[str, Any]) -> None:
+        """`reports/<prefix>.html`: every test image of one run, with labels and metrics."""
+        folder = self.workdir / "reports"
+        folder.mkdir(exist_ok=True)
+        keys = ("dataset", "category", "method", "shots", "seed", "support", "bank_size")
+        html_report.write_eval_report(
+            folder / f"{prefix}.html",
+            title=f"eval: {row['category']} {row['method']} {row['shots']}-shot seed {row['seed']}",
+            names=test["names"],
+            labels=test["labels"],
+            scores=result.image_scores,
+            maps=result.maps,
+            load_images=lambda idx: data.load_images([data.test[i].path for i in idx]),
+            metrics={k: v for k, v in row.items() if k in report.METRICS or k.startswith("pixel_")}
+            | {k: row[k] for k in ("defective_images", "defective_with_mask") if k in row},
+            settings={k: row[k] for k in keys},
+        )
+
 
 def run_category(s, dataset, root, category, family, host, methods, out: Outputs, bar) -> dict:
     """Every shot count, seed and method of one host on one category.
@@ -329,7 +380,7 @@ def run_category(s, dataset, root, category, family, host, methods, out: Outputs
     Returns:
       What the results should record about this host's configuration.
     """
-    data = load_dataset_category(dataset, root, category, host.image_size)
+    data = load_data(s, dataset, root, category, host.image_size)
     # The host's resize filter (WinCLIP: bicubic, as anomalib; PatchCore: bilinear).
     data = dataclasses.replace(data, resample=host.resample)
     host.prepare(category)
@@ -350,13 +401,13 @@ def run_category(s, dataset, root, category, family, host, methods, out: Outputs
                 t0 = time.time()
                 result = host.score(state, test["features"], method, config, online)
                 seconds = time.time() - t0
-                result.metrics = evaluate(
-                    test["labels"], result.image_scores, test["masks"], result.maps
-                )
+                result.metrics = metrics_of(test, result)
                 row = score_row(s, category, method, k, support, state, result, seconds)
                 out.add(row, test, result)
                 if seed == s.seeds[0] and k == s.shots[0] and len(shown):
                     out.overlays(f"{category}_{method.name}_{k}shot", data, test, shown, result)
+                if seed == s.seeds[0] and k == s.shots[0]:
+                    out.page(f"{category}_{method.name}_{k}shot", data, test, result, row)
                 bar.update(1)
     return {"features": host.describe(), "alpha": host.alpha, "refine": refine_fields(s)}
 
@@ -380,7 +431,7 @@ def run(s: Settings) -> dict[str, Any]:
             raise FileNotFoundError(f"no category folders (with train/good) found under {root}.")
         # Listing is cheap: fail on a bad category or too few images before any work.
         for category in categories:
-            data = load_dataset_category(dataset, root, category)
+            data = load_data(s, dataset, root, category)
             sample_support(data.train_good, max(s.shots), s.seeds[0], root=data.root)
         hosts = {f: make_host(s, f) for f in sorted({m.host for m in methods})}
         total = len(categories) * len(s.shots) * len(s.seeds) * len(methods)
@@ -408,5 +459,5 @@ def run(s: Settings) -> dict[str, Any]:
     report.write_json(workdir / "config.json", resolved)
     (workdir / "results.md").write_text(table)
     print(table)
-    print(f"results in {workdir}/ (results.json, results.md, scores.jsonl, heatmaps/)")
+    print(f"results in {workdir}/ (results.json, results.md, scores.jsonl, heatmaps/, reports/)")
     return results

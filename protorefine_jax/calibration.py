@@ -36,10 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from protorefine_jax import checks
+from protorefine_jax import checks, gram
 from protorefine_jax.config import RefineConfig
 from protorefine_jax.coreset import coreset_size, greedy_coreset
-from protorefine_jax.refine import gram_system, matmul_precision, refine
+from protorefine_jax.gram import gram_system, matmul_precision
+from protorefine_jax.refine import refine
 from protorefine_jax.scoring import base_patch_scores, refined_patch_scores
 
 _TINY = 1e-12
@@ -127,7 +128,7 @@ def _host_and_refined(banks, queries, config: RefineConfig):
 
 def ridge_in_force(bank_rows: int, feature_dim: int, config: RefineConfig) -> RefineConfig:
     """`config` with both ridges set to the one a bank of `bank_rows` rows uses."""
-    rel = config.ridge_wide if bank_rows >= feature_dim else config.ridge
+    rel = gram.ridge_in_force(config, bank_rows, feature_dim)  # the one ridge rule
     return config.replace(ridge=rel, ridge_wide=rel)
 
 

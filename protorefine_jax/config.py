@@ -7,12 +7,15 @@ leaves (traced, so a sweep over them reuses one compiled program).
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
+import jax
+import numpy as np
 from flax import struct
 
 Distance = Literal["sqeuclidean", "cosine"]
-Precision = Literal["float32", "tf32", "bfloat16"]
+Precision = Literal["float32", "tf32", "bfloat16", "float64"]
 SinkhornMode = Literal["log", "absorbed"]
 MStep = Literal["closed_form", "optax"]
 Optimizer = Literal["sgd", "preconditioned"]
@@ -22,8 +25,23 @@ _DISTANCES = ("sqeuclidean", "cosine")
 _M_STEPS = ("closed_form", "optax")
 _OPTIMIZERS = ("sgd", "preconditioned")
 _BANK_MODES = ("refined", "union")
-_PRECISIONS = ("float32", "tf32", "bfloat16")
+_PRECISIONS = ("float32", "tf32", "bfloat16", "float64")
 _SINKHORN_MODES = ("log", "absorbed")
+
+# Accepted ranges of the traced fields: name -> (low, low inclusive, high).
+# epsilon below 1e-3 of the mean cost leaves the plan's potentials resolving
+# less than float32 can hold (1e-30 silently reproduced lam = 0); a relative
+# ridge below 1e-6 can leave `G + delta I` numerically singular in float32
+# (Cholesky of a rank-deficient G gave NaN at 1e-30); lr above 2 exceeds the
+# stable step of the optax M-step (2 x the safe step). `tests/test_fuzz.py`
+# covers these ranges.
+RANGES = {
+    "lam": (0.0, True, 1e6),
+    "epsilon": (1e-3, True, 1e6),
+    "ridge": (1e-6, True, 1e6),
+    "ridge_wide": (1e-6, True, 1e6),
+    "lr": (0.0, False, 2.0),
+}
 
 
 @struct.dataclass
@@ -72,9 +90,13 @@ class RefineConfig:
         grid, for callers that build maps themselves (WinCLIP window scales).
       precision: arithmetic of the feature-space products `M M^T` and
         `F M^T`: `"float32"` (default, full), `"tf32"` (the backend default:
-        TF32 on NVIDIA tensor cores, plain float32 on CPU) or `"bfloat16"`
-        (features rounded to bfloat16, float32 accumulation). Everything
-        downstream is float32. BENCHMARKS.md, "Precision", measures each.
+        TF32 on NVIDIA tensor cores, plain float32 on CPU), `"bfloat16"`
+        (features rounded to bfloat16, float32 accumulation; the squared
+        norms use the same rounded features) or `"float64"` (everything in
+        float64: needs `jax.config.update("jax_enable_x64", True)` before the
+        config is built; outputs are float64). Everything downstream of the
+        products is float32 except under `"float64"`. BENCHMARKS.md,
+        "Precision", measures each.
       blur_sigma: Gaussian blur sigma in map pixels, >= 0 (default 4, the
         paper's; kernel `2 * round(4 * sigma) + 1`, reflect padding, as scipy).
 
@@ -149,23 +171,48 @@ class RefineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
-        if self.blur_sigma < 0:
-            raise ValueError(f"blur_sigma must be >= 0, got {self.blur_sigma}.")
+        if self.precision == "float64" and not jax.config.jax_enable_x64:
+            raise ValueError(
+                'precision="float64" needs 64-bit JAX: call '
+                'jax.config.update("jax_enable_x64", True) at startup (or set '
+                "JAX_ENABLE_X64=1) before building the config."
+            )
+        sigma = _concrete_number("blur_sigma", self.blur_sigma)
+        if sigma is not None and not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"blur_sigma must be finite and >= 0, got {self.blur_sigma}.")
         # Traced fields arrive as tracers when jax rebuilds the config inside a
-        # transformation; only concrete Python numbers can be checked here.
-        for name, low in (
-            ("lam", 0.0),
-            ("epsilon", None),
-            ("ridge", None),
-            ("ridge_wide", None),
-            ("lr", None),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, int | float):
-                if low is None and value <= 0:
-                    raise ValueError(f"{name} must be > 0, got {value}.")
-                if low is not None and value < low:
-                    raise ValueError(f"{name} must be >= {low}, got {value}.")
+        # transformation; only concrete values (Python or numpy numbers,
+        # concrete arrays) can be checked here.
+        for name, (low, inclusive, high) in RANGES.items():
+            value = _concrete_number(name, getattr(self, name))
+            if value is None:
+                continue
+            ok = math.isfinite(value) and (value >= low if inclusive else value > low)
+            if not ok or value > high:
+                bracket = "[" if inclusive else "("
+                raise ValueError(
+                    f"{name} must be a finite number in {bracket}{low:g}, {high:g}], got {value!r}."
+                )
+
+
+def _concrete_number(name: str, value) -> float | None:
+    """`value` as a float if it is a concrete number, None if it is traced/opaque.
+
+    Python numbers, numpy scalars and concrete 0-d arrays are numbers; tracers
+    and the placeholders jax puts in pytrees are skipped. Strings, booleans
+    and arrays of other shapes are refused.
+    """
+    if isinstance(value, jax.core.Tracer):
+        return None
+    if isinstance(value, bool | np.bool_ | str | bytes):
+        raise ValueError(f"{name} must be a number, got {value!r}.")
+    if isinstance(value, int | float | np.generic | np.ndarray | jax.Array):
+        arr = np.asarray(value)
+        real = np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+        if arr.shape != () or not real:
+            raise ValueError(f"{name} must be a real scalar, got {value!r}.")
+        return float(arr)
+    return None
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

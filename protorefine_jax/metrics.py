@@ -250,3 +250,58 @@ def evaluate(
     out["pixel_f1_max"] = _f1_max(pix)
     out["aupro"] = _aupro(masks, srt, AUPRO_FPR_LIMIT)
     return out
+
+
+def evaluate_known_masks(
+    image_labels: np.ndarray,
+    image_scores: np.ndarray,
+    masks: np.ndarray,
+    maps: np.ndarray,
+    mask_known: np.ndarray,
+) -> dict[str, float | int | str | None]:
+    """`evaluate` when some defective images have no ground-truth mask.
+
+    Image metrics use every image. Pixel metrics use the images whose mask is
+    known: every good image (its mask is empty by definition) and the
+    defective images that have a mask file. Without any such defective
+    image, the pixel metrics are None and `pixel_note` says why.
+
+    Args:
+      image_labels: `[N]` 0/1.
+      image_scores: `[N]`.
+      masks: `[N, H, W]` bool (anything for images whose mask is unknown).
+      maps: `[N, H, W]` anomaly maps.
+      mask_known: `[N]` bool, True where `masks` holds the ground truth.
+
+    Returns:
+      The metrics of `evaluate` (pixel ones None without masks) plus
+      `pixel_images` (images the pixel metrics used), `defective_with_mask`,
+      `defective_images` and `pixel_note` (None when every mask is known).
+    """
+    labels = np.asarray(image_labels)
+    known = np.asarray(mask_known, bool)
+    if known.shape != labels.shape:
+        raise ValueError(f"mask_known shape {known.shape} != labels shape {labels.shape}.")
+    if np.any(~known & (labels == 0)):
+        raise ValueError("mask_known is False for a good image; good images have empty masks.")
+    out: dict[str, float | int | str | None] = dict(evaluate(labels, image_scores))
+    defective = int(np.sum(labels == 1))
+    with_mask = int(np.sum(known & (labels == 1)))
+    out.update(defective_images=defective, defective_with_mask=with_mask)
+    if with_mask == 0:
+        out.update(pixel_auroc=None, pixel_f1_max=None, aupro=None, pixel_images=0)
+        out["pixel_note"] = (
+            f"no defective image has a mask ({defective} without): pixel metrics need masks"
+        )
+        return out
+    idx = np.flatnonzero(known)
+    pixel = evaluate(labels[idx], np.asarray(image_scores)[idx], masks[idx], maps[idx])
+    out.update({k: pixel[k] for k in ("pixel_auroc", "pixel_f1_max", "aupro")})
+    out["pixel_images"] = int(idx.size)
+    out["pixel_note"] = (
+        None
+        if with_mask == defective
+        else f"pixel metrics over the {idx.size} images with known masks: {with_mask} of "
+        f"{defective} defective images (the others have no mask) and every good image"
+    )
+    return out

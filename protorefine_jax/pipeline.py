@@ -20,7 +20,8 @@ from protorefine_jax import checks
 from protorefine_jax.calibration import ScoreCalibration, fuse
 from protorefine_jax.config import RefineConfig
 from protorefine_jax.coreset import greedy_coreset_indices, projection_matrix
-from protorefine_jax.refine import gram_system, matmul_precision, refine
+from protorefine_jax.gram import gram_system, matmul_precision, normalize_rows
+from protorefine_jax.refine import refine
 from protorefine_jax.scoring import anomaly_map, base_patch_scores, refined_patch_scores
 
 
@@ -48,12 +49,17 @@ class RefineOutput(NamedTuple):
         `config.image_size` is None).
       patch_scores: `[B, m]` patch scores `s_j`.
       diagnostics: per-query `Diagnostics`, each field `[B]`.
+      inputs_ok: `[B]` bool, bank and query finite and inside
+        `checks.feature_range` (computed on the device by `refine_and_score`
+        and the online scan; None from `score_query`). A False entry's scores
+        are meaningless; `checks.raise_if_invalid` raises the clear error.
     """
 
     image_scores: Float[Array, " B"]
     maps: Float[Array, "B H W"]
     patch_scores: Float[Array, "B m"]
     diagnostics: Diagnostics
+    inputs_ok: Array | None = None
 
 
 def _score(
@@ -123,7 +129,10 @@ def score_batch(
     return jax.vmap(score_query, in_axes=(None, 0, None, None))(bank, queries, config, calibration)
 
 
-_refine_and_score_batch = jax.jit(score_batch)
+@jax.jit
+def _refine_and_score_batch(bank, queries, config, calibration=None):
+    out = score_batch(bank, queries, config, calibration)
+    return out._replace(inputs_ok=checks.inputs_ok(bank, queries, config))
 
 
 def refine_and_score(
@@ -131,11 +140,17 @@ def refine_and_score(
     queries: Float[Array, "B m c"],
     config: RefineConfig,
     calibration: ScoreCalibration | None = None,
+    *,
+    sync_check: bool = False,
 ) -> RefineOutput:
     """Batched, jitted `score_query` with input checks (docs/method.md, "Batching").
 
-    Shapes, feature dimensions and finiteness are checked before jit (value
-    checks are skipped when called under the caller's own transformation).
+    Shapes and feature dimensions are checked before jit. Values (finite,
+    inside `checks.feature_range`) are checked on the host for host inputs
+    (numpy arrays); device arrays are not read back, their per-query flag is
+    returned as `inputs_ok` (`sync_check=True` reads it and raises the same
+    error, one `[B]` bool per call). Value checks are skipped when called under
+    the caller's own transformation.
     Inputs sharded over devices on the batch axis (`NamedSharding`) run
     unchanged: the batch axis is embarrassingly parallel.
 
@@ -145,6 +160,7 @@ def refine_and_score(
       config: refinement and scoring settings.
       calibration: support-set statistics for the calibrated PatchCore+
         (`score_query`); None scores with the refined prototypes alone.
+      sync_check: read `inputs_ok` back and raise on bad values.
 
     Returns:
       `RefineOutput` with `[B]` image scores, `[B, H, W]` maps, `[B, m]` patch
@@ -157,8 +173,11 @@ def refine_and_score(
       ((16,), (16, 256, 256))
     """
     bank = checks.prototypes_of(bank)
-    checks.check_bank_and_queries(bank, queries)
-    return _refine_and_score_batch(bank, queries, config, calibration)
+    checks.check_bank_and_queries(bank, queries, config)
+    out = _refine_and_score_batch(bank, queries, config, calibration)
+    if sync_check:
+        checks.raise_if_invalid(out, bank, queries, config)
+    return out
 
 
 def make_detect(
@@ -207,7 +226,10 @@ def _online_step(bank, config, add_per_query, projection, calibration, state: On
     host = jnp.concatenate([jnp.ones((bank.shape[0],)), jnp.zeros((state.valid.shape[0],))])
     out, w = _score(full, query, config, weights, calibration, host.astype(weights.dtype))
     with matmul_precision(config):
-        refined = w @ full  # [m, c]: the query's refined prototypes R = W M
+        # The query's refined prototypes R = W M [m, c], in the rows W was
+        # solved against: unit rows for the cosine distance.
+        rows = normalize_rows(full.astype(w.dtype)) if config.distance == "cosine" else full
+        refined = w @ rows.astype(w.dtype)
         points = refined if projection is None else refined @ projection
         new = refined[greedy_coreset_indices(points, add_per_query, 0)]
     capacity = state.buffer.shape[0]
@@ -230,7 +252,7 @@ def _online_scan(bank, queries, config, capacity, add_per_query, calibration=Non
     projection = projection_matrix(c, 128, 0) if c > 128 else None
     step = functools.partial(_online_step, bank, config, add_per_query, projection, calibration)
     _, outs = jax.lax.scan(step, state, queries)
-    return outs
+    return outs._replace(inputs_ok=checks.inputs_ok(bank, queries, config))
 
 
 def online_refine_and_score(
@@ -241,6 +263,7 @@ def online_refine_and_score(
     capacity: int,
     add_per_query: int,
     calibration: ScoreCalibration | None = None,
+    sync_check: bool = False,
 ) -> RefineOutput:
     """Online PatchCore+/WinCLIP+ (paper Table 6; docs/method.md, "Batching") as a `lax.scan`.
 
@@ -257,12 +280,14 @@ def online_refine_and_score(
       add_per_query: prototypes pushed per query (`<= min(K, m)`).
       calibration: support-set statistics for calibrated scores (the host
         part scores against `bank` only); None: refined scores alone.
+      sync_check: read the `inputs_ok` flag back and raise on bad values
+        (as `refine_and_score`).
 
     Returns:
       `RefineOutput` with leading axis `T`, in stream order.
     """
     bank = checks.prototypes_of(bank)
-    checks.check_bank_and_queries(bank, queries)
+    checks.check_bank_and_queries(bank, queries, config)
     if not config.use_refinement:
         raise ValueError("the online variant refines by definition; set use_refinement=True.")
     m = queries.shape[1]
@@ -271,4 +296,7 @@ def online_refine_and_score(
             f"add_per_query must lie in [1, min(capacity, m)] = [1, {min(capacity, m)}], "
             f"got {add_per_query}."
         )
-    return _online_scan(bank, queries, config, capacity, add_per_query, calibration)
+    out = _online_scan(bank, queries, config, capacity, add_per_query, calibration)
+    if sync_check:
+        checks.raise_if_invalid(out, bank, queries, config)
+    return out

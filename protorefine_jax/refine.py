@@ -22,46 +22,27 @@ plain feature-space ones.
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
 import optax
 from jaxtyping import Array, Float
 
-from protorefine_jax.bank import uses_wide_ridge
 from protorefine_jax.config import RefineConfig
+
+# The Gram-space algebra lives in `gram`; re-exported for existing callers.
+from protorefine_jax.gram import (  # noqa: F401
+    _EPS,
+    GramSystem,
+    feature_products,
+    gram_system,
+    matmul_precision,
+    normalize_rows,
+    refined_sq_norms,
+    ridge_solve,
+)
 from protorefine_jax.transport import sinkhorn_plan
-
-_EPS = 1e-12
-
-
-class GramSystem(NamedTuple):
-    """Inner products of one query with the bank.
-
-    Attributes:
-      gram: `[n, n]` `G = M M^T`.
-      cross: `[m, n]` `P = F M^T`.
-      f_sq: `[m]` squared norms of the query patches.
-      m_sq: `[n]` squared norms of the prototypes (`diag(G)`).
-      inv: `(G + delta I)^-1` (`[n, n]`, by Cholesky): every later solve
-        against the Gram matrix (the init, each preconditioned optax step)
-        becomes one matrix product. None when not needed (host scoring).
-      delta: the absolute ridge `delta`.
-      weights: `[n]` prototype marginal `a` of the transport (uniform `1/n`;
-        zero marks an empty slot of the online ring buffer, which then takes
-        part in nothing).
-    """
-
-    gram: Float[Array, "n n"]
-    cross: Float[Array, "m n"]
-    f_sq: Float[Array, " m"]
-    m_sq: Float[Array, " n"]
-    inv: Float[Array, "n n"] | None
-    delta: Float[Array, ""]
-    weights: Float[Array, " n"]
 
 
 class Refinement(NamedTuple):
@@ -83,120 +64,28 @@ class Refinement(NamedTuple):
     lsq_residual: Float[Array, ""]
 
 
-def normalize_rows(x: Float[Array, "k c"]) -> Float[Array, "k c"]:
-    """Unit-norm rows (zero rows stay zero)."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _EPS)
-
-
-_PRECISIONS = {
-    "float32": jax.lax.Precision.HIGHEST,
-    "tf32": jax.lax.Precision.DEFAULT,
-}
-
-
-def feature_products(x: Float[Array, "a c"], y: Float[Array, "b c"], precision: str):
-    """`x @ y.T [a, b]` over the feature axis in the configured precision.
-
-    These are the only products whose cost scales with `c`; everything after
-    them works on `[n, n]` and `[m, n]` matrices in float32.
-
-    Args:
-      x: `[a, c]` rows.
-      y: `[b, c]` rows.
-      precision: `"float32"` (full-precision passes), `"tf32"` (the backend's
-        default: TF32 tensor cores on NVIDIA GPUs, float32 on CPU) or
-        `"bfloat16"` (inputs rounded to bfloat16, float32 accumulation).
-
-    Returns:
-      float32 `[a, b]`.
-    """
-    if precision == "bfloat16":
-        return jax.lax.dot_general(
-            x.astype(jnp.bfloat16),
-            y.astype(jnp.bfloat16),
-            (((1,), (1,)), ((), ())),
-            preferred_element_type=jnp.float32,
-        )
-    return jnp.matmul(x, y.T, precision=_PRECISIONS[precision])
-
-
-def matmul_precision(config: RefineConfig):
-    """Context for every product of the refinement: full float32 unless "tf32".
-
-    JAX's default matmul precision on NVIDIA GPUs is TF32 (10-bit mantissa),
-    which would silently degrade `W0` and the cancelling distance
-    `||f||^2 + ||r||^2 - 2 <f, r>`. The feature products set their own
-    precision (`feature_products`).
-    """
-    if config.precision == "tf32":
-        return contextlib.nullcontext()
-    return jax.default_matmul_precision("float32")
-
-
-def gram_system(
-    bank: Float[Array, "n c"],
-    query: Float[Array, "m c"],
-    config: RefineConfig,
-    weights: Float[Array, " n"] | None = None,
-    with_inverse: bool = True,
-) -> GramSystem:
-    """Inner products and the ridge-regularised Gram inverse for one query (SPEC 3.1).
-
-    Args:
-      bank: `[n, c]` prototypes `M` (rows of zero weight must be zero).
-      query: `[m, c]` patch features `F`.
-      config: distance (cosine normalises rows) and relative ridge.
-      weights: `[n]` prototype marginal; uniform when None.
-      with_inverse: compute `(G + delta I)^-1` (refinement needs it, host
-        scoring does not).
-
-    Returns:
-      The Gram system.
-    """
-    if config.distance == "cosine":
-        bank, query = normalize_rows(bank), normalize_rows(query)
-    gram = feature_products(bank, bank, config.precision)  # [n, n]
-    cross = feature_products(query, bank, config.precision)  # [m, n]
-    n = gram.shape[0]
-    if weights is None:
-        weights = jnp.full((n,), 1.0 / n, gram.dtype)
-    m_sq = jnp.diagonal(gram)
-    # Ridge relative to the mean eigenvalue trace(G)/n over the used rows:
-    # scale-free, and keeps a singular G (n > c, duplicates) invertible.
-    # A wide bank (as many used rows as feature dimensions) takes the larger
-    # `ridge_wide` (RefineConfig); traced, since online banks fill up.
-    used = jnp.maximum(jnp.sum(weights > 0), 1)
-    rel = jnp.where(uses_wide_ridge(used, bank.shape[-1]), config.ridge_wide, config.ridge)
-    delta = rel * jnp.maximum(jnp.trace(gram) / used, _EPS)
-    inv = None
-    if with_inverse:
-        eye = jnp.eye(n, dtype=gram.dtype)
-        inv = jsl.cho_solve((jnp.linalg.cholesky(gram + delta * eye), True), eye)
-    f_sq = jnp.sum(query * query, axis=-1)
-    return GramSystem(gram, cross, f_sq, m_sq, inv, delta, weights)
-
-
-def ridge_solve(sys: GramSystem, rhs: Float[Array, "k n"]) -> Float[Array, "k n"]:
-    """`rhs (G + delta I)^-1`."""
-    return rhs @ sys.inv
-
-
 def least_squares_init(sys: GramSystem) -> Float[Array, "m n"]:
     """`W0 = P (G + delta I)^-1` (SPEC 3.1; the paper's `(M^T M)^-1` is a typo)."""
     return ridge_solve(sys, sys.cross)
-
-
-def refined_sq_norms(sys: GramSystem, w: Float[Array, "m n"]) -> Float[Array, " m"]:
-    """`||R_j||^2 = (W G W^T)_jj` for every refined prototype."""
-    return jnp.sum((w @ sys.gram) * w, axis=-1)
 
 
 def proto_to_refined(
     sys: GramSystem, w: Float[Array, "m n"], config: RefineConfig
 ) -> Float[Array, "n m"]:
     """Cost `C[i, j] = d(M_i, R_j)` of the E-step (SPEC 3.2)."""
-    dots = sys.gram @ w.T  # [n, m]
-    r_sq = refined_sq_norms(sys, w)
+    return proto_to_refined_t(sys, w.T, config)
+
+
+def proto_to_refined_t(
+    sys: GramSystem, wt: Float[Array, "n m"], config: RefineConfig
+) -> Float[Array, "n m"]:
+    """`proto_to_refined` from `W^T [n, m]` (the plan's layout).
+
+    One `[n, n] x [n, m]` product: `G W^T` gives both the cross terms and,
+    since `G` is symmetric, `||R_j||^2 = sum_i W_ji (G W^T)_ij`.
+    """
+    dots = sys.gram @ wt  # [n, m]
+    r_sq = jnp.sum(dots * wt, axis=0)
     if config.distance == "sqeuclidean":
         return jnp.maximum(sys.m_sq[:, None] + r_sq[None, :] - 2.0 * dots, 0.0)
     norms = jnp.sqrt(jnp.maximum(sys.m_sq[:, None] * r_sq[None, :], _EPS))
@@ -261,9 +150,16 @@ def closed_form_m_step(
     Returns:
       `[m, n]` the new transform.
     """
-    m = w0.shape[0]
+    return closed_form_m_step_t(w0.T, plan, config).T
+
+
+def closed_form_m_step_t(
+    w0t: Float[Array, "n m"], plan: Float[Array, "n m"], config: RefineConfig
+) -> Float[Array, "n m"]:
+    """`closed_form_m_step` in the plan's layout: `W0^T` in, `W^T` out (no transposes)."""
+    m = w0t.shape[1]
     col = jnp.sum(plan, axis=0)  # [m]
-    return (w0 / m + config.lam * plan.T) / (1.0 / m + config.lam * col)[:, None]
+    return (w0t / m + config.lam * plan) / (1.0 / m + config.lam * col)[None, :]
 
 
 def _lambda_max(sys: GramSystem, num_iters: int = 30) -> Float[Array, ""]:
@@ -279,26 +175,62 @@ def _lambda_max(sys: GramSystem, num_iters: int = 30) -> Float[Array, ""]:
     return v @ (sys.gram @ v) + sys.delta
 
 
-def precondition(sys: GramSystem) -> optax.GradientTransformation:
-    """Optax transform multiplying each gradient by `(G + delta I)^-1` on the right.
+def preconditioned_gradient(
+    w: Float[Array, "m n"],
+    w0: Float[Array, "m n"],
+    plan: Float[Array, "n m"],
+    sys: GramSystem,
+    config: RefineConfig,
+) -> Float[Array, "m n"]:
+    """`grad_W L(W) (G + delta I)^-1` of `m_step_loss`, without autodiff or solves.
 
-    For the squared-Euclidean loss the Hessian of each row of `W` is
-    proportional to `G`, so this turns gradient descent into Newton's method.
+    With `A = G + delta I` (the ridge-augmented Gram matrix), every gradient
+    term of the loss is a row-scaled `W A`, `P` or `T^T A`; multiplied by
+    `A^-1` on the right these become `W`, `W0 = P A^-1` and `T^T`. Only the
+    norms `||R_j||^2 = (W A W^T)_jj` and, for the cosine, the cross terms
+    `(W A)_ji` need the one product `W A` per step. Squared Euclidean:
+    `(2/m)(W - W0) + 2 lam (c_j W_j - T^T_j)` with `c_j = sum_i T_ij`.
+    Cosine (`d = (1 - cos) / 2`, `r_j = ||R_j||^2`, `s_i = ||M_i||^2 + delta`):
+    row `j` is
+    `-(1/2m) (W0_j - (p_j / r_j) W_j) / sqrt(f_j r_j)
+     - (lam/2) (sum_i T_ij (e_i - ((WA)_ji / r_j) W_j) / sqrt(s_i)) / sqrt(r_j)`
+    with `p_j = <F_j, R_j>`. Tested against `jax.grad(m_step_loss)` times
+    the inverse.
+
+    Args:
+      w: `[m, n]` current transform.
+      w0: `[m, n]` least-squares init `P A^-1`.
+      plan: `[n, m]` transport plan (held fixed).
+      sys: Gram system of the query (not augmented).
+      config: distance and `lam`.
+
+    Returns:
+      `[m, n]` the preconditioned gradient.
     """
-
-    def init_fn(params):
-        del params
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None):
-        del params
-        return ridge_solve(sys, updates), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    plan = jax.lax.stop_gradient(plan)
+    m = w.shape[0]
+    if config.distance == "sqeuclidean":
+        col = jnp.sum(plan, axis=0)
+        return (2.0 / m) * (w - w0) + 2.0 * config.lam * (col[:, None] * w - plan.T)
+    aug = ridge_augmented(sys)
+    wa = w @ aug.gram  # [m, n]
+    r_sq = jnp.maximum(jnp.sum(wa * w, axis=-1), _EPS)
+    p = jnp.sum(sys.cross * w, axis=-1)
+    f_norm = jnp.sqrt(jnp.maximum(sys.f_sq, _EPS))
+    r_norm = jnp.sqrt(r_sq)
+    recon = (w0 - (p / r_sq)[:, None] * w) / (f_norm * r_norm)[:, None]
+    tw = plan.T / jnp.sqrt(aug.m_sq)[None, :]  # [m, n]: T_ij / sqrt(s_i)
+    proj = jnp.sum(tw * wa, axis=-1) / r_sq  # [m]
+    transport = (tw - proj[:, None] * w) / r_norm[:, None]
+    return -(0.5 / m) * recon - 0.5 * config.lam * transport
 
 
 def optax_m_step(
-    w: Float[Array, "m n"], plan: Float[Array, "n m"], sys: GramSystem, config: RefineConfig
+    w: Float[Array, "m n"],
+    plan: Float[Array, "n m"],
+    sys: GramSystem,
+    config: RefineConfig,
+    w0: Float[Array, "m n"] | None = None,
 ) -> Float[Array, "m n"]:
     """`config.inner_steps` optax steps on the M-step loss, `T` fixed (SPEC 3.2).
 
@@ -307,6 +239,8 @@ def optax_m_step(
       plan: `[n, m]` transport plan (no gradient flows into it).
       sys: Gram system of the query.
       config: optimizer, step size, steps.
+      w0: the least-squares init `W0` if the caller has it (the
+        preconditioned gradient needs it; computed when None).
 
     Returns:
       `[m, n]` the updated transform.
@@ -317,15 +251,23 @@ def optax_m_step(
         # near-unit vectors is ||x - y||^2 / 4, a quarter of the curvature.
         curvature = 1.0 if config.distance == "sqeuclidean" else 0.25
         step = config.lr * m / (2.0 * (1.0 + config.lam) * curvature)
-        opt = optax.chain(precondition(sys), optax.sgd(step))
+        opt = optax.sgd(step)
+        # The preconditioned gradient in closed form (one `[m, n] x [n, n]`
+        # product per step instead of autodiff's several and a solve).
+        w0 = least_squares_init(sys) if w0 is None else w0
+
+        def direction(w):
+            return preconditioned_gradient(w, w0, plan, sys, config)
     else:
         lipschitz = 2.0 * (1.0 + config.lam) * _lambda_max(sys) / m
         opt = optax.sgd(config.lr / lipschitz)
-    grad_fn = jax.grad(m_step_loss)
+
+        def direction(w):
+            return jax.grad(m_step_loss)(w, plan, sys, config)
 
     def body(_, carry):
         w, opt_state = carry
-        updates, opt_state = opt.update(grad_fn(w, plan, sys, config), opt_state, w)
+        updates, opt_state = opt.update(direction(w), opt_state, w)
         return optax.apply_updates(w, updates), opt_state
 
     w, _ = jax.lax.fori_loop(0, config.inner_steps, body, (w, opt.init(w)))
@@ -368,9 +310,15 @@ def refine(sys: GramSystem, config: RefineConfig) -> Refinement:
     f0 = jnp.where(sys.weights > 0, 0.0, -jnp.inf).astype(w0.dtype)
     g0 = jnp.zeros((m,), w0.dtype)
 
+    # The closed form runs on `W^T [n, m]`, the plan's layout, so that the
+    # loop has no transposes; the optax M-step on `W [m, n]`.
+    closed = config.m_step == "closed_form"
+    x0 = w0.T if closed else w0
+
     def em_iteration(_, carry):
-        w, _, f, g, _ = carry
-        cost = jax.lax.stop_gradient(proto_to_refined(sys, w, config))
+        x, _, f, g, _ = carry
+        cost = proto_to_refined_t(sys, x, config) if closed else proto_to_refined(sys, x, config)
+        cost = jax.lax.stop_gradient(cost)
         # epsilon relative to the mean cost over the used prototypes (SPEC 3.2).
         mean_cost = jnp.sum(sys.weights[:, None] * cost) / m
         eps = config.epsilon * jnp.maximum(mean_cost, _EPS)
@@ -378,13 +326,14 @@ def refine(sys: GramSystem, config: RefineConfig) -> Refinement:
         ot = sinkhorn_plan(
             cost, eps, config.sinkhorn_iters, a=sys.weights, init=init, mode=config.sinkhorn_mode
         )
-        if config.m_step == "closed_form":
-            w_new = closed_form_m_step(w0, ot.plan, config)
+        if closed:
+            x_new = closed_form_m_step_t(x0, ot.plan, config)
         else:
-            w_new = optax_m_step(w, ot.plan, sys, config)
-        return w_new, w, ot.f, ot.g, ot.marginal_error
+            x_new = optax_m_step(x, ot.plan, sys, config, w0)
+        return x_new, x, ot.f, ot.g, ot.marginal_error
 
-    carry = (w0, w0, f0, g0, zero)
-    w, w_prev, _, _, marg = jax.lax.fori_loop(0, config.num_iters, em_iteration, carry)
-    change = jnp.linalg.norm(w - w_prev) / jnp.maximum(jnp.linalg.norm(w_prev), _EPS)
+    carry = (x0, x0, f0, g0, zero)
+    x, x_prev, _, _, marg = jax.lax.fori_loop(0, config.num_iters, em_iteration, carry)
+    change = jnp.linalg.norm(x - x_prev) / jnp.maximum(jnp.linalg.norm(x_prev), _EPS)
+    w = x.T if closed else x
     return Refinement(w, marg, change, residual)

@@ -19,16 +19,20 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from protorefine_jax.config import RefineConfig
-from protorefine_jax.refine import GramSystem, refined_sq_norms
+from protorefine_jax.gram import GramSystem, refined_sq_norms
 
 _EPS = 1e-12
 
 
-def _min_distance(dots, q_sq, r_sq, distance: str) -> Float[Array, " m"]:
-    """`min_k d(q_j, r_k)` from inner products `dots [m, k]` and squared norms."""
+def _min_distance(dots, q_sq, r_sq, distance: str, scale_sq=1.0) -> Float[Array, " m"]:
+    """`min_k d(q_j, r_k)` from inner products `dots [m, k]` and squared norms.
+
+    Squared-Euclidean distances are multiplied by `scale_sq` (the rescaling
+    of `gram.gram_system`) to return to the caller's units.
+    """
     if distance == "sqeuclidean":
         d = q_sq[:, None] + r_sq[None, :] - 2.0 * dots
-        return jnp.maximum(jnp.min(d, axis=-1), 0.0)
+        return jnp.maximum(jnp.min(d, axis=-1), 0.0) * scale_sq
     # Cosine: queries and prototypes are unit rows; refined ones are not.
     cos = dots / jnp.sqrt(jnp.maximum(q_sq[:, None] * r_sq[None, :], _EPS))
     # Rounding can push a cosine past 1; a negative distance would break
@@ -42,8 +46,10 @@ def base_patch_scores(sys: GramSystem, config: RefineConfig) -> Float[Array, " m
     m_sq = jnp.where(sys.weights > 0, sys.m_sq, jnp.inf)
     if config.distance == "cosine":
         dots = jnp.where(sys.weights > 0, sys.cross, -jnp.inf)
-        return _min_distance(dots, sys.f_sq, jnp.ones_like(m_sq), config.distance)
-    return _min_distance(sys.cross, sys.f_sq, m_sq, config.distance)
+        # The rows are unit up to rounding (bfloat16: 2^-8); use their norms.
+        r_sq = jnp.where(sys.weights > 0, sys.m_sq, 1.0)
+        return _min_distance(dots, sys.f_sq, r_sq, config.distance)
+    return _min_distance(sys.cross, sys.f_sq, m_sq, config.distance, sys.scale_sq)
 
 
 def refined_patch_scores(
@@ -59,7 +65,9 @@ def refined_patch_scores(
     Returns:
       `[m]` patch scores.
     """
-    scores = _min_distance(sys.cross @ w.T, sys.f_sq, refined_sq_norms(sys, w), config.distance)
+    scores = _min_distance(
+        sys.cross @ w.T, sys.f_sq, refined_sq_norms(sys, w), config.distance, sys.scale_sq
+    )
     if config.bank == "union":
         scores = jnp.minimum(scores, base_patch_scores(sys, config))
     return scores

@@ -275,3 +275,12 @@ def test_preprocessor_config_sets_the_jitted_normalisation(tmp_path):
     cfg_path.write_text(json.dumps({"image_mean": 0.5, "image_std": [1, 2]}))
     with pytest.raises(ValueError, match="image_std must be a number or 3 numbers"):
         loader.read_normalization(folder)
+    # Issue 13 item 7: non-finite and subnormal values (JSON NaN / Infinity).
+    for text, msg in (
+        ('{"image_std": NaN}', "image_std must be finite"),
+        ('{"image_mean": [0.5, Infinity, 0.5]}', "image_mean must be finite"),
+        ('{"image_std": 1e-320}', r"image_std must be >= 1e-06"),
+    ):
+        cfg_path.write_text(text)
+        with pytest.raises(ValueError, match=msg):
+            loader.read_normalization(folder)

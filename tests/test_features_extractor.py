@@ -145,7 +145,7 @@ def test_unknown_backbone_lists_known_ones():
     "kwargs,match",
     [
         (dict(aggregation="mean"), "unknown aggregation 'mean'"),
-        (dict(image_size=250), "multiple of 16, got 250"),
+        (dict(image_size=250), r"multiple of 16 \(or \(height, width\) of such\), got 250"),
         (dict(pretrain_dim=1024), r"would repeat values.*9 \* 40 = 360"),
         (dict(target_dim=1000), "would repeat values"),
         (dict(aggregation="simple", target_dim=100), "only apply to aggregation='official'"),

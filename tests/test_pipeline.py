@@ -144,13 +144,115 @@ def test_unbatched_queries_are_rejected_with_a_hint(rng):
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("where", ["bank", "queries"])
 def test_non_finite_features_are_rejected_before_jit(rng, bad, where):
+    """Host (numpy) inputs are checked before they reach the device; device
+    arrays are flagged in `inputs_ok` without a read-back, and `sync_check`
+    raises the same error (issue 13 item 8)."""
     bank, queries = data(rng)
     if where == "bank":
         bank = bank.at[2, 5].set(bad)
     else:
         queries = queries.at[1, 3, 0].set(bad)
     with pytest.raises(ValueError, match=rf"{where} contains 1 NaN or infinite"):
-        refine_and_score(bank, queries, CFG)
+        refine_and_score(np.asarray(bank), np.asarray(queries), CFG)
+    out = refine_and_score(bank, queries, CFG)
+    expect = np.ones(3, bool)
+    expect[:] = where == "queries"
+    if where == "queries":
+        expect[1] = False
+    np.testing.assert_array_equal(np.asarray(out.inputs_ok), expect)
+    with pytest.raises(ValueError, match=rf"{where} contains 1 NaN or infinite"):
+        refine_and_score(bank, queries, CFG, sync_check=True)
+
+
+def test_device_inputs_cost_no_host_read_back(rng, monkeypatch):
+    """Issue 13 item 8: no value check reads a device array back per call."""
+    bank, queries = data(rng)
+    refine_and_score(bank, queries, CFG)  # compile
+    from protorefine_jax import checks
+
+    def fail(*args, **kwargs):
+        raise AssertionError("host read-back")
+
+    monkeypatch.setattr(checks, "check_finite", fail)
+    monkeypatch.setattr(checks, "check_range", fail)
+    out = refine_and_score(bank, queries, CFG)
+    assert out.inputs_ok.shape == (3,)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e30, 1e37])
+def test_cosine_scores_are_scale_invariant(rng, scale):
+    """Issue 13 item 6: (1 - cos)/2 does not depend on the feature scale."""
+    bank, queries = data(rng)
+    cfg = CFG.replace(distance="cosine", m_step="optax", num_iters=2, inner_steps=2)
+    ref = refine_and_score(bank, queries, cfg)
+    out = refine_and_score(np.asarray(bank) * scale, np.asarray(queries) * scale, cfg)
+    assert np.isfinite(np.asarray(out.patch_scores)).all()
+    np.testing.assert_allclose(out.patch_scores, ref.patch_scores, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e12])
+def test_sqeuclidean_scores_scale_with_the_square(rng, scale):
+    """Issue 13 item 6: inside the range, scores are exactly rescaled (power-of-two
+    internal scaling); 1e19 / 1e30 / 1e-20 used to give NaN or exact zeros."""
+    bank, queries = data(rng)
+    ref = refine_and_score(bank, queries, CFG)
+    out = refine_and_score(np.asarray(bank) * scale, np.asarray(queries) * scale, CFG)
+    np.testing.assert_allclose(
+        np.asarray(out.patch_scores) / scale**2, ref.patch_scores, rtol=2e-4, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e19, 1e30])
+def test_sqeuclidean_features_out_of_range_are_refused(rng, scale):
+    bank, queries = data(rng)
+    b, q = np.asarray(bank) * scale, np.asarray(queries) * scale
+    with pytest.raises(ValueError, match=r"outside \[1e-15, 1e\+15\].*Multiply bank and queries"):
+        refine_and_score(b, q, CFG)
+    out = refine_and_score(jnp.asarray(b), jnp.asarray(q), CFG)
+    assert not np.asarray(out.inputs_ok).any()
+    with pytest.raises(ValueError, match="outside"):
+        refine_and_score(jnp.asarray(b), jnp.asarray(q), CFG, sync_check=True)
+
+
+def test_float16_features_are_accepted(rng):
+    """float16 features used to raise an unrelated KeyError."""
+    bank, queries = data(rng)
+    out = refine_and_score(bank.astype(jnp.float16), queries.astype(jnp.float16), CFG)
+    ref = refine_and_score(
+        bank.astype(jnp.float16).astype(jnp.float32),
+        queries.astype(jnp.float16).astype(jnp.float32),
+        CFG,
+    )
+    np.testing.assert_allclose(out.patch_scores, ref.patch_scores, rtol=1e-6)
+
+
+def test_bfloat16_norms_match_the_rounded_products(rng):
+    """Issue 13 item 5: in bfloat16 mode the squared norms come from the same
+    rounded features as the products: a patch that equals a prototype scores 0
+    (before, |f|^2 from float32 features left a bias of about 2^-8 |f|^2)."""
+    bank, queries = data(rng)
+    queries = queries.at[0, :20].set(bank)
+    cfg = CFG.replace(precision="bfloat16", use_refinement=False)
+    out = refine_and_score(bank, queries, cfg)
+    # float32 cancellation of |f|^2 + |m|^2 - 2<f, m> leaves a few ulp of
+    # |f|^2; the old bias was about 2^-8 |f|^2, 400x this tolerance.
+    f_sq = float(np.max(np.sum(np.asarray(bank) ** 2, axis=-1)))
+    np.testing.assert_allclose(np.asarray(out.patch_scores)[0, :20], 0.0, atol=1e-5 * f_sq)
+
+
+def test_tiny_run_is_deterministic(rng):
+    """Issue 13 "Add": the same inputs give bit-identical outputs (fresh jit too)."""
+    bank, queries = data(rng)
+    first = refine_and_score(bank, queries, CFG)
+    pl._refine_and_score_batch.clear_cache()
+    second = refine_and_score(bank, queries, CFG)
+    for x, y in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    online = [
+        online_refine_and_score(bank, queries, CFG, capacity=8, add_per_query=4) for _ in range(2)
+    ]
+    for x, y in zip(*(jax.tree.leaves(o) for o in online), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_duplicate_prototypes_give_finite_scores(rng):
@@ -171,9 +273,9 @@ def test_config_rejects_closed_form_for_cosine():
         ({"distance": "l1"}, "distance must be one of"),
         ({"bank": "all"}, "bank must be one of"),
         ({"num_iters": 0}, "num_iters must be a positive int"),
-        ({"lam": -1.0}, "lam must be >= 0"),
-        ({"ridge": 0.0}, "ridge must be > 0"),
-        ({"epsilon": 0.0}, "epsilon must be > 0"),
+        ({"lam": -1.0}, "lam must be a finite number in \\[0, "),
+        ({"ridge": 0.0}, "ridge must be a finite number in \\[1e-06, "),
+        ({"epsilon": 0.0}, "epsilon must be a finite number in \\[0.001, "),
     ],
 )
 def test_config_rejects_bad_values(kw, msg):
@@ -233,6 +335,50 @@ def test_online_scan_equals_a_python_loop_with_a_ring_buffer(rng):
         for k in range(add):
             buffer[(cursor + k) % cap], valid[(cursor + k) % cap] = new[k], True
         cursor = (cursor + add) % cap
+
+
+def _numpy_online_cosine_w_only(bank, queries, capacity, ridge):
+    """Float64 online W-only cosine, written independently of the library: the
+    ring buffer receives every refined prototype `R = W0 normalize(M)`.
+    `add_per_query = m` and `capacity` a multiple of m, so the coreset keeps
+    every row and whole blocks are overwritten (the order within a block does
+    not change any score)."""
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    buffer, scores = [], []
+    for q in queries.astype(np.float64):
+        full = np.concatenate([bank.astype(np.float64)] + buffer) if buffer else bank
+        mh, fh = unit(np.asarray(full, np.float64)), unit(q)
+        gram = mh @ mh.T
+        delta = ridge * np.trace(gram) / len(mh)
+        w = np.linalg.solve(gram + delta * np.eye(len(mh)), mh @ fh.T).T
+        refined = w @ mh
+        cos = fh @ unit(refined).T
+        scores.append(0.5 * (1.0 - cos.max(axis=1)))
+        buffer.append(refined)
+        buffer = buffer[-(capacity // len(q)) :]
+    return np.stack(scores)
+
+
+def test_online_cosine_pushes_the_prototypes_w_was_solved_for(rng):
+    """Issue 13 item 2: the pushed rows are `W @ normalize(full)`; before, the
+    unnormalised buffer rows were pushed (median cosine 0.93 to the intended)."""
+    bank, queries = data(rng, b=5, m=16)
+    bank, queries = bank * 7.0, queries * 3.0  # non-unit rows expose the bug
+    cap = 32
+    cfg = CFG.replace(
+        distance="cosine",
+        m_step="optax",
+        use_transport=False,
+        image_size=None,
+        grid_shape=(4, 4),
+        ridge_wide=1e-2,
+    )
+    out = online_refine_and_score(bank, queries, cfg, capacity=cap, add_per_query=16)
+    ref = _numpy_online_cosine_w_only(np.asarray(bank), np.asarray(queries), cap, 1e-2)
+    np.testing.assert_allclose(np.asarray(out.patch_scores), ref, rtol=2e-3, atol=2e-6)
 
 
 @pytest.mark.parametrize("cfg", [CFG, CFG.replace(bank="union")])

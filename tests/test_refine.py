@@ -45,8 +45,11 @@ def test_gram_space_cost_equals_feature_space_cost(rng, distance):
     bank, query, w, _ = problem(rng)
     cfg = RefineConfig(distance=distance, m_step="optax")
     with jax.enable_x64(True):
-        sys = rf.gram_system(jnp.asarray(bank), jnp.asarray(query), cfg)
-        got = np.asarray(rf.proto_to_refined(sys, jnp.asarray(w), cfg))
+        sys = rf.gram_system(
+            jnp.asarray(bank), jnp.asarray(query), cfg.replace(precision="float64")
+        )
+        # In the system's units; `scale_sq` (power of two) returns to the caller's.
+        got = np.asarray(rf.proto_to_refined(sys, jnp.asarray(w), cfg)) * float(sys.scale_sq)
     b = bank / np.linalg.norm(bank, axis=1, keepdims=True) if distance == "cosine" else bank
     np.testing.assert_allclose(got, dist(b, w @ b, distance), rtol=1e-10, atol=1e-12)
 
@@ -57,10 +60,15 @@ def test_loss_and_gradient_match_feature_space_finite_differences(rng, distance)
     lam = 0.3
     cfg = RefineConfig(distance=distance, m_step="optax", lam=lam)
     with jax.enable_x64(True):
-        sys = rf.gram_system(jnp.asarray(bank), jnp.asarray(query), cfg)
-        loss = float(rf.m_step_loss(jnp.asarray(w), jnp.asarray(plan), sys, cfg))
-        grad = np.asarray(jax.grad(rf.m_step_loss)(jnp.asarray(w), jnp.asarray(plan), sys, cfg))
-        delta = float(sys.delta)
+        sys = rf.gram_system(
+            jnp.asarray(bank), jnp.asarray(query), cfg.replace(precision="float64")
+        )
+        unit = float(sys.scale_sq)  # the system's units -> the features' units
+        loss = float(rf.m_step_loss(jnp.asarray(w), jnp.asarray(plan), sys, cfg)) * unit
+        grad = unit * np.asarray(
+            jax.grad(rf.m_step_loss)(jnp.asarray(w), jnp.asarray(plan), sys, cfg)
+        )
+        delta = float(sys.delta) * unit
     args = (plan, bank, query, distance, lam, delta)
     np.testing.assert_allclose(loss, numpy_loss(w, *args), rtol=1e-10)
     h = 1e-6
@@ -72,13 +80,32 @@ def test_loss_and_gradient_match_feature_space_finite_differences(rng, distance)
         np.testing.assert_allclose(grad[j, i], fd, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("distance", ["sqeuclidean", "cosine"])
+def test_preconditioned_gradient_is_autodiff_gradient_times_inverse(rng, distance):
+    """The closed-form Newton direction of the optax M-step (float64 reference)."""
+    bank, query, w, plan = problem(rng)
+    cfg = RefineConfig(distance=distance, m_step="optax", lam=0.3, ridge=1e-2)
+    with jax.enable_x64(True):
+        sys = rf.gram_system(
+            jnp.asarray(bank), jnp.asarray(query), cfg.replace(precision="float64")
+        )
+        grad = np.asarray(jax.grad(rf.m_step_loss)(jnp.asarray(w), jnp.asarray(plan), sys, cfg))
+        w0 = rf.least_squares_init(sys)
+        got = rf.preconditioned_gradient(jnp.asarray(w), w0, jnp.asarray(plan), sys, cfg)
+        gram = np.asarray(sys.gram) + float(sys.delta) * np.eye(len(bank))
+    ref = np.linalg.solve(gram, grad.T).T  # grad (G + delta I)^-1 (symmetric)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-8, atol=1e-12)
+
+
 @pytest.mark.parametrize("n, c, in_force", [(30, 20, 0.2), (20, 20, 0.2), (19, 20, 1e-3)])
 def test_least_squares_init_is_the_ridge_solution(rng, n, c, in_force):
     """`ridge_wide` is in force iff n >= c (there the Gram matrix is singular)."""
     bank, query, _, _ = problem(rng, n=n, c=c)
     cfg = RefineConfig(ridge=1e-3, ridge_wide=0.2)
     with jax.enable_x64(True):
-        sys = rf.gram_system(jnp.asarray(bank), jnp.asarray(query), cfg)
+        sys = rf.gram_system(
+            jnp.asarray(bank), jnp.asarray(query), cfg.replace(precision="float64")
+        )
         w0 = np.asarray(rf.least_squares_init(sys))
     gram = bank @ bank.T
     delta = in_force * np.trace(gram) / n
@@ -86,16 +113,31 @@ def test_least_squares_init_is_the_ridge_solution(rng, n, c, in_force):
     np.testing.assert_allclose(w0, ref, rtol=1e-8, atol=1e-10)
 
 
-def test_wide_ridge_counts_used_rows_of_a_partly_empty_bank(rng):
-    """An online bank: zero-weight rows do not count towards n >= c."""
+def test_ridge_regime_is_fixed_by_the_bank_rows_including_empty_slots(rng):
+    """Issue 13 item 3: an online bank of 30 rows (12 filled) on 20-d features
+    takes `ridge_wide` from its first query, so one stream is scored under one
+    ridge; delta is still relative to the mean eigenvalue over the filled rows."""
     bank, query, _, _ = problem(rng, n=30, c=20)
     bank[12:] = 0.0
     weights = np.where(np.arange(30) < 12, 1.0 / 12, 0.0)
     cfg = RefineConfig(ridge=1e-3, ridge_wide=0.2)
     with jax.enable_x64(True):
-        sys = rf.gram_system(jnp.asarray(bank), jnp.asarray(query), cfg, jnp.asarray(weights))
+        sys = rf.gram_system(
+            jnp.asarray(bank),
+            jnp.asarray(query),
+            cfg.replace(precision="float64"),
+            jnp.asarray(weights),
+        )
+    np.testing.assert_allclose(float(sys.delta * sys.scale_sq), 0.2 * np.trace(bank @ bank.T) / 12)
+    with jax.enable_x64(True):
+        small = rf.gram_system(
+            jnp.asarray(bank[:19]),
+            jnp.asarray(query),
+            cfg.replace(precision="float64"),
+            jnp.asarray(weights[:19] * 12 / 12),
+        )
     np.testing.assert_allclose(
-        float(sys.delta), 1e-3 * np.trace(bank @ bank.T) / 12, rtol=1e-12, atol=0
+        float(small.delta * small.scale_sq), 1e-3 * np.trace(bank @ bank.T) / 12
     )
 
 
@@ -103,7 +145,9 @@ def test_lsq_residual_is_relative_reconstruction_error(rng):
     bank, query, _, _ = problem(rng)
     cfg = RefineConfig()
     with jax.enable_x64(True):
-        sys = rf.gram_system(jnp.asarray(bank), jnp.asarray(query), cfg)
+        sys = rf.gram_system(
+            jnp.asarray(bank), jnp.asarray(query), cfg.replace(precision="float64")
+        )
         w0 = rf.least_squares_init(sys)
         got = float(rf.lsq_residual(sys, w0))
     ref = np.linalg.norm(query - np.asarray(w0) @ bank) / np.linalg.norm(query)

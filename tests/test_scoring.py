@@ -60,7 +60,9 @@ def test_patch_scores_equal_brute_force_nearest_prototype(rng, distance, bank_mo
     w = rng.standard_normal((16, 10)) * 0.4
     cfg = RefineConfig(distance=distance, m_step="optax", bank=bank_mode)
     with jax.enable_x64(True):
-        sys = rf.gram_system(jnp.asarray(bank), jnp.asarray(query), cfg)
+        sys = rf.gram_system(
+            jnp.asarray(bank), jnp.asarray(query), cfg.replace(precision="float64")
+        )
         got = np.asarray(scoring.refined_patch_scores(sys, jnp.asarray(w), cfg))
         base = np.asarray(scoring.base_patch_scores(sys, cfg))
     b = bank / np.linalg.norm(bank, axis=1, keepdims=True) if distance == "cosine" else bank

@@ -55,8 +55,8 @@ from protorefine_jax.clip.spec import VIT_B_16_PLUS_240, ClipSpec
 from protorefine_jax.clip.towers import MultiscaleFeatures, encode_multiscale
 from protorefine_jax.clip.windows import aggregate_windows, window_grid
 from protorefine_jax.config import RefineConfig
+from protorefine_jax.gram import matmul_precision, normalize_rows
 from protorefine_jax.pipeline import Diagnostics, score_query
-from protorefine_jax.refine import matmul_precision, normalize_rows
 from protorefine_jax.scoring import map_operators
 
 CORESET_ALPHA = {"mvtec": 0.5, "visa": 0.3, "mpdd": 0.2}
@@ -363,7 +363,7 @@ def score(
     "Batching").
 
     Every product here (cosines to the text features, the few-shot scores,
-    the map upsampling) runs in full float32 (`refine.matmul_precision`:
+    the map upsampling) runs in full float32 (`gram.matmul_precision`:
     JAX's default on NVIDIA GPUs is TF32, a 10-bit mantissa) unless
     `config.refine.precision == "tf32"`.
 

@@ -34,6 +34,7 @@ from protorefine_jax.data.imageio import (
     read_images,
     read_mask,
 )
+from protorefine_jax.features.preprocess import image_hw
 from protorefine_jax.io.paths import UnsafePathError, check_relative, json_safe_text
 
 GOOD = "good"
@@ -46,7 +47,8 @@ class TestItem(NamedTuple):
       path: image file.
       label: 0 normal, 1 anomalous.
       defect_type: `"good"` for normal images, else the defect folder name.
-      mask_path: ground-truth mask file; None for normal images.
+      mask_path: ground-truth mask file; None for normal images (and for
+        defective ones without a mask, read with `require_masks=False`).
     """
 
     __test__ = False  # not a pytest test class, despite the name
@@ -55,6 +57,11 @@ class TestItem(NamedTuple):
     label: int
     defect_type: str
     mask_path: Path | None
+
+    @property
+    def mask_known(self) -> bool:
+        """Whether the ground-truth mask is known (good images: empty; defective: a file)."""
+        return self.label == 0 or self.mask_path is not None
 
 
 class TestBatch(NamedTuple):
@@ -137,11 +144,12 @@ class CategoryData:
         Returns:
           `[B, S, S]` bool.
         """
-        s = self.image_size
-        out = np.zeros((len(items), s, s), bool)
+        out = np.zeros((len(items), *image_hw(self.image_size)), bool)
         for i, item in enumerate(items):
             if item.mask_path is not None:
-                out[i] = read_mask(item.mask_path, s, self.mask_threshold, image_path=item.path)
+                out[i] = read_mask(
+                    item.mask_path, self.image_size, self.mask_threshold, image_path=item.path
+                )
         return out
 
     def test_batches(self, batch_size: int) -> Iterator[TestBatch]:
@@ -209,6 +217,7 @@ def load_category(
     category: str,
     image_size: int = 256,
     mask_threshold: int = MVTEC_MASK_THRESHOLD,
+    require_masks: bool = True,
 ) -> CategoryData:
     """Lists one category of an MVTec-layout dataset and checks its files.
 
@@ -218,6 +227,9 @@ def load_category(
       image_size: evaluation resolution `S` (256 PatchCore+, 240 WinCLIP+).
       mask_threshold: masks are binarised with `value > mask_threshold`
         (default 127; see :mod:`protorefine_jax.data.imageio`).
+      require_masks: a defective image without a mask is an error (True) or
+        kept with `mask_path=None` (image-level labels only; its mask is then
+        unknown, not empty: see `TestItem.mask_known`).
 
     Returns:
       The :class:`CategoryData`; nothing is decoded yet.
@@ -264,7 +276,9 @@ def load_category(
                 continue
             gt_dir = cat_dir / "ground_truth" / defect_type
             mask = _find_mask(gt_dir, img)
-            if mask is None:
+            if mask is None and not require_masks:
+                test.append(TestItem(img, 1, defect_type, None))
+            elif mask is None:
                 missing.append((img, gt_dir / f"{img.stem}_mask.png"))
             else:
                 test.append(TestItem(img, 1, defect_type, mask))

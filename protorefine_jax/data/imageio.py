@@ -61,6 +61,7 @@ from PIL import Image, UnidentifiedImageError
 from protorefine_jax.data.errors import CorruptImageError, DatasetNotFoundError, ImageTooLargeError
 from protorefine_jax.features.preprocess import (
     UINT16_SCALE,
+    image_hw,
     pil_to_array,
     resize_rgb,
 )
@@ -142,16 +143,18 @@ def _decode(path: Path, what: str) -> np.ndarray:
         ) from e
 
 
-def read_image(path: str | Path, image_size: int, resample: str = "bilinear") -> np.ndarray:
+def read_image(
+    path: str | Path, image_size: int | tuple[int, int], resample: str = "bilinear"
+) -> np.ndarray:
     """Reads one image as RGB uint8 at the evaluation resolution.
 
     Args:
       path: image file (any PIL-readable format; gray, RGBA, palette, 16-bit ok).
-      image_size: output side `S`.
+      image_size: output side `S`, or `(H, W)` for a non-square output.
       resample: `"bilinear"` or `"bicubic"` (CLIP; `resize_rgb`).
 
     Returns:
-      `[S, S, 3]` uint8 RGB: `features.preprocess.resize_rgb` of the decoded
+      `[S, S, 3]` (or `[H, W, 3]`) uint8 RGB: `features.preprocess.resize_rgb` of the decoded
       image (float files rounded to uint8 after the resize).
 
     Raises:
@@ -218,7 +221,10 @@ def image_pixel_size(path: str | Path) -> tuple[int, int]:
 
 
 def read_mask(
-    path: str | Path, image_size: int, threshold: int, image_path: str | Path | None = None
+    path: str | Path,
+    image_size: int | tuple[int, int],
+    threshold: int,
+    image_path: str | Path | None = None,
 ) -> np.ndarray:
     """Reads one ground-truth mask, binarised, at the evaluation resolution.
 
@@ -257,13 +263,16 @@ def read_mask(
         raise CorruptImageError(f"Cannot use mask {path}: {e}.") from e
     del arr
     binary = Image.fromarray(defect.view(np.uint8) * np.uint8(255))
-    if binary.size != (image_size, image_size):
-        binary = binary.resize((image_size, image_size), Image.Resampling.NEAREST)
+    h, w = image_hw(image_size)
+    if binary.size != (w, h):
+        binary = binary.resize((w, h), Image.Resampling.NEAREST)
     return np.asarray(binary) > 0
 
 
 def read_images(
-    paths: list[Path] | tuple[Path, ...], image_size: int, resample: str = "bilinear"
+    paths: list[Path] | tuple[Path, ...],
+    image_size: int | tuple[int, int],
+    resample: str = "bilinear",
 ) -> np.ndarray:
     """Reads a batch of images.
 
@@ -275,7 +284,7 @@ def read_images(
     Returns:
       `[B, S, S, 3]` uint8 RGB (`[0, S, S, 3]` for an empty list).
     """
-    out = np.zeros((len(paths), image_size, image_size, 3), np.uint8)
+    out = np.zeros((len(paths), *image_hw(image_size), 3), np.uint8)
     for i, p in enumerate(paths):
         out[i] = read_image(p, image_size, resample)
     return out

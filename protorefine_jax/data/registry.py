@@ -121,7 +121,11 @@ def list_categories(dataset: str, root: str | Path | None = None) -> tuple[str, 
 
 
 def load_dataset_category(
-    dataset: str, root: str | Path, category: str, image_size: int = 256
+    dataset: str,
+    root: str | Path,
+    category: str,
+    image_size: int = 256,
+    require_masks: bool = True,
 ) -> CategoryData:
     """Lists one category of a named dataset (see :data:`DATASETS`).
 
@@ -130,6 +134,8 @@ def load_dataset_category(
       root: dataset folder (the VisA root for `"visa"`).
       category: category / object name.
       image_size: evaluation resolution `S`.
+      require_masks: MVTec layout: False keeps defective images without a
+        mask (image-level labels only; `load_category`).
 
     Returns:
       :class:`~protorefine_jax.data.folder.CategoryData` (lazy).
@@ -142,4 +148,4 @@ def load_dataset_category(
     check_category(dataset, category)
     if dataset == "visa":
         return load_visa_category(root, category, image_size=image_size)
-    return load_category(root, category, image_size=image_size)
+    return load_category(root, category, image_size=image_size, require_masks=require_masks)

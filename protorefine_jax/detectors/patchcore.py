@@ -35,6 +35,7 @@ from protorefine_jax.calibration import ScoreCalibration
 from protorefine_jax.config import RefineConfig
 from protorefine_jax.detectors.base import DetectorState
 from protorefine_jax.features import Extractor, get_extractor
+from protorefine_jax.features.preprocess import image_hw
 from protorefine_jax.pipeline import RefineOutput, online_refine_and_score, refine_and_score
 
 ALPHA = 0.05
@@ -78,7 +79,7 @@ class PatchCore:
         cls,
         backbone: str = "efficientnet_lite0",
         aggregation: str | None = None,
-        image_size: int = IMAGE_SIZE,
+        image_size: int | tuple[int, int] = IMAGE_SIZE,
         *,
         alpha: float | None = None,
         pretrain_dim: int | None = None,
@@ -97,8 +98,8 @@ class PatchCore:
         return cls(extractor, ALPHA if alpha is None else alpha)
 
     @property
-    def image_size(self) -> int:
-        """Input side in pixels."""
+    def image_size(self) -> int | tuple[int, int]:
+        """Input side in pixels, or `(height, width)` for non-square inputs."""
         return self.extractor.image_size
 
     def load_params(self, weights: str | None = None) -> Any:
@@ -169,8 +170,8 @@ class PatchCore:
         Everything not in `fields` is `RefineConfig`'s default (PatchCore+'s
         settings); `use_refinement=False` gives PatchCore.
         """
-        s = self.extractor.image_size
-        base = dict(distance="sqeuclidean", grid_shape=self.extractor.grid, image_size=(s, s))
+        hw = image_hw(self.extractor.image_size)
+        base = dict(distance="sqeuclidean", grid_shape=self.extractor.grid, image_size=hw)
         return RefineConfig(**{**base, **fields})
 
     def score_features(

@@ -19,6 +19,7 @@ import numpy as np
 
 from protorefine_jax.features import aggregation as aggregation_lib
 from protorefine_jax.features import efficientnet_lite, resnet
+from protorefine_jax.features.preprocess import image_hw
 from protorefine_jax.io import torch_checkpoint
 
 Variables = Any  # {"params": ..., "batch_stats": ...}
@@ -59,7 +60,8 @@ class Extractor(NamedTuple):
     Attributes:
       name: backbone name (one of ``BACKBONES``).
       aggregation: ``"official"`` or ``"simple"``.
-      image_size: input side in pixels (images must be ``[B, S, S, 3]``).
+      image_size: input side in pixels (images must be ``[B, S, S, 3]``), or
+        ``(H, W)`` for non-square inputs (``[B, H, W, 3]``).
       grid: ``(h, w)`` patch grid (stride 8).
       feature_dim: ``c`` of the output.
       extract: jitted ``(variables, images [B, S, S, 3] uint8/float in [0, 255])
@@ -71,7 +73,7 @@ class Extractor(NamedTuple):
 
     name: str
     aggregation: str
-    image_size: int
+    image_size: int | tuple[int, int]
     grid: tuple[int, int]
     feature_dim: int
     extract: Callable[[Variables, jax.Array], jax.Array]
@@ -79,12 +81,13 @@ class Extractor(NamedTuple):
     load_params: Callable[[str | os.PathLike | None], Variables]
 
 
-def check_images(images: Any, image_size: int) -> None:
-    """Raises ``ValueError`` / ``TypeError`` unless ``images`` is ``[B, S, S, 3]`` pixels."""
+def check_images(images: Any, image_size: int | tuple[int, int]) -> None:
+    """Raises ``ValueError`` / ``TypeError`` unless ``images`` is ``[B, H, W, 3]`` pixels."""
     shape = tuple(images.shape)
-    if len(shape) != 4 or shape[1:] != (image_size, image_size, 3):
+    h, w = image_hw(image_size)
+    if len(shape) != 4 or shape[1:] != (h, w, 3):
         raise ValueError(
-            f"expected RGB images of shape [B, {image_size}, {image_size}, 3] (NHWC, pixels "
+            f"expected RGB images of shape [B, {h}, {w}, 3] (NHWC, pixels "
             f"in [0, 255]); got shape {shape}. Resize with "
             "protorefine_jax.features.preprocess_batch"
         )
@@ -156,7 +159,7 @@ def _load(name: str, path: str | os.PathLike | None) -> Variables:
 def get_extractor(
     name: str,
     aggregation: str = "official",
-    image_size: int = 256,
+    image_size: int | tuple[int, int] = 256,
     pretrain_dim: int | None = None,
     target_dim: int | None = None,
     allow_repetition: bool = False,
@@ -168,8 +171,8 @@ def get_extractor(
         ``"efficientnet_lite2"`` or ``"wide_resnet50_2"`` (needs a local checkpoint).
       aggregation: ``"official"`` (PatchCore unfold / pool, ``target_dim`` features)
         or ``"simple"`` (3x3 mean, concatenated: ``c8 + c16`` features).
-      image_size: square input side; a multiple of 16 so the stride-16 grid is
-        exactly half the stride-8 grid.
+      image_size: square input side, or ``(height, width)``; multiples of 16 so
+        the stride-16 grid is exactly half the stride-8 grid.
       pretrain_dim: per-stage pooled size (official only); default per backbone
         (``SPECS[name].default_dims``).
       target_dim: final size (official only); default per backbone.
@@ -187,8 +190,12 @@ def get_extractor(
         raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}")
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
-    if image_size <= 0 or image_size % 16:
-        raise ValueError(f"image_size must be a positive multiple of 16, got {image_size}")
+    h, w = image_hw(image_size)
+    if min(h, w) <= 0 or h % 16 or w % 16:
+        raise ValueError(
+            f"image_size must be a positive multiple of 16 (or (height, width) of such), "
+            f"got {image_size}"
+        )
     spec = SPECS[name]
     if aggregation == "official":
         pretrain_dim = spec.default_dims[0] if pretrain_dim is None else int(pretrain_dim)
@@ -222,7 +229,7 @@ def get_extractor(
         return aggregate(f8, f16)
 
     init = lambda key: random_variables(model, key)
-    grid = (image_size // 8, image_size // 8)
+    grid = (h // 8, w // 8)
     return Extractor(
         name=name,
         aggregation=aggregation,

@@ -159,6 +159,16 @@ def to_rgb(image: ImageLike, float_scale: float = 255.0) -> np.ndarray:
     return x
 
 
+def image_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """`(height, width)` of an image size given as one side (square) or as `(H, W)`."""
+    if isinstance(size, int | np.integer):
+        return int(size), int(size)
+    hw = tuple(int(v) for v in size)
+    if len(hw) != 2:
+        raise ValueError(f"image size must be one int or (height, width), got {size!r}")
+    return hw
+
+
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 """Resize filters of :func:`resize_rgb` (module docstring)."""
 
@@ -171,31 +181,37 @@ def _check_resample(resample: str) -> None:
         )
 
 
-def resize_float(x: np.ndarray, size: int, resample: str = "bilinear") -> np.ndarray:
+def resize_float(
+    x: np.ndarray, size: int | tuple[int, int], resample: str = "bilinear"
+) -> np.ndarray:
     """Per-channel resize of ``[H, W, C]`` in PIL's 32-bit float mode; float32, unclipped."""
     _check_resample(resample)
     x = np.asarray(x, np.float32)
+    h, w = image_hw(size)
     channels = [
-        np.asarray(Image.fromarray(x[..., c]).resize((size, size), RESAMPLE[resample]))
+        np.asarray(Image.fromarray(x[..., c]).resize((w, h), RESAMPLE[resample]))
         for c in range(x.shape[-1])
     ]
     return np.stack(channels, axis=-1).astype(np.float32)
 
 
 def resize_rgb(
-    image: ImageLike, size: int = 256, float_scale: float = 255.0, resample: str = "bilinear"
+    image: ImageLike,
+    size: int | tuple[int, int] = 256,
+    float_scale: float = 255.0,
+    resample: str = "bilinear",
 ) -> np.ndarray:
-    """:func:`to_rgb`, then PIL resize to ``size x size``; keeps the dtype.
+    """:func:`to_rgb`, then PIL resize to ``size x size`` (or ``(H, W)``); keeps the dtype.
 
     Args:
       image: see :func:`to_rgb`.
-      size: output side in pixels.
+      size: output side in pixels, or ``(height, width)`` for a non-square output.
       float_scale: see :func:`to_rgb`.
       resample: ``"bilinear"`` (default, the CNN backbones) or ``"bicubic"``
         (antialiased, CLIP / WinCLIP as anomalib; module docstring).
 
     Returns:
-      ``[size, size, 3]``: uint8 for integer / bool / non-float PIL input,
+      ``[H, W, 3]``: uint8 for integer / bool / non-float PIL input,
       float32 in [0, 255] for float input.
 
     Raises:
@@ -203,10 +219,11 @@ def resize_rgb(
     """
     _check_resample(resample)
     x = to_rgb(image, float_scale)
-    if x.shape[:2] == (size, size):
+    h, w = image_hw(size)
+    if x.shape[:2] == (h, w):
         return x
     if x.dtype == np.uint8 and resample == "bilinear":
-        return np.asarray(Image.fromarray(x).resize((size, size), Image.Resampling.BILINEAR))
+        return np.asarray(Image.fromarray(x).resize((w, h), Image.Resampling.BILINEAR))
     out = np.clip(resize_float(x, size, resample), 0.0, 255.0)
     if x.dtype == np.uint8:
         return np.round(out).astype(np.uint8)

@@ -5,6 +5,8 @@
   unpickler of the package), safetensors and ``.npz`` into ``{key: ndarray}``.
 - :mod:`protorefine_jax.io.clip_folder`: Hugging Face CLIP folders (weights,
   safetensors shards, tokenizer files), OpenCLIP conversion.
+- :mod:`protorefine_jax.io.model_dir`: model directories of `experiments.fit`
+  (safetensors arrays, JSON manifest, allow-listed classes, SHA-256 checks).
 
 Files are data, never code: no global outside an allow-list is resolved, every
 size a file claims is checked against the file's own size before anything is

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import math
 import pathlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -223,6 +224,7 @@ def load_tokenizer(folder: str | pathlib.Path) -> CLIPTokenizer:
 
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
+MIN_STD = 1e-6
 
 
 def _rgb_triple(value: Any, name: str, path: pathlib.Path) -> tuple[float, float, float]:
@@ -233,6 +235,8 @@ def _rgb_triple(value: Any, name: str, path: pathlib.Path) -> tuple[float, float
         out = ()
     if len(out) != 3:
         raise ValueError(f"{path}: {name} must be a number or 3 numbers (RGB), got {value!r}.")
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{path}: {name} must be finite, got {list(out)}.")
     return out  # type: ignore[return-value]
 
 
@@ -262,8 +266,11 @@ def read_normalization(
         return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     mean = _rgb_triple(config.get("image_mean", CLIP_MEAN), "image_mean", path)
     std = _rgb_triple(config.get("image_std", CLIP_STD), "image_std", path)
-    if min(std) <= 0:
-        raise ValueError(f"{path}: image_std must be positive, got {list(std)}.")
+    if min(std) < MIN_STD:
+        raise ValueError(
+            f"{path}: image_std must be >= {MIN_STD:g} (pixels in [0, 1]; a smaller std "
+            f"blows normalised pixels past float32), got {list(std)}."
+        )
     return mean, std
 
 

@@ -1,0 +1,717 @@
+"""Fit once, predict anywhere: the logic behind `experiments.fit` and `experiments.predict`.
+
+`fit_model` builds a library detector (`protorefine_jax.detectors`) from a
+folder of good images, derives its decision threshold
+(`protorefine_jax.threshold`), and writes a model directory
+(`protorefine_jax.io.model_dir`), optionally with the `jax.export` artifact
+of the whole compiled detector. `open_model` reads one back, checks that it
+matches what the caller asks for, and returns a `Scorer`: the library
+detector, or the exported program alone when the model code cannot be
+imported. `predict` scores a folder of images in fixed-size batches and
+writes the predictions, the overlays and `report.html`.
+
+Nothing here parses flags; the two CLIs are thin wrappers.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from experiments import html_report
+from experiments.report import overlay
+from protorefine_jax import threshold as threshold_lib
+from protorefine_jax.data.errors import DatasetError
+from protorefine_jax.data.imageio import is_image_file, read_image
+from protorefine_jax.features.preprocess import image_hw
+from protorefine_jax.io import model_dir
+from protorefine_jax.io.paths import check_output_dir, safe_filename
+
+EXPORT_FILE = "detector.jaxexport"
+METHODS = {"patchcore": False, "patchcore+": True}  # name -> use_refinement
+REFINE_FIELDS = (
+    "lam",
+    "epsilon",
+    "ridge",
+    "ridge_wide",
+    "lr",
+    "num_iters",
+    "sinkhorn_iters",
+    "sinkhorn_mode",
+    "warm_start",
+    "m_step",
+    "optimizer",
+    "inner_steps",
+    "bank",
+    "precision",
+)
+# Errors reading one image that predict records and skips (a flag makes them fatal).
+IMAGE_ERRORS = (DatasetError, OSError, ValueError)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitSettings:
+    """Everything `fit_model` needs; `experiments.fit` fills it from flags."""
+
+    support_dir: str = ""
+    out: str = ""
+    overwrite: bool = False
+    method: str = "patchcore+"
+    backbone: str = "efficientnet_lite0"
+    aggregation: str | None = None
+    weights: str = ""
+    image_size: int | tuple[int, int] = 256
+    alpha: float | None = None
+    shots: int = 0
+    seed: int = 0
+    false_alarm_rate: float = 0.05
+    margin: float = 0.0
+    views: int = 16
+    calibration_dir: str | None = None
+    export: bool = False
+    batch_size: int = 8
+    progress: bool = True
+    refine: tuple[tuple[str, Any], ...] = ()
+
+
+# --------------------------------------------------------------------------- images
+
+
+def parse_image_size(text: str | int | Sequence[int]) -> int | tuple[int, int]:
+    """`"256"` -> 256 (square); `"224x544"` (height x width) -> (224, 544)."""
+    if not isinstance(text, str):
+        h, w = image_hw(text)
+        return h if h == w else (h, w)
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values, default=0) <= 0:
+        raise ValueError(
+            "--image_size must be one side (e.g. 256) or HEIGHTxWIDTH (e.g. 224x544), "
+            f"got {text!r}."
+        )
+    return values[0] if len(values) == 1 or values[0] == values[1] else (values[0], values[1])
+
+
+def list_images(spec: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """`(root, files)` of a folder (recursively) or a glob pattern, sorted.
+
+    Args:
+      spec: a directory, or a glob pattern (`**` allowed) of image files.
+
+    Returns:
+      The folder names are relative to (the directory, or the glob's fixed
+      prefix) and the image files (extensions of `IMAGE_EXTENSIONS`, no
+      hidden files), sorted by path.
+
+    Raises:
+      FileNotFoundError: nothing matches (the message says what was looked at).
+    """
+    spec = os.fspath(spec)
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+        root = path
+    else:
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if is_image_file(Path(p)))
+        prefix = spec.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
+        root = Path(prefix) if prefix.endswith(os.sep) else Path(prefix).parent
+    if not files:
+        raise FileNotFoundError(
+            f"no image files (.png, .jpg, .bmp, .tif, ...) found in {spec!r}; pass a folder "
+            "of images or a glob pattern such as 'parts/**/*.png'."
+        )
+    return root, files
+
+
+def relative_name(root: Path, file: Path) -> str:
+    """`file` relative to `root` (POSIX), or its bare name when outside."""
+    try:
+        return file.relative_to(root).as_posix()
+    except ValueError:
+        return file.name
+
+
+def read_batch(
+    files: Sequence[Path], image_size: int | tuple[int, int], strict: bool
+) -> tuple[np.ndarray, list[int], dict[int, str]]:
+    """Reads images; returns `(pixels [n_ok, H, W, 3], ok indices, {index: error})`."""
+    ok, images, errors = [], [], {}
+    for i, f in enumerate(files):
+        try:
+            images.append(read_image(f, image_size))
+            ok.append(i)
+        except IMAGE_ERRORS as e:
+            if strict:
+                raise
+            errors[i] = f"{type(e).__name__}: {e}"
+    pixels = np.stack(images) if images else np.zeros((0, *image_hw(image_size), 3), np.uint8)
+    return pixels, ok, errors
+
+
+def calibration_set(folder: str | os.PathLike) -> tuple[list[Path], np.ndarray]:
+    """Labelled calibration images in the MVTec test layout.
+
+    `folder` (or `folder/test` when it exists) holds `good/` (label 0) and one
+    sub-folder per defect type (label 1); masks are not needed.
+
+    Returns:
+      `(files, labels [N])`.
+    """
+    root = Path(folder)
+    if (root / "test").is_dir():
+        root = root / "test"
+    if not root.is_dir():
+        raise FileNotFoundError(f"--calibration_dir {folder} is not a folder.")
+    files, labels = [], []
+    subs = sorted(p for p in root.iterdir() if p.is_dir())
+    for sub in subs:
+        imgs = sorted(p for p in sub.iterdir() if p.is_file() and is_image_file(p))
+        files += imgs
+        labels += [0 if sub.name == "good" else 1] * len(imgs)
+    labels_arr = np.asarray(labels, np.int64)
+    if not np.any(labels_arr == 0) or not np.any(labels_arr == 1):
+        raise FileNotFoundError(
+            f"--calibration_dir {folder} needs good/ AND at least one defect folder with images "
+            f"(MVTec layout: test/good, test/<defect type>); found {sorted(p.name for p in subs)}."
+        )
+    return files, labels_arr
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def padded(fn: Callable[[np.ndarray], Any], images: np.ndarray, batch_size: int) -> Iterator[Any]:
+    """`fn` over `images` in batches of exactly `batch_size` (last padded); yields outputs cut."""
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        n = len(chunk)
+        if n < batch_size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
+        scores, maps = fn(chunk)
+        yield np.asarray(scores)[:n], np.asarray(maps)[:n]
+
+
+@dataclasses.dataclass
+class Scorer:
+    """Scores batches of `[B, H, W, 3]` images: `score(images) -> (scores [B], maps [B, H, W])`.
+
+    Attributes:
+      score: the scoring function (library detector or exported program).
+      runtime: `"library"` or `"export"`.
+      image_size: `S`, or `(H, W)`.
+    """
+
+    score: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+    runtime: str
+    image_size: int | tuple[int, int]
+
+
+def weights_identity(detector, weights: str) -> dict[str, Any]:
+    """Backbone name, weights kind/path and the file's SHA-256 ("random" has none)."""
+    from protorefine_jax.io import torch_checkpoint
+
+    if weights == "random":
+        return {"weights": "random", "weights_sha256": "random:PRNGKey(0)"}
+    name = detector.extractor.name
+    path = weights or torch_checkpoint.shipped_checkpoint(name)
+    return {"weights": weights or "shipped", "weights_sha256": model_dir.file_sha256(path)}
+
+
+def build_detector(s: FitSettings):
+    """`(detector, params, config)` of the settings (PatchCore family)."""
+    from protorefine_jax.detectors import PatchCore
+
+    if s.method not in METHODS:
+        raise ValueError(f"unknown --method {s.method!r}; fit supports {sorted(METHODS)}.")
+    detector = PatchCore.create(s.backbone, s.aggregation, s.image_size, alpha=s.alpha)
+    params = detector.load_params(s.weights)
+    config = detector.config(use_refinement=METHODS[s.method], **dict(s.refine))
+    return detector, params, config
+
+
+def config_dict(config) -> dict[str, Any]:
+    """A `RefineConfig` as JSON-ready values (tuples as lists, arrays as floats)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if hasattr(v, "item") and np.ndim(v) == 0:
+            v = v.item()
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _check_fit(s: FitSettings) -> None:
+    if not s.support_dir:
+        raise ValueError("--support_dir is required: a folder (or glob) of good images.")
+    if not s.out:
+        raise ValueError("--out is required: the model directory to write.")
+    if s.shots < 0:
+        raise ValueError(f"--shots must be >= 0 (0 = every image given), got {s.shots}.")
+    if s.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {s.batch_size}.")
+    if s.views < 2:
+        raise ValueError(f"--views must be >= 2, got {s.views}.")
+    out = check_output_dir(s.out, "--out")
+    if out.exists() and any(out.iterdir()) and not s.overwrite:
+        raise FileExistsError(
+            f"{out} exists and is not empty; a model is never overwritten silently. Pick a new "
+            "--out, or pass --overwrite."
+        )
+
+
+def fit_model(s: FitSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fits the detector on the support images and writes the model directory.
+
+    Returns:
+      The model's metadata (as stored in `model.json`).
+    """
+    import jax
+
+    from protorefine_jax.data.fewshot import sample_support
+
+    _check_fit(s)
+    root, files = list_images(s.support_dir)
+    if s.shots:
+        files = list(sample_support(files, s.shots, s.seed).paths)
+    support, _, errors = read_batch(files, s.image_size, strict=True)
+    del errors  # strict: unreadable support images are fatal
+    k = len(files)
+    detector, params, config = build_detector(s)
+    t0 = time.time()
+    feats = np.concatenate(
+        [np.asarray(detector.features(params, b)) for b in _pad_chunks(support, s.batch_size)]
+    )[:k]
+    state = detector.fit_features(feats)
+    log(
+        f"fitted {s.method} on {k} image(s) from {root}: "
+        + "; ".join(b.describe() for b in state.banks)
+    )
+
+    def score_state(st, images):
+        out = [detector.score(params, st, b, config) for b in _pad_chunks(images, s.batch_size)]
+        scores = np.concatenate([np.asarray(o.image_scores) for o in out])[: len(images)]
+        maps = np.concatenate([np.asarray(o.maps) for o in out])[: len(images)]
+        return scores, maps
+
+    if k >= 2:
+        cal_scores, cal_maps = [], []
+        for i in range(k):
+            st = detector.fit_features(np.delete(feats, i, axis=0))
+            sc, mp = score_state(st, support[i : i + 1])
+            cal_scores.append(sc[0])
+            cal_maps.append(mp[0])
+        normal = threshold_lib.normal_threshold(
+            np.array(cal_scores), s.false_alarm_rate, s.margin, "leave_one_out"
+        )
+    else:
+        views = threshold_lib.augment_views(support[0], s.views, seed=s.seed)
+        cal_scores, cal_maps = score_state(state, views)
+        normal = threshold_lib.normal_threshold(
+            cal_scores, s.false_alarm_rate, s.margin, "augmented_views"
+        )
+    log(normal.describe())
+    thresholds = {"normal_only": normal.to_dict()}
+    active = normal
+    calibration = None
+    if s.calibration_dir:
+        cfiles, clabels = calibration_set(s.calibration_dir)
+        cimages, _, _ = read_batch(cfiles, s.image_size, strict=True)
+        cscores, _ = score_state(state, cimages)
+        active = threshold_lib.f1_threshold(clabels, cscores)
+        thresholds["f1"] = active.to_dict()
+        calibration = {
+            "dir": str(s.calibration_dir),
+            "files": [relative_name(Path(s.calibration_dir), f) for f in cfiles],
+            "labels": clabels.tolist(),
+            "scores": [float(x) for x in cscores],
+        }
+        log(active.describe() + " (used for decisions)")
+    # Map colours: the typical normal map value is blue, the threshold red.
+    map_scale = [float(np.median(np.asarray(cal_maps))), float(active.value)]
+    meta = {
+        "detector": {"family": detector.family, "method": s.method, **detector.describe()},
+        "backbone": {"name": s.backbone, **weights_identity(detector, s.weights)},
+        "image_size": list(image_hw(s.image_size)),
+        "alpha": detector.alpha if s.alpha is None else s.alpha,
+        "config": config_dict(config),
+        "support": {
+            "dir": str(s.support_dir),
+            "files": [relative_name(root, f) for f in files],
+            "sha256": [model_dir.file_sha256(f) for f in files],
+        },
+        "threshold": active.to_dict(),
+        "thresholds": thresholds,
+        "threshold_calibration": {"scores": [float(x) for x in np.ravel(cal_scores)]},
+        "calibration": calibration,
+        "map_scale": map_scale,
+        "fit_seconds": round(time.time() - t0, 3),
+        "jax": jax.__version__,
+    }
+    extra = {}
+    if s.export:
+        extra[EXPORT_FILE] = export_artifact(detector, params, state, config, s.image_size)
+        meta["export"] = {"file": EXPORT_FILE, "platforms": [jax.default_backend()]}
+    model_dir.save_model(s.out, state, meta, extra_files=extra, overwrite=s.overwrite)
+    log(f"model written to {s.out}/ ({', '.join([model_dir.MANIFEST, model_dir.ARRAYS, *extra])})")
+    return meta
+
+
+def _chunks(x: np.ndarray, n: int) -> Iterator[np.ndarray]:
+    for i in range(0, len(x), n):
+        yield x[i : i + n]
+
+
+def _pad_chunks(x: np.ndarray, n: int) -> Iterator[np.ndarray]:
+    for chunk in _chunks(x, n):
+        if len(chunk) < n:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], n - len(chunk), axis=0)])
+        yield chunk
+
+
+def export_artifact(detector, params, state, config, image_size) -> bytes:
+    """The `jax.export` program `images -> (scores, maps, patch_scores)`, bank baked in."""
+    from protorefine_jax import make_detect
+    from protorefine_jax.export import export_detect
+
+    detect = make_detect(detector.features)
+    return export_detect(
+        detect, params, state.banks[0].prototypes, config, (*image_hw(image_size), 3)
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def requested_settings(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The nested form `check_matches` compares, from flat predict overrides."""
+    req: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in REFINE_FIELDS:
+            req.setdefault("config", {})[key] = value
+        elif key == "backbone":
+            req.setdefault("backbone", {})["name"] = value
+        elif key == "method":
+            req.setdefault("detector", {})["method"] = value
+        elif key == "aggregation":
+            req.setdefault("detector", {})["aggregation"] = value
+        elif key == "image_size":
+            req["image_size"] = list(image_hw(parse_image_size(value)))
+        else:
+            raise ValueError(f"unknown setting {key!r}")
+    return req
+
+
+def open_model(
+    path: str | os.PathLike,
+    *,
+    runtime: str = "auto",
+    weights: str | None = None,
+    requested: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[Scorer, dict[str, Any]]:
+    """Loads a model directory as a `Scorer` (see the module docstring).
+
+    Args:
+      path: the model directory.
+      runtime: `"library"` (the detector code), `"export"` (the exported
+        program only) or `"auto"` (the library when importable, else export).
+      weights: where this machine has the backbone weights (None: as fitted);
+        the file's SHA-256 must match the model's.
+      requested: settings the caller asks for (`requested_settings`); any
+        that differ from the model's raise `ModelMismatchError`.
+      log: where notes go.
+
+    Returns:
+      `(scorer, manifest)`.
+    """
+    manifest = model_dir.read_manifest(path)
+    meta = manifest["metadata"]
+    if requested:
+        model_dir.check_matches(manifest, requested)
+    if runtime not in ("auto", "library", "export"):
+        raise ValueError(f"unknown runtime {runtime!r}; choose auto, library or export.")
+    if runtime == "auto":
+        try:
+            import protorefine_jax.detectors  # noqa: F401
+            import protorefine_jax.features  # noqa: F401
+
+            runtime = "library"
+        except ImportError as e:
+            if "export" not in meta:
+                raise ImportError(
+                    f"the detector code cannot be imported ({e}) and the model has no exported "
+                    "program; refit it with --export, or install the package."
+                ) from e
+            log(f"detector code not importable ({e}): running the exported program")
+            runtime = "export"
+    size = parse_image_size(meta["image_size"])
+    if runtime == "export":
+        return _export_scorer(path, manifest, size), manifest
+    return _library_scorer(path, meta, size, weights), manifest
+
+
+def _export_scorer(path, manifest, size: int) -> Scorer:
+    from jax import export
+
+    if "export" not in manifest["metadata"]:
+        raise model_dir.ModelFormatError(
+            f"{path} has no exported program; refit with `experiments.fit --export`."
+        )
+    blob = model_dir.read_file(path, EXPORT_FILE)  # SHA-256 checked against model.json
+    try:  # the validating loader (platform, version, signature), when importable
+        from protorefine_jax.export import load_detect
+
+        call = load_detect(blob, image_shape=(*image_hw(size), 3))
+    except ImportError:
+        call = export.deserialize(bytearray(blob)).call
+
+    def score(images):
+        scores, maps, _ = call(np.asarray(images, np.float32))
+        return np.asarray(scores), np.asarray(maps)
+
+    return Scorer(score=score, runtime="export", image_size=size)
+
+
+def _library_scorer(path, meta, size: int, weights: str | None) -> Scorer:
+    from protorefine_jax.detectors import PatchCore
+
+    loaded = model_dir.load_model(path)
+    if loaded.version_note:
+        print(f"note: {loaded.version_note}")
+    det = meta["detector"]
+    backbone = meta["backbone"]
+    detector = PatchCore.create(backbone["name"], det["aggregation"], size, alpha=meta.get("alpha"))
+    chosen = backbone["weights"] if weights is None else weights
+    if chosen == "shipped":
+        chosen = ""
+    ident = weights_identity(detector, chosen)
+    if ident["weights_sha256"] != backbone["weights_sha256"]:
+        raise model_dir.ModelMismatchError(
+            "the model was fitted with other backbone weights than requested:\n  "
+            f"backbone.weights_sha256: model has {backbone['weights_sha256']!r} "
+            f"({backbone['weights']}), requested {ident['weights_sha256']!r} "
+            f"({chosen or 'shipped'})"
+            "\nPass --weights=<the file the model was fitted with>, or fit a new model."
+        )
+    params = detector.load_params(chosen)
+    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["config"].items()}
+    config = type(detector.config())(**cfg)
+
+    def score(images):
+        out = detector.score(params, loaded.state, images, config)
+        return np.asarray(out.image_scores), np.asarray(out.maps)
+
+    return Scorer(score=score, runtime="library", image_size=size)
+
+
+# --------------------------------------------------------------------------- predict
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictSettings:
+    """Everything `predict` needs; `experiments.predict` fills it from flags."""
+
+    model: str = ""
+    images: str = ""
+    out: str = ""
+    overwrite: bool = False
+    batch_size: int = 8
+    runtime: str = "auto"
+    weights: str | None = None
+    strict: bool = False
+    threshold: float | None = None
+    overlays: str = "all"
+    progress: bool = True
+    requested: tuple[tuple[str, Any], ...] = ()
+
+
+def prepare_out(out: str, overwrite: bool) -> Path:
+    """Creates `out`; refuses a file, and a non-empty folder unless `overwrite`."""
+    path = check_output_dir(out, "--out")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise FileExistsError(
+            f"--out {path} exists and is not empty; predictions are never overwritten "
+            "silently. Pick a new --out, or pass --overwrite."
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _safe_stem(index: int, name: str) -> str:
+    # The index keeps names unique after flattening folders; safe_filename keeps them valid.
+    return f"{index:05d}_{safe_filename(name.rsplit('.', 1)[0].replace('/', '_'), 80)}"
+
+
+def predict(s: PredictSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Scores every image of `s.images` and writes predictions, overlays and report.html.
+
+    Returns:
+      A summary: counts, images/s, threshold, files written.
+    """
+    if s.overlays not in ("all", "anomalous", "none"):
+        raise ValueError(f"--overlays must be all, anomalous or none; got {s.overlays!r}.")
+    if s.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {s.batch_size}.")
+    root, files = list_images(s.images)
+    scorer, manifest = open_model(
+        s.model,
+        runtime=s.runtime,
+        weights=s.weights,
+        requested=requested_settings(dict(s.requested)),
+        log=log,
+    )
+    meta = manifest["metadata"]
+    thr = float(meta["threshold"]["value"]) if s.threshold is None else float(s.threshold)
+    thr_note = (
+        f"threshold {thr:.6g} given on the command line"
+        if s.threshold is not None
+        else threshold_lib.Threshold.from_dict(meta["threshold"]).describe()
+    )
+    lo, hi = meta["map_scale"]
+    hi = max(hi, lo + 1e-6)
+    out = prepare_out(s.out, s.overwrite)
+    if s.overlays != "none":
+        (out / "overlays").mkdir(exist_ok=True)
+    names = [relative_name(root, f) for f in files]
+    rows: list[dict[str, Any]] = []
+    items: list[html_report.ReportItem] = []
+    size = scorer.image_size
+    t0 = time.time()
+    scored = 0
+    first = (0.0, 0)
+    chunk = max(s.batch_size * 4, 1)
+    with tqdm(total=len(files), disable=not s.progress, desc="predict", unit="img") as bar:
+        for start in range(0, len(files), chunk):
+            part = files[start : start + chunk]
+            pixels, ok, errors = read_batch(part, size, s.strict)
+            results = list(padded(scorer.score, pixels, s.batch_size))
+            scores = np.concatenate([r[0] for r in results]) if results else np.zeros(0)
+            maps = (
+                np.concatenate([r[1] for r in results])
+                if results
+                else np.zeros((0, *image_hw(size)))
+            )
+            for j, i in enumerate(ok):
+                index = start + i
+                score = float(scores[j])
+                anomalous = score > thr
+                link = None
+                if s.overlays == "all" or (s.overlays == "anomalous" and anomalous):
+                    link = f"overlays/{_safe_stem(index, names[index])}.png"
+                    empty = np.zeros(maps[j].shape, bool)
+                    Image.fromarray(overlay(pixels[j], maps[j], empty, lo, hi)).save(out / link)
+                rows.append(
+                    {
+                        "file": names[index],
+                        "score": score,
+                        "decision": _decision(anomalous),
+                        "threshold": thr,
+                        "error": "",
+                    }
+                )
+                items.append(
+                    html_report.ReportItem(
+                        name=names[index],
+                        score=score,
+                        anomalous=anomalous,
+                        link=link,
+                        thumbnail=html_report.make_thumbnail(pixels[j], maps[j], lo, hi),
+                    )
+                )
+            for i, err in errors.items():
+                rows.append(
+                    {
+                        "file": names[start + i],
+                        "score": None,
+                        "decision": "unreadable",
+                        "threshold": thr,
+                        "error": err,
+                    }
+                )
+                items.append(html_report.ReportItem(name=names[start + i], error=err))
+            scored += len(ok)
+            bar.update(len(part))
+            if start == 0:  # the first chunk pays for compilation
+                first = (time.time() - t0, scored)
+    seconds = time.time() - t0
+    steady = (scored - first[1]) / max(seconds - first[0], 1e-9) if scored > first[1] else None
+    rows.sort(key=lambda r: r["file"])
+    with (out / "predictions.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file", "score", "decision", "threshold", "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+    with (out / "predictions.jsonl").open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    flagged = sum(r["decision"] == "anomalous" for r in rows)
+    settings = {
+        "model": str(s.model),
+        "images": str(s.images),
+        "runtime": scorer.runtime,
+        "method": meta["detector"].get("method"),
+        "backbone": meta["backbone"]["name"],
+        "weights": meta["backbone"]["weights"],
+        "image_size": meta["image_size"],
+        "support": meta["support"]["files"],
+        "threshold": thr,
+        "config": meta["config"],
+        "package_version": manifest.get("package_version"),
+    }
+    thresholds = [("threshold", thr)]
+    other = meta.get("thresholds", {})
+    if "f1" in other and s.threshold is None:
+        thresholds.append(("normal-only", float(other["normal_only"]["value"])))
+    html_report.write_report(
+        out / "report.html",
+        items,
+        title=f"predict: {s.images}",
+        settings=settings,
+        thresholds=thresholds,
+        threshold_note=thr_note,
+        notes=[_speed_line(scored, seconds, steady)],
+    )
+    summary = {
+        "images": len(files),
+        "scored": scored,
+        "anomalous": flagged,
+        "unreadable": len(files) - scored,
+        "threshold": thr,
+        "seconds": seconds,
+        "images_per_second": scored / max(seconds, 1e-9),
+        "images_per_second_after_first_batch": steady,
+        "runtime": scorer.runtime,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    log(
+        f"{scored} images scored, {flagged} anomalous, {len(files) - scored} unreadable; "
+        f"{_speed_line(scored, seconds, steady)} ({scorer.runtime}); results in {out}/ "
+        "(predictions.csv, predictions.jsonl, overlays/, report.html)"
+    )
+    return summary
+
+
+def _speed_line(scored: int, seconds: float, steady: float | None) -> str:
+    line = f"{scored} images in {seconds:.1f} s: {scored / max(seconds, 1e-9):.2f} images/s"
+    if steady is not None:
+        line += f", {steady:.2f} images/s after the first batches (compilation)"
+    return line
+
+
+def _decision(anomalous: bool) -> str:
+    return "anomalous" if anomalous else "good"

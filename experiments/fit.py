@@ -1,0 +1,122 @@
+r"""Fit a detector on a folder of good images and write a model directory.
+
+  python -m experiments.fit --support_dir=parts/good --out=models/parts
+  python -m experiments.fit --support_dir=parts/good --out=models/parts --shots=2 \
+      --calibration_dir=parts/val --export
+
+Writes `--out` (new or empty; `--overwrite` to replace): `model.json` (the
+resolved configuration, backbone and weights SHA-256, image size, package
+version, support files, the decision threshold and how it was derived),
+`state.safetensors` (every array of the detector's state) and, with
+`--export`, `detector.jaxexport` (the compiled detector, bank baked in).
+
+The threshold: with only good images, leave-one-out scores of the support
+images (k >= 2) or scores of augmented views (k = 1), and the split-conformal
+order statistic for `--false_alarm_rate` (`protorefine_jax.threshold`);
+with `--calibration_dir` (MVTec test layout: good/ and defect folders), the
+F1-optimal threshold on those images instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+from absl import flags
+
+from experiments import deploy
+from protorefine_jax.data import imageio
+
+# Own flag registry: fit, predict and eval define flags of the same names and
+# may be imported together (tests, notebooks).
+FLAGS = flags.FlagValues()
+_define_string = functools.partial(flags.DEFINE_string, flag_values=FLAGS)
+_define_bool = functools.partial(flags.DEFINE_bool, flag_values=FLAGS)
+_define_integer = functools.partial(flags.DEFINE_integer, flag_values=FLAGS)
+_define_float = functools.partial(flags.DEFINE_float, flag_values=FLAGS)
+_define_enum = functools.partial(flags.DEFINE_enum, flag_values=FLAGS)
+
+_define_string("support_dir", "", "Folder (searched recursively) or glob of good images.")
+_define_string("out", "", "Model directory to write (must be new or empty).")
+_define_bool("overwrite", False, "Allow replacing an existing model directory.")
+_define_enum("method", "patchcore+", sorted(deploy.METHODS), "Detector.")
+_define_string(
+    "backbone", "efficientnet_lite0", "efficientnet_lite0 | efficientnet_lite2 | wide_resnet50_2."
+)
+_define_string("aggregation", None, "official | simple (default per backbone).")
+_define_string("weights", "", "Backbone weights file ('' = shipped Lite weights; 'random').")
+_define_string(
+    "image_size",
+    "256",
+    "Input size: one side (square, e.g. 256) or HEIGHTxWIDTH (e.g. 224x544, multiples of 16) "
+    "so that elongated parts are not squashed.",
+)
+_define_float("alpha", None, "Coreset ratio (default 0.05).")
+_define_integer("shots", 0, "Support images to draw (seeded); 0 = every image given.")
+_define_integer("seed", 0, "Seed of the --shots draw and of the augmented views.")
+_define_float(
+    "false_alarm_rate",
+    0.05,
+    "Target false-alarm rate of the normal-only "
+    "threshold (the achievable bound is 1/(n+1) with n calibration scores).",
+)
+_define_float("margin", 0.0, "Relative margin added to the normal-only threshold.")
+_define_integer("views", 16, "Augmented views for the threshold when k = 1.")
+_define_string(
+    "calibration_dir",
+    None,
+    "Labelled images (good/ + defect folders): use the F1-optimal threshold on them.",
+)
+_define_bool("export", False, "Also write the jax.export artifact (detector.jaxexport).")
+_define_integer("batch_size", 8, "Images per compiled batch.")
+_define_integer(
+    "max_image_pixels",
+    imageio.DEFAULT_MAX_IMAGE_PIXELS,
+    "Largest image (width x height) decoded; larger files are refused before decoding.",
+)
+_define_bool("progress", True, "Log progress.")
+for _name in deploy.REFINE_FIELDS:
+    if _name in ("warm_start",):
+        _define_bool(_name, None, f"RefineConfig.{_name} (unset: default).")
+    elif _name in ("num_iters", "sinkhorn_iters", "inner_steps"):
+        _define_integer(_name, None, f"RefineConfig.{_name} (unset: default).")
+    elif _name in ("sinkhorn_mode", "m_step", "optimizer", "bank", "precision"):
+        _define_string(_name, None, f"RefineConfig.{_name} (unset: default).")
+    else:
+        _define_float(_name, None, f"RefineConfig.{_name} (unset: default).")
+
+
+def settings_from_flags() -> deploy.FitSettings:
+    """`FitSettings` of the parsed flags."""
+    names = [f.name for f in deploy.dataclasses.fields(deploy.FitSettings) if f.name != "refine"]
+    refine = tuple((n, FLAGS[n].value) for n in deploy.REFINE_FIELDS if FLAGS[n].value is not None)
+    values = {n: FLAGS[n].value for n in names}
+    values["image_size"] = deploy.parse_image_size(values["image_size"])
+    return deploy.FitSettings(**values, refine=refine)
+
+
+def run(argv: list[str]) -> int:
+    """Parses `argv` into this module's flags and fits; returns the exit status."""
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__ + "\n" + FLAGS.get_help())
+        return 0
+    try:
+        rest = FLAGS(argv)
+        imageio.set_max_image_pixels(FLAGS.max_image_pixels)
+    except flags.Error as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if len(rest) > 1:
+        print(f"error: unexpected arguments: {rest[1:]}", file=sys.stderr)
+        return 2
+    try:
+        deploy.fit_model(settings_from_flags())
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        # Bad input gets its message, not a traceback.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv))

@@ -1,0 +1,109 @@
+r"""Score a folder of images with a fitted model; write predictions and report.html.
+
+  python -m experiments.predict --model=models/parts --images=incoming/ --out=runs/today
+  python -m experiments.predict --model=models/parts --images='incoming/**/*.png' --out=runs/x
+
+Writes `--out` (new or empty; `--overwrite` to replace): `predictions.csv`
+and `predictions.jsonl` (file, image score, decision, the threshold used,
+and the reason for images that could not be read), `overlays/*.png`
+(image | anomaly map), `report.html` (open it in a browser; works offline)
+and `summary.json`. Unreadable images are listed and skipped
+(`--strict` makes them fatal).
+
+The model's own settings are used. Settings given here (`--backbone`,
+`--image_size`, `--lam`, ...) are checked against the model, and any
+difference is an error naming it; `--weights` says where this machine keeps
+the backbone weights (their SHA-256 must match). `--runtime=export` runs the
+exported program alone (`fit --export`); `auto` does so when the detector
+code cannot be imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+from absl import flags
+
+from experiments import deploy
+from protorefine_jax.data import imageio
+
+# Own flag registry: fit, predict and eval define flags of the same names and
+# may be imported together (tests, notebooks).
+FLAGS = flags.FlagValues()
+_define_string = functools.partial(flags.DEFINE_string, flag_values=FLAGS)
+_define_bool = functools.partial(flags.DEFINE_bool, flag_values=FLAGS)
+_define_integer = functools.partial(flags.DEFINE_integer, flag_values=FLAGS)
+_define_float = functools.partial(flags.DEFINE_float, flag_values=FLAGS)
+_define_enum = functools.partial(flags.DEFINE_enum, flag_values=FLAGS)
+
+_define_string("model", "", "Model directory written by experiments.fit.")
+_define_string("images", "", "Folder (searched recursively) or glob of images to score.")
+_define_string("out", "", "Output folder (must be new or empty).")
+_define_bool("overwrite", False, "Allow writing into a non-empty --out.")
+_define_integer("batch_size", 8, "Images per compiled batch.")
+_define_enum("runtime", "auto", ["auto", "library", "export"], "How to run the model.")
+_define_string("weights", None, "Backbone weights file on this machine (default: as fitted).")
+_define_bool("strict", False, "Fail on the first unreadable image instead of listing it.")
+_define_float("threshold", None, "Override the model's decision threshold.")
+_define_enum("overlays", "all", ["all", "anomalous", "none"], "Which overlay PNGs to write.")
+_define_integer(
+    "max_image_pixels",
+    imageio.DEFAULT_MAX_IMAGE_PIXELS,
+    "Largest image (width x height) decoded; larger files are refused before decoding.",
+)
+_define_bool("progress", True, "Show a progress bar.")
+_define_string("method", None, "Checked against the model.")
+_define_string("backbone", None, "Checked against the model.")
+_define_string("aggregation", None, "Checked against the model.")
+_define_string("image_size", None, "Checked against the model (256 or HEIGHTxWIDTH).")
+for _name in deploy.REFINE_FIELDS:
+    if _name == "warm_start":
+        _define_bool(_name, None, "Checked against the model.")
+    elif _name in ("num_iters", "sinkhorn_iters", "inner_steps"):
+        _define_integer(_name, None, "Checked against the model.")
+    elif _name in ("sinkhorn_mode", "m_step", "optimizer", "bank", "precision"):
+        _define_string(_name, None, "Checked against the model.")
+    else:
+        _define_float(_name, None, "Checked against the model.")
+
+CHECKED = ("method", "backbone", "aggregation", "image_size", *deploy.REFINE_FIELDS)
+
+
+def settings_from_flags() -> deploy.PredictSettings:
+    """`PredictSettings` of the parsed flags."""
+    names = [f.name for f in deploy.dataclasses.fields(deploy.PredictSettings)]
+    values = {n: FLAGS[n].value for n in names if n != "requested"}
+    requested = tuple((n, FLAGS[n].value) for n in CHECKED if FLAGS[n].value is not None)
+    return deploy.PredictSettings(**values, requested=requested)
+
+
+def run(argv: list[str]) -> int:
+    """Parses `argv` into this module's flags and predicts; returns the exit status."""
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__ + "\n" + FLAGS.get_help())
+        return 0
+    try:
+        rest = FLAGS(argv)
+        imageio.set_max_image_pixels(FLAGS.max_image_pixels)
+    except flags.Error as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if len(rest) > 1:
+        print(f"error: unexpected arguments: {rest[1:]}", file=sys.stderr)
+        return 2
+    s = settings_from_flags()
+    if not (s.model and s.images and s.out):
+        print("error: --model, --images and --out are required.", file=sys.stderr)
+        return 2
+    try:
+        deploy.predict(s)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        # Bad input (ModelFormatError / ModelMismatchError are ValueErrors) gets its message.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv))

@@ -1,0 +1,373 @@
+"""Decision thresholds on image scores: from good images only, or from labels.
+
+A detector outputs a score per image; deploying it needs a threshold
+(`score > threshold` = anomalous). Two ways to get one:
+
+- **Normal-only** (:func:`normal_threshold`): only good images exist. Score
+  each support image with a detector fitted on the *other* support images
+  (leave-one-out, :func:`leave_one_out_scores`, `k >= 2`), or, with a single
+  support image, score augmented views of it against the detector fitted on
+  it (:func:`augmented_view_scores`). The threshold is an order statistic of
+  these `n` calibration scores (split-conformal rank), plus an optional
+  relative margin.
+
+  What it promises: if the score of a new good image and the `n`
+  calibration scores are exchangeable, a new good image exceeds the
+  threshold with probability at most `(n + 1 - r) / (n + 1)` (`r` = the rank
+  used; Vovk et al., "Algorithmic Learning in a Random World", 2005;
+  Angelopoulos & Bates, "A Gentle Introduction to Conformal Prediction",
+  2021, Sec. 1). That is `false_alarm_bound`: an *estimate* of the
+  false-alarm rate on good images from the same process as the support set.
+  Leave-one-out scores come from a bank of `k - 1` images, which is smaller
+  than the deployed `k`-image bank, so they tend to be higher than a new good
+  image's score: the bound is then conservative. With `k = 2` there are two
+  calibration scores and the best bound is 1/3. Augmented views are not
+  exchangeable with new images (they are copies of one image), so their bound
+  is only a rough estimate (`guaranteed=False`). A shift between the support
+  images and the deployed ones (lighting, pose, another batch of parts)
+  breaks the assumption in either case: measure it (RESULTS.md).
+
+- **F1-optimal** (:func:`f1_threshold`): labelled calibration images (good
+  and defective) exist. The threshold maximises F1 on them; it says nothing
+  about rates on other images.
+
+Everything here is numpy on `[n]` score vectors, pure (no I/O), plus two
+helpers that take the detector as `fit` / `score` callables.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+from scipy import ndimage
+
+NORMAL_SOURCES = ("leave_one_out", "augmented_views")
+
+
+class Threshold(NamedTuple):
+    """A decision threshold and where it came from.
+
+    Attributes:
+      value: an image is anomalous when its score is `> value`.
+      kind: `"normal_only"` or `"f1"`.
+      source: `"leave_one_out"`, `"augmented_views"` or `"calibration"`.
+      num_scores: number of calibration scores used.
+      rank: normal-only: the 1-based order statistic used (ascending).
+      margin: normal-only: relative margin added, `value = s_(r) * (1 + margin)`
+        for non-negative scores (`s_(r) + margin * |s_(r)|` in general).
+      target_false_alarm_rate: normal-only: the rate asked for.
+      false_alarm_bound: normal-only: `(n + 1 - r) / (n + 1)`, the promised
+        bound on the false-alarm rate of good images (module docstring).
+      guaranteed: whether `false_alarm_bound` is the conformal guarantee
+        (leave-one-out) or only an estimate (augmented views).
+      f1: F1-optimal: F1 in [0, 1] on the calibration images at `value`.
+    """
+
+    value: float
+    kind: str
+    source: str
+    num_scores: int
+    rank: int | None = None
+    margin: float = 0.0
+    target_false_alarm_rate: float | None = None
+    false_alarm_bound: float | None = None
+    guaranteed: bool = False
+    f1: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return dict(self._asdict())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Threshold:
+        """Inverse of :meth:`to_dict`; unknown keys are refused."""
+        unknown = set(d) - set(cls._fields)
+        if unknown:
+            raise ValueError(f"unknown threshold fields {sorted(unknown)}; known: {cls._fields}")
+        return cls(**d)
+
+    def describe(self) -> str:
+        """One line for logs and reports."""
+        if self.kind == "f1":
+            return (
+                f"F1-optimal threshold {self.value:.6g} from {self.num_scores} labelled "
+                f"calibration images (F1 {100 * (self.f1 or 0.0):.1f}%)"
+            )
+        how = "guaranteed if exchangeable" if self.guaranteed else "estimate only"
+        return (
+            f"normal-only threshold {self.value:.6g}: order statistic {self.rank}/"
+            f"{self.num_scores} of {self.source.replace('_', '-')} scores, margin "
+            f"{self.margin:g}; false alarms on good images <= {self.false_alarm_bound:.3f} "
+            f"({how})"
+        )
+
+
+def _as_scores(scores: Any, what: str) -> np.ndarray:
+    s = np.asarray(scores, np.float64)
+    if s.ndim != 1 or s.size == 0:
+        raise ValueError(f"{what} must be a non-empty 1-D array of image scores, got {s.shape}.")
+    if not np.all(np.isfinite(s)):
+        raise ValueError(
+            f"{what} contain non-finite values ({int(np.sum(~np.isfinite(s)))} of {s.size}); "
+            "fix the detector output before deriving a threshold."
+        )
+    return s
+
+
+def conformal_rank(num_scores: int, false_alarm_rate: float) -> tuple[int, float]:
+    """Rank of the split-conformal threshold and the bound it achieves.
+
+    Args:
+      num_scores: `n` calibration scores.
+      false_alarm_rate: target `a` in (0, 1).
+
+    Returns:
+      `(r, bound)`: `r = ceil((n + 1)(1 - a))` capped at `n`, and
+      `bound = (n + 1 - r) / (n + 1)`: at most `a` when `n >= 1/a - 1`, else
+      `1 / (n + 1)` (the best `n` scores can promise).
+    """
+    if num_scores < 1:
+        raise ValueError(f"need at least one calibration score, got {num_scores}.")
+    if not 0.0 < false_alarm_rate < 1.0:
+        raise ValueError(f"false_alarm_rate must be in (0, 1), got {false_alarm_rate}.")
+    # The small tolerance keeps e.g. (19 + 1) * 0.95 = 19.000000000000004 at 19.
+    r = min(math.ceil((num_scores + 1) * (1.0 - false_alarm_rate) - 1e-9), num_scores)
+    return r, (num_scores + 1 - r) / (num_scores + 1)
+
+
+def normal_threshold(
+    scores: Any,
+    false_alarm_rate: float = 0.05,
+    margin: float = 0.0,
+    source: str = "leave_one_out",
+) -> Threshold:
+    """Threshold from the scores of good images only (module docstring).
+
+    Args:
+      scores: `[n]` calibration scores of good images (leave-one-out scores
+        of the support images, or scores of augmented views).
+      false_alarm_rate: target false-alarm rate `a`; with few scores the
+        achievable bound is `1 / (n + 1)` (then the maximum score is used).
+      margin: relative margin `>= 0` on top of the order statistic (more
+        conservative: fewer false alarms, more misses).
+      source: `"leave_one_out"` (the bound is the conformal guarantee) or
+        `"augmented_views"` (an estimate).
+
+    Returns:
+      The `Threshold` (`kind="normal_only"`).
+
+    Raises:
+      ValueError: empty or non-finite scores, a rate outside (0, 1), a
+        negative margin or an unknown source.
+    """
+    s = np.sort(_as_scores(scores, "normal-only calibration scores"))
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0 (it only makes the threshold safer), got {margin}.")
+    if source not in NORMAL_SOURCES:
+        raise ValueError(f"unknown source {source!r}; choose one of {NORMAL_SOURCES}.")
+    r, bound = conformal_rank(s.size, false_alarm_rate)
+    base = float(s[r - 1])
+    return Threshold(
+        value=base + margin * abs(base),
+        kind="normal_only",
+        source=source,
+        num_scores=int(s.size),
+        rank=r,
+        margin=float(margin),
+        target_false_alarm_rate=float(false_alarm_rate),
+        false_alarm_bound=float(bound),
+        guaranteed=source == "leave_one_out",
+    )
+
+
+def _check_labels(labels: Any, n: int) -> np.ndarray:
+    y = np.asarray(labels)
+    if y.shape != (n,):
+        raise ValueError(f"labels shape {y.shape} != scores shape {(n,)}; one label per image.")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"labels must be 0 (good) / 1 (defective), got values {np.unique(y)}.")
+    return y.astype(bool)
+
+
+def f1_threshold(labels: Any, scores: Any) -> Threshold:
+    """The F1-maximising threshold on labelled calibration images.
+
+    Decisions are `score > value`. `value` lies midway between the lowest
+    score flagged at the optimum and the next lower score, so it is robust to
+    rounding of either.
+
+    Args:
+      labels: `[n]` 0 = good, 1 = defective (both classes needed).
+      scores: `[n]` image scores.
+
+    Returns:
+      The `Threshold` (`kind="f1"`, `f1` = the F1 reached, in [0, 1]).
+
+    Raises:
+      ValueError: shape mismatch, non-binary labels, one class only, NaN/inf.
+    """
+    s = _as_scores(scores, "calibration scores")
+    y = _check_labels(labels, s.size)
+    if y.all() or not y.any():
+        raise ValueError(
+            "the F1-optimal threshold needs good AND defective calibration images; "
+            f"got {int(y.sum())} defective of {y.size}. Add the missing kind to "
+            "--calibration_dir, or use the normal-only threshold."
+        )
+    distinct = np.unique(s)[::-1]  # descending
+    pos = int(y.sum())
+    # Flag every image with score >= t for each distinct t.
+    tp = np.array([np.sum(y & (s >= t)) for t in distinct])
+    flagged = np.array([np.sum(s >= t) for t in distinct])
+    f1 = 2.0 * tp / (flagged + pos)
+    best = int(np.argmax(f1))
+    lower = distinct[best + 1] if best + 1 < distinct.size else distinct[best] - 1.0
+    value = 0.5 * (float(distinct[best]) + float(lower))
+    return Threshold(
+        value=value, kind="f1", source="calibration", num_scores=int(s.size), f1=float(f1[best])
+    )
+
+
+class Rates(NamedTuple):
+    """Decision rates at a threshold (`score > value` = anomalous).
+
+    Attributes:
+      false_alarm_rate: flagged good images / good images (nan without any).
+      miss_rate: unflagged defective images / defective images (nan without any).
+      num_good: good images.
+      num_defective: defective images.
+      false_alarms: flagged good images.
+      misses: unflagged defective images.
+    """
+
+    false_alarm_rate: float
+    miss_rate: float
+    num_good: int
+    num_defective: int
+    false_alarms: int
+    misses: int
+
+
+def decision_rates(labels: Any, scores: Any, threshold: float) -> Rates:
+    """False-alarm and miss rates of `score > threshold` on labelled images."""
+    s = _as_scores(scores, "scores")
+    y = _check_labels(labels, s.size)
+    flagged = s > threshold
+    fa, miss = int(np.sum(flagged & ~y)), int(np.sum(~flagged & y))
+    ng, nd = int(np.sum(~y)), int(np.sum(y))
+    return Rates(
+        false_alarm_rate=fa / ng if ng else float("nan"),
+        miss_rate=miss / nd if nd else float("nan"),
+        num_good=ng,
+        num_defective=nd,
+        false_alarms=fa,
+        misses=miss,
+    )
+
+
+def leave_one_out_scores(
+    fit: Callable[[np.ndarray], Any],
+    score: Callable[[Any, np.ndarray], Any],
+    images: np.ndarray,
+) -> np.ndarray:
+    """Scores of each support image by a detector fitted on the others.
+
+    Args:
+      fit: `support_images [k', H, W, 3] -> state`.
+      score: `(state, images [B, H, W, 3]) -> [B]` image scores.
+      images: `[k, H, W, 3]` support images, `k >= 2`.
+
+    Returns:
+      `[k]` float64 leave-one-out scores.
+    """
+    k = len(images)
+    if k < 2:
+        raise ValueError(
+            f"leave-one-out needs at least 2 support images, got {k}; with one image use "
+            "augmented_view_scores."
+        )
+    out = np.empty(k)
+    for i in range(k):
+        state = fit(np.delete(np.asarray(images), i, axis=0))
+        out[i] = float(np.asarray(score(state, np.asarray(images)[i : i + 1]))[0])
+    return out
+
+
+def augment_views(image: np.ndarray, count: int, seed: int = 0, **ranges: float) -> np.ndarray:
+    """Mild random views of one image: sub-pixel shift, small rotation, gain / offset.
+
+    Meant to mimic the variation between good photos of the same part (the
+    camera and the part move a little, the light changes a little), not to
+    create defects: no flips or large rotations, which industrial parts with
+    a fixed pose would never show.
+
+    Args:
+      image: `[H, W, 3]` pixels in [0, 255] (uint8 or float).
+      count: number of views `V`.
+      seed: numpy generator seed (views are deterministic in it).
+      **ranges: `max_shift` (pixels, default 6.0), `max_angle` (degrees,
+        default 3.0), `max_gain` (relative contrast change, default 0.08),
+        `max_offset` (grey levels, default 8.0).
+
+    Returns:
+      `[V, H, W, 3]` uint8 views; borders filled by reflection.
+    """
+    unknown = set(ranges) - {"max_shift", "max_angle", "max_gain", "max_offset"}
+    if unknown:
+        raise ValueError(f"unknown augmentation ranges {sorted(unknown)}.")
+    img = np.asarray(image, np.float64)
+    if img.ndim != 3 or img.shape[-1] != 3:
+        raise ValueError(f"image must be [H, W, 3], got {img.shape}.")
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}.")
+    max_shift = ranges.get("max_shift", 6.0)
+    max_angle = ranges.get("max_angle", 3.0)
+    max_gain = ranges.get("max_gain", 0.08)
+    max_offset = ranges.get("max_offset", 8.0)
+    rng = np.random.default_rng(seed)
+    h, w = img.shape[:2]
+    center = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
+    views = np.empty((count, h, w, 3), np.uint8)
+    for v in range(count):
+        theta = np.deg2rad(rng.uniform(-max_angle, max_angle))
+        shift = rng.uniform(-max_shift, max_shift, size=2)
+        rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+        # Output pixel o samples input rot @ (o - center) + center + shift.
+        offset = center + shift - rot @ center
+        warped = np.stack(
+            [
+                ndimage.affine_transform(img[..., ch], rot, offset=offset, order=1, mode="reflect")
+                for ch in range(3)
+            ],
+            axis=-1,
+        )
+        gain = 1.0 + rng.uniform(-max_gain, max_gain)
+        bias = rng.uniform(-max_offset, max_offset)
+        views[v] = np.clip(np.round(warped * gain + bias), 0, 255).astype(np.uint8)
+    return views
+
+
+def augmented_view_scores(
+    fit: Callable[[np.ndarray], Any],
+    score: Callable[[Any, np.ndarray], Any],
+    image: np.ndarray,
+    count: int = 16,
+    seed: int = 0,
+) -> np.ndarray:
+    """Scores of `count` augmented views of one support image by the detector fitted on it.
+
+    Args:
+      fit: `support_images [1, H, W, 3] -> state`.
+      score: `(state, images [V, H, W, 3]) -> [V]` image scores.
+      image: `[H, W, 3]` the support image.
+      count: number of views.
+      seed: augmentation seed.
+
+    Returns:
+      `[count]` float64 scores.
+    """
+    state = fit(np.asarray(image)[None])
+    return np.asarray(score(state, augment_views(image, count, seed)), np.float64).reshape(count)

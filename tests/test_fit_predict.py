@@ -1,0 +1,282 @@
+"""fit / predict end to end on synthetic images (random tiny backbone), errors, export path."""
+
+import csv
+import importlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments import deploy
+from protorefine_jax.data import make_synthetic_dataset
+from protorefine_jax.io.model_dir import ModelFormatError, ModelMismatchError
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = dict(image_size=64, weights="random", batch_size=4, progress=False)
+FAST_REFINE = (("num_iters", 2), ("sinkhorn_iters", 10))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = make_synthetic_dataset(
+        tmp_path_factory.mktemp("demo"), ["fabric"], 3, 3, 3, image_size=64, seed=0
+    )
+    return root / "fabric"
+
+
+@pytest.fixture(scope="module")
+def model(demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models") / "m"
+    s = deploy.FitSettings(
+        support_dir=str(demo / "train/good"), out=str(out), export=True, refine=FAST_REFINE, **FAST
+    )
+    meta = deploy.fit_model(s, log=lambda _: None)
+    return out, meta
+
+
+def _predict(model_path, images, out, **kw):
+    s = deploy.PredictSettings(
+        model=str(model_path), images=str(images), out=str(out), batch_size=4, progress=False, **kw
+    )
+    return deploy.predict(s, log=lambda _: None)
+
+
+def test_model_directory_records_what_the_issue_asks(model, demo):
+    out, meta = model
+    manifest = json.loads((out / "model.json").read_text())
+    assert manifest["package_version"] and manifest["format"].startswith("protorefine_jax.model")
+    m = manifest["metadata"]
+    assert m["backbone"]["weights_sha256"] == "random:PRNGKey(0)"
+    assert m["image_size"] == [64, 64]
+    assert m["config"]["num_iters"] == 2 and m["config"]["use_refinement"] is True
+    assert m["support"]["files"] == ["000.png", "001.png", "002.png"]
+    t = m["threshold"]
+    assert t["kind"] == "normal_only" and t["source"] == "leave_one_out"
+    assert t["num_scores"] == 3 and t["rank"] == 3 and t["false_alarm_bound"] == 0.25
+    # The threshold is the largest leave-one-out score (rank n of n).
+    assert t["value"] == pytest.approx(max(m["threshold_calibration"]["scores"]), rel=1e-12)
+    assert (out / "state.safetensors").is_file() and (out / "detector.jaxexport").is_file()
+
+
+def test_predict_writes_csv_jsonl_overlays_report(model, demo, tmp_path):
+    bad = tmp_path / "imgs"
+    bad.mkdir()
+    for p in sorted((demo / "test").rglob("*.png"))[:5]:
+        (bad / f"{p.parent.name}_{p.name}").write_bytes(p.read_bytes())
+    (bad / "zz_truncated.png").write_bytes((demo / "test/good/000.png").read_bytes()[:200])
+    summary = _predict(model[0], bad, tmp_path / "out")
+    assert summary["scored"] == 5 and summary["unreadable"] == 1
+    rows = list(csv.DictReader((tmp_path / "out/predictions.csv").open()))
+    assert [r["file"] for r in rows][-1] == "zz_truncated.png"
+    assert rows[-1]["decision"] == "unreadable" and "CorruptImageError" in rows[-1]["error"]
+    thr = model[1]["threshold"]["value"]
+    for r in rows[:-1]:
+        assert r["decision"] == ("anomalous" if float(r["score"]) > thr else "good")
+        assert float(r["threshold"]) == pytest.approx(thr)
+    lines = (tmp_path / "out/predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and json.loads(lines[0])["file"] == rows[0]["file"]
+    assert len(list((tmp_path / "out/overlays").glob("*.png"))) == 5
+    page = (tmp_path / "out/report.html").read_text()
+    assert page.count("data:image/jpeg;base64,") == 5 and "zz_truncated.png" in page
+    with pytest.raises(FileExistsError, match="never overwritten silently"):
+        _predict(model[0], bad, tmp_path / "out")
+    with pytest.raises(Exception, match="Cannot decode"):
+        _predict(model[0], bad, tmp_path / "strict", strict=True)
+
+
+def test_export_runtime_gives_the_library_scores(model, demo, tmp_path, monkeypatch):
+    lib = _predict(model[0], demo / "test", tmp_path / "lib", runtime="library")
+    exp = _predict(model[0], demo / "test", tmp_path / "exp", runtime="export")
+    assert lib["runtime"] == "library" and exp["runtime"] == "export"
+    a = list(csv.DictReader((tmp_path / "lib/predictions.csv").open()))
+    b = list(csv.DictReader((tmp_path / "exp/predictions.csv").open()))
+    assert [r["file"] for r in a] == [r["file"] for r in b]
+    # Same program, fused differently: float32 rounding of the distance expansion.
+    np.testing.assert_allclose(
+        [float(r["score"]) for r in b], [float(r["score"]) for r in a], rtol=1e-4
+    )
+    # Model code not importable: `auto` falls back to the exported program.
+    monkeypatch.setitem(sys.modules, "protorefine_jax.detectors", None)
+    notes = []
+    scorer, _ = deploy.open_model(model[0], log=notes.append)
+    assert scorer.runtime == "export" and "not importable" in notes[0]
+
+
+def test_mismatched_settings_and_weights_are_named(model, demo, tmp_path):
+    with pytest.raises(ModelMismatchError, match=r"config.lam: model has 0.3, requested 0.5"):
+        _predict(model[0], demo / "test", tmp_path / "a", requested=(("lam", 0.5),))
+    with pytest.raises(ModelMismatchError, match=r"image_size: model has \[64, 64\]"):
+        _predict(model[0], demo / "test", tmp_path / "b", requested=(("image_size", 128),))
+    with pytest.raises(ModelMismatchError, match="other backbone weights"):
+        _predict(model[0], demo / "test", tmp_path / "c", weights="")  # shipped != random
+    with pytest.raises(ModelFormatError, match="not a model directory"):
+        _predict(tmp_path, demo / "test", tmp_path / "d")
+
+
+def test_one_shot_uses_augmented_views_and_calibration_uses_f1(demo, tmp_path):
+    s = deploy.FitSettings(
+        support_dir=str(demo / "train/good"),
+        out=str(tmp_path / "m1"),
+        shots=1,
+        views=4,
+        calibration_dir=str(demo),
+        method="patchcore",  # the threshold logic is the same; no refinement to compile
+        **FAST,
+    )
+    meta = deploy.fit_model(s, log=lambda _: None)
+    normal = meta["thresholds"]["normal_only"]
+    assert normal["source"] == "augmented_views" and normal["num_scores"] == 4
+    assert not normal["guaranteed"]
+    assert meta["threshold"]["kind"] == "f1" and meta["threshold"]["num_scores"] == 6
+    assert meta["calibration"]["labels"].count(1) == 3
+    assert len(meta["support"]["files"]) == 1
+
+
+def test_fit_errors(demo, tmp_path):
+    base = dict(support_dir=str(demo / "train/good"), out=str(tmp_path / "m"), **FAST)
+    with pytest.raises(FileNotFoundError, match="no image files"):
+        deploy.fit_model(deploy.FitSettings(**{**base, "support_dir": str(tmp_path)}))
+    with pytest.raises(ValueError, match="unknown --method"):
+        deploy.fit_model(deploy.FitSettings(**base, method="winclip"))
+    with pytest.raises(ValueError, match="--shots must be >= 0"):
+        deploy.fit_model(deploy.FitSettings(**base, shots=-1))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m/x").write_text("keep")
+    with pytest.raises(FileExistsError, match="never overwritten silently"):
+        deploy.fit_model(deploy.FitSettings(**base))
+    with pytest.raises(FileNotFoundError, match="good/ AND at least one defect folder"):
+        deploy.calibration_set(demo / "train")
+
+
+def test_padded_batches_keep_one_shape():
+    shapes = []
+
+    def fn(x):
+        shapes.append(x.shape)
+        return x[:, 0, 0, 0].astype(float), x[..., 0].astype(float)
+
+    images = np.arange(10)[:, None, None, None] * np.ones((10, 2, 2, 3), np.uint8)
+    out = list(deploy.padded(fn, images, 4))
+    assert shapes == [(4, 2, 2, 3)] * 3
+    np.testing.assert_array_equal(np.concatenate([o[0] for o in out]), np.arange(10))
+
+
+def test_list_images_dir_and_glob(tmp_path):
+    (tmp_path / "a/b").mkdir(parents=True)
+    for name in ("a/1.png", "a/b/2.JPG", "a/.hidden.png", "a/notes.txt"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name, format="PNG")
+    root, files = deploy.list_images(tmp_path / "a")
+    assert [deploy.relative_name(root, f) for f in files] == ["1.png", "b/2.JPG"]
+    root, files = deploy.list_images(str(tmp_path / "a/**/*.png"))
+    assert [deploy.relative_name(root, f) for f in files] == ["1.png"]
+
+
+def _readme_commands():
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Your own images", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _run(cmd, cwd, subprocess_run):
+    """One README command: `.venv/bin/python -m MODULE ARGS` (the install is already done)."""
+    argv = shlex.split(cmd)
+    assert argv[0] == ".venv/bin/python" and argv[1] == "-m", argv
+    if subprocess_run:
+        proc = subprocess.run(
+            [sys.executable, *argv[1:]],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return
+    # In this process (one jax start-up instead of three): the modules' own entry points.
+    module = importlib.import_module(argv[2])
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        try:
+            assert module.run([argv[2], *argv[3:]]) == 0
+        finally:
+            module.FLAGS.unparse_flags()
+    finally:
+        os.chdir(old)
+
+
+def _readme_run(tmp_path, extra, subprocess_run):
+    commands = _readme_commands()
+    assert len(commands) == 3 and "pip install" in commands[0]
+    install, fit, predict = commands
+    demo_cmd = install.split("&&")[-1].strip()  # the demo images, after the install
+    _run(demo_cmd + extra["demo"], tmp_path, subprocess_run)
+    _run(fit + extra["fit"], tmp_path, subprocess_run)
+    _run(predict + extra["predict"], tmp_path, subprocess_run)
+    rows = list(csv.DictReader((tmp_path / "runs/fabric/predictions.csv").open()))
+    assert rows and all(r["decision"] in ("good", "anomalous") for r in rows)
+    assert (tmp_path / "runs/fabric/report.html").is_file()
+    return rows
+
+
+def test_readme_commands_run_end_to_end_fast(tmp_path):
+    # The README's commands, with flags appended that make them fast (absl: last wins).
+    extra = {
+        "demo": " --counts=3,3,3 --image_size=64",
+        "fit": " --image_size=64 --weights=random --method=patchcore --batch_size=4",
+        "predict": " --batch_size=4 --progress=false",
+    }
+    rows = _readme_run(tmp_path, extra, subprocess_run=False)
+    assert len(rows) == 6
+
+
+@pytest.mark.slow
+def test_readme_commands_as_written(tmp_path):
+    rows = _readme_run(tmp_path, {"demo": "", "fit": "", "predict": ""}, subprocess_run=True)
+    assert len(rows) == 20
+    # The shipped Lite0 features separate the synthetic defects from good images.
+    defect = [float(r["score"]) for r in rows if not r["file"].startswith("good/")]
+    good = [float(r["score"]) for r in rows if r["file"].startswith("good/")]
+    assert np.mean(defect) > np.mean(good)
+
+
+def test_cli_flags_reach_the_settings_and_bad_input_exits_2(tmp_path, capsys):
+    from experiments import fit as fit_cli
+    from experiments import predict as predict_cli
+
+    try:
+        fit_cli.FLAGS(
+            ["fit", "--support_dir=a", "--out=b", "--lam=0.5", "--shots=2", "--num_iters=3"]
+        )
+        s = fit_cli.settings_from_flags()
+        assert s.shots == 2 and dict(s.refine) == {"lam": 0.5, "num_iters": 3}
+        predict_cli.FLAGS(
+            [
+                "predict",
+                "--model=m",
+                "--images=i",
+                "--out=o",
+                "--lam=0.5",
+                "--backbone=efficientnet_lite2",
+            ]
+        )
+        p = predict_cli.settings_from_flags()
+        assert dict(p.requested) == {"lam": 0.5, "backbone": "efficientnet_lite2"}
+    finally:
+        fit_cli.FLAGS.unparse_flags()
+        predict_cli.FLAGS.unparse_flags()
+    assert fit_cli.run(["fit", f"--support_dir={tmp_path}", f"--out={tmp_path}/m"]) == 2
+    assert "no image files" in capsys.readouterr().err
+    assert predict_cli.run(["predict", "--model=m"]) == 2
+    assert "--model, --images and --out are required" in capsys.readouterr().err
+    assert fit_cli.run(["fit", "--no_such_flag=1"]) == 2
+    fit_cli.FLAGS.unparse_flags()
+    predict_cli.FLAGS.unparse_flags()

@@ -1,0 +1,156 @@
+"""Decision thresholds: conformal normal-only rule, F1-optimal rule, helpers."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, precision_recall_curve
+
+from protorefine_jax.threshold import (
+    Threshold,
+    augment_views,
+    augmented_view_scores,
+    conformal_rank,
+    decision_rates,
+    f1_threshold,
+    leave_one_out_scores,
+    normal_threshold,
+)
+
+
+@pytest.mark.parametrize(
+    ("n", "rate", "rank", "bound"),
+    [
+        (2, 0.05, 2, 1 / 3),  # two support images: the max, bound 1/3
+        (19, 0.05, 19, 0.05),  # exactly enough scores for 5 %
+        (99, 0.05, 95, 0.05),
+        (99, 0.1, 90, 0.1),
+        (9, 0.5, 5, 0.5),
+    ],
+)
+def test_conformal_rank_table(n, rate, rank, bound):
+    r, b = conformal_rank(n, rate)
+    assert r == rank
+    assert b == pytest.approx(bound, abs=1e-12)
+    assert b <= rate + 1e-12 or r == n
+
+
+def test_the_bound_is_the_false_alarm_rate_of_exchangeable_scores():
+    # Monte Carlo: draw n calibration scores and one new score i.i.d.; the rate
+    # at which the new one exceeds the threshold must match the bound.
+    rng = np.random.default_rng(0)
+    trials = 40000
+    for n, rate in [(2, 0.05), (9, 0.2), (19, 0.05)]:
+        cal = rng.gamma(2.0, 1.0, size=(trials, n))
+        new = rng.gamma(2.0, 1.0, size=trials)
+        values = np.array([normal_threshold(c, rate).value for c in cal[:2000]])
+        # The rule is an order statistic, so vectorise it for the full count.
+        r, bound = conformal_rank(n, rate)
+        np.testing.assert_allclose(values, np.sort(cal[:2000], axis=1)[:, r - 1], rtol=0, atol=0)
+        observed = np.mean(new > np.sort(cal, axis=1)[:, r - 1])
+        # Binomial std at 40000 trials is <= 0.0025: 4 sigma.
+        assert abs(observed - bound) < 0.01, (n, rate, observed, bound)
+
+
+def test_margin_and_fields():
+    t = normal_threshold([1.0, 3.0, 2.0], false_alarm_rate=0.2, margin=0.1)
+    assert t.rank == 3 and t.num_scores == 3
+    assert t.value == pytest.approx(3.3, rel=1e-12)
+    assert t.guaranteed and t.kind == "normal_only" and t.false_alarm_bound == pytest.approx(0.25)
+    assert Threshold.from_dict(t.to_dict()) == t
+    aug = normal_threshold([1.0, 2.0], source="augmented_views")
+    assert not aug.guaranteed
+    assert "estimate only" in aug.describe() and "guaranteed" in t.describe()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "msg"),
+    [
+        (dict(scores=[]), "non-empty 1-D"),
+        (dict(scores=[1.0, np.nan]), "non-finite"),
+        (dict(scores=[1.0], false_alarm_rate=0.0), r"in \(0, 1\)"),
+        (dict(scores=[1.0], margin=-0.1), "margin must be >= 0"),
+        (dict(scores=[1.0], source="views"), "unknown source"),
+    ],
+)
+def test_normal_threshold_errors(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        normal_threshold(**kwargs)
+
+
+def test_unknown_threshold_fields_are_refused():
+    with pytest.raises(ValueError, match="unknown threshold fields"):
+        Threshold.from_dict({"value": 1.0, "kind": "f1", "source": "x", "num_scores": 1, "z": 0})
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_f1_threshold_matches_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(60) < 0.4
+    scores = rng.normal(size=60) + 1.2 * labels
+    scores[:5] = scores[5]  # ties
+    t = f1_threshold(labels.astype(int), scores)
+    p, r, _ = precision_recall_curve(labels, scores)
+    best = np.max(np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0))
+    assert t.f1 == pytest.approx(best, rel=1e-12)
+    # The decisions `score > value` reach that F1.
+    assert f1_score(labels, scores > t.value) == pytest.approx(best, rel=1e-12)
+    assert t.kind == "f1" and t.num_scores == 60
+
+
+def test_f1_threshold_errors():
+    with pytest.raises(ValueError, match="good AND defective"):
+        f1_threshold([0, 0], [0.1, 0.2])
+    with pytest.raises(ValueError, match="labels shape"):
+        f1_threshold([0, 1, 1], [0.1, 0.2])
+    with pytest.raises(ValueError, match="0 \\(good\\) / 1"):
+        f1_threshold([0, 2], [0.1, 0.2])
+
+
+def test_decision_rates():
+    rates = decision_rates([0, 0, 0, 1, 1], [0.1, 0.5, 0.9, 0.4, 0.95], 0.45)
+    assert rates.false_alarms == 2 and rates.misses == 1
+    assert rates.false_alarm_rate == pytest.approx(2 / 3) and rates.miss_rate == pytest.approx(0.5)
+    only_good = decision_rates([0, 0], [0.1, 0.2], 0.15)
+    assert only_good.false_alarm_rate == 0.5 and np.isnan(only_good.miss_rate)
+
+
+def test_leave_one_out_scores_against_a_loop():
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 8, 8, 3)) * 255
+    fit = lambda x: x.mean(axis=0)
+    score = lambda state, x: np.abs(x - state).mean(axis=(1, 2, 3))
+    loo = leave_one_out_scores(fit, score, images)
+    for i in range(4):
+        rest = np.delete(images, i, axis=0).mean(axis=0)
+        assert loo[i] == pytest.approx(np.abs(images[i] - rest).mean(), rel=1e-12)
+    with pytest.raises(ValueError, match="at least 2 support images"):
+        leave_one_out_scores(fit, score, images[:1])
+
+
+def test_augmented_views_are_mild_deterministic_and_identity_at_zero():
+    rng = np.random.default_rng(1)
+    # A smooth image, so that small warps change it a little, not completely.
+    yy, xx = np.mgrid[0:48, 0:64]
+    image = np.stack([128 + 60 * np.sin(xx / 7.0), 128 + 60 * np.cos(yy / 9.0), 100 + 0 * xx], -1)
+    image = np.clip(image + rng.normal(0, 2, image.shape), 0, 255).astype(np.uint8)
+    views = augment_views(image, 5, seed=3)
+    assert views.shape == (5, 48, 64, 3) and views.dtype == np.uint8
+    np.testing.assert_array_equal(views, augment_views(image, 5, seed=3))
+    assert not np.array_equal(views[0], views[1])
+    diff = np.abs(views.astype(float) - image).mean(axis=(1, 2, 3))
+    assert np.all(diff > 0.5) and np.all(diff < 40), diff
+    same = augment_views(image, 2, max_shift=0, max_angle=0, max_gain=0, max_offset=0)
+    np.testing.assert_array_equal(same, np.stack([image, image]))
+
+
+def test_augmented_view_scores_and_errors():
+    image = np.full((16, 16, 3), 100, np.uint8)
+    fit = lambda x: x.astype(float).mean(axis=0)
+    score = lambda state, x: np.abs(x - state).mean(axis=(1, 2, 3))
+    s = augmented_view_scores(fit, score, image, count=4, seed=0)
+    assert s.shape == (4,) and np.all(s <= 8.0 + 1e-9)  # only gain/offset change a flat image
+    with pytest.raises(ValueError, match="unknown augmentation ranges"):
+        augment_views(image, 1, shift=2)
+    with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
+        augment_views(image[..., 0], 1)
+    with pytest.raises(ValueError, match="count must be >= 1"):
+        augment_views(image, 0)
