@@ -389,7 +389,12 @@ def export_artifact(detector, params, state, config, image_size) -> bytes:
 
     detect = make_detect(detector.features)
     return export_detect(
-        detect, params, state.banks[0].prototypes, config, (*image_hw(image_size), 3)
+        detect,
+        params,
+        state.banks[0].prototypes,
+        config,
+        (*image_hw(image_size), 3),
+        calibration=state.calibration,
     )
 
 

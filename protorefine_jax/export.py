@@ -36,6 +36,7 @@ def export_detect(
     *,
     dtype: Any = jnp.float32,
     platforms: tuple[str, ...] | None = None,
+    calibration: Any = None,
 ) -> bytes:
     """Serialise `images -> (image_scores, maps, patch_scores)` for fixed weights.
 
@@ -49,13 +50,19 @@ def export_detect(
       dtype: input dtype (raw pixels in [0, 255]).
       platforms: lowering platforms, e.g. `("cpu", "cuda")`; the current
         backend when None.
+      calibration: the support-set score calibration of the detector state
+        (`DetectorState.calibration`, a constant of the program like the
+        bank); None scores uncalibrated.
 
     Returns:
       The serialised artifact (write it with `open(path, "wb")`).
     """
 
     def fn(images):
-        out = detect(params, bank, images, config)
+        if calibration is None:
+            out = detect(params, bank, images, config)
+        else:
+            out = detect(params, bank, images, config, calibration)
         return out.image_scores, out.maps, out.patch_scores
 
     shape = export.symbolic_shape("b, {}, {}, {}".format(*image_shape))
