@@ -15,6 +15,7 @@ from pathlib import Path
 
 from absl import flags
 
+from experiments import cli
 from protorefine_jax.data import make_synthetic_dataset
 
 FLAGS = flags.FlagValues()  # own registry: eval defines --categories too
@@ -30,17 +31,9 @@ flags.DEFINE_integer("image_size", 256, "Side of the PNGs in pixels.", flag_valu
 
 def run(argv: list[str]) -> int:
     """Parses `argv` into this module's flags and writes the images; returns the exit status."""
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(__doc__ + "\n" + FLAGS.get_help())
-        return 0
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if len(rest) > 1:
-        print(f"error: unexpected arguments: {rest[1:]}", file=sys.stderr)
-        return 2
+    status = cli.parse(FLAGS, argv, __doc__)
+    if status is not None:
+        return status
     try:
         train, good, defect = (int(c) for c in FLAGS.counts)
         root = make_synthetic_dataset(

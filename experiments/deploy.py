@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from experiments import html_report
+from experiments import html_report, runner
 from experiments.report import overlay
 from protorefine_jax import threshold as threshold_lib
 from protorefine_jax.data.errors import DatasetError
@@ -40,22 +40,8 @@ from protorefine_jax.io.paths import check_output_dir, safe_filename
 
 EXPORT_FILE = "detector.jaxexport"
 METHODS = {"patchcore": False, "patchcore+": True}  # name -> use_refinement
-REFINE_FIELDS = (
-    "lam",
-    "epsilon",
-    "ridge",
-    "ridge_wide",
-    "lr",
-    "num_iters",
-    "sinkhorn_iters",
-    "sinkhorn_mode",
-    "warm_start",
-    "m_step",
-    "optimizer",
-    "inner_steps",
-    "bank",
-    "precision",
-)
+# RefineConfig fields fit and predict take as flags: the eval's, and lam.
+REFINE_FIELDS = ("lam", *runner.REFINE_FIELDS)
 # Errors reading one image that predict records and skips (a flag makes them fatal).
 IMAGE_ERRORS = (DatasetError, OSError, ValueError)
 

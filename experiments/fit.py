@@ -24,7 +24,7 @@ import sys
 
 from absl import flags
 
-from experiments import deploy
+from experiments import cli, deploy
 from protorefine_jax.data import imageio
 
 # Own flag registry: fit, predict and eval define flags of the same names and
@@ -97,18 +97,10 @@ def settings_from_flags() -> deploy.FitSettings:
 
 def run(argv: list[str]) -> int:
     """Parses `argv` into this module's flags and fits; returns the exit status."""
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(__doc__ + "\n" + FLAGS.get_help())
-        return 0
-    try:
-        rest = FLAGS(argv)
-        imageio.set_max_image_pixels(FLAGS.max_image_pixels)
-    except flags.Error as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if len(rest) > 1:
-        print(f"error: unexpected arguments: {rest[1:]}", file=sys.stderr)
-        return 2
+    status = cli.parse(FLAGS, argv, __doc__)
+    if status is not None:
+        return status
+    imageio.set_max_image_pixels(FLAGS.max_image_pixels)
     try:
         deploy.fit_model(settings_from_flags())
     except (ValueError, FileNotFoundError, FileExistsError) as err:
