@@ -82,8 +82,34 @@ class TestBatch(NamedTuple):
     items: tuple[TestItem, ...]
 
 
+class CategoryFiles:
+    """Label, defect-type and name helpers shared by the category readers.
+
+    Needs `root` and `test` (a sequence of `TestItem`); `CategoryData` and
+    `tfds_source.TfdsCategory` both provide them.
+    """
+
+    @property
+    def test_labels(self) -> np.ndarray:
+        """`[T]` int32 image labels of the test set (0 normal, 1 anomalous)."""
+        return np.asarray([t.label for t in self.test], np.int32)
+
+    @property
+    def defect_types(self) -> tuple[str, ...]:
+        """Sorted defect types present in the test set (without `"good"`)."""
+        return tuple(sorted({t.defect_type for t in self.test if t.label == 1}))
+
+    def name(self, path: Path) -> str:
+        r"""File name relative to :attr:`root` (POSIX), as stored with results.
+
+        Always valid UTF-8 (:func:`~protorefine_jax.io.paths.json_safe_text`):
+        bytes of a non-UTF-8 file name appear as ``\xNN``.
+        """
+        return json_safe_text(Path(path).relative_to(self.root).as_posix())
+
+
 @dataclasses.dataclass(frozen=True)
-class CategoryData:
+class CategoryData(CategoryFiles):
     """File lists of one category, decoded lazily at `image_size`.
 
     Attributes:
@@ -105,24 +131,6 @@ class CategoryData:
     train_good: tuple[Path, ...]
     test: tuple[TestItem, ...]
     resample: str = "bilinear"
-
-    @property
-    def test_labels(self) -> np.ndarray:
-        """`[T]` int32 image labels of the test set (0 normal, 1 anomalous)."""
-        return np.asarray([t.label for t in self.test], np.int32)
-
-    @property
-    def defect_types(self) -> tuple[str, ...]:
-        """Sorted defect types present in the test set (without `"good"`)."""
-        return tuple(sorted({t.defect_type for t in self.test if t.label == 1}))
-
-    def name(self, path: Path) -> str:
-        r"""File name relative to :attr:`root` (POSIX), as stored with results.
-
-        Always valid UTF-8 (:func:`~protorefine_jax.io.paths.json_safe_text`):
-        bytes of a non-UTF-8 file name appear as ``\xNN``.
-        """
-        return json_safe_text(Path(path).relative_to(self.root).as_posix())
 
     def load_images(self, paths: Sequence[Path]) -> np.ndarray:
         """Decodes images (e.g. a support set).

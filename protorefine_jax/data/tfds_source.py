@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from protorefine_jax.data.errors import DatasetNotFoundError
-from protorefine_jax.data.folder import GOOD, TestBatch, TestItem
+from protorefine_jax.data.folder import GOOD, CategoryFiles, TestBatch, TestItem
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class TfdsCategory:
+class TfdsCategory(CategoryFiles):
     """One category read from prepared TFDS files (see the module docstring).
 
     Attributes:
@@ -42,20 +42,6 @@ class TfdsCategory:
     arrays: dict[str, tuple[np.ndarray, np.ndarray]]
     mask_threshold: int = 127
     resample: str = "bilinear"
-
-    @property
-    def test_labels(self) -> np.ndarray:
-        """`[T]` int32 labels of the test set."""
-        return np.asarray([t.label for t in self.test], np.int32)
-
-    @property
-    def defect_types(self) -> tuple[str, ...]:
-        """Sorted defect types of the test set."""
-        return tuple(sorted({t.defect_type for t in self.test if t.label == 1}))
-
-    def name(self, path: Path) -> str:
-        """File name relative to `root` (POSIX)."""
-        return Path(path).relative_to(self.root).as_posix()
 
     def _get(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         key = self.name(path)
