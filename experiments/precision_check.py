@@ -19,13 +19,12 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from experiments import study_cells  # noqa: E402
 from experiments.hosts import score_features  # noqa: E402
-from protorefine_jax import RefineConfig, build_bank  # noqa: E402
+from protorefine_jax import RefineConfig  # noqa: E402
 from protorefine_jax.data import sample_support  # noqa: E402
 from protorefine_jax.metrics import evaluate  # noqa: E402
 
@@ -51,6 +50,8 @@ def main(argv):
         Path(_DATA_ROOT.value), Path(_CACHE_DIR.value), tuple(range(_SEEDS.value))
     )
     feats = cache.get("metal_plate", "lite0-simple")
+    det = study_cells.detector("lite0-simple")
+    grid = det.extractor.grid
     rows = []
     chosen = [(k, v) for p in _METHODS.value for k, v in METHODS.items() if k.startswith(p)]
     for label, fields in chosen:
@@ -58,40 +59,42 @@ def main(argv):
             for seed in range(_SEEDS.value):
                 support = sample_support(feats["pool"], shots, seed)
                 sup = np.stack([feats["train"][study_cells.image_key(p)] for p in support.paths])
-                bank = build_bank(jnp.asarray(sup), study_cells.ALPHA).prototypes
-                if True:
-                    res = {}
-                    for prec in ("float32", "float64"):
-                        cfg = RefineConfig(
-                            grid_shape=feats["grid"],
-                            image_size=(256, 256),
-                            precision=prec,
-                            **fields,
-                        )
-                        out = score_features(bank, feats["test"], cfg, 16, None)
-                        met = evaluate(
-                            feats["labels"], np.asarray(out.image_scores), feats["masks"], out.maps
-                        )
-                        res[prec] = (met, np.asarray(out.patch_scores, np.float64))
-                    s32, s64 = res["float32"][1], res["float64"][1]
-                    ratio = s32 / np.maximum(s64, 1e-30)
-                    rows.append(
-                        {
-                            "shots": shots,
-                            "seed": seed,
-                            "method": label,
-                            "image_auroc_f32": res["float32"][0]["image_auroc"],
-                            "image_auroc_f64": res["float64"][0]["image_auroc"],
-                            "pixel_auroc_f32": res["float32"][0]["pixel_auroc"],
-                            "pixel_auroc_f64": res["float64"][0]["pixel_auroc"],
-                            "patch_score_ratio_median": float(np.median(ratio)),
-                            "patch_score_ratio_p95": float(np.percentile(ratio, 95)),
-                            "argmax_moved": int(np.sum(s32.argmax(1) != s64.argmax(1))),
-                            "images": int(s32.shape[0]),
-                        }
+                res = {}
+                for prec in ("float32", "float64"):
+                    cfg = RefineConfig(
+                        grid_shape=grid,
+                        image_size=(256, 256),
+                        precision=prec,
+                        **fields,
                     )
-                    print(json.dumps(rows[-1]), flush=True)
-                    Path(_OUT.value).write_text(json.dumps({"rows": rows}, indent=1))
+                    calibrate = cfg.use_refinement and cfg.calibrated
+                    state = det.fit_features(
+                        sup, alpha=study_cells.ALPHA, config=cfg, calibrate=calibrate
+                    )
+                    out = score_features(det, state, feats["test"], cfg, 16, None)
+                    met = evaluate(
+                        feats["labels"], np.asarray(out.image_scores), feats["masks"], out.maps
+                    )
+                    res[prec] = (met, np.asarray(out.patch_scores, np.float64))
+                s32, s64 = res["float32"][1], res["float64"][1]
+                ratio = s32 / np.maximum(s64, 1e-30)
+                rows.append(
+                    {
+                        "shots": shots,
+                        "seed": seed,
+                        "method": label,
+                        "image_auroc_f32": res["float32"][0]["image_auroc"],
+                        "image_auroc_f64": res["float64"][0]["image_auroc"],
+                        "pixel_auroc_f32": res["float32"][0]["pixel_auroc"],
+                        "pixel_auroc_f64": res["float64"][0]["pixel_auroc"],
+                        "patch_score_ratio_median": float(np.median(ratio)),
+                        "patch_score_ratio_p95": float(np.percentile(ratio, 95)),
+                        "argmax_moved": int(np.sum(s32.argmax(1) != s64.argmax(1))),
+                        "images": int(s32.shape[0]),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+                Path(_OUT.value).write_text(json.dumps({"rows": rows}, indent=1))
     summary = {}
     for label, _ in chosen:
         for shots in (int(s) for s in _SHOTS.value):
