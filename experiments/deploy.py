@@ -603,7 +603,10 @@ def predict(s: PredictSettings, log: Callable[[str], None] = print) -> dict[str,
     try:
         return _predict(s, log, out_dir.path, root, files, progress)
     except BaseException as err:
-        if not out_dir.discard_if_unused() and progress.get("writing"):
+        overlays = out_dir.path / "overlays"
+        if progress["scored"] == 0 and overlays.is_dir() and not any(overlays.iterdir()):
+            overlays.rmdir()  # created by this run, nothing in it
+        if not out_dir.discard_if_unused() and progress["scored"]:
             failed = {"complete": False, "error": f"{type(err).__name__}: {err}"}
             failed["scored_before_error"] = progress["scored"]
             (out_dir.path / "summary.json").write_text(json.dumps(failed, indent=1) + "\n")
@@ -633,7 +636,6 @@ def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -
     hi = max(hi, lo + 1e-6)
     if s.overwrite:
         clear_earlier_outputs(out, PREDICT_OUTPUTS, log)
-    progress["writing"] = True
     if s.overlays != "none":
         (out / "overlays").mkdir(exist_ok=True)
     names = [relative_name(root, f) for f in files]

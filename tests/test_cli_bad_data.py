@@ -419,6 +419,12 @@ def test_predict_and_fit_overwrite_leave_no_stale_file(data, tmp_path):
     overlays = sorted(p.name for p in (out / "overlays").glob("*.png"))
     assert len(overlays) == 3 and all("good" not in name for name in overlays)
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
+    # A refused predict (--strict, an unreadable first image) leaves no folder behind.
+    (images / "a_truncated.png").write_bytes(b"\x89PNG\r\n")
+    out = tmp_path / "strict"
+    with pytest.raises(Exception, match="Cannot decode image .*a_truncated.png"):
+        predict(strict=True)
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------- half-way
