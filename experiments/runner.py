@@ -386,12 +386,19 @@ def metrics_of(test: dict[str, Any], result) -> dict[str, Any]:
     out = evaluate_known_masks(
         test["labels"], result.image_scores, test["masks"], result.maps, test["mask_known"]
     )
-    if test.get("empty_masks"):
-        out["empty_masks"] = list(test["empty_masks"])
+    empty = test.get("empty_masks", [])
+    if empty:
+        out["empty_masks"] = list(empty)
+        missing = out["defective_images"] - out["defective_with_mask"] - len(empty)
+        left_out = f"{len(empty)} with an all-zero mask (empty_masks)" + (
+            f", {missing} without a mask file" if missing else ""
+        )
         out["pixel_note"] = (
-            f"{out['pixel_note'] or 'pixel metrics'}; {len(test['empty_masks'])} defective "
-            "image(s) have an all-zero mask (empty_masks) and are left out of the pixel "
-            "metrics (without a mask file: missing masks)"
+            f"pixel metrics over the {out['pixel_images']} images with a usable mask: "
+            f"{out['defective_with_mask']} of {out['defective_images']} defective images and "
+            f"every good image; left out: {left_out}"
+            if out["defective_with_mask"]
+            else f"no defective image has a usable mask ({left_out}): pixel metrics need masks"
         )
     return out
 

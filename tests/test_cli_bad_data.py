@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -154,7 +155,8 @@ def test_all_zero_mask_counts_defective_and_is_left_out_of_pixel_metrics(data, t
     row = out["rows"][0]
     assert row["empty_masks"] == ["ground_truth/blob/000_mask.png"]
     assert row["defective_images"] == 3 and row["defective_with_mask"] == 2
-    assert row["pixel_images"] == 5 and "all-zero mask" in row["pixel_note"]
+    assert row["pixel_images"] == 5
+    assert row["pixel_note"].endswith("left out: 1 with an all-zero mask (empty_masks)")
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "ground_truth/blob/000_mask.png" in warned and "--require_masks" in warned
     # Image metrics over all 6 images, the blob one labelled defective.
@@ -169,6 +171,37 @@ def test_all_zero_mask_counts_defective_and_is_left_out_of_pixel_metrics(data, t
     ref = runner.run(settings(data, tmp_path / "ref"))["rows"][0]
     for key in ("pixel_auroc", "pixel_f1_max", "aupro"):
         assert row[key] == pytest.approx(ref[key], abs=1e-9)
+
+
+def test_every_mask_all_zero_gives_null_pixel_metrics_with_the_reason(data, caplog):
+    """No model needed: the runner's mask handling on the listed data and fake maps."""
+    cat = load_category(data, "fabric", 64)
+    labels = cat.test_labels
+    test = {
+        "labels": labels,
+        "masks": np.zeros((len(labels), 64, 64), bool),  # every defective mask empty
+        "mask_known": np.ones(len(labels), bool),
+    }
+    with pytest.raises(EmptyMaskError, match="ground_truth/blob/000_mask.png"):
+        runner.exclude_empty_masks(cat, dict(test, mask_known=test["mask_known"].copy()), True)
+    runner.exclude_empty_masks(cat, test, require_masks=False)
+    assert test["mask_known"].tolist() == (labels == 0).tolist()
+    rng = np.random.default_rng(0)
+    result = types.SimpleNamespace(
+        image_scores=rng.random(len(labels)), maps=rng.random((len(labels), 64, 64))
+    )
+    metrics = runner.metrics_of(test, result)
+    assert metrics["pixel_auroc"] is None and metrics["aupro"] is None
+    assert metrics["pixel_note"] == (
+        "no defective image has a usable mask (3 with an all-zero mask (empty_masks)): "
+        "pixel metrics need masks"
+    )
+    assert metrics["empty_masks"] == [
+        f"ground_truth/{t}/000_mask.png" for t in ("blob", "scratch", "spot")
+    ]
+    ref = evaluate(labels, result.image_scores)
+    assert metrics["image_auroc"] == pytest.approx(ref["image_auroc"], abs=1e-12)
+    assert "3 defective test image(s) have a mask with no defect pixel" in caplog.text
 
 
 @pytest.mark.parametrize("values", ["zeros", "0/1"])
