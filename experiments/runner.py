@@ -607,9 +607,9 @@ def _run(s: Settings, methods, workdir: Path, resolved, out: Outputs) -> dict[st
             raise FileNotFoundError(f"no category folders (with train/good) found under {root}.")
         # Listing is cheap: fail on bad data before any work.
         check_data(s, dataset, root, categories)
-        if s.overwrite:
-            clear_earlier_run(workdir)
         hosts = {f: make_host(s, f) for f in sorted({m.host for m in methods})}
+        if s.overwrite:  # the inputs and the weights passed: now replace the earlier run
+            clear_earlier_run(workdir)
         total = len(categories) * len(s.shots) * len(s.seeds) * len(methods)
         with tqdm(total=total, disable=not s.progress, desc="eval", unit="run") as bar:
             for category in categories:

@@ -410,6 +410,10 @@ def test_refused_overwrite_keeps_the_earlier_run(data, tmp_path, no_extraction):
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "scores.jsonl").write_text("earlier\n")
+    # Building the backbone fails (no_extraction: as a bad weights file would).
+    with pytest.raises(AssertionError, match="backbone was built"):
+        runner.run(settings(data, workdir, overwrite=True))
+    assert (workdir / "scores.jsonl").read_text() == "earlier\n"
     shutil.rmtree(data / "fabric/test/good")  # refused: only defective images
     with pytest.raises(OneClassTestSetError):
         runner.run(settings(data, workdir, overwrite=True))

@@ -179,20 +179,22 @@ def open_output_dir(
         the path and the fix.
     """
     out = check_output_dir(path, flag)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{flag} {out} exists and is not empty; {what} are never overwritten silently. "
-            f"Pick a new {flag}, or pass --overwrite (which replaces the files of an earlier "
-            "run and keeps any other file)."
-        )
-    created = None
-    if not out.exists():
-        created = out
-        while not created.parent.exists():
-            created = created.parent
     try:
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise FileExistsError(
+                f"{flag} {out} exists and is not empty; {what} are never overwritten silently. "
+                f"Pick a new {flag}, or pass --overwrite (which replaces the files of an "
+                "earlier run and keeps any other file)."
+            )
+        created = None
+        if not out.exists():
+            created = out
+            while not created.parent.exists():
+                created = created.parent
         out.mkdir(parents=True, exist_ok=True)
         _write_probe(out)
+    except FileExistsError:
+        raise
     except OSError as e:
         reason = "read-only file system" if e.errno == errno.EROFS else e.strerror or str(e)
         raise UnwritableDirError(
