@@ -148,9 +148,19 @@ def _zero_mask(data, defect="blob"):
     return mask
 
 
-def test_all_zero_mask_counts_defective_and_is_left_out_of_pixel_metrics(data, tmp_path, caplog):
+def test_all_zero_mask_counts_defective_and_is_left_out_of_pixel_metrics(
+    data, tmp_path, caplog, monkeypatch
+):
     """Default: the image is defective for the image metrics; its mask is not used."""
     _zero_mask(data)
+    seen = []
+    real = runner.metrics_of
+
+    def spy(test, result):  # keeps the maps the runner scored, for the reference below
+        seen.append((test["masks"].copy(), result.maps.copy(), result.image_scores.copy()))
+        return real(test, result)
+
+    monkeypatch.setattr(runner, "metrics_of", spy)
     out = runner.run(settings(data, tmp_path / "run"))
     row = out["rows"][0]
     assert row["empty_masks"] == ["ground_truth/blob/000_mask.png"]
@@ -161,16 +171,20 @@ def test_all_zero_mask_counts_defective_and_is_left_out_of_pixel_metrics(data, t
     assert "ground_truth/blob/000_mask.png" in warned and "--require_masks" in warned
     # Image metrics over all 6 images, the blob one labelled defective.
     line = json.loads((tmp_path / "run/scores.jsonl").read_text())
-    assert line["labels"][line["files"].index("test/blob/000.png")] == 1
-    want = evaluate(np.array(line["labels"]), np.array(line["scores"]))
+    blob = line["files"].index("test/blob/000.png")
+    assert line["labels"][blob] == 1
+    labels = np.array(line["labels"])
+    want = evaluate(labels, np.array(line["scores"]))
     assert row["image_auroc"] == pytest.approx(want["image_auroc"], abs=1e-9)
-    # Pixel metrics = those of the same run without the blob image (PatchCore scores each
-    # image alone), i.e. its all-zero mask did not count its pixels as normal.
-    shutil.rmtree(data / "fabric/test/blob")
-    shutil.rmtree(data / "fabric/ground_truth/blob")
-    ref = runner.run(settings(data, tmp_path / "ref"))["rows"][0]
+    # Pixel metrics: those of the other 5 images; the blob image's pixels are not
+    # counted as normal ones.
+    (masks, maps, scores), keep = seen[0], np.arange(len(labels)) != blob
+    assert not masks[blob].any()
+    ref = evaluate(labels[keep], scores[keep], masks[keep], maps[keep])
     for key in ("pixel_auroc", "pixel_f1_max", "aupro"):
         assert row[key] == pytest.approx(ref[key], abs=1e-9)
+    wrong = evaluate(labels, scores, masks, maps)  # what counting it as normal would give
+    assert wrong["pixel_auroc"] != pytest.approx(ref["pixel_auroc"], abs=1e-6)
 
 
 def test_every_mask_all_zero_gives_null_pixel_metrics_with_the_reason(data, caplog):
