@@ -36,9 +36,18 @@ from protorefine_jax.data.errors import DatasetError
 from protorefine_jax.data.imageio import is_image_file, read_image
 from protorefine_jax.features.preprocess import image_hw
 from protorefine_jax.io import model_dir
-from protorefine_jax.io.paths import check_output_dir, safe_filename
+from protorefine_jax.io.paths import OutputDir, clear_outputs, open_output_dir, safe_filename
 
 EXPORT_FILE = "detector.jaxexport"
+# The files fit writes into --out, and predict; what --overwrite replaces (other files are kept).
+FIT_OUTPUTS = (model_dir.MANIFEST, model_dir.ARRAYS, EXPORT_FILE)
+PREDICT_OUTPUTS = (
+    "predictions.csv",
+    "predictions.jsonl",
+    "report.html",
+    "summary.json",
+    "overlays/*.png",
+)
 METHODS = {"patchcore": False, "patchcore+": True}  # name -> use_refinement
 # RefineConfig fields fit and predict take as flags: the eval's, and lam.
 REFINE_FIELDS = ("lam", *runner.REFINE_FIELDS)
@@ -240,7 +249,25 @@ def config_dict(config) -> dict[str, Any]:
     return out
 
 
-def _check_fit(s: FitSettings) -> None:
+def clear_earlier_outputs(out: Path, outputs: Sequence[str], log: Callable[[str], None]) -> None:
+    """`--overwrite`: removes the files an earlier run of the tool wrote; keeps (lists) others.
+
+    Called once the inputs have been checked, just before the first write, so
+    that stale files (a `detector.jaxexport` of an earlier `fit --export`,
+    overlays of images no longer scored) never sit beside the new ones.
+    """
+    removed, kept = clear_outputs(out, outputs)
+    if removed:
+        log(f"--overwrite: removed {len(removed)} file(s) of an earlier run from {out}/")
+    if kept:
+        shown = ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else "")
+        log(
+            f"--overwrite: kept {len(kept)} file(s) in {out}/ that this tool does not write: "
+            f"{shown}"
+        )
+
+
+def _check_fit(s: FitSettings) -> OutputDir:
     if not s.support_dir:
         raise ValueError("--support_dir is required: a folder (or glob) of good images.")
     if not s.out:
@@ -251,12 +278,8 @@ def _check_fit(s: FitSettings) -> None:
         raise ValueError(f"--batch_size must be >= 1, got {s.batch_size}.")
     if s.views < 2:
         raise ValueError(f"--views must be >= 2, got {s.views}.")
-    out = check_output_dir(s.out, "--out")
-    if out.exists() and any(out.iterdir()) and not s.overwrite:
-        raise FileExistsError(
-            f"{out} exists and is not empty; a model is never overwritten silently. Pick a new "
-            "--out, or pass --overwrite."
-        )
+    # Before any image is read: a read-only --out fails now, not after the fit.
+    return open_output_dir(s.out, "--out", s.overwrite, "models")
 
 
 def fit_model(s: FitSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -264,15 +287,33 @@ def fit_model(s: FitSettings, log: Callable[[str], None] = print) -> dict[str, A
 
     Returns:
       The model's metadata (as stored in `model.json`).
+
+    Bad input (an unwritable or non-empty `--out`, no image, a calibration
+    folder without good AND defective images, an unreadable support image)
+    is refused before the backbone is built, and a refused fit leaves no
+    folder behind. With `--overwrite` the files of an earlier model
+    (`FIT_OUTPUTS`) are removed just before the new ones are written;
+    `model.json` is written last, so a fit that dies while writing leaves no
+    loadable half-model.
     """
+    out_dir = _check_fit(s)
+    try:
+        return _fit_model(s, out_dir.path, log)
+    except BaseException:
+        out_dir.discard_if_unused()
+        raise
+
+
+def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
     import jax
 
     from protorefine_jax.data.fewshot import sample_support
 
-    _check_fit(s)
     root, files = list_images(s.support_dir)
     if s.shots:
         files = list(sample_support(files, s.shots, s.seed).paths)
+    # Listing only, before the backbone: a one-class calibration folder is refused now.
+    calibration_files = calibration_set(s.calibration_dir) if s.calibration_dir else None
     support, _, errors = read_batch(files, s.image_size, strict=True)
     del errors  # strict: unreadable support images are fatal
     k = len(files)
@@ -313,8 +354,8 @@ def fit_model(s: FitSettings, log: Callable[[str], None] = print) -> dict[str, A
     thresholds = {"normal_only": normal.to_dict()}
     active = normal
     calibration = None
-    if s.calibration_dir:
-        cfiles, clabels = calibration_set(s.calibration_dir)
+    if calibration_files is not None:
+        cfiles, clabels = calibration_files
         cimages, _, _ = read_batch(cfiles, s.image_size, strict=True)
         cscores, _ = score_state(state, cimages)
         active = threshold_lib.f1_threshold(clabels, cscores)
@@ -351,7 +392,9 @@ def fit_model(s: FitSettings, log: Callable[[str], None] = print) -> dict[str, A
     if s.export:
         extra[EXPORT_FILE] = export_artifact(detector, params, state, config, s.image_size)
         meta["export"] = {"file": EXPORT_FILE, "platforms": [jax.default_backend()]}
-    model_dir.save_model(s.out, state, meta, extra_files=extra, overwrite=s.overwrite)
+    if s.overwrite:
+        clear_earlier_outputs(out, FIT_OUTPUTS, log)
+    model_dir.save_model(out, state, meta, extra_files=extra, overwrite=s.overwrite)
     log(f"model written to {s.out}/ ({', '.join([model_dir.MANIFEST, model_dir.ARRAYS, *extra])})")
     return meta
 
@@ -532,18 +575,6 @@ class PredictSettings:
     requested: tuple[tuple[str, Any], ...] = ()
 
 
-def prepare_out(out: str, overwrite: bool) -> Path:
-    """Creates `out`; refuses a file, and a non-empty folder unless `overwrite`."""
-    path = check_output_dir(out, "--out")
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise FileExistsError(
-            f"--out {path} exists and is not empty; predictions are never overwritten "
-            "silently. Pick a new --out, or pass --overwrite."
-        )
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _safe_stem(index: int, name: str) -> str:
     # The index keeps names unique after flattening folders; safe_filename keeps them valid.
     return f"{index:05d}_{safe_filename(name.rsplit('.', 1)[0].replace('/', '_'), 80)}"
@@ -554,12 +585,39 @@ def predict(s: PredictSettings, log: Callable[[str], None] = print) -> dict[str,
 
     Returns:
       A summary: counts, images/s, threshold, files written.
+
+    `--out` is checked (and created) before the model is opened: a read-only
+    path fails first. A run refused before writing anything leaves no folder
+    behind; with `--overwrite` the files of an earlier run (`PREDICT_OUTPUTS`)
+    are removed once the model has been opened, so that no stale overlay
+    mixes with the new ones. A run that fails after writing overlays says so
+    in `summary.json` (`"complete": false` and the `"error"`).
     """
     if s.overlays not in ("all", "anomalous", "none"):
         raise ValueError(f"--overlays must be all, anomalous or none; got {s.overlays!r}.")
     if s.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {s.batch_size}.")
     root, files = list_images(s.images)
+    out_dir = open_output_dir(s.out, "--out", s.overwrite, "predictions")
+    progress = {"scored": 0}
+    try:
+        return _predict(s, log, out_dir.path, root, files, progress)
+    except BaseException as err:
+        overlays = out_dir.path / "overlays"
+        if progress["scored"] == 0 and overlays.is_dir() and not any(overlays.iterdir()):
+            overlays.rmdir()  # created by this run, nothing in it
+        if not out_dir.discard_if_unused() and progress["scored"]:
+            failed = {"complete": False, "error": f"{type(err).__name__}: {err}"}
+            failed["scored_before_error"] = progress["scored"]
+            (out_dir.path / "summary.json").write_text(json.dumps(failed, indent=1) + "\n")
+            log(
+                f"predict stopped after {progress['scored']} image(s); {out_dir.path}/overlays "
+                "holds their overlays, predictions.csv was not written (summary.json says so)"
+            )
+        raise
+
+
+def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -> dict[str, Any]:
     scorer, manifest = open_model(
         s.model,
         runtime=s.runtime,
@@ -576,7 +634,8 @@ def predict(s: PredictSettings, log: Callable[[str], None] = print) -> dict[str,
     )
     lo, hi = meta["map_scale"]
     hi = max(hi, lo + 1e-6)
-    out = prepare_out(s.out, s.overwrite)
+    if s.overwrite:
+        clear_earlier_outputs(out, PREDICT_OUTPUTS, log)
     if s.overlays != "none":
         (out / "overlays").mkdir(exist_ok=True)
     names = [relative_name(root, f) for f in files]
@@ -637,6 +696,7 @@ def predict(s: PredictSettings, log: Callable[[str], None] = print) -> dict[str,
                 )
                 items.append(html_report.ReportItem(name=names[start + i], error=err))
             scored += len(ok)
+            progress["scored"] = scored
             bar.update(len(part))
             if start == 0:  # the first chunk pays for compilation
                 first = (time.time() - t0, scored)
@@ -687,6 +747,7 @@ def predict(s: PredictSettings, log: Callable[[str], None] = print) -> dict[str,
         "images_per_second": scored / max(seconds, 1e-9),
         "images_per_second_after_first_batch": steady,
         "runtime": scorer.runtime,
+        "complete": True,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     log(

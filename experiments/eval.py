@@ -9,13 +9,26 @@ Run from the repository root, e.g.
 A bare flagfile name that is not a file in the working directory is looked up
 in `experiments/flags/` (where the per-dataset, per-shots files live).
 
-Writes into `--workdir` (which must not exist yet, or be empty):
+Writes into `--workdir` (which must not exist yet, or be empty; `--overwrite`
+replaces the files below of an earlier run, keeps any other file and names it):
   results.json        rows (one per dataset, category, method, shots, seed),
                       summary (mean and std over seeds), config, timing
   results.md          the summary as a markdown table (also printed)
   config.json         the resolved configuration
   scores.jsonl        per-image scores, one line per row
   heatmaps/*.png      overlays of anomaly maps on a few test images
+  reports/*.html      one page per category and method (first shot count and seed)
+
+Bad data is refused before the backbone is built and any feature is
+extracted, and a refused run leaves no file behind: an unwritable workdir, a
+bad category, too few good images, a test set with only good or only
+defective images (image AUROC needs both), and with `--require_masks` a
+missing or all-zero mask. Without `--require_masks` a defective image whose
+mask has no defect pixel counts as defective for the image metrics and is
+left out of the pixel metrics, with a warning naming the mask (results rows:
+`empty_masks`, `pixel_note`). An unreadable image (permissions) is an error
+naming the file. A run that fails after some results keeps them:
+`results.json` has `"complete": false` and the `"error"`.
 
 Every flag is a field of `experiments.runner.Settings` (same name, same
 default); `main` is a thin wrapper around the importable `runner.run`.
@@ -47,10 +60,13 @@ HELP = {
     "data_dir": "Dataset root (holds <category>/train/good, or VisA's split_csv).",
     "data_source": "folder (read the image files) | tfds (prepared TFDS array_record files).",
     "tfds_dir": "--data_source=tfds: folder of the prepared files (prepared there if missing).",
-    "require_masks": "Refuse defective test images without a mask (default: image metrics "
-    "for them; pixel metrics over the images with masks, null without any).",
+    "require_masks": "Refuse defective test images without a mask, or whose mask has no "
+    "defect pixel (default: image metrics for them; pixel metrics over the images with "
+    "non-empty masks, null without any; a warning names all-zero masks).",
     "workdir": "Output folder; must be new or empty. Default: runs/<timestamp>.",
-    "overwrite": "Allow writing into a non-empty workdir.",
+    "overwrite": "Allow a non-empty workdir: the files of an earlier run (results.*, "
+    "config.json, scores.jsonl, heatmaps/*.png, reports/*.html) are removed once the data "
+    "passed its checks; other files are kept and listed.",
     "categories": "Categories; empty = all found in data_dir.",
     "shots": "Support images per category.",
     "seeds": "Support-sampling seeds.",
@@ -144,7 +160,7 @@ def main(argv: list[str]) -> None:
     try:
         imageio.set_max_image_pixels(_MAX_IMAGE_PIXELS.value)
         runner.run(settings_from_flags())
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
         # Bad input gets its message, not a traceback.
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -38,7 +38,12 @@ _define_enum = functools.partial(flags.DEFINE_enum, flag_values=FLAGS)
 
 _define_string("support_dir", "", "Folder (searched recursively) or glob of good images.")
 _define_string("out", "", "Model directory to write (must be new or empty).")
-_define_bool("overwrite", False, "Allow replacing an existing model directory.")
+_define_bool(
+    "overwrite",
+    False,
+    "Allow a non-empty --out: the files of an earlier fit (model.json, state.safetensors, "
+    "detector.jaxexport) are replaced; other files are kept and listed.",
+)
 _define_enum("method", "patchcore+", sorted(deploy.METHODS), "Detector.")
 _define_string(
     "backbone", "efficientnet_lite0", "efficientnet_lite0 | efficientnet_lite2 | wide_resnet50_2."
@@ -103,7 +108,7 @@ def run(argv: list[str]) -> int:
     imageio.set_max_image_pixels(FLAGS.max_image_pixels)
     try:
         deploy.fit_model(settings_from_flags())
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
         # Bad input gets its message, not a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2

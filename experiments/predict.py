@@ -40,7 +40,12 @@ _define_enum = functools.partial(flags.DEFINE_enum, flag_values=FLAGS)
 _define_string("model", "", "Model directory written by experiments.fit.")
 _define_string("images", "", "Folder (searched recursively) or glob of images to score.")
 _define_string("out", "", "Output folder (must be new or empty).")
-_define_bool("overwrite", False, "Allow writing into a non-empty --out.")
+_define_bool(
+    "overwrite",
+    False,
+    "Allow a non-empty --out: the files of an earlier predict (predictions.*, report.html, "
+    "summary.json, overlays/*.png) are removed first; other files are kept and listed.",
+)
 _define_integer("batch_size", 8, "Images per compiled batch.")
 _define_enum("runtime", "auto", ["auto", "library", "export"], "How to run the model.")
 _define_string("weights", None, "Backbone weights file on this machine (default: as fitted).")
@@ -90,7 +95,7 @@ def run(argv: list[str]) -> int:
         return 2
     try:
         deploy.predict(s)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
         # Bad input (ModelFormatError / ModelMismatchError are ValueErrors) gets its message.
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ from experiments.hosts import Host, stack, take
 from experiments.methods import Method, get_method
 from experiments.prefetch import prefetch
 from protorefine_jax.data import load_dataset_category, make_synthetic_dataset, sample_support
+from protorefine_jax.data.errors import EmptyMaskError
 from protorefine_jax.data.registry import list_categories
 from protorefine_jax.detectors import (
     PatchCore,
@@ -36,7 +37,7 @@ from protorefine_jax.detectors import (
     describe_banks,
     patchcore,
 )
-from protorefine_jax.io.paths import check_output_dir
+from protorefine_jax.io.paths import OutputDir, clear_outputs, open_output_dir
 from protorefine_jax.metrics import evaluate, evaluate_known_masks
 
 
@@ -132,16 +133,52 @@ def check_settings(s: Settings) -> list[Method]:
     return methods
 
 
-def prepare_workdir(workdir: str | None, overwrite: bool) -> Path:
-    """Creates the output folder; refuses a non-empty one unless `overwrite`."""
-    path = check_output_dir(workdir or time.strftime("runs/%Y%m%d-%H%M%S"))
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"workdir {path} exists and is not empty; results are never overwritten "
-            "silently. Pick a new --workdir, or pass --overwrite."
+# Every file `run` writes into the workdir: what `--overwrite` replaces.
+OUTPUTS = (
+    "results.json",
+    "results.md",
+    "config.json",
+    "scores.jsonl",
+    "heatmaps/*.png",
+    "reports/*.html",
+)
+
+
+def prepare_workdir(workdir: str | None, overwrite: bool) -> OutputDir:
+    """Checks and creates the output folder, before any reading or extraction.
+
+    Refuses a non-empty folder unless `overwrite`, and a folder that cannot be
+    written (`UnwritableDirError`, naming it). Nothing is removed here: the
+    files of an earlier run go (`clear_earlier_run`) only once the data has
+    been listed and checked, so a refused run leaves them in place.
+    """
+    return open_output_dir(
+        workdir or time.strftime("runs/%Y%m%d-%H%M%S"), "--workdir", overwrite, "results"
+    )
+
+
+def clear_earlier_run(workdir: Path) -> None:
+    """`--overwrite`: removes the files of `OUTPUTS` an earlier run left; keeps the rest.
+
+    So that no heatmap, report page or score line of the earlier run mixes
+    with the new ones. Files this tool does not write are never deleted; they
+    are listed in a warning.
+    """
+    removed, kept = clear_outputs(workdir, OUTPUTS)
+    if removed:
+        logging.warning(
+            "--overwrite: removed %d file(s) of an earlier run from %s (%s)",
+            len(removed),
+            workdir,
+            ", ".join(removed[:5]) + (", ..." if len(removed) > 5 else ""),
         )
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    if kept:
+        logging.warning(
+            "--overwrite: kept %d file(s) in %s that eval does not write: %s",
+            len(kept),
+            workdir,
+            ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else ""),
+        )
 
 
 @contextlib.contextmanager
@@ -277,13 +314,93 @@ def load_test_set(data, host) -> dict[str, Any]:
     }
 
 
+def empty_masks(data, masks: np.ndarray, labels: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Indices of defective test images whose known mask has no defect pixel.
+
+    Checked at the evaluation resolution (what the pixel metrics use): a file
+    that is all zero, a mask saved as 0/1 instead of 0/255 (values at most the
+    threshold, 127), or a defect smaller than one pixel after resizing.
+    """
+    return np.flatnonzero((labels == 1) & known & ~masks.reshape(len(masks), -1).any(axis=1))
+
+
+def _mask_names(data, idx: np.ndarray) -> list[str]:
+    names = []
+    for i in idx:
+        path = data.test[i].mask_path
+        try:
+            names.append(data.name(path))
+        except ValueError:  # not under the category folder
+            names.append(str(path))
+    return names
+
+
+def empty_mask_error(data, idx: np.ndarray) -> EmptyMaskError:
+    """`--require_masks`: the error naming the first all-zero mask and the fix."""
+    names = _mask_names(data, idx)
+    return EmptyMaskError(
+        f"The mask {data.root / names[0]} of defective test image "
+        f"{data.name(data.test[idx[0]].path)} has no defect pixel (value > "
+        f"{data.mask_threshold}) at {data.image_size} px ({len(names)} such mask(s) in "
+        f"'{data.category}': {', '.join(names[:5])}). Fix: re-export the mask with the defect "
+        "at 255 (masks saved as 0/1 read as empty), or move the image to test/good if it has "
+        "no defect; without --require_masks such images count as defective for the image "
+        "metrics and are left out of the pixel metrics, with a warning."
+    )
+
+
+def exclude_empty_masks(data, test: dict[str, Any], require_masks: bool) -> None:
+    """All-zero masks of defective images: unknown masks (default), or an error.
+
+    Default: such an image stays defective for the image metrics; its mask is
+    not used for the pixel metrics (it would count the defect's pixels as
+    normal). A warning names the files, and each result row records them
+    (`empty_masks`, and `pixel_note`). With `require_masks` it is an
+    `EmptyMaskError` (`check_data` finds these before any extraction; this
+    catches a defect that vanishes only at the host's own resolution).
+    """
+    idx = empty_masks(data, test["masks"], test["labels"], test["mask_known"])
+    if not len(idx):
+        return
+    if require_masks:
+        raise empty_mask_error(data, idx)
+    names = _mask_names(data, idx)
+    logging.warning(
+        "%s: %d defective test image(s) have a mask with no defect pixel at %s px (%s): counted "
+        "defective for the image metrics, left out of the pixel metrics. Fix the masks "
+        "(defect = 255; 0/1 masks read as empty), or pass --require_masks to make this an "
+        "error.",
+        data.category,
+        len(idx),
+        data.image_size,
+        ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""),
+    )
+    test["mask_known"][idx] = False
+    test["empty_masks"] = names
+
+
 def metrics_of(test: dict[str, Any], result) -> dict[str, Any]:
     """The protocol's metrics; pixel metrics over the known masks only (None without)."""
     if test["mask_known"].all():
         return evaluate(test["labels"], result.image_scores, test["masks"], result.maps)
-    return evaluate_known_masks(
+    out = evaluate_known_masks(
         test["labels"], result.image_scores, test["masks"], result.maps, test["mask_known"]
     )
+    empty = test.get("empty_masks", [])
+    if empty:
+        out["empty_masks"] = list(empty)
+        missing = out["defective_images"] - out["defective_with_mask"] - len(empty)
+        left_out = f"{len(empty)} with an all-zero mask (empty_masks)" + (
+            f", {missing} without a mask file" if missing else ""
+        )
+        out["pixel_note"] = (
+            f"pixel metrics over the {out['pixel_images']} images with a usable mask: "
+            f"{out['defective_with_mask']} of {out['defective_images']} defective images and "
+            f"every good image; left out: {left_out}"
+            if out["defective_with_mask"]
+            else f"no defective image has a usable mask ({left_out}): pixel metrics need masks"
+        )
+    return out
 
 
 def heatmap_indices(labels: np.ndarray, count: int) -> np.ndarray:
@@ -314,8 +431,9 @@ def score_row(s: Settings, category: str, method: Method, k: int, support, state
 class Outputs:
     """The files a run writes as it goes (rows, per-image scores, overlays).
 
-    A context manager: `scores.jsonl` is open inside the `with` block and
-    closed when it ends, on success or failure.
+    A context manager: `scores.jsonl` is created with the first row (a run
+    refused before any result writes no empty file) and closed when the
+    `with` block ends, on success or failure.
     """
 
     def __init__(self, workdir: Path):
@@ -324,14 +442,16 @@ class Outputs:
         self.scores = None
 
     def __enter__(self) -> Outputs:
-        self.scores = (self.workdir / "scores.jsonl").open("w")
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.scores.close()
+        if self.scores is not None:
+            self.scores.close()
 
     def add(self, row: dict[str, Any], test: dict[str, Any], result) -> None:
         """Keeps the row and appends the per-image scores."""
+        if self.scores is None:
+            self.scores = (self.workdir / "scores.jsonl").open("w")
         self.rows.append(row)
         line = {key: row[key] for key in (*report.GROUP_KEYS, "seed")}
         line.update(
@@ -386,6 +506,7 @@ def run_category(s, dataset, root, category, family, host, methods, out: Outputs
     host.prepare(category)
     bar.set_postfix_str(f"{category}: extracting test features ({family})")
     test = load_test_set(data, host)
+    exclude_empty_masks(data, test, s.require_masks)
     support_features = SupportCache(host, data)
     shown = heatmap_indices(test["labels"], s.num_heatmaps)
     online = {"capacity": s.online_capacity, "add_per_query": s.online_add}
@@ -420,20 +541,75 @@ def run(s: Settings) -> dict[str, Any]:
 
     Returns:
       The content of `results.json`.
+
+    Every refusal of bad settings or data (bad category, too few good
+    images, a one-class test set, an unwritable workdir; with
+    `--require_masks`, a missing or all-zero mask) comes before the backbone
+    is built and anything is extracted, and leaves no file behind: a new
+    workdir is removed again, and with `--overwrite` an earlier run's files
+    are only replaced once the data has passed these checks. A run that fails
+    later keeps what it wrote and says so: `results.json` holds the rows so
+    far with `"complete": false` and the `"error"`.
     """
     methods = check_settings(s)
-    workdir = prepare_workdir(s.workdir, s.overwrite)
-    start = time.time()
+    out_dir = prepare_workdir(s.workdir, s.overwrite)
+    workdir = out_dir.path
     resolved = {"settings": dataclasses.asdict(s), "families": {}}
-    with Outputs(workdir) as out, dataset_root(s) as (dataset, root):
+    out = Outputs(workdir)
+    try:
+        return _run(s, methods, workdir, resolved, out)
+    except BaseException as err:
+        _record_failure(out_dir, out, resolved, err)
+        raise
+
+
+def _record_failure(out_dir: OutputDir, out: Outputs, resolved, err: BaseException) -> None:
+    """After a failed run: no empty new workdir; partial results marked as such."""
+    if not out.rows:
+        out_dir.discard_if_unused()
+        return
+    partial = {"rows": out.rows, "config": resolved, "complete": False}
+    partial["error"] = f"{type(err).__name__}: {err}"
+    report.write_json(out_dir.path / "results.json", partial)
+    logging.warning(
+        "the run stopped after %d result row(s); %s/results.json keeps them with "
+        '"complete": false (scores.jsonl and heatmaps/ hold the same runs only).',
+        len(out.rows),
+        out_dir.path,
+    )
+
+
+def check_data(s: Settings, dataset: str, root: Path, categories: list[str]) -> None:
+    """The cheap checks of every category, before any backbone is built.
+
+    Listing only (no pixel decoded, except the masks with `--require_masks`):
+    a bad category, too few good images for the largest shot count, a test
+    set without both good and defective images, and, with `--require_masks`,
+    a defective image whose mask has no defect pixel.
+    """
+    for category in categories:
+        data = load_data(s, dataset, root, category)
+        sample_support(data.train_good, max(s.shots), s.seeds[0], root=data.root)
+        data.check_both_classes()
+        if s.require_masks:  # every defective image has a mask file (else MissingMaskError)
+            idx = np.flatnonzero(data.test_labels == 1)
+            masks = data.load_masks([data.test[i] for i in idx])
+            empty = idx[~masks.reshape(len(idx), -1).any(axis=1)]
+            if len(empty):
+                raise empty_mask_error(data, empty)
+
+
+def _run(s: Settings, methods, workdir: Path, resolved, out: Outputs) -> dict[str, Any]:
+    start = time.time()
+    with out, dataset_root(s) as (dataset, root):
         categories = list(s.categories) or list(list_categories(dataset, root))
         if not categories:
             raise FileNotFoundError(f"no category folders (with train/good) found under {root}.")
-        # Listing is cheap: fail on a bad category or too few images before any work.
-        for category in categories:
-            data = load_data(s, dataset, root, category)
-            sample_support(data.train_good, max(s.shots), s.seeds[0], root=data.root)
+        # Listing is cheap: fail on bad data before any work.
+        check_data(s, dataset, root, categories)
         hosts = {f: make_host(s, f) for f in sorted({m.host for m in methods})}
+        if s.overwrite:  # the inputs and the weights passed: now replace the earlier run
+            clear_earlier_run(workdir)
         total = len(categories) * len(s.shots) * len(s.seeds) * len(methods)
         with tqdm(total=total, disable=not s.progress, desc="eval", unit="run") as bar:
             for category in categories:

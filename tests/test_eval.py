@@ -218,8 +218,17 @@ def test_category_mean_row_is_the_std_over_seeds_of_category_means():
 
 
 def test_outputs_close_the_scores_file_when_the_run_fails(tmp_path):
+    import types
+
+    import numpy as np
+
+    row = {"dataset": "d", "category": "c", "method": "m", "shots": 1, "seed": 0}
+    test = {"names": ["a.png"], "labels": np.array([1])}
     with pytest.raises(RuntimeError, match="boom"):
         with runner.Outputs(tmp_path) as out:
+            assert not (tmp_path / "scores.jsonl").exists()  # created with the first row
+            out.add(row, test, types.SimpleNamespace(image_scores=np.array([0.5])))
             scores = out.scores
             raise RuntimeError("boom")
     assert scores.closed
+    assert json.loads((tmp_path / "scores.jsonl").read_text())["files"] == ["a.png"]

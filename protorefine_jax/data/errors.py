@@ -4,7 +4,7 @@ Every message names what is wrong AND how to fix it, because these errors are
 what a user sees first when a dataset folder is laid out differently from what
 the readers expect. All of them derive from :class:`DatasetError`, so callers
 can catch one type; each also derives from the closest builtin
-(`FileNotFoundError` / `ValueError`) so generic handlers keep working.
+(`FileNotFoundError` / `ValueError` / `PermissionError`) so generic handlers keep working.
 """
 
 from __future__ import annotations
@@ -24,6 +24,18 @@ class UnknownCategoryError(DatasetError, ValueError):
 
 class CorruptImageError(DatasetError, ValueError):
     """An image or mask file exists but cannot be decoded."""
+
+
+class UnreadableFileError(DatasetError, PermissionError):
+    """An image, mask or folder exists but this user may not read it (permissions)."""
+
+
+class EmptyMaskError(DatasetError, ValueError):
+    """A defective test image's mask has no defect pixel (with `require_masks`)."""
+
+
+class OneClassTestSetError(DatasetError, ValueError):
+    """A test set holds only good or only defective images: AUROC / F1-max are undefined."""
 
 
 class ImageTooLargeError(CorruptImageError):

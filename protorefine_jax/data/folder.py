@@ -26,6 +26,7 @@ from protorefine_jax.data.errors import (
     DatasetNotFoundError,
     EmptyTrainSetError,
     MissingMaskError,
+    OneClassTestSetError,
     UnsafeNameError,
 )
 from protorefine_jax.data.imageio import (
@@ -33,6 +34,7 @@ from protorefine_jax.data.imageio import (
     is_image_file,
     read_images,
     read_mask,
+    unreadable,
 )
 from protorefine_jax.features.preprocess import image_hw
 from protorefine_jax.io.paths import UnsafePathError, check_relative, json_safe_text
@@ -85,7 +87,7 @@ class TestBatch(NamedTuple):
 class CategoryFiles:
     """Label, defect-type and name helpers shared by the category readers.
 
-    Needs `root` and `test` (a sequence of `TestItem`); `CategoryData` and
+    Needs `category`, `root` and `test` (a sequence of `TestItem`); `CategoryData` and
     `tfds_source.TfdsCategory` both provide them.
     """
 
@@ -98,6 +100,32 @@ class CategoryFiles:
     def defect_types(self) -> tuple[str, ...]:
         """Sorted defect types present in the test set (without `"good"`)."""
         return tuple(sorted({t.defect_type for t in self.test if t.label == 1}))
+
+    def check_both_classes(self) -> None:
+        """Raises unless the test set holds good AND defective images.
+
+        Image AUROC and F1-max are undefined on one class; the evaluation
+        calls this when it lists the files, before any feature extraction.
+
+        Raises:
+          OneClassTestSetError: only good or only defective test images
+            (names the category, its folder, the counts and the fix).
+        """
+        labels = self.test_labels
+        bad = int(np.count_nonzero(labels))
+        if 0 < bad < labels.size:
+            return
+        has = "good" if bad == 0 else "defective"
+        lacks = "defective" if bad == 0 else "good"
+        raise OneClassTestSetError(
+            f"The test set of category '{self.category}' ({self.root}) holds only {has} images "
+            f"({labels.size}) and no {lacks} one; image AUROC and F1-max need both, so the "
+            f"run is refused before any feature extraction. Fix: add {lacks} test images "
+            "(MVTec layout: test/good/ for good ones, test/<defect_type>/ with masks in "
+            "ground_truth/<defect_type>/ for defective ones), or leave this category out "
+            "(--categories). To set a decision threshold from good images only, use "
+            "experiments.fit."
+        )
 
     def name(self, path: Path) -> str:
         r"""File name relative to :attr:`root` (POSIX), as stored with results.
@@ -175,7 +203,10 @@ class CategoryData(CategoryFiles):
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    except PermissionError as e:
+        raise unreadable(folder, "Folder", e) from e
 
 
 def discover_categories(root: str | Path) -> tuple[str, ...]:

@@ -48,6 +48,9 @@ non-float file). Decisions (the spec is silent):
   `experiments.eval`) is refused from its header, before decoding, with an
   `ImageTooLargeError`; PIL's own `DecompressionBombError` becomes the same
   error.
+- A file this user may not read (permissions) is an `UnreadableFileError`
+  naming it and the fix (chmod), not a "cannot decode" error: the file may
+  well be intact. Every file is opened by :func:`open_image`.
 """
 
 from __future__ import annotations
@@ -58,7 +61,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from protorefine_jax.data.errors import CorruptImageError, DatasetNotFoundError, ImageTooLargeError
+from protorefine_jax.data.errors import (
+    CorruptImageError,
+    DatasetNotFoundError,
+    ImageTooLargeError,
+    UnreadableFileError,
+)
 from protorefine_jax.features.preprocess import (
     UINT16_SCALE,
     image_hw,
@@ -104,6 +112,20 @@ def _too_large(path: Path, what: str, size: str) -> ImageTooLargeError:
     )
 
 
+def unreadable(path: Path, what: str, err: OSError) -> UnreadableFileError:
+    """The error for a file or folder this user may not read (names it and the fix)."""
+    return UnreadableFileError(
+        f"Cannot read {what.lower()} {path}: permission denied ({err.strerror or err}). Fix: "
+        f"make it readable by this user (e.g. chmod a+r '{path}'; a folder also needs a+x), "
+        "or run as a user who may read the dataset."
+    )
+
+
+def open_image(path: Path) -> Image.Image:
+    """`PIL.Image.open(path)`: the one place image and mask files are opened."""
+    return Image.open(path)
+
+
 def is_image_file(path: Path) -> bool:
     """Whether `path` has an image extension (case-insensitive) and is not hidden."""
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
@@ -125,7 +147,7 @@ def _decode(path: Path, what: str) -> np.ndarray:
         with warnings.catch_warnings():
             # The limit below is ours; PIL's warning would only repeat it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 width, height = img.size
                 if width * height > _max_pixels:
                     raise _too_large(path, what, f"{width} x {height} pixels")
@@ -133,6 +155,8 @@ def _decode(path: Path, what: str) -> np.ndarray:
                 return pil_to_array(img)
     except ImageTooLargeError:
         raise
+    except PermissionError as e:
+        raise unreadable(path, what, e) from e
     except Image.DecompressionBombError as e:
         raise _too_large(path, what, f"too large for PIL ({e})") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -159,6 +183,7 @@ def read_image(
 
     Raises:
       DatasetNotFoundError: the file does not exist.
+      UnreadableFileError: this user may not read it (permissions).
       CorruptImageError: the file cannot be decoded, or its float values are
         outside [0, 1] (the message names it).
     """
@@ -212,8 +237,10 @@ def image_pixel_size(path: str | Path) -> tuple[int, int]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 return img.size
+    except PermissionError as e:
+        raise unreadable(path, "Image", e) from e
     except Image.DecompressionBombError as e:
         raise _too_large(path, "Image", f"too large for PIL ({e})") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -242,6 +269,7 @@ def read_mask(
 
     Raises:
       DatasetNotFoundError: the file does not exist.
+      UnreadableFileError: this user may not read it (permissions).
       CorruptImageError: the file cannot be decoded, or its size differs
         from the image's (the message names both files).
       ImageTooLargeError: more pixels than `max_image_pixels()`.
