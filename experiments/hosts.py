@@ -160,7 +160,7 @@ class Host:
         return self.detector.fit_features(support_features, alpha=self.alpha, context=self.context)
 
     def calibrated_state(self, state: DetectorState, config: Any) -> DetectorState:
-        """`state` with the calibration of `config`'s refinement (PatchCore+ / WinCLIP+ ablations)."""
+        """`state` with the calibration of `config`'s refinement (PatchCore+/WinCLIP+ ablations)."""
         refine = getattr(config, "refine", config)  # WinCLIP's refinement settings
         if (
             state.calibration is None

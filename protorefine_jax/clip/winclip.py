@@ -413,7 +413,9 @@ def few_shot_query(
     ):
         cfg = config.refine.replace(grid_shape=shape, image_size=None)
         out = score_query(bank, feats, cfg, cal)
-        patch_scores = out.patch_scores if cal is None else calib.in_host_units(out.patch_scores, cal)
+        patch_scores = out.patch_scores
+        if cal is not None:
+            patch_scores = calib.in_host_units(patch_scores, cal)
         if size is None:
             grids.append(patch_scores.reshape(grid))
         else:
