@@ -355,7 +355,7 @@ def calibrate(
 
     Raises:
       ValueError: a scale's grid has no 2 x 2 quadrants (window as large as
-        the patch grid).
+        the patch grid), or `support` has other scales than `config`.
     """
     grids = scale_grids(config)
     for size, shape in zip(config.window_sizes, grids[1:], strict=True):
