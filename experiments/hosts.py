@@ -160,11 +160,12 @@ class Host:
         return self.detector.fit_features(support_features, alpha=self.alpha, context=self.context)
 
     def calibrated_state(self, state: DetectorState, config: Any) -> DetectorState:
-        """`state` with the calibration of `config`'s refinement (PatchCore+ ablations)."""
+        """`state` with the calibration of `config`'s refinement (PatchCore+/WinCLIP+ ablations)."""
+        refine = getattr(config, "refine", config)  # WinCLIP's refinement settings
         if (
             state.calibration is None
-            or not getattr(config, "use_refinement", False)
-            or not config.calibrated
+            or not getattr(refine, "use_refinement", False)
+            or not refine.calibrated
             or config == self.detector.config()
         ):
             return state

@@ -126,6 +126,12 @@ def _methods() -> dict[str, Method]:
         ),
         Method("winclip+", "winclip", {}, description="WinCLIP+"),
         Method(
+            "winclip+uncalibrated",
+            "winclip",
+            {"calibrated": False},
+            description="WinCLIP+ scored by the refined prototypes alone (the paper's)",
+        ),
+        Method(
             "winclip+w_only",
             "winclip",
             {"use_transport": False},

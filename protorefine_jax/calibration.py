@@ -83,6 +83,27 @@ def fuse(
     return jnp.maximum(z_host, z_refined)
 
 
+def in_host_units(fused: Float[Array, "*m"], calibration: ScoreCalibration) -> Float[Array, "*m"]:
+    """`fuse`'s scores mapped back to the host's units: `loc_h + iqr_h * fused`.
+
+    An increasing affine map, so it ranks patches as `fuse` does; it equals
+    `max(h, loc_h + iqr_h * (r - loc_r) / iqr_r)`, at least the host score
+    `h`. WinCLIP+ uses it (`clip.winclip.few_shot_query`): its scales are
+    averaged and fused with the zero-shot probabilities in the host's
+    distance units, and its window scores pass through a harmonic mean that
+    needs them positive. Rounding below 0 (a host score of exactly 0) is
+    clipped, as the distances themselves are (`scoring`).
+
+    Args:
+      fused: `fuse` output (robust z-scores).
+      calibration: the statistics `fuse` used.
+
+    Returns:
+      The fused scores in the host score's units, `>= 0`.
+    """
+    return jnp.maximum(calibration.host_loc + calibration.host_scale * fused, 0.0)
+
+
 def holdout_splits(k: int, grid_shape: tuple[int, int]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(bank rows, query rows) of every hold-out: each quadrant of each support image.
 

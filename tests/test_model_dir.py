@@ -33,6 +33,7 @@ def _state(rng):
         "config": RefineConfig(grid_shape=(4, 4), image_size=(16, 16)),
         "extras": [np.arange(3, dtype=np.int32), None, (True, 2.5, "txt")],
         "empty": np.zeros((0, 4), np.float32),
+        "scalar": jnp.float32(0.5),  # 0-d (calibration statistics): keeps its shape
     }
 
 
@@ -51,6 +52,8 @@ def test_round_trip_keeps_every_array_and_node(rng, tmp_path):
     np.testing.assert_array_equal(got["extras"][0], np.arange(3))
     assert got["extras"][1] is None and got["extras"][2] == (True, 2.5, "txt")
     assert got["empty"].shape == (0, 4)
+    assert got["scalar"].shape == () and got["scalar"].dtype == np.float32
+    assert float(got["scalar"]) == 0.5
     assert loaded.manifest["metadata"] == META
     assert loaded.manifest["package_version"] == model_dir.package_version()
     assert loaded.version_note is None

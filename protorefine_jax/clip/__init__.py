@@ -6,7 +6,8 @@ Example:
   >>> support = extract_multiscale(bundle.params, support_images, config)
   >>> banks = build_banks(support, CORESET_ALPHA["mvtec"])  # coresets + full memory
   >>> text = class_text_features(bundle.spec, bundle.params, bundle.tokenizer, "bottle")
-  >>> out = detect(bundle.params, banks, text, query_images, config)
+  >>> cal = calibrate(support, CORESET_ALPHA["mvtec"], config)  # optional (issue 14)
+  >>> out = detect(bundle.params, banks, text, query_images, config, cal)
   >>> out.image_scores.shape, out.maps.shape
   ((B,), (B, 240, 240))
 """
@@ -46,6 +47,7 @@ from protorefine_jax.clip.winclip import (
     WinClipOutput,
     anomaly_probability,
     build_banks,
+    calibrate,
     detect,
     extract_multiscale,
     score,
@@ -89,6 +91,7 @@ __all__ = [
     "aggregate_windows",
     "anomaly_probability",
     "build_banks",
+    "calibrate",
     "check_clip_folder",
     "clip_module",
     "class_text_features",

@@ -38,6 +38,19 @@ open_clip >= 2.26 (README, WinCLIP section); the ones here are per window.
 Fusion (Eq. 9): image score `(s0 + max_j s_j) / 2` with `s_j` the few-shot
 grid; map = mean of the zero-shot and few-shot grids, upsampled and blurred
 (`scoring.map_operators`). Without banks `detect` is zero-shot WinCLIP.
+
+Calibrated WinCLIP+ (`calibrate`, `score(..., calibration=...)`; issue 14):
+PatchCore+'s support-set calibration (`protorefine_jax.calibration`) applied
+per few-shot scale. `calibrate` holds out each quadrant of each support
+image on the scale's own grid (patch grid, or window-position grid) and
+keeps the robust location and scale of the host and refined scores there;
+scoring fuses each scale's host score (nearest coreset prototype, the same
+Gram system) and refined score with `calibration.fuse` BEFORE the windows
+are aggregated to the patch grid, then maps the fused score back to the
+host's distance units (`calibration.in_host_units`), so the harmonic window
+aggregation, the scale average and Eq. 9 with the zero-shot probabilities
+see the units they had. The zero-shot branch is untouched.
+`config.refine.calibrated=False` (or no calibration) is the paper's WinCLIP+.
 """
 
 from __future__ import annotations
@@ -50,7 +63,9 @@ import jax.numpy as jnp
 from flax import struct
 from jax import Array
 
+from protorefine_jax import calibration as calib
 from protorefine_jax.bank import MemoryBank, build_bank
+from protorefine_jax.calibration import ScoreCalibration
 from protorefine_jax.clip.spec import VIT_B_16_PLUS_240, ClipSpec
 from protorefine_jax.clip.towers import MultiscaleFeatures, encode_multiscale
 from protorefine_jax.clip.windows import aggregate_windows, window_grid
@@ -75,6 +90,14 @@ class WinClipConfig:
       refine: few-shot scoring settings; `distance` must be `"cosine"`.
         `use_refinement=False` gives WinCLIP, True WinCLIP+. Its `grid_shape`
         and `image_size` are set per scale here (raw grids, no upsampling).
+        Its `calibrated` (default True) chooses the calibrated WinCLIP+ when
+        `score` is given a calibration (`calibrate`): per few-shot scale,
+        the max of the robust z-scores of the host (nearest coreset
+        prototype) and refined scores, computed on the scale's own patches
+        or windows before they are aggregated to the grid, mapped back to
+        the host's units (`calibration.in_host_units`) so the scale average
+        and Eq. 9 keep their balance; the zero-shot branch is untouched.
+        False: the refined score alone (the paper's WinCLIP+).
       temperature: softmax temperature of the zero-shot score (CLIP: 0.07).
       clip: CLIP architecture (static).
       window_sizes: window sides in patches (static; WinCLIP: 2 and 3).
@@ -303,8 +326,65 @@ def zero_shot_query(
     return s0, _fuse(grids, config.zero_shot_fusion)
 
 
+def scale_grids(config: WinClipConfig) -> tuple[tuple[int, int], ...]:
+    """Grid of each few-shot scale (`scale_features` order): patches, then window positions."""
+    grid = config.clip.grid_size
+    return (grid, *(window_grid(grid, size) for size in config.window_sizes))
+
+
+def calibrate(
+    support: MultiscaleFeatures, alpha: float, config: WinClipConfig
+) -> tuple[ScoreCalibration, ...]:
+    """Per-scale support-set calibration of WinCLIP+ (`calibration.calibrate` per scale).
+
+    Each scale's support rows are L2-normalised (as `build_banks` does), and
+    each quadrant of each support image's grid of that scale (patch grid or
+    window-position grid) is scored against a coreset (ratio `alpha`) of
+    every other row of the scale, by the host and by `config.refine`'s
+    refinement. A window straddling a quadrant's border shares patches with
+    held-out windows, as PatchCore's aggregated neighbourhoods do.
+
+    Args:
+      support: features of the `k >= 1` support images (`extract_multiscale`).
+      alpha: coreset ratio of the banks (`build_banks`'s).
+      config: the WinCLIP+ config (refinement settings, window sizes).
+
+    Returns:
+      One `ScoreCalibration` per scale, in `scale_features` order (the
+      `calibration` argument of `score`).
+
+    Raises:
+      ValueError: a scale's grid has no 2 x 2 quadrants (window as large as
+        the patch grid), or `support` has other scales than `config`.
+    """
+    grids = scale_grids(config)
+    for size, shape in zip(config.window_sizes, grids[1:], strict=True):
+        if min(shape) < 2:
+            raise ValueError(
+                f"calibrating WinCLIP+ holds out quadrants of each scale's grid, but the "
+                f"{size}x{size} windows form a {shape} grid (at least 2 x 2 needed): use "
+                "smaller windows or fit with calibrate=False."
+            )
+    scales = scale_features(support)
+    if len(scales) != len(grids):
+        raise ValueError(
+            f"the support features hold {len(scales)} scales but the config names "
+            f"{len(grids)} (patches + window sizes {config.window_sizes}): extract them "
+            "with the config you calibrate with."
+        )
+    out = []
+    for shape, feats in zip(grids, scales, strict=True):
+        k, m, c = feats.shape
+        rows = normalize_rows(jnp.asarray(feats).reshape(k * m, c)).reshape(k, m, c)
+        out.append(calib.calibrate(rows, alpha, config.refine, shape))
+    return tuple(out)
+
+
 def few_shot_query(
-    scales: Sequence[Array], banks: Sequence[Array], config: WinClipConfig
+    scales: Sequence[Array],
+    banks: Sequence[Array],
+    config: WinClipConfig,
+    calibration: Sequence[ScoreCalibration] | None = None,
 ) -> tuple[Array, Diagnostics]:
     """Few-shot WinCLIP / WinCLIP+ grid for ONE image.
 
@@ -312,6 +392,11 @@ def few_shot_query(
       scales: query features per scale (`scale_features` order, no batch axis).
       banks: `[n_s, c_s]` prototypes per scale, same order.
       config: refinement settings and window sizes.
+      calibration: one `ScoreCalibration` per scale (`calibrate`), or None.
+        Used by WinCLIP+ with `config.refine.calibrated`: each scale's
+        patch / window scores are `calibration.fuse`d host and refined
+        scores in the host's units (`calibration.in_host_units`), before
+        window aggregation.
 
     Returns:
       `(grid [h, w], diagnostics)`: scale-averaged few-shot grid and the
@@ -319,15 +404,22 @@ def few_shot_query(
     """
     grid = config.clip.grid_size
     sizes = (None, *config.window_sizes)
+    calibrated = calibration is not None and config.refine.use_refinement
+    calibrated = calibrated and config.refine.calibrated
+    cals = tuple(calibration) if calibrated else (None,) * len(sizes)
     grids, diags = [], []
-    for size, feats, bank in zip(sizes, scales, banks, strict=True):
-        shape = grid if size is None else window_grid(grid, size)
+    for size, shape, feats, bank, cal in zip(
+        sizes, scale_grids(config), scales, banks, cals, strict=True
+    ):
         cfg = config.refine.replace(grid_shape=shape, image_size=None)
-        out = score_query(bank, feats, cfg)
+        out = score_query(bank, feats, cfg, cal)
+        patch_scores = out.patch_scores
+        if cal is not None:
+            patch_scores = calib.in_host_units(patch_scores, cal)
         if size is None:
-            grids.append(out.patch_scores.reshape(grid))
+            grids.append(patch_scores.reshape(grid))
         else:
-            grids.append(aggregate_windows(out.patch_scores, grid, size, config.window_aggregation))
+            grids.append(aggregate_windows(patch_scores, grid, size, config.window_aggregation))
         diags.append(out.diagnostics)
     worst = Diagnostics(
         jnp.max(jnp.stack([d.marginal_error for d in diags])),
@@ -353,6 +445,7 @@ def score(
     banks: WinClipBanks | Banks | None,
     text_features: Array,
     config: WinClipConfig,
+    calibration: Sequence[ScoreCalibration] | None = None,
 ) -> WinClipOutput:
     """Scores a batch from its features (jitted).
 
@@ -375,12 +468,16 @@ def score(
         zero-shot WinCLIP.
       text_features: `[2, E]` from `prompts.class_text_features`.
       config: settings.
+      calibration: one `ScoreCalibration` per few-shot scale (`calibrate`;
+        traced, so a new support set never recompiles) for the calibrated
+        WinCLIP+ (`WinClipConfig.refine`); None, plain WinCLIP or
+        `config.refine.calibrated=False`: uncalibrated scores.
 
     Returns:
       `WinClipOutput` with batch axis `B`.
     """
     with matmul_precision(config.refine):
-        return _score(features, banks, text_features, config)
+        return _score(features, banks, text_features, config, calibration)
 
 
 def _score(
@@ -388,13 +485,19 @@ def _score(
     banks: WinClipBanks | Banks | None,
     text_features: Array,
     config: WinClipConfig,
+    calibration: Sequence[ScoreCalibration] | None = None,
 ) -> WinClipOutput:
     bank_arrays = _bank_arrays(banks, config)
     grid = config.clip.grid_size
-    if bank_arrays is not None and len(bank_arrays) != 1 + len(config.window_sizes):
+    scales = 1 + len(config.window_sizes)
+    if bank_arrays is not None and len(bank_arrays) != scales:
         raise ValueError(
-            f"expected {1 + len(config.window_sizes)} banks (patches + one per window size), "
-            f"got {len(bank_arrays)}."
+            f"expected {scales} banks (patches + one per window size), got {len(bank_arrays)}."
+        )
+    if calibration is not None and len(calibration) != scales:
+        raise ValueError(
+            f"expected {scales} calibrations (patches + one per window size, `calibrate`), "
+            f"got {len(calibration)}; calibrate with the config you score with."
         )
 
     def one(image, patches, windows):
@@ -402,7 +505,7 @@ def _score(
         if bank_arrays is None:
             zero = jnp.zeros((), zs_grid.dtype)
             return s0, zs_grid, s0, zs_grid, jnp.zeros_like(zs_grid), Diagnostics(zero, zero, zero)
-        fs_grid, diag = few_shot_query((patches, *windows), bank_arrays, config)
+        fs_grid, diag = few_shot_query((patches, *windows), bank_arrays, config, calibration)
         fused = 0.5 * (zs_grid + fs_grid)
         return 0.5 * (s0 + jnp.max(fs_grid)), fused, s0, zs_grid, fs_grid, diag
 
@@ -433,6 +536,7 @@ def detect(
     text_features: Array,
     images: Array,
     config: WinClipConfig,
+    calibration: Sequence[ScoreCalibration] | None = None,
 ) -> WinClipOutput:
     """WinCLIP(+) end to end, one XLA program: features, zero-/few-shot scores, maps.
 
@@ -443,8 +547,11 @@ def detect(
       text_features: `[2, E]` class text embeddings.
       images: `[B, S, S, 3]` RGB in [0, 255].
       config: settings (`winclip_config(...)`).
+      calibration: per-scale `calibrate` output for the calibrated
+        WinCLIP+ (see `score`), or None.
 
     Returns:
       `WinClipOutput` (`image_scores [B]`, `maps [B, H, W]`, ...).
     """
-    return score(extract_multiscale(params, images, config), banks, text_features, config)
+    feats = extract_multiscale(params, images, config)
+    return score(feats, banks, text_features, config, calibration)

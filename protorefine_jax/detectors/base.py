@@ -41,6 +41,8 @@ class DetectorState(NamedTuple):
         (WinCLIP: the `[2, E]` class text embeddings; PatchCore: None).
       calibration: statistics of the support set that `score_features`
         applies to the scores (None: scores as the method defines them).
+        PatchCore+: one `calibration.ScoreCalibration`; WinCLIP+: a tuple
+        of them, one per few-shot scale (`clip.winclip.calibrate`).
         The slot where a support-set self-calibration plugs in: compute it
         in `fit_features`, apply it in `score_features`.
     """

@@ -7,7 +7,13 @@ are those of `clip.winclip`, defined once there: the coreset ratio per
 dataset (`CORESET_ALPHA`), the refinement settings (`winclip_config`: cosine
 distance, optax M-step, lam 0.1) and the input size (the CLIP model's).
 
-WinCLIP is `config(use_refinement=False)`, WinCLIP+ `config()`.
+- the calibrated WinCLIP+ (`fit` keeps `clip.winclip.calibrate`'s per-scale
+  statistics in `DetectorState.calibration`): PatchCore+'s support-set
+  calibration applied to each few-shot scale (`WinClipConfig.refine`, issue
+  14). Unmeasured here (no CLIP weights): it mirrors the shipped PatchCore+.
+
+WinCLIP is `config(use_refinement=False)`, WinCLIP+ `config()`; the paper's
+uncalibrated WinCLIP+ is `config(calibrated=False)`.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 
 from jax import Array
 
+from protorefine_jax.calibration import ScoreCalibration
 from protorefine_jax.clip import winclip as winclip_lib
 from protorefine_jax.clip.prompts import class_text_features
 from protorefine_jax.clip.spec import ClipSpec
@@ -81,7 +88,13 @@ class WinClip:
         return class_text_features(self.spec, params, self.tokenizer, category)
 
     def fit_features(
-        self, features: Any, *, alpha: float | None = None, context: Array | None = None
+        self,
+        features: Any,
+        *,
+        alpha: float | None = None,
+        context: Array | None = None,
+        config: winclip_lib.WinClipConfig | None = None,
+        calibrate: bool = True,
     ) -> DetectorState:
         """State from the support features: per scale a coreset bank and the full memory.
 
@@ -89,9 +102,29 @@ class WinClip:
         counts as the tuple of per-scale coreset `MemoryBank`s (what WinCLIP+
         refines) and also holds every support row (plain WinCLIP's memory,
         `WinClipConfig.plain_memory`). `context` is the class text.
+        `calibration` is `clip.winclip.calibrate`'s per-scale statistics under
+        `config`'s refinement (default `self.config()`, the shipped WinCLIP+);
+        `calibrate=False` skips it (WinCLIP+ then scores with the refined
+        prototypes alone).
         """
-        banks = winclip_lib.build_banks(features, self.alpha if alpha is None else alpha)
-        return DetectorState(banks=banks, context=context)
+        alpha = self.alpha if alpha is None else alpha
+        banks = winclip_lib.build_banks(features, alpha)
+        cal = self.calibrate(features, config, alpha=alpha) if calibrate else None
+        return DetectorState(banks=banks, context=context, calibration=cal)
+
+    def calibrate(
+        self,
+        features: Any,
+        config: winclip_lib.WinClipConfig | None = None,
+        *,
+        alpha: float | None = None,
+    ) -> tuple[ScoreCalibration, ...]:
+        """Per-scale support-set calibration of the support `MultiscaleFeatures` under `config`."""
+        return winclip_lib.calibrate(
+            features,
+            self.alpha if alpha is None else alpha,
+            self.config() if config is None else config,
+        )
 
     def fit(
         self,
@@ -100,10 +133,15 @@ class WinClip:
         *,
         category: str,
         alpha: float | None = None,
+        config: winclip_lib.WinClipConfig | None = None,
+        calibrate: bool = True,
     ) -> DetectorState:
-        """State from the `[k, S, S, 3]` support images of `category`."""
+        """State from the `[k, S, S, 3]` support images of `category` (see `fit_features`)."""
         text = self.prepare(params, category)
-        return self.fit_features(self.features(params, support_images), alpha=alpha, context=text)
+        feats = self.features(params, support_images)
+        return self.fit_features(
+            feats, alpha=alpha, context=text, config=config, calibrate=calibrate
+        )
 
     def score_features(
         self, state: DetectorState, features: Any, config: winclip_lib.WinClipConfig
@@ -111,7 +149,7 @@ class WinClip:
         """Scores a batch of `MultiscaleFeatures` (jitted `clip.winclip.score`)."""
         if state.context is None:
             raise ValueError("WinCLIP needs the class text embeddings: fit with a category.")
-        return winclip_lib.score(features, state.banks, state.context, config)
+        return winclip_lib.score(features, state.banks, state.context, config, state.calibration)
 
     def score_stream(self, state: DetectorState, features: Any, config: Any, **online: int):
         """Refuses: the online variant is implemented for PatchCore+ only."""

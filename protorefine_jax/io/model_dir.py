@@ -136,7 +136,9 @@ def encode_tree(tree: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             return {"type": kind, "items": [enc(v, f"{where}[{i}]") for i, v in enumerate(x)]}
         if hasattr(x, "shape") and hasattr(x, "dtype"):
             key = f"a{len(arrays)}"
-            arr = np.ascontiguousarray(np.asarray(x))
+            # np.array, not np.ascontiguousarray: that one turns a 0-d array
+            # (a calibration statistic) into shape [1].
+            arr = np.array(x, order="C", copy=True)
             arrays[key] = arr
             return {"type": "array", "key": key, "dtype": str(arr.dtype), "shape": list(arr.shape)}
         raise TypeError(f"{where}: cannot save a {type(x).__name__} in a model directory.")
