@@ -1,11 +1,17 @@
-"""Issue 14 diagnosis: why the online calibrated PatchCore+ loses to PatchCore.
+"""Issue 14: does the online calibrated PatchCore+ keep the offline one's guarantee?
 
-Scans each test stream once per ridge with a copy of the library's online step
-that returns BOTH halves of the calibrated score (host distance to the support
-bank, refined score), then fuses them offline under several calibrations. The
-buffer dynamics do not depend on the calibration, so one scan serves them all.
+Per cell (data, 2 shots, seed; the study's ring buffer `study_cells.ONLINE`,
+stream order `hosts.stream_order`): the library's PatchCore, offline
+PatchCore+ and online PatchCore+ (both calibrated, as shipped), and, for the
+diagnosis, a copy of the online step that returns BOTH halves of the
+calibrated score (host distance to the support bank, refined score) under the
+old ridge rule (`n + capacity` rows: ridge_wide on 152-d features) and the
+current one (the support bank's ridge), fused offline under the shipped
+calibration and one measured under ridge_wide. The buffer dynamics do not
+depend on the calibration, so one scan serves every fusion.
 
-    nice -n 5 python -m experiments.online_diagnose --data=bottle --seeds=0
+    nice -n 5 python -m experiments.online_diagnose --data=bottle,metal_plate,ball_screw \
+        --seeds=0,1,2
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ from absl import app, flags
 
 from experiments import study_cells
 from experiments.hosts import stream_order
-from protorefine_jax import calibration as cal_lib
 from protorefine_jax.coreset import greedy_coreset_indices, projection_matrix
 from protorefine_jax.data import sample_support
 from protorefine_jax.gram import gram_system, matmul_precision
@@ -41,6 +46,7 @@ _OUT = flags.DEFINE_string("out", "runs/online_diagnose.json", "Results.")
 
 
 def _step(bank, config, add, projection, span_rows, state, query):
+    """`pipeline._online_step` returning both halves; `span_rows=None` is the old ridge rule."""
     valid = jnp.concatenate([jnp.ones((bank.shape[0],), bool), state.valid])
     full = jnp.concatenate([bank, jnp.where(state.valid[:, None], state.buffer, 0.0)])
     weights = valid / jnp.sum(valid)
@@ -70,12 +76,18 @@ def online_halves(bank, queries, config, capacity, add, fixed):
         jnp.zeros((capacity, c), bank.dtype), jnp.zeros((capacity,), bool), jnp.zeros((), jnp.int32)
     )
     projection = projection_matrix(c, 128, 0) if c > 128 else None
-    _, (h, r) = jax.lax.scan(functools.partial(_step, bank, config, add, projection, n if fixed else None), state, queries)
+    _, (h, r) = jax.lax.scan(
+        functools.partial(_step, bank, config, add, projection, n if fixed else None),
+        state,
+        queries,
+    )
     return h, r
 
 
 @jax.jit
 def offline_halves(bank, queries, config):
+    """`[T, m]` host and refined patch scores of offline PatchCore+ (one query at a time)."""
+
     def one(q):
         with matmul_precision(config):
             system = gram_system(bank, q, config)
@@ -86,12 +98,16 @@ def offline_halves(bank, queries, config):
 
 
 def fused_auroc(labels, h, r, c):
-    z = np.maximum((h - float(c.host_loc)) / float(c.host_scale),
-                   (r - float(c.refined_loc)) / float(c.refined_scale))
+    """Image AUROC of `max` of the two z-scores under calibration `c` (`calibration.fuse`)."""
+    z = np.maximum(
+        (h - float(c.host_loc)) / float(c.host_scale),
+        (r - float(c.refined_loc)) / float(c.refined_scale),
+    )
     return auroc(labels, z.max(-1))
 
 
 def main(argv):
+    """Per cell: the library's PatchCore / offline / online PatchCore+ and the two halves."""
     del argv
     cache = study_cells.FeatureCache(Path("../shared/data"), Path("runs/fusion_cache"), (0, 1, 2))
     out_path = Path(_OUT.value)
@@ -117,7 +133,7 @@ def main(argv):
             n, c = bank.shape
             row.update(n=int(n), c=int(c))
             cfg = det.config(image_size=None)
-            wide, narrow = float(cfg.ridge_wide), float(cfg.ridge)
+            wide = float(cfg.ridge_wide)
             cals = {
                 "cal_shipped": state.calibration,
                 "cal_wide": det.calibrate(sup, cfg.replace(ridge=wide, ridge_wide=wide)),
