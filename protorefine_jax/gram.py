@@ -137,12 +137,15 @@ def matmul_precision(config: RefineConfig):
 
 
 def ridge_in_force(config: RefineConfig, n: int, c: int):
-    """The relative ridge for a bank of `n` rows (static) and `c` features.
+    """The relative ridge for a bank spanned by `n` rows (static) and `c` features.
 
-    `ridge_wide` when `n >= c`, else `ridge`. `n` counts every row of the
-    bank including empty ring-buffer slots, so an online stream is scored
-    under one ridge from its first query to its last (the regime is fixed by
-    the bank's capacity `n + K`, issue 13 item 3).
+    `ridge_wide` when `n >= c`, else `ridge`. For the online bank `n` is the
+    support bank's row count, not `n + K`: every ring-buffer row is a refined
+    prototype `W M`, inside the span of the support rows, so the buffer never
+    widens the span the rule is about (`MemoryBank.degenerate`). An online
+    stream is thus scored under one ridge from its first query to its last
+    (issue 13 item 3), the ridge of the offline detector and of its
+    calibration (issue 14; RESULTS.md section 9, "Online").
     """
     return config.ridge_wide if uses_wide_ridge(n, c) else config.ridge
 
@@ -153,6 +156,7 @@ def gram_system(
     config: RefineConfig,
     weights: Float[Array, " n"] | None = None,
     with_inverse: bool = True,
+    span_rows: int | None = None,
 ) -> GramSystem:
     """Inner products and the ridge-regularised Gram factor for one query (SPEC 3.1).
 
@@ -163,6 +167,12 @@ def gram_system(
       weights: `[n]` prototype marginal; uniform when None.
       with_inverse: factorise `G + delta I` (refinement needs it, host
         scoring does not).
+      span_rows: static count of leading rows that span the bank (the
+        online scan: the support bank; the ring-buffer rows after them are
+        refined prototypes inside their span). The ridge is theirs: its
+        regime by `ridge_in_force(span_rows, c)`, its scale by their mean
+        squared norm, so it does not move as the buffer fills. None: every
+        used row.
 
     Returns:
       The Gram system.
@@ -194,9 +204,15 @@ def gram_system(
     m_sq = jnp.diagonal(gram)
     # Ridge relative to the mean eigenvalue trace(G)/n over the used rows:
     # scale-free, and keeps a singular G (n > c, duplicates) invertible.
-    used = jnp.maximum(jnp.sum(weights > 0), 1)
-    rel = ridge_in_force(config, n, c)
-    delta = rel * jnp.maximum(jnp.trace(gram) / used, _EPS)
+    if span_rows is None:
+        used = jnp.maximum(jnp.sum(weights > 0), 1)
+        rel = ridge_in_force(config, n, c)
+        delta = rel * jnp.maximum(jnp.trace(gram) / used, _EPS)
+    else:
+        if not 1 <= span_rows <= n:
+            raise ValueError(f"span_rows must lie in [1, n={n}], got {span_rows}.")
+        rel = ridge_in_force(config, span_rows, c)
+        delta = rel * jnp.maximum(jnp.sum(m_sq[:span_rows]) / span_rows, _EPS)
     chol = None
     if with_inverse:
         chol = jnp.linalg.cholesky(gram + delta * jnp.eye(n, dtype=gram.dtype))

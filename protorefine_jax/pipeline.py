@@ -63,17 +63,26 @@ class RefineOutput(NamedTuple):
 
 
 def _score(
-    bank, query, config: RefineConfig, weights=None, calibration=None, host_weights=None
+    bank,
+    query,
+    config: RefineConfig,
+    weights=None,
+    calibration=None,
+    host_weights=None,
+    span_rows: int | None = None,
 ) -> tuple[RefineOutput, Array | None]:
     """`score_query` plus the refined transform `W` (None for host scoring).
 
     With a `calibration` (and `config.calibrated`), refined scores are fused
     with the host scores of the same Gram system (`calibration.fuse`); the
     host part scores against the rows of positive `host_weights` (default:
-    the bank's used rows).
+    the bank's used rows). `span_rows`: the leading rows whose ridge the
+    refinement uses (`gram.gram_system`; the online scan's support bank).
     """
     with matmul_precision(config):
-        system = gram_system(bank, query, config, weights, with_inverse=config.use_refinement)
+        system = gram_system(
+            bank, query, config, weights, with_inverse=config.use_refinement, span_rows=span_rows
+        )
         if config.use_refinement:
             ref = refine(system, config)
             scores = refined_patch_scores(system, ref.w, config)
@@ -222,9 +231,13 @@ def _online_step(bank, config, add_per_query, projection, calibration, state: On
     full = jnp.concatenate([bank, jnp.where(state.valid[:, None], state.buffer, 0.0)])
     weights = valid / jnp.sum(valid)  # empty slots get no transport mass
     # The host part of a calibrated score keeps to the support bank `M`: the
-    # buffer holds refined query prototypes, anomalies included.
+    # buffer holds refined query prototypes, anomalies included. The ridge is
+    # `M`'s too (the buffer rows lie in its span): the refined part then runs
+    # in the regime its calibration was measured in (issue 14).
     host = jnp.concatenate([jnp.ones((bank.shape[0],)), jnp.zeros((state.valid.shape[0],))])
-    out, w = _score(full, query, config, weights, calibration, host.astype(weights.dtype))
+    out, w = _score(
+        full, query, config, weights, calibration, host.astype(weights.dtype), bank.shape[0]
+    )
     with matmul_precision(config):
         # The query's refined prototypes R = W M [m, c], in the rows W was
         # solved against: unit rows for the cosine distance.
@@ -270,7 +283,11 @@ def online_refine_and_score(
     Queries are processed in stream order; each query's refined prototypes
     (a greedy coreset of `add_per_query` rows of `R = W M`) enter a ring
     buffer of `capacity` rows that joins the bank for the following queries.
-    The bank size `n + capacity` is static.
+    The bank size `n + capacity` is static. The buffer rows lie in the span
+    of `bank`, so the ridge is `bank`'s (regime and scale, `gram.gram_system`
+    `span_rows`): the same as `refine_and_score`'s and the calibration's, for
+    every query of the stream. With a calibration the host half of the score
+    is plain PatchCore's, against `bank` alone.
 
     Args:
       bank: `[n, c]` original prototypes (always kept).

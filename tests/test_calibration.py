@@ -215,3 +215,79 @@ def test_patchcore_detector_fits_and_applies_its_calibration(rng):
     ref = refine_and_score(state.banks[0].prototypes, jnp.asarray(queries), cfg, want)
     np.testing.assert_allclose(out.image_scores, ref.image_scores, rtol=1e-5, atol=1e-5)
     assert det.fit_features(sup, calibrate=False).calibration is None
+
+
+# --- the online scan: the same two halves as offline (issue 14) ---------------
+
+
+def _numpy_online_calibrated_w_only(bank, queries, capacity, cfg, calibration):
+    """float64 online calibrated W-only scores, written independently of the library.
+
+    Host half: squared distance to the nearest SUPPORT prototype (plain
+    PatchCore). Refined half: `W0 = P (G + delta I)^-1` against the support
+    rows plus the buffer, with the support bank's ridge (`n < c`: `ridge`,
+    scaled by the mean squared norm of the support rows). Every refined row
+    is pushed (`add_per_query = m`, `capacity` a multiple of m: the coreset
+    keeps every row and whole blocks are overwritten).
+    """
+    bank = np.asarray(bank, np.float64)
+    n, c = bank.shape
+    rel = cfg.ridge_wide if n >= c else cfg.ridge
+    delta = rel * np.trace(bank @ bank.T) / n
+    hl, hs, rl, rs = (float(x) for x in calibration)
+    buffer, fused, host = [], [], []
+    for q in np.asarray(queries, np.float64):
+        full = np.concatenate([bank] + buffer)
+        gram = full @ full.T
+        w0 = np.linalg.solve(gram + delta * np.eye(len(full)), full @ q.T).T
+        refined = w0 @ full
+        r = ((q[:, None, :] - refined[None, :, :]) ** 2).sum(-1).min(1)
+        h = ((q[:, None, :] - bank[None, :, :]) ** 2).sum(-1).min(1)
+        host.append(h)
+        fused.append(np.maximum((h - hl) / hs, (r - rl) / rs))
+        buffer = (buffer + [refined])[-(capacity // len(q)) :]
+    return np.stack(host), np.stack(fused)
+
+
+def _online_case(rng):
+    # n = 12 support rows < c = 24 <= n + capacity = 28: a bank whose capacity
+    # crosses the feature dimension while its span (the support rows') does not.
+    # Features of rank 16 > n: the bank does not reproduce the queries, so the
+    # refined half depends on the ridge.
+    basis = subspace(rng, 16, 24)
+    bank = jnp.asarray(lowrank_features(rng, (12, 24), basis))
+    queries = jnp.asarray(lowrank_features(rng, (5, 16, 24), basis))
+    return bank, queries, 16
+
+
+def test_online_host_half_is_plain_patchcore_against_a_numpy_loop(rng):
+    """With the refined half pushed out of the max (refined_loc huge), the online
+    calibrated score is the host z-score alone: plain PatchCore's distance to the
+    support bank, whatever the buffer holds."""
+    bank, queries, cap = _online_case(rng)
+    only_host = cal.ScoreCalibration(*map(jnp.float32, (0.0, 1.0, 1e30, 1.0)))
+    cfg = W_ONLY.replace(grid_shape=(4, 4))
+    out = online_refine_and_score(
+        bank, queries, cfg, capacity=cap, add_per_query=16, calibration=only_host
+    )
+    want, _ = _numpy_online_calibrated_w_only(bank, queries, cap, cfg, CAL)
+    np.testing.assert_allclose(out.patch_scores, want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("ridges", [(1e-2, 1e-1), (1e-1, 1e-2)])
+def test_online_calibrated_scores_match_a_numpy_loop(rng, ridges):
+    """Both halves of every query of the stream, under the support bank's ridge
+    (the regime the calibration measured), not the ridge of `n + capacity` rows."""
+    bank, queries, cap = _online_case(rng)
+    cfg = W_ONLY.replace(grid_shape=(4, 4), ridge=ridges[0], ridge_wide=ridges[1])
+    calibration = cal.ScoreCalibration(*map(jnp.float32, (40.0, 20.0, 10.0, 5.0)))
+    out = online_refine_and_score(
+        bank, queries, cfg, capacity=cap, add_per_query=16, calibration=calibration
+    )
+    _, want = _numpy_online_calibrated_w_only(bank, queries, cap, cfg, calibration)
+    # Buffer rows feed later queries: float32 differences compound (as the
+    # ring-buffer test of test_pipeline.py).
+    np.testing.assert_allclose(out.patch_scores, want, rtol=2e-3, atol=2e-3)
+    # The first query is the offline calibrated PatchCore+ exactly.
+    offline = refine_and_score(bank, queries[:1], cfg, calibration)
+    np.testing.assert_allclose(out.patch_scores[0], offline.patch_scores[0], rtol=1e-4, atol=1e-4)

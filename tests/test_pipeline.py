@@ -326,7 +326,10 @@ def test_online_scan_equals_a_python_loop_with_a_ring_buffer(rng):
     for t in range(4):
         full = jnp.concatenate([bank, jnp.asarray(buffer * valid[:, None])])
         weights = np.concatenate([np.ones(len(bank), bool), valid])
-        ref, w = jax.jit(pl._score)(full, queries[t], CFG, jnp.asarray(weights / weights.sum()))
+        # The ridge is the support bank's (`span_rows`: the buffer lies in its span).
+        ref, w = jax.jit(pl._score, static_argnames="span_rows")(
+            full, queries[t], CFG, jnp.asarray(weights / weights.sum()), span_rows=len(bank)
+        )
         # Buffer contents feed the next query: float32 differences compound.
         np.testing.assert_allclose(out.image_scores[t], ref.image_scores, rtol=1e-3)
         np.testing.assert_allclose(out.maps[t], ref.maps, rtol=1e-3, atol=1e-4)
@@ -405,3 +408,12 @@ def test_lists_and_memory_banks_are_accepted(rng):
     out = refine_and_score(mem, queries, cfg)
     ref = refine_and_score(mem.prototypes, queries, CFG)
     np.testing.assert_allclose(out.maps, ref.maps, rtol=1e-6)
+
+
+@pytest.mark.parametrize("span_rows", [0, 21])
+def test_gram_system_rejects_span_rows_outside_the_bank(rng, span_rows):
+    bank, queries = data(rng, b=1)  # n = 20
+    with pytest.raises(
+        ValueError, match=r"span_rows must lie in \[1, n=20\], got " + str(span_rows)
+    ):
+        pl.gram_system(bank, queries[0], CFG, span_rows=span_rows)
