@@ -118,6 +118,17 @@ def make_rules() -> dict[str, Callable[[dict, int], np.ndarray]]:
                 return np.maximum(*out)
 
             rules[f"qz{lo}-{hi} {a}+{b} region"] = qz
+
+        def medz(cell, k, a=a, b=b, src="region"):
+            # The shipped rule (`calibration.statistics` / `fuse`): (x - median) / IQR.
+            out = []
+            for x in (a, b):
+                ref = np.ravel(cell[f"{cal_source(cell, src, k)}_{x}"])
+                q25, q50, q75 = np.quantile(ref, [0.25, 0.5, 0.75])
+                out.append((cell[f"test_{x}"] - q50) / max(q75 - q25, 1e-12))
+            return np.maximum(*out)
+
+        rules[f"medz {a}+{b} region"] = medz
         rules[f"geo {a}+{b}"] = lambda cell, k, a=a, b=b: np.sqrt(
             np.maximum(cell[f"test_{a}"], 0) * np.maximum(cell[f"test_{b}"], 0)
         )

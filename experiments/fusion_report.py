@@ -15,7 +15,7 @@ from experiments import fusion_analyse as fa
 _OUT = flags.DEFINE_string("out_dir", "runs/fusion_cells", "Stored patch-score cells.")
 _PIXEL = flags.DEFINE_bool("pixel", False, "Also pixel AUROC of the main rows (slow).")
 
-SHIPPED = "qz0.25-0.75 host05+ref region"  # the new PatchCore+ (calibration.fuse)
+SHIPPED = "medz host05+ref region"  # the new PatchCore+: (x - median) / IQR, calibration.fuse
 MAIN = {
     "PatchCore (shipped, alpha 0.05)": "host05",
     "PatchCore alpha 1 (full bank)": "host1",
@@ -25,8 +25,9 @@ MAIN = {
 ABLATIONS = {
     "W only (refined only)": "wonly",
     "new, mean/std from leave-one-image-out (k>=2)": "zmax host05+ref auto",
-    "new with W only": "qz0.25-0.75 host05+wonly region",
-    "new with host at alpha 1": "qz0.25-0.75 host1+ref region",
+    "new with W only": "medz host05+wonly region",
+    "max, scale (x-p25)/IQR (the report's earlier rule)": "qz0.25-0.75 host05+ref region",
+    "new with host at alpha 1": "medz host1+ref region",
     "max, scale (x-mean)/std": "zmax host05+ref region",
     "max, scale (x-p50)/(p90-p50)": "qz0.5-0.9 host05+ref region",
     "max, scale (x-p50)/(p99-p50)": "qz0.5-0.99 host05+ref region",
