@@ -89,7 +89,29 @@ def proto_to_refined_t(
     if config.distance == "sqeuclidean":
         return jnp.maximum(sys.m_sq[:, None] + r_sq[None, :] - 2.0 * dots, 0.0)
     norms = jnp.sqrt(jnp.maximum(sys.m_sq[:, None] * r_sq[None, :], _EPS))
-    return 0.5 * (1.0 - dots / norms)
+    # (1 - cos) / 2 >= 0; rounding can push a cosine of near-parallel rows
+    # past 1, and a negative cost of -1e-8 over an epsilon of 1e-13 overflows
+    # the Sinkhorn kernel. Clamped like the squared-Euclidean branch.
+    return jnp.maximum(0.5 * (1.0 - dots / norms), 0.0)
+
+
+def cost_resolution(sys: GramSystem, config: RefineConfig) -> Float[Array, ""]:
+    """Smallest mean cost that is not rounding noise: the E-step's epsilon floor.
+
+    Costs are differences of terms of size `s` (1 for the cosine distance,
+    the mean squared prototype norm for the squared Euclidean one), so each
+    carries a rounding error of a few ulps of `s`. When the query is
+    reproduced exactly (every cost ~0) an epsilon below that scale makes the
+    plan a function of the noise and the Sinkhorn exponents `(f + g - C) / eps`
+    huge (overflow, then `inf - inf`); `64 ulp(s)` keeps it finite and, being
+    ~1e-4 of a real mean cost (0.05 to 0.5), leaves non-degenerate inputs unchanged.
+    """
+    if config.distance == "sqeuclidean":
+        used = jnp.maximum(jnp.sum(sys.weights > 0), 1)
+        scale = jnp.maximum(jnp.sum(jnp.where(sys.weights > 0, sys.m_sq, 0.0)) / used, _EPS)
+    else:
+        scale = jnp.ones((), sys.gram.dtype)
+    return 64.0 * jnp.finfo(sys.gram.dtype).eps * scale
 
 
 def self_distance(sys: GramSystem, w: Float[Array, "m n"], config: RefineConfig):
@@ -315,13 +337,15 @@ def refine(sys: GramSystem, config: RefineConfig) -> Refinement:
     closed = config.m_step == "closed_form"
     x0 = w0.T if closed else w0
 
+    floor = cost_resolution(sys, config)
+
     def em_iteration(_, carry):
         x, _, f, g, _ = carry
         cost = proto_to_refined_t(sys, x, config) if closed else proto_to_refined(sys, x, config)
         cost = jax.lax.stop_gradient(cost)
         # epsilon relative to the mean cost over the used prototypes (SPEC 3.2).
         mean_cost = jnp.sum(sys.weights[:, None] * cost) / m
-        eps = config.epsilon * jnp.maximum(mean_cost, _EPS)
+        eps = config.epsilon * jnp.maximum(mean_cost, floor)
         init = (f, g) if config.warm_start else None
         ot = sinkhorn_plan(
             cost, eps, config.sinkhorn_iters, a=sys.weights, init=init, mode=config.sinkhorn_mode

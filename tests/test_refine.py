@@ -214,6 +214,40 @@ def test_duplicate_prototypes_stay_finite(rng):
         assert np.isfinite(float(out.marginal_error))
 
 
+@pytest.mark.parametrize("sinkhorn_mode", ["absorbed", "log"])
+def test_exactly_reproduced_query_stays_finite(sinkhorn_mode):
+    # WinCLIP+ calibration on a tiny random CLIP: every bank row the same
+    # unit-scale vector, the held-out patches within 1e-4 of it, so every
+    # cosine cost is 0 or one rounding step (3e-8). The E-step's epsilon
+    # then sat on the old 1e-12 floor (5e-14), the absorbed Sinkhorn's
+    # exponents (f + g - C) / eps amplified rounding noise to inf and the
+    # scores came out NaN (under the suite's -O0 XLA backend).
+    rng = np.random.default_rng(7)
+    v = rng.standard_normal(16).astype(np.float32) * 0.3
+    bank = np.stack([v, v, v])
+    query = v + 1e-4 * rng.standard_normal((2, 16)).astype(np.float32)
+    cfg = dict(lam=0.1, epsilon=0.05, ridge=0.01, ridge_wide=0.01, distance="cosine")
+    out = _refine(bank, query, m_step="optax", sinkhorn_mode=sinkhorn_mode, **cfg)
+    w = np.asarray(out.w)
+    assert np.isfinite(w).all() and np.isfinite(float(out.marginal_error))
+    # Every refined prototype is (nearly) the shared row: W's rows sum to ~1.
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=0, atol=2e-2)
+
+
+def test_cosine_cost_is_never_negative():
+    # Repeated rows and nonnegative W: every refined row is parallel to every
+    # prototype, and rounding put the old cosine cost at -6e-8 (seeds 2, 6).
+    cfg = RefineConfig(distance="cosine", m_step="optax")
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        bank = np.repeat(rng.standard_normal((1, 64)).astype(np.float32), 5, axis=0)
+        sys = rf.gram_system(jnp.asarray(bank), jnp.asarray(bank * 1.0001), cfg)
+        w = jnp.asarray(rng.random((5, 5)).astype(np.float32))
+        cost = np.asarray(rf.proto_to_refined(sys, w, cfg))
+        assert (cost >= 0.0).all(), (seed, cost.min())
+        np.testing.assert_allclose(cost, 0.0, rtol=0, atol=1e-6)
+
+
 def test_em_diagnostics_are_reported(rng):
     bank, query, _, _ = problem(rng, n=16, m=30, c=64)
     out = _refine(bank, query, num_iters=10, sinkhorn_iters=100)
