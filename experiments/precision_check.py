@@ -31,7 +31,8 @@ from protorefine_jax.metrics import evaluate  # noqa: E402
 _DATA_ROOT = flags.DEFINE_string("data_root", "../shared/data", "Folder holding mpdd/.")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", "runs/study_cache", "Feature cache.")
 _OUT = flags.DEFINE_string("out", "precision_check.json", "Where the table goes (JSON).")
-_SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds 0..seeds-1.")
+_SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds first_seed..seeds-1.")
+_FIRST_SEED = flags.DEFINE_integer("first_seed", 0, "First seed (to resume a run).")
 _SHOTS = flags.DEFINE_list("shots", ["1", "2", "4"], "Shot counts.")
 _METHODS = flags.DEFINE_list(
     "methods", ["W only", "patchcore+"], "Method label prefixes, in order."
@@ -56,7 +57,7 @@ def main(argv):
     chosen = [(k, v) for p in _METHODS.value for k, v in METHODS.items() if k.startswith(p)]
     for label, fields in chosen:
         for shots in (int(s) for s in _SHOTS.value):
-            for seed in range(_SEEDS.value):
+            for seed in range(_FIRST_SEED.value, _SEEDS.value):
                 support = sample_support(feats["pool"], shots, seed)
                 sup = np.stack([feats["train"][study_cells.image_key(p)] for p in support.paths])
                 res = {}
