@@ -165,20 +165,13 @@ def clear_earlier_run(workdir: Path) -> None:
     are listed in a warning.
     """
     removed, kept = clear_outputs(workdir, OUTPUTS)
-    if removed:
-        logging.warning(
-            "--overwrite: removed %d file(s) of an earlier run from %s (%s)",
-            len(removed),
-            workdir,
-            ", ".join(removed[:5]) + (", ..." if len(removed) > 5 else ""),
-        )
-    if kept:
-        logging.warning(
-            "--overwrite: kept %d file(s) in %s that eval does not write: %s",
-            len(kept),
-            workdir,
-            ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else ""),
-        )
+    for names, what in (
+        (removed, "removed %d file(s) of an earlier run from %s: %s"),
+        (kept, "kept %d file(s) in %s that eval does not write: %s"),
+    ):
+        if names:
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            logging.warning("--overwrite: " + what, len(names), workdir, shown)
 
 
 @contextlib.contextmanager

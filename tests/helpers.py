@@ -16,6 +16,13 @@ def lowrank_features(rng, shape, basis, noise=0.05):
     return (coeff @ basis + noise * rng.standard_normal(shape)).astype(np.float32)
 
 
+def lowrank_bank_and_queries(rng, b, m, c, n, rank):
+    """A `[n, c]` bank and `[b, m, c]` queries near one random rank-`rank` subspace."""
+    basis = subspace(rng, rank, c)
+    bank = lowrank_features(rng, (n, c), basis)
+    return bank, lowrank_features(rng, (b, m, c), basis)
+
+
 class TraceCounter:
     """Wraps a function and counts how often jax traces it."""
 

@@ -1,7 +1,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import lowrank_features, subspace
+from helpers import lowrank_bank_and_queries, lowrank_features, subspace
 
 from protorefine_jax import RefineConfig, online_refine_and_score, refine_and_score
 from protorefine_jax import calibration as cal
@@ -157,10 +157,7 @@ PIPE = RefineConfig(num_iters=2, sinkhorn_iters=10, image_size=(8, 8))
 
 
 def pipeline_data(rng, b=2, m=16, c=24, n=12):
-    basis = subspace(rng, 6, c)
-    bank = jnp.asarray(lowrank_features(rng, (n, c), basis))
-    queries = jnp.asarray(lowrank_features(rng, (b, m, c), basis))
-    return bank, queries
+    return tuple(map(jnp.asarray, lowrank_bank_and_queries(rng, b, m, c, n, rank=6)))
 
 
 CAL = cal.ScoreCalibration(*map(jnp.float32, (0.5, 0.25, 0.1, 0.05)))

@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import lowrank_features, subspace
+from helpers import lowrank_bank_and_queries, lowrank_features, subspace
 
 from protorefine_jax import (
     RefineConfig,
@@ -18,10 +18,7 @@ CFG = RefineConfig(num_iters=3, sinkhorn_iters=20, image_size=(32, 32))
 
 
 def data(rng, b=3, m=64, c=48, n=20):
-    basis = subspace(rng, 12, c)
-    bank = jnp.asarray(lowrank_features(rng, (n, c), basis))
-    queries = jnp.asarray(lowrank_features(rng, (b, m, c), basis))
-    return bank, queries
+    return tuple(map(jnp.asarray, lowrank_bank_and_queries(rng, b, m, c, n, rank=12)))
 
 
 @pytest.mark.parametrize(
