@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from protorefine_jax import calibration
 from protorefine_jax.metrics import auroc
 from protorefine_jax.scoring import map_operators
 
@@ -120,13 +121,10 @@ def make_rules() -> dict[str, Callable[[dict, int], np.ndarray]]:
             rules[f"qz{lo}-{hi} {a}+{b} region"] = qz
 
         def medz(cell, k, a=a, b=b, src="region"):
-            # The shipped rule (`calibration.statistics` / `fuse`): (x - median) / IQR.
-            out = []
-            for x in (a, b):
-                ref = np.ravel(cell[f"{cal_source(cell, src, k)}_{x}"])
-                q25, q50, q75 = np.quantile(ref, [0.25, 0.5, 0.75])
-                out.append((cell[f"test_{x}"] - q50) / max(q75 - q25, 1e-12))
-            return np.maximum(*out)
+            # The shipped rule itself: `calibration.statistics` and `calibration.fuse`.
+            held = (np.ravel(cell[f"{cal_source(cell, src, k)}_{x}"]) for x in (a, b))
+            cal = calibration.statistics(*held)
+            return np.asarray(calibration.fuse(cell[f"test_{a}"], cell[f"test_{b}"], cal))
 
         rules[f"medz {a}+{b} region"] = medz
         rules[f"geo {a}+{b}"] = lambda cell, k, a=a, b=b: np.sqrt(

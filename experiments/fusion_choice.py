@@ -43,11 +43,6 @@ _TIE = flags.DEFINE_float("tie", 0.1, "AUROC points within which host and refine
 HOST, REF = "host05", "ref"  # the shipped host (alpha 0.05) and the refined score
 
 
-def robust_z(x: np.ndarray, loc, scale) -> np.ndarray:
-    """`(x - loc) / scale`, the standardisation `calibration.fuse` applies to each half."""
-    return (np.asarray(x, np.float64) - float(loc)) / float(scale)
-
-
 def image_sides(host: np.ndarray, ref: np.ndarray, cal: calibration.ScoreCalibration):
     """Per test image: the fused image score and whether the refined half supplies it.
 
@@ -62,8 +57,9 @@ def image_sides(host: np.ndarray, ref: np.ndarray, cal: calibration.ScoreCalibra
       supplies it iff `max_j z_r > max_j z_h` (an exact tie counts as host).
     """
     scores = fa.image_scores(np.asarray(calibration.fuse(host, ref, cal), np.float64))
-    zh = fa.image_scores(robust_z(host, cal.host_loc, cal.host_scale))
-    zr = fa.image_scores(robust_z(ref, cal.refined_loc, cal.refined_scale))
+    zh, zr = (
+        fa.image_scores(np.asarray(z, np.float64)) for z in calibration.standardise(host, ref, cal)
+    )
     return scores, zr > zh
 
 
@@ -79,9 +75,9 @@ def refined_share(from_refined: np.ndarray, labels: np.ndarray) -> tuple[float, 
     return float(from_refined.mean()), float(from_refined[normal].mean())
 
 
-def ceiling(held: np.ndarray, loc, scale) -> float:
-    """Mean over held-out quadrants (rows) of `(max_j x_j - loc) / scale`."""
-    return float(np.mean(robust_z(held, loc, scale).max(axis=-1)))
+def ceiling(z: np.ndarray) -> float:
+    """Mean over held-out quadrants (rows) of `max_j z_j` (robust z-scores)."""
+    return float(np.mean(np.asarray(z, np.float64).max(axis=-1)))
 
 
 def fit_choice(held_host: np.ndarray, held_ref: np.ndarray) -> str:
@@ -95,8 +91,7 @@ def fit_choice(held_host: np.ndarray, held_ref: np.ndarray) -> str:
       `"ref"` iff the refined ceiling is strictly lower, else `"host"`.
     """
     cal = calibration.statistics(np.ravel(held_host), np.ravel(held_ref))
-    ch = ceiling(held_host, cal.host_loc, cal.host_scale)
-    cr = ceiling(held_ref, cal.refined_loc, cal.refined_scale)
+    ch, cr = map(ceiling, calibration.standardise(held_host, held_ref, cal))
     return "ref" if cr < ch else "host"
 
 

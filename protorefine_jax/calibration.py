@@ -78,9 +78,14 @@ def fuse(
     Returns:
       The fused patch scores, in held-out interquartile ranges.
     """
+    return jnp.maximum(*standardise(host, refined, calibration))
+
+
+def standardise(host, refined, calibration: ScoreCalibration):
+    """`(z_host, z_refined)`: each half in held-out interquartile ranges from its median."""
     z_host = (host - calibration.host_loc) / calibration.host_scale
     z_refined = (refined - calibration.refined_loc) / calibration.refined_scale
-    return jnp.maximum(z_host, z_refined)
+    return z_host, z_refined
 
 
 def in_host_units(fused: Float[Array, "*m"], calibration: ScoreCalibration) -> Float[Array, "*m"]:
