@@ -134,7 +134,13 @@ def score_batch(
     """`score_query` over a batch of queries: the one `vmap` of the per-query function.
 
     Unjitted and unchecked, for composition (`refine_and_score`, `make_detect`).
+    A batch of one runs `score_query` itself: XLA's CPU code for the vmapped
+    program with a batch axis of size 1 took 2.5x the unbatched time
+    (BENCHMARKS.md, issue 15).
     """
+    if queries.shape[0] == 1:
+        out = score_query(bank, queries[0], config, calibration)
+        return jax.tree.map(lambda x: x[None], out)
     return jax.vmap(score_query, in_axes=(None, 0, None, None))(bank, queries, config, calibration)
 
 

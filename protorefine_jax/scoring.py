@@ -23,6 +23,12 @@ from protorefine_jax.gram import GramSystem, refined_sq_norms
 
 _EPS = 1e-12
 
+# Query patches per block of the refined scoring (`refined_patch_scores`):
+# one `[B, 128, m]` block is 4 MiB at batch 8 and m = 1024 (L3-resident on
+# CPU) and still a large product on a GPU. A speed knob only; no number
+# depends on it.
+SCORE_BLOCK_ROWS = 128
+
 
 def _min_distance(dots, q_sq, r_sq, distance: str, scale_sq=1.0) -> Float[Array, " m"]:
     """`min_k d(q_j, r_k)` from inner products `dots [m, k]` and squared norms.
@@ -57,6 +63,13 @@ def refined_patch_scores(
 ) -> Float[Array, " m"]:
     """Scores against the refined prototypes `R = W M` (or `M` union `R`).
 
+    The `[m, m]` distances are formed `SCORE_BLOCK_ROWS` query patches at a
+    time (a `lax.map` over row blocks, each block's min taken before the
+    next): under `vmap` the whole `[B, m, m]` array (32 MiB at batch 8,
+    m = 1024) would leave the CPU caches and cost 3x the product itself
+    (BENCHMARKS.md, issue 15). Each entry is computed as before: the scores
+    are the same numbers.
+
     Args:
       sys: Gram system of the query.
       w: `[m, n]` refined transform.
@@ -65,9 +78,19 @@ def refined_patch_scores(
     Returns:
       `[m]` patch scores.
     """
-    scores = _min_distance(
-        sys.cross @ w.T, sys.f_sq, refined_sq_norms(sys, w), config.distance, sys.scale_sq
-    )
+    r_sq = refined_sq_norms(sys, w)
+    m = sys.cross.shape[0]
+    blocks = -(-m // SCORE_BLOCK_ROWS)
+    pad = blocks * SCORE_BLOCK_ROWS - m
+    # Zero rows pad the last block (finite, cut off below).
+    cross = jnp.pad(sys.cross, ((0, pad), (0, 0))).reshape(blocks, SCORE_BLOCK_ROWS, -1)
+    f_sq = jnp.pad(sys.f_sq, (0, pad)).reshape(blocks, SCORE_BLOCK_ROWS)
+
+    def block(args):
+        cross_b, f_sq_b = args
+        return _min_distance(cross_b @ w.T, f_sq_b, r_sq, config.distance, sys.scale_sq)
+
+    scores = jax.lax.map(block, (cross, f_sq)).reshape(-1)[:m]
     if config.bank == "union":
         scores = jnp.minimum(scores, base_patch_scores(sys, config))
     return scores

@@ -46,6 +46,12 @@ def test_vmapped_batch_equals_a_python_loop_over_queries(rng, cfg):
         np.testing.assert_allclose(out.patch_scores[i], ref.patch_scores, rtol=1e-4, atol=1e-3)
     assert out.maps.shape == (3, 32, 32)
     assert out.diagnostics.lsq_residual.shape == (3,)
+    # A batch of one runs `score_query` unbatched (`score_batch`): same
+    # numbers, same leading axis.
+    single = refine_and_score(bank, queries[1:2], cfg)
+    assert jax.tree.map(jnp.shape, single) == jax.tree.map(lambda x: (1, *x.shape[1:]), out)
+    for got, ref in zip(jax.tree.leaves(single), jax.tree.leaves(out), strict=True):
+        np.testing.assert_allclose(got[0], ref[1], rtol=1e-4, atol=1e-3)
 
 
 class TraceCounter:

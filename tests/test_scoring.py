@@ -54,10 +54,13 @@ def brute_force(query, protos, distance):
 
 @pytest.mark.parametrize("distance", ["sqeuclidean", "cosine"])
 @pytest.mark.parametrize("bank_mode", ["refined", "union"])
-def test_patch_scores_equal_brute_force_nearest_prototype(rng, distance, bank_mode):
+# m = 16: one padded row block; 256: two full blocks; 300: three, the last padded.
+@pytest.mark.parametrize("m", [16, 256, 300])
+def test_patch_scores_equal_brute_force_nearest_prototype(rng, distance, bank_mode, m):
+    assert scoring.SCORE_BLOCK_ROWS == 128  # the block layouts named above
     bank = rng.standard_normal((10, 24))
-    query = rng.standard_normal((16, 24))
-    w = rng.standard_normal((16, 10)) * 0.4
+    query = rng.standard_normal((m, 24))
+    w = rng.standard_normal((m, 10)) * 0.4
     cfg = RefineConfig(distance=distance, m_step="optax", bank=bank_mode)
     with jax.enable_x64(True):
         sys = rf.gram_system(
