@@ -2,9 +2,10 @@
 
 On every dev cell (data x features x shots x seed, the cells of RESULTS.md
 section 9) each `(num_iters, sinkhorn_iters)` variant is run the shipped way:
-image score = max patch score (the pipeline's); the support set's calibration (`calibration.held_out_scores`' hold-outs,
-banks built once per cell and shared by the variants) and the test set through
-`refine_and_score`; host scores once per cell. Reported per variant: the
+the support set's calibration (`calibration.held_out_scores`' hold-outs, banks
+built once per cell and shared by the variants) and the test set through
+`refine_and_score`; host scores once per cell; image score = max patch score
+(the pipeline's). Reported per variant: the
 calibrated PatchCore+ (shipped) and the refined-only (paper) image AUROC, as
 the 5-seed mean per cell, beside the baseline (the first variant).
 
@@ -21,7 +22,6 @@ import json
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
@@ -124,9 +124,8 @@ def report(results: dict, variants: list[str]) -> str:
                 worst_all[v] = d if abs(d) > abs(worst_all[v]) else worst_all[v]
             seeds = len(runs)
             row = " | ".join(f"{m:.2f}" for m in means)
-            lines.append(
-                f"| {cell} ({seeds} seeds) | {row} | " + ", ".join(f"{d:+.2f}" for d in diffs) + " |"
-            )
+            diff = ", ".join(f"{d:+.2f}" for d in diffs)
+            lines.append(f"| {cell} ({seeds} seeds) | {row} | {diff} |")
         lines.append(
             "| largest |diff| | "
             + " | ".join(["-"] + [f"{worst_all[v]:+.2f}" for v in variants[1:]])
