@@ -13,6 +13,13 @@ Numerics (issue 13):
   the end. Cosine rows are normalised after the same per-row rescaling, so the
   cosine distance is exactly scale-invariant. The squared-Euclidean scores
   themselves must be representable: `checks.feature_range` states the range.
+- Units. The bank's products (`G`, its Cholesky factor) are formed in the
+  bank's OWN power-of-two units (`bank_gram`, `chol`) and brought to the
+  query's by the exact factor `2^(2 shift)`: they then depend on the bank
+  alone, so under `vmap` over queries XLA computes them once and every
+  product with `G` is one GEMM for the whole batch (issue 15: the batched
+  `[B, n, n]` Gram made `G W^T` the largest cost of the EM loop). Powers of
+  two scale exactly, so the numbers are those of the joint scaling.
 - Solves. The ridge system `G + delta I` is factorised once (Cholesky) and
   every solve is a pair of triangular solves, not a product with an explicit
   inverse: at ridge 1e-4 (4 shots) the inverse's rounding is not orthogonal
@@ -46,15 +53,19 @@ class GramSystem(NamedTuple):
       cross: `[m, n]` `P = F M^T`.
       f_sq: `[m]` squared norms of the query patches.
       m_sq: `[n]` squared norms of the prototypes (`diag(G)`).
-      chol: lower Cholesky factor of `G + delta I` (`[n, n]`), used by every
-        solve against the Gram matrix (`ridge_solve`). None when not needed
-        (host scoring).
+      chol: lower Cholesky factor of `bank_gram + delta 2^(-2 shift) I`
+        (`[n, n]`, the bank's units), used by every solve against the Gram
+        matrix (`ridge_solve`). None when not needed (host scoring).
       delta: the absolute ridge `delta`.
       weights: `[n]` prototype marginal `a` of the transport (uniform `1/n`;
         zero marks an empty slot of the online ring buffer, which then takes
         part in nothing).
       scale_sq: factor turning the squared distances of this system into the
         caller's units (`1 / s^2` of the power-of-two rescaling; 1 for cosine).
+      bank_gram: `[n, n]` the same Gram matrix in the bank's own units:
+        `gram = bank_gram * 2^(2 shift)` exactly (module docstring, "Units").
+      shift: int32 power-of-two offset of the query's units from the bank's
+        (0 for the cosine distance).
     """
 
     gram: Float[Array, "n n"]
@@ -65,6 +76,8 @@ class GramSystem(NamedTuple):
     delta: Float[Array, ""]
     weights: Float[Array, " n"]
     scale_sq: Float[Array, ""]
+    bank_gram: Float[Array, "n n"]
+    shift: Array
 
 
 def compute_dtype(config: RefineConfig):
@@ -187,44 +200,73 @@ def gram_system(
     if config.distance == "cosine":
         bank, query = normalize_rows(bank), normalize_rows(query)
         scale_sq = jnp.ones((), dtype)
+        shift = jnp.zeros((), jnp.int32)
     else:
+        # The joint exponent `e` (bank and query) sets the query's units; the
+        # bank is scaled by its own `e_bank` (a function of the bank alone)
+        # and its products are moved to the query's units by `2^shift`.
+        e_bank = _pow2_exponent(jnp.max(jnp.abs(bank)))
         e = _pow2_exponent(jnp.maximum(jnp.max(jnp.abs(bank)), jnp.max(jnp.abs(query))))
-        bank, query = jnp.ldexp(bank, -e), jnp.ldexp(query, -e)
+        bank, query = jnp.ldexp(bank, -e_bank), jnp.ldexp(query, -e)
         scale_sq = jnp.ldexp(jnp.ones((), dtype), 2 * e)
+        shift = (e_bank - e).astype(jnp.int32)
     if config.precision == "bfloat16":
         # Round once, so the squared norms below and the products agree.
         bank = bank.astype(jnp.bfloat16).astype(dtype)
         query = query.astype(jnp.bfloat16).astype(dtype)
-    gram = feature_products(bank, bank, config.precision)  # [n, n]
-    cross = feature_products(query, bank, config.precision)  # [m, n]
+    bank_gram = feature_products(bank, bank, config.precision)  # [n, n], bank units
+    gram = jnp.ldexp(bank_gram, 2 * shift)
+    cross = jnp.ldexp(feature_products(query, bank, config.precision), shift)  # [m, n]
     n, c = bank.shape
     if weights is None:
         weights = jnp.full((n,), 1.0 / n, gram.dtype)
     weights = weights.astype(gram.dtype)
-    m_sq = jnp.diagonal(gram)
+    bank_m_sq = jnp.diagonal(bank_gram)
     # Ridge relative to the mean eigenvalue trace(G)/n over the used rows:
     # scale-free, and keeps a singular G (n > c, duplicates) invertible.
     if span_rows is None:
         used = jnp.maximum(jnp.sum(weights > 0), 1)
         rel = ridge_in_force(config, n, c)
-        delta = rel * jnp.maximum(jnp.trace(gram) / used, _EPS)
+        bank_delta = rel * jnp.maximum(jnp.trace(bank_gram) / used, _EPS)
     else:
         if not 1 <= span_rows <= n:
             raise ValueError(f"span_rows must lie in [1, n={n}], got {span_rows}.")
         rel = ridge_in_force(config, span_rows, c)
-        delta = rel * jnp.maximum(jnp.sum(m_sq[:span_rows]) / span_rows, _EPS)
+        bank_delta = rel * jnp.maximum(jnp.sum(bank_m_sq[:span_rows]) / span_rows, _EPS)
     chol = None
     if with_inverse:
-        chol = jnp.linalg.cholesky(gram + delta * jnp.eye(n, dtype=gram.dtype))
+        chol = jnp.linalg.cholesky(bank_gram + bank_delta * jnp.eye(n, dtype=gram.dtype))
     f_sq = jnp.sum(query * query, axis=-1)
-    return GramSystem(gram, cross, f_sq, m_sq, chol, delta, weights, scale_sq)
+    m_sq, delta = jnp.ldexp(bank_m_sq, 2 * shift), jnp.ldexp(bank_delta, 2 * shift)
+    return GramSystem(gram, cross, f_sq, m_sq, chol, delta, weights, scale_sq, bank_gram, shift)
+
+
+def in_bank_units(sys: GramSystem) -> GramSystem:
+    """The system's Gram side in the bank's own units (`gram = bank_gram`).
+
+    Costs between prototypes and refined prototypes `R = W M` then come out
+    multiplied by the exact factor `2^(-2 shift)`; the E-step's plan, whose
+    epsilon is relative to the mean cost, is the same. Under `vmap` the Gram
+    matrix stays unbatched (module docstring, "Units"). Only the Gram side
+    (`gram`, `m_sq`, `delta`) moves; `cross` and `f_sq` stay in query units.
+    """
+    return sys._replace(
+        gram=sys.bank_gram,
+        m_sq=jnp.diagonal(sys.bank_gram),
+        delta=jnp.ldexp(sys.delta, -2 * sys.shift),
+        shift=jnp.zeros_like(sys.shift),
+    )
 
 
 def ridge_solve(sys: GramSystem, rhs: Float[Array, "k n"]) -> Float[Array, "k n"]:
-    """`rhs (G + delta I)^-1` by two triangular solves (no explicit inverse)."""
-    return jsl.cho_solve((sys.chol, True), rhs.T).T
+    """`rhs (G + delta I)^-1` by two triangular solves (no explicit inverse).
+
+    The factor is the bank's (`chol`, bank units): `(G + delta I)^-1 =
+    2^(-2 shift) (G_bank + delta_bank I)^-1`, exactly.
+    """
+    return jnp.ldexp(jsl.cho_solve((sys.chol, True), rhs.T).T, -2 * sys.shift)
 
 
 def refined_sq_norms(sys: GramSystem, w: Float[Array, "m n"]) -> Float[Array, " m"]:
-    """`||R_j||^2 = (W G W^T)_jj` for every refined prototype."""
-    return jnp.sum((w @ sys.gram) * w, axis=-1)
+    """`||R_j||^2 = (W G W^T)_jj` for every refined prototype (one GEMM with `bank_gram`)."""
+    return jnp.ldexp(jnp.sum((w @ sys.bank_gram) * w, axis=-1), 2 * sys.shift)

@@ -37,6 +37,7 @@ from protorefine_jax.gram import (  # noqa: F401
     GramSystem,
     feature_products,
     gram_system,
+    in_bank_units,
     matmul_precision,
     normalize_rows,
     refined_sq_norms,
@@ -125,9 +126,11 @@ def self_distance(sys: GramSystem, w: Float[Array, "m n"], config: RefineConfig)
 
 def ridge_augmented(sys: GramSystem) -> GramSystem:
     """The system of `[M, sqrt(delta) I]` and `[F, 0]` (see the module docstring)."""
-    n = sys.gram.shape[0]
-    gram = sys.gram + sys.delta * jnp.eye(n, dtype=sys.gram.dtype)
-    return sys._replace(gram=gram, m_sq=sys.m_sq + sys.delta)
+    eye = jnp.eye(sys.gram.shape[0], dtype=sys.gram.dtype)
+    bank_gram = sys.bank_gram + jnp.ldexp(sys.delta, -2 * sys.shift) * eye
+    return sys._replace(
+        gram=sys.gram + sys.delta * eye, m_sq=sys.m_sq + sys.delta, bank_gram=bank_gram
+    )
 
 
 def m_step_loss(
@@ -337,11 +340,18 @@ def refine(sys: GramSystem, config: RefineConfig) -> Refinement:
     closed = config.m_step == "closed_form"
     x0 = w0.T if closed else w0
 
-    floor = cost_resolution(sys, config)
+    # The closed form's E-step needs only the Gram side: in the bank's units
+    # it is one GEMM for a whole vmapped batch (`gram.in_bank_units`; the
+    # costs scale by an exact power of two, the plan does not change).
+    e_sys = in_bank_units(sys) if closed else sys
+    floor = cost_resolution(e_sys, config)
 
     def em_iteration(_, carry):
         x, _, f, g, _ = carry
-        cost = proto_to_refined_t(sys, x, config) if closed else proto_to_refined(sys, x, config)
+        if closed:
+            cost = proto_to_refined_t(e_sys, x, config)
+        else:
+            cost = proto_to_refined(e_sys, x, config)
         cost = jax.lax.stop_gradient(cost)
         # epsilon relative to the mean cost over the used prototypes (SPEC 3.2).
         mean_cost = jnp.sum(sys.weights[:, None] * cost) / m
