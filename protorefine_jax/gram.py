@@ -199,24 +199,28 @@ def gram_system(
     bank, query = bank.astype(dtype), query.astype(dtype)
     if config.distance == "cosine":
         bank, query = normalize_rows(bank), normalize_rows(query)
+        own = bank
         scale_sq = jnp.ones((), dtype)
         shift = jnp.zeros((), jnp.int32)
     else:
-        # The joint exponent `e` (bank and query) sets the query's units; the
-        # bank is scaled by its own `e_bank` (a function of the bank alone)
-        # and its products are moved to the query's units by `2^shift`.
+        # The joint exponent `e` (bank and query) sets the units of `cross`
+        # and `f_sq` (the bank scaled per query, fused into the product by
+        # XLA); the Gram side uses the bank in its own units (`own`, a
+        # function of the bank alone), moved to the query's by `2^shift`.
         e_bank = _pow2_exponent(jnp.max(jnp.abs(bank)))
         e = _pow2_exponent(jnp.maximum(jnp.max(jnp.abs(bank)), jnp.max(jnp.abs(query))))
-        bank, query = jnp.ldexp(bank, -e_bank), jnp.ldexp(query, -e)
-        scale_sq = jnp.ldexp(jnp.ones((), dtype), 2 * e)
         shift = (e_bank - e).astype(jnp.int32)
+        own = jnp.ldexp(bank, -e_bank)
+        bank, query = jnp.ldexp(bank, -e), jnp.ldexp(query, -e)
+        scale_sq = jnp.ldexp(jnp.ones((), dtype), 2 * e)
     if config.precision == "bfloat16":
         # Round once, so the squared norms below and the products agree.
         bank = bank.astype(jnp.bfloat16).astype(dtype)
+        own = own.astype(jnp.bfloat16).astype(dtype)
         query = query.astype(jnp.bfloat16).astype(dtype)
-    bank_gram = feature_products(bank, bank, config.precision)  # [n, n], bank units
+    cross = feature_products(query, bank, config.precision)  # [m, n]
+    bank_gram = feature_products(own, own, config.precision)  # [n, n], bank units
     gram = jnp.ldexp(bank_gram, 2 * shift)
-    cross = jnp.ldexp(feature_products(query, bank, config.precision), shift)  # [m, n]
     n, c = bank.shape
     if weights is None:
         weights = jnp.full((n,), 1.0 / n, gram.dtype)

@@ -260,3 +260,15 @@ def test_device_counts_and_settings_errors():
         bench.resolve(bench.BenchSettings(sections=("speed",)))
     with pytest.raises(ValueError, match="batch sizes"):
         bench.resolve(bench.BenchSettings(batch_sizes=(0,)))
+
+
+def test_bench_ab_imports_a_checkout_under_another_name():
+    from experiments import bench_ab
+
+    root = Path(__file__).resolve().parents[1]
+    pipeline_b, detectors_b = bench_ab.import_before(root)
+    assert pipeline_b.__name__ == "protorefine_before.pipeline"
+    assert "protorefine_jax" not in Path(pipeline_b.__file__).read_text()
+    assert detectors_b.PatchCore is not None
+    with pytest.raises(FileNotFoundError, match="not a protorefine_jax package"):
+        bench_ab.import_before(root / "tests")
