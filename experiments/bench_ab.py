@@ -34,12 +34,7 @@ from absl import app, flags
 from protorefine_jax.detectors import PatchCore
 from protorefine_jax.pipeline import make_detect
 
-_BEFORE = flags.DEFINE_string("before_tree", None, "Checkout whose protorefine_jax is 'before'.")
-_BACKBONE = flags.DEFINE_string("backbone", "efficientnet_lite0", "Backbone.")
-_AGG = flags.DEFINE_enum("aggregation", "simple", ["official", "simple"], "Aggregation.")
-_BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes.")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per case (interleaved).")
-_VARIANTS = flags.DEFINE_list("variants", [], "Extra PatchCore+ iteration counts, EMxSinkhorn.")
+FLAGS = flags.FLAGS
 
 PACKAGE = "protorefine_before"
 
@@ -63,32 +58,32 @@ def import_before(tree: Path):
 def main(argv):
     """Prints ms per image (median, fastest) and the ratios to PatchCore."""
     del argv
-    if not _BEFORE.value:
+    if not FLAGS.before_tree:
         raise app.UsageError("--before_tree is required (a checkout of the 'before' commit).")
-    pipeline_b, detectors_b = import_before(Path(_BEFORE.value))
-    det = PatchCore.create(_BACKBONE.value, _AGG.value, 256)
+    pipeline_b, detectors_b = import_before(Path(FLAGS.before_tree))
+    det = PatchCore.create(FLAGS.backbone, FLAGS.aggregation, 256)
     params = det.load_params("random")
     rng = np.random.default_rng(3)
     support = jnp.asarray(rng.random((2, 256, 256, 3), np.float32))
     bank = det.fit_features(det.features(params, support), alpha=0.05).banks[0].prototypes
-    old_det = detectors_b.PatchCore.create(_BACKBONE.value, _AGG.value, 256)
+    old_det = detectors_b.PatchCore.create(FLAGS.backbone, FLAGS.aggregation, 256)
     new, old = make_detect(det.extractor.extract), pipeline_b.make_detect(old_det.extractor.extract)
     cases = {
         "patchcore": (new, det.config(use_refinement=False)),
         "patchcore+ before": (old, old_det.config()),
         "patchcore+ after": (new, det.config()),
     }
-    for variant in _VARIANTS.value:
+    for variant in FLAGS.variants:
         em, sk = map(int, variant.lower().split("x"))
         cases[f"patchcore+ after {variant}"] = (new, det.config(num_iters=em, sinkhorn_iters=sk))
     print(f"load average {os.getloadavg()}", flush=True)
-    for b in map(int, _BATCHES.value):
+    for b in map(int, FLAGS.batch_sizes):
         images = jnp.asarray(rng.random((b, 256, 256, 3), np.float32))
         for fn, cfg in cases.values():  # compile, then one warm-up call
             for _ in range(2):
                 jax.block_until_ready(fn(params, bank, images, cfg))
         times: dict[str, list[float]] = {name: [] for name in cases}
-        for _ in range(_REPEATS.value):
+        for _ in range(FLAGS.repeats):
             for name, (fn, cfg) in cases.items():
                 t0 = time.perf_counter()
                 jax.block_until_ready(fn(params, bank, images, cfg))
@@ -97,7 +92,7 @@ def main(argv):
         for name, t in times.items():
             med, low = np.median(t), np.min(t)
             print(
-                f"{_BACKBONE.value} batch {b} {name:26s} median {med:8.2f} min {low:8.2f} "
+                f"{FLAGS.backbone} batch {b} {name:26s} median {med:8.2f} min {low:8.2f} "
                 f"ms/img  ratio {med / base[0]:5.2f} / {low / base[1]:5.2f}",
                 flush=True,
             )
@@ -105,4 +100,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Flags only when run as a script: the module is imported by tests next
+    # to the eval, whose flag names (backbone, batch_sizes) it shares.
+    flags.DEFINE_string("before_tree", None, "Checkout whose protorefine_jax is 'before'.")
+    flags.DEFINE_string("backbone", "efficientnet_lite0", "Backbone.")
+    flags.DEFINE_enum("aggregation", "simple", ["official", "simple"], "Aggregation.")
+    flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes.")
+    flags.DEFINE_integer("repeats", 10, "Timed calls per case (interleaved).")
+    flags.DEFINE_list("variants", [], "Extra PatchCore+ iteration counts, EMxSinkhorn.")
     app.run(main)

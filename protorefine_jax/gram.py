@@ -19,7 +19,10 @@ Numerics (issue 13):
   alone, so under `vmap` over queries XLA computes them once and every
   product with `G` is one GEMM for the whole batch (issue 15: the batched
   `[B, n, n]` Gram made `G W^T` the largest cost of the EM loop). Powers of
-  two scale exactly, so the numbers are those of the joint scaling.
+  two scale exactly, so the numbers are those of the joint scaling, with one
+  fix: the ridge's `trace(G) / n` is taken in the bank's units, so its
+  `1e-12` floor no longer binds when the queries are >= 1e6 x the bank
+  (before, the ridge then became absolute and the scores moved by 30-70 %).
 - Solves. The ridge system `G + delta I` is factorised once (Cholesky) and
   every solve is a pair of triangular solves, not a product with an explicit
   inverse: at ridge 1e-4 (4 shots) the inverse's rounding is not orthogonal
@@ -199,27 +202,24 @@ def gram_system(
     bank, query = bank.astype(dtype), query.astype(dtype)
     if config.distance == "cosine":
         bank, query = normalize_rows(bank), normalize_rows(query)
-        own = bank
         scale_sq = jnp.ones((), dtype)
         shift = jnp.zeros((), jnp.int32)
     else:
-        # The joint exponent `e` (bank and query) sets the units of `cross`
-        # and `f_sq` (the bank scaled per query, fused into the product by
-        # XLA); the Gram side uses the bank in its own units (`own`, a
-        # function of the bank alone), moved to the query's by `2^shift`.
+        # The joint exponent `e` (bank and query) sets the query's units; the
+        # bank is scaled by its own `e_bank` (a function of the bank alone),
+        # and its products are moved to the query's units by `2^shift`.
         e_bank = _pow2_exponent(jnp.max(jnp.abs(bank)))
         e = _pow2_exponent(jnp.maximum(jnp.max(jnp.abs(bank)), jnp.max(jnp.abs(query))))
-        shift = (e_bank - e).astype(jnp.int32)
-        own = jnp.ldexp(bank, -e_bank)
-        bank, query = jnp.ldexp(bank, -e), jnp.ldexp(query, -e)
+        bank, query = jnp.ldexp(bank, -e_bank), jnp.ldexp(query, -e)
         scale_sq = jnp.ldexp(jnp.ones((), dtype), 2 * e)
+        shift = (e_bank - e).astype(jnp.int32)
     if config.precision == "bfloat16":
         # Round once, so the squared norms below and the products agree.
         bank = bank.astype(jnp.bfloat16).astype(dtype)
-        own = own.astype(jnp.bfloat16).astype(dtype)
         query = query.astype(jnp.bfloat16).astype(dtype)
-    cross = feature_products(query, bank, config.precision)  # [m, n]
-    bank_gram = feature_products(own, own, config.precision)  # [n, n], bank units
+    bank_gram = feature_products(bank, bank, config.precision)  # [n, n], bank units
+    # One product for a whole vmapped batch (the bank operand is unbatched).
+    cross = jnp.ldexp(feature_products(query, bank, config.precision), shift)  # [m, n]
     gram = jnp.ldexp(bank_gram, 2 * shift)
     n, c = bank.shape
     if weights is None:

@@ -205,6 +205,30 @@ def test_sqeuclidean_scores_scale_with_the_square(rng, scale):
     )
 
 
+@pytest.mark.parametrize(("bank_scale", "query_scale"), [(1e-7, 1.0), (1.0, 1e7), (1e7, 1e-3)])
+def test_ridge_is_relative_to_the_bank_when_bank_and_queries_differ_in_scale(
+    rng, bank_scale, query_scale
+):
+    """W-only scores against a float64 numpy reference, bank and queries of
+    very different scales. The ridge is `ridge * trace(G) / n` of the bank
+    itself; before the bank-unit Gram (issue 15) `trace(G)` was taken in the
+    query's units and hit its 1e-12 floor (scores off by 30-70 %)."""
+    bank, queries = map(np.asarray, data(rng))
+    bank, queries = bank * bank_scale, queries * query_scale
+    cfg = CFG.replace(use_transport=False, image_size=None)
+    out = np.asarray(refine_and_score(bank, queries, cfg).patch_scores)
+    m64 = bank.astype(np.float64)
+    g = m64 @ m64.T
+    delta = cfg.ridge * np.trace(g) / len(g)  # n = 20 < c = 48: the narrow ridge
+    for i, f in enumerate(queries.astype(np.float64)):
+        w0 = np.linalg.solve(g + delta * np.eye(len(g)), m64 @ f.T).T
+        refined = w0 @ m64
+        ref = ((f[:, None] - refined[None]) ** 2).sum(-1).min(1)
+        # float32 cancellation in ||f||^2 + ||r||^2 - 2 <f, r>: ~1e-4 of ||f||^2.
+        atol = 1e-4 * (f**2).sum(-1).max()
+        np.testing.assert_allclose(out[i], ref, rtol=2e-3, atol=atol)
+
+
 @pytest.mark.parametrize("scale", [1e-20, 1e19, 1e30])
 def test_sqeuclidean_features_out_of_range_are_refused(rng, scale):
     bank, queries = data(rng)
