@@ -63,12 +63,12 @@ def refined_patch_scores(
 ) -> Float[Array, " m"]:
     """Scores against the refined prototypes `R = W M` (or `M` union `R`).
 
-    The `[m, m]` distances are formed `SCORE_BLOCK_ROWS` query patches at a
-    time (a `lax.map` over row blocks, each block's min taken before the
-    next): under `vmap` the whole `[B, m, m]` array (32 MiB at batch 8,
-    m = 1024) would leave the CPU caches and cost 3x the product itself
-    (BENCHMARKS.md, issue 15). Each entry is computed as before: the scores
-    are the same numbers.
+    The `[m, m]` distances are formed in equal blocks of at most
+    `SCORE_BLOCK_ROWS` query patches (a `lax.map` over row blocks, each
+    block's min taken before the next): under `vmap` the whole `[B, m, m]`
+    array (32 MiB at batch 8, m = 1024) would leave the CPU caches and cost
+    3x the product itself (BENCHMARKS.md, issue 15). Each entry is computed
+    as before: the scores are the same numbers.
 
     Args:
       sys: Gram system of the query.
@@ -81,10 +81,11 @@ def refined_patch_scores(
     r_sq = refined_sq_norms(sys, w)
     m = sys.cross.shape[0]
     blocks = -(-m // SCORE_BLOCK_ROWS)
-    pad = blocks * SCORE_BLOCK_ROWS - m
+    rows = -(-m // blocks)  # equal blocks of at most SCORE_BLOCK_ROWS rows
+    pad = blocks * rows - m  # < blocks
     # Zero rows pad the last block (finite, cut off below).
-    cross = jnp.pad(sys.cross, ((0, pad), (0, 0))).reshape(blocks, SCORE_BLOCK_ROWS, -1)
-    f_sq = jnp.pad(sys.f_sq, (0, pad)).reshape(blocks, SCORE_BLOCK_ROWS)
+    cross = jnp.pad(sys.cross, ((0, pad), (0, 0))).reshape(blocks, rows, -1)
+    f_sq = jnp.pad(sys.f_sq, (0, pad)).reshape(blocks, rows)
 
     def block(args):
         cross_b, f_sq_b = args

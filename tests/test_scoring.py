@@ -54,8 +54,8 @@ def brute_force(query, protos, distance):
 
 @pytest.mark.parametrize("distance", ["sqeuclidean", "cosine"])
 @pytest.mark.parametrize("bank_mode", ["refined", "union"])
-# m = 16: one padded row block; 256: two full blocks; 300: three, the last padded.
-@pytest.mark.parametrize("m", [16, 256, 300])
+# m = 16: one block; 256: two of 128; 301: three of 101, the last padded by 2.
+@pytest.mark.parametrize("m", [16, 256, 301])
 def test_patch_scores_equal_brute_force_nearest_prototype(rng, distance, bank_mode, m):
     assert scoring.SCORE_BLOCK_ROWS == 128  # the block layouts named above
     bank = rng.standard_normal((10, 24))
