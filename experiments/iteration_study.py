@@ -30,7 +30,7 @@ from experiments import study_cells
 from experiments.hosts import batched
 from protorefine_jax import RefineConfig, build_bank, refine_and_score
 from protorefine_jax import calibration as cal
-from protorefine_jax.coreset import coreset_size, greedy_coreset
+from protorefine_jax.coreset import coreset_size
 from protorefine_jax.data import sample_support
 from protorefine_jax.metrics import auroc
 
@@ -47,8 +47,6 @@ _VARIANTS = flags.DEFINE_list(
     "variants", ["10x30", "5x10", "3x10"], "EMxSinkhorn iteration counts; the first is the base."
 )
 
-_DEBUG = flags.DEFINE_bool("debug", False, "Print calibration statistics.")
-
 ALPHA = 0.05
 GRID = (32, 32)
 
@@ -59,17 +57,11 @@ def parse_variant(text: str) -> tuple[int, int]:
     return int(em), int(sk)
 
 
-def holdout_banks(sup: np.ndarray) -> tuple[list, list, RefineConfig]:
-    """Hold-out banks and queries of `calibration.held_out_scores`, built once."""
+def holdout_config(sup: np.ndarray) -> RefineConfig:
+    """The hold-outs' refinement config (`calibration.held_out_scores`' ridge rule)."""
     k, m, c = sup.shape
-    flat = jnp.asarray(sup.reshape(k * m, c))
-    banks, queries = [], []
-    for rows, held in cal.holdout_splits(k, GRID):
-        rest = flat[rows]
-        banks.append(rest[greedy_coreset(rest, ALPHA)])
-        queries.append(flat[held])
     cfg = cal.ridge_in_force(coreset_size(k * m, ALPHA), c, RefineConfig())
-    return banks, queries, cfg.replace(image_size=None, grid_shape=None)
+    return cfg.replace(image_size=None, grid_shape=None)
 
 
 def run_cell(feats: dict, k: int, seed: int, variants: list[tuple[int, int]]) -> dict:
@@ -84,7 +76,8 @@ def run_cell(feats: dict, k: int, seed: int, variants: list[tuple[int, int]]) ->
         test,
         8,
     ).patch_scores
-    banks, queries, hcfg = holdout_banks(sup)
+    banks, queries = cal.holdouts(sup, ALPHA, GRID)  # built once, shared by the variants
+    hcfg = holdout_config(sup)
     out = {}
     for em, sk in variants:
         t0 = time.time()
@@ -96,9 +89,6 @@ def run_cell(feats: dict, k: int, seed: int, variants: list[tuple[int, int]]) ->
         )
         stats = cal.statistics(np.asarray(h, np.float64).ravel(), np.asarray(r, np.float64).ravel())
         fused = np.asarray(cal.fuse(jnp.asarray(host), jnp.asarray(ref_patch), stats))
-        if _DEBUG.value:
-            zh, zr = cal.standardise(jnp.asarray(host), jnp.asarray(ref_patch), stats)
-            print(stats, float(jnp.mean(zh > zr)), flush=True)
         out[f"{em}x{sk}"] = {
             "calibrated": auroc(labels, fused.max(1)),
             "refined": auroc(labels, ref_patch.max(1)),

@@ -158,22 +158,19 @@ def ridge_in_force(bank_rows: int, feature_dim: int, config: RefineConfig) -> Re
     return config.replace(ridge=rel, ridge_wide=rel)
 
 
-def held_out_scores(
-    support: Float[Array, "k m c"],
-    alpha: float,
-    config: RefineConfig,
-    grid_shape: tuple[int, int],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Host and refined scores of every held-out support patch (`holdout_splits`).
+def holdouts(
+    support: Float[Array, "k m c"], alpha: float, grid_shape: tuple[int, int]
+) -> tuple[list, list]:
+    """The bank and the held-out queries of every hold-out (`holdout_splits`).
 
     Args:
-      support: `[k, m, c]` support patch features.
+      support: `[k, m, c]` support patch features (checked: shape, finite).
       alpha: coreset ratio of the real bank (each hold-out bank uses it too).
-      config: the scoring config (its refinement settings are used).
       grid_shape: patch grid of one image.
 
     Returns:
-      `(host, refined)`, each `[k * m]` float64 in hold-out order.
+      `(banks, queries)`: per hold-out the coreset of every other support
+      patch and the held-out quadrant's `[m', c]` patches.
     """
     support = jnp.asarray(support)
     if support.ndim != 3:
@@ -184,14 +181,36 @@ def held_out_scores(
     if grid_shape[0] * grid_shape[1] != m:
         raise ValueError(f"grid_shape {grid_shape} does not hold m={m} patches per image.")
     checks.check_finite(support, "support")
-    cfg = ridge_in_force(coreset_size(k * m, alpha), c, config)
-    cfg = cfg.replace(use_refinement=True, image_size=None, grid_shape=None)
     flat = support.reshape(k * m, c)
     banks, queries = [], []
     for bank_rows, held in holdout_splits(k, tuple(grid_shape)):
         rest = flat[bank_rows]
         banks.append(rest[greedy_coreset(rest, alpha)])
         queries.append(flat[held])
+    return banks, queries
+
+
+def held_out_scores(
+    support: Float[Array, "k m c"],
+    alpha: float,
+    config: RefineConfig,
+    grid_shape: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Host and refined scores of every held-out support patch (`holdouts`).
+
+    Args:
+      support: `[k, m, c]` support patch features.
+      alpha: coreset ratio of the real bank (each hold-out bank uses it too).
+      config: the scoring config (its refinement settings are used).
+      grid_shape: patch grid of one image.
+
+    Returns:
+      `(host, refined)`, each `[k * m]` float64 in hold-out order.
+    """
+    banks, queries = holdouts(support, alpha, grid_shape)
+    k, m, c = jnp.shape(support)
+    cfg = ridge_in_force(coreset_size(k * m, alpha), c, config)
+    cfg = cfg.replace(use_refinement=True, image_size=None, grid_shape=None)
     # Quadrants of an even grid share one shape: all hold-outs in one vmapped
     # call; an odd grid's quadrants differ, and each is scored alone.
     groups: dict[tuple, list[int]] = {}
