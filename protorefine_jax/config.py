@@ -59,7 +59,7 @@ class RefineConfig:
       sinkhorn_iters: Sinkhorn iterations per E-step, int >= 1, fixed (no
         data-dependent loop under vmap). Default 10 with `warm_start`: on the
         18 dev cells (5 seeds) the calibrated PatchCore+ image AUROC moves by
-        -0.03 to +0.23 against 30 and the refinement costs ~20 % less
+        -0.03 to +0.23 against 30 and the refinement costs 10-25 % less
         (RESULTS.md sections 5 and 12, issue 15). WinCLIP+ keeps 30
         (`clip.winclip_config`: not measured on CLIP features).
       sinkhorn_mode: `"log"` (every iteration in the log domain) or
