@@ -49,10 +49,8 @@ def import_before(tree: Path):
     for path in (root / PACKAGE).rglob("*.py"):
         path.write_text(re.sub(r"\bprotorefine_jax\b", PACKAGE, path.read_text()))
     sys.path.insert(0, str(root))
-    importlib.import_module(f"{PACKAGE}.detectors")
-    return importlib.import_module(f"{PACKAGE}.pipeline"), importlib.import_module(
-        f"{PACKAGE}.detectors"
-    )
+    pipeline = importlib.import_module(f"{PACKAGE}.pipeline")
+    return pipeline, importlib.import_module(f"{PACKAGE}.detectors")
 
 
 def main(argv):

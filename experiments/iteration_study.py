@@ -30,7 +30,6 @@ from experiments import study_cells
 from experiments.hosts import batched
 from protorefine_jax import RefineConfig, build_bank, refine_and_score
 from protorefine_jax import calibration as cal
-from protorefine_jax.coreset import coreset_size
 from protorefine_jax.data import sample_support
 from protorefine_jax.metrics import auroc
 
@@ -57,13 +56,6 @@ def parse_variant(text: str) -> tuple[int, int]:
     return int(em), int(sk)
 
 
-def holdout_config(sup: np.ndarray) -> RefineConfig:
-    """The hold-outs' refinement config (`calibration.held_out_scores`' ridge rule)."""
-    k, m, c = sup.shape
-    cfg = cal.ridge_in_force(coreset_size(k * m, ALPHA), c, RefineConfig())
-    return cfg.replace(image_size=None, grid_shape=None)
-
-
 def run_cell(feats: dict, k: int, seed: int, variants: list[tuple[int, int]]) -> dict:
     """AUROC of every variant on one cell (calibrated and refined-only)."""
     support = sample_support(feats["pool"], k, seed)
@@ -76,18 +68,14 @@ def run_cell(feats: dict, k: int, seed: int, variants: list[tuple[int, int]]) ->
         test,
         8,
     ).patch_scores
-    banks, queries = cal.holdouts(sup, ALPHA, GRID)  # built once, shared by the variants
-    hcfg = holdout_config(sup)
+    prepared = cal.holdouts(sup, ALPHA, GRID)  # built once, shared by the variants
     out = {}
     for em, sk in variants:
         t0 = time.time()
         cfg = base.replace(num_iters=em, sinkhorn_iters=sk)
         ref = batched(lambda x, c=cfg: refine_and_score(bank, jnp.asarray(x), c), test, 8)
         ref_patch = np.asarray(ref.patch_scores)
-        h, r = cal._host_and_refined(
-            jnp.stack(banks), jnp.stack(queries), hcfg.replace(num_iters=em, sinkhorn_iters=sk)
-        )
-        stats = cal.statistics(np.asarray(h, np.float64).ravel(), np.asarray(r, np.float64).ravel())
+        stats = cal.statistics(*cal.held_out_scores(sup, ALPHA, cfg, GRID, prepared))
         fused = np.asarray(cal.fuse(jnp.asarray(host), jnp.asarray(ref_patch), stats))
         out[f"{em}x{sk}"] = {
             "calibrated": auroc(labels, fused.max(1)),

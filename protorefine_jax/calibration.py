@@ -195,6 +195,7 @@ def held_out_scores(
     alpha: float,
     config: RefineConfig,
     grid_shape: tuple[int, int],
+    prepared: tuple[list, list] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Host and refined scores of every held-out support patch (`holdouts`).
 
@@ -203,11 +204,14 @@ def held_out_scores(
       alpha: coreset ratio of the real bank (each hold-out bank uses it too).
       config: the scoring config (its refinement settings are used).
       grid_shape: patch grid of one image.
+      prepared: `holdouts(support, alpha, grid_shape)` if the caller already
+        built them (to score one support set under several configs); built
+        here when None.
 
     Returns:
       `(host, refined)`, each `[k * m]` float64 in hold-out order.
     """
-    banks, queries = holdouts(support, alpha, grid_shape)
+    banks, queries = prepared or holdouts(support, alpha, grid_shape)
     k, m, c = jnp.shape(support)
     cfg = ridge_in_force(coreset_size(k * m, alpha), c, config)
     cfg = cfg.replace(use_refinement=True, image_size=None, grid_shape=None)
