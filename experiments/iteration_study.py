@@ -7,7 +7,8 @@ built once per cell and shared by the variants) and the test set through
 `refine_and_score`; host scores once per cell; image score = max patch score
 (the pipeline's). Reported per variant: the
 calibrated PatchCore+ (shipped) and the refined-only (paper) image AUROC, as
-the 5-seed mean per cell, beside the baseline (the first variant).
+the 5-seed mean per cell, beside the baseline (the first variant), and how
+far the last EM iteration still moved `W` (`Diagnostics.w_rel_change`).
 
     python -m experiments.iteration_study --variants=10x30,5x10,3x10 \
         --json_out=runs/iteration_study.json
@@ -80,6 +81,10 @@ def run_cell(feats: dict, k: int, seed: int, variants: list[tuple[int, int]]) ->
         out[f"{em}x{sk}"] = {
             "calibrated": auroc(labels, fused.max(1)),
             "refined": auroc(labels, ref_patch.max(1)),
+            # How far the last EM iteration still moved W (median, max over
+            # the test queries): the case for or against a convergence stop.
+            "w_change_median": float(np.median(ref.diagnostics.w_rel_change)),
+            "w_change_max": float(np.max(ref.diagnostics.w_rel_change)),
             "seconds": time.time() - t0,
         }
     return out
@@ -110,6 +115,26 @@ def report(results: dict, variants: list[str]) -> str:
             + " | |"
         )
         lines.append("")
+    lines += [
+        "| last EM step's ||dW|| / ||W||, median (max) over test queries | "
+        + " | ".join(variants)
+        + " |",
+        "|" + "---|" * (len(variants) + 1),
+    ]
+    for cell, runs in sorted(cells.items()):
+        row = []
+        for v in variants:
+            got = [
+                (r[v]["w_change_median"], r[v]["w_change_max"])
+                for r in runs
+                if "w_change_max" in r.get(v, {})
+            ]
+            row.append(
+                f"{np.median([g[0] for g in got]):.1e} ({max(g[1] for g in got):.1e})"
+                if got
+                else "-"
+            )
+        lines.append(f"| {cell} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

@@ -146,7 +146,8 @@ def _host_and_refined(banks, queries, config: RefineConfig):
     def one(bank, query):
         with matmul_precision(config):
             system = gram_system(bank, query, config)
-            refined = refined_patch_scores(system, refine(system, config).w, config)
+            ref = refine(system, config)
+            refined = refined_patch_scores(system, ref.w, config, ref.refined_sq)
             return base_patch_scores(system, config), refined
 
     return jax.vmap(one)(banks, queries)

@@ -27,7 +27,7 @@ Numerics (issue 13):
   every solve is a pair of triangular solves, not a product with an explicit
   inverse: at ridge 1e-4 (4 shots) the inverse's rounding is not orthogonal
   to the bank and inflates float32 W-only patch scores by a median 1.15x
-  over float64 (up to 2.3x), the solve's by 1.00x (`tests/test_gram.py`).
+  over float64 (up to 2.3x), the solve's by 1.00x (RESULTS.md section 10).
 - dtype. `precision="float64"` runs everything in float64; it needs
   `jax.config.update("jax_enable_x64", True)` before the config is built.
 """
@@ -88,6 +88,37 @@ def compute_dtype(config: RefineConfig):
     return jnp.float64 if config.precision == "float64" else jnp.float32
 
 
+# Parts `times_pow2` splits an exponent into: five parts of at most 126
+# (float32) cover the widest exponent it is given, `2 shift` of two scalings
+# at opposite ends of float32's range (|2 shift| <= 2 * 277).
+_POW2_PARTS = 5
+
+
+def times_pow2(x: Float[Array, "*shape"], k) -> Float[Array, "*shape"]:
+    """`x * 2^k` for integer `k` (broadcast against `x`): `jnp.ldexp`'s numbers, cheaper.
+
+    `jnp.ldexp` assembles its result from the bits in a dozen elementwise
+    passes (abs, isinf, select, power); on the 2-core CPU that was 2 ms per
+    query of `[1024, 152]` features at batch 8, ~10 % of PatchCore+'s
+    refinement (issue 15). Here `k` is split into `_POW2_PARTS` parts
+    in the range of normal exponents, each part's power of two is built
+    exactly (`ldexp` on the small exponent array only) and `x` is multiplied
+    by them in turn: one fused elementwise pass. Multiplying by a power of
+    two is exact unless the result leaves the normal range, so wherever the
+    result is a normal number (and for 0, inf, NaN) it is bit-identical to
+    `jnp.ldexp`; overflow gives inf as there. Subnormal results may differ in
+    the last subnormal bit (`tests/test_gram.py`).
+    """
+    info = jnp.finfo(x.dtype)
+    k = jnp.asarray(k, jnp.int32)
+    one = jnp.ones((), x.dtype)
+    for _ in range(_POW2_PARTS):
+        part = jnp.clip(k, info.minexp, info.maxexp - 1)
+        x = x * jnp.ldexp(one, part)
+        k = k - part
+    return x
+
+
 def _pow2_exponent(amax):
     """`e` with `amax = mantissa * 2^e`, mantissa in `[0.5, 1)` (0 for `amax = 0`)."""
     return jnp.frexp(amax)[1]
@@ -101,7 +132,7 @@ def normalize_rows(x: Float[Array, "k c"]) -> Float[Array, "k c"]:
     `3e38`) nor underflows (rows near `1e-30`).
     """
     e = _pow2_exponent(jnp.max(jnp.abs(x), axis=-1, keepdims=True))
-    x = jnp.ldexp(x, -e)
+    x = times_pow2(x, -e)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _EPS)
 
 
@@ -210,8 +241,8 @@ def gram_system(
         # and its products are moved to the query's units by `2^shift`.
         e_bank = _pow2_exponent(jnp.max(jnp.abs(bank)))
         e = _pow2_exponent(jnp.maximum(jnp.max(jnp.abs(bank)), jnp.max(jnp.abs(query))))
-        bank, query = jnp.ldexp(bank, -e_bank), jnp.ldexp(query, -e)
-        scale_sq = jnp.ldexp(jnp.ones((), dtype), 2 * e)
+        bank, query = times_pow2(bank, -e_bank), times_pow2(query, -e)
+        scale_sq = times_pow2(jnp.ones((), dtype), 2 * e)
         shift = (e_bank - e).astype(jnp.int32)
     if config.precision == "bfloat16":
         # Round once, so the squared norms below and the products agree.
@@ -219,8 +250,8 @@ def gram_system(
         query = query.astype(jnp.bfloat16).astype(dtype)
     bank_gram = feature_products(bank, bank, config.precision)  # [n, n], bank units
     # One product for a whole vmapped batch (the bank operand is unbatched).
-    cross = jnp.ldexp(feature_products(query, bank, config.precision), shift)  # [m, n]
-    gram = jnp.ldexp(bank_gram, 2 * shift)
+    cross = times_pow2(feature_products(query, bank, config.precision), shift)  # [m, n]
+    gram = times_pow2(bank_gram, 2 * shift)
     n, c = bank.shape
     if weights is None:
         weights = jnp.full((n,), 1.0 / n, gram.dtype)
@@ -241,7 +272,7 @@ def gram_system(
     if with_inverse:
         chol = jnp.linalg.cholesky(bank_gram + bank_delta * jnp.eye(n, dtype=gram.dtype))
     f_sq = jnp.sum(query * query, axis=-1)
-    m_sq, delta = jnp.ldexp(bank_m_sq, 2 * shift), jnp.ldexp(bank_delta, 2 * shift)
+    m_sq, delta = times_pow2(bank_m_sq, 2 * shift), times_pow2(bank_delta, 2 * shift)
     return GramSystem(gram, cross, f_sq, m_sq, chol, delta, weights, scale_sq, bank_gram, shift)
 
 
@@ -257,7 +288,7 @@ def in_bank_units(sys: GramSystem) -> GramSystem:
     return sys._replace(
         gram=sys.bank_gram,
         m_sq=jnp.diagonal(sys.bank_gram),
-        delta=jnp.ldexp(sys.delta, -2 * sys.shift),
+        delta=times_pow2(sys.delta, -2 * sys.shift),
         shift=jnp.zeros_like(sys.shift),
     )
 
@@ -268,9 +299,9 @@ def ridge_solve(sys: GramSystem, rhs: Float[Array, "k n"]) -> Float[Array, "k n"
     The factor is the bank's (`chol`, bank units): `(G + delta I)^-1 =
     2^(-2 shift) (G_bank + delta_bank I)^-1`, exactly.
     """
-    return jnp.ldexp(jsl.cho_solve((sys.chol, True), rhs.T).T, -2 * sys.shift)
+    return times_pow2(jsl.cho_solve((sys.chol, True), rhs.T).T, -2 * sys.shift)
 
 
 def refined_sq_norms(sys: GramSystem, w: Float[Array, "m n"]) -> Float[Array, " m"]:
     """`||R_j||^2 = (W G W^T)_jj` for every refined prototype (one GEMM with `bank_gram`)."""
-    return jnp.ldexp(jnp.sum((w @ sys.bank_gram) * w, axis=-1), 2 * sys.shift)
+    return times_pow2(jnp.sum((w @ sys.bank_gram) * w, axis=-1), 2 * sys.shift)

@@ -85,7 +85,7 @@ def _score(
         )
         if config.use_refinement:
             ref = refine(system, config)
-            scores = refined_patch_scores(system, ref.w, config)
+            scores = refined_patch_scores(system, ref.w, config, ref.refined_sq)
             if calibration is not None and config.calibrated:
                 host_sys = system if host_weights is None else system._replace(weights=host_weights)
                 scores = fuse(base_patch_scores(host_sys, config), scores, calibration)

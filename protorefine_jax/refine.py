@@ -42,8 +42,9 @@ from protorefine_jax.gram import (  # noqa: F401
     normalize_rows,
     refined_sq_norms,
     ridge_solve,
+    times_pow2,
 )
-from protorefine_jax.transport import sinkhorn_plan
+from protorefine_jax.transport import sinkhorn_plan, sinkhorn_t
 
 
 class Refinement(NamedTuple):
@@ -57,12 +58,16 @@ class Refinement(NamedTuple):
       lsq_residual: relative residual `||F - W0 M|| / ||F||` of the
         least-squares init; near 0 means the bank reproduces the query
         exactly (the degenerate regime of SPEC 8).
+      refined_sq: `[m]` `||R_j||^2` of the refined prototypes in the
+        system's units (`gram.refined_sq_norms`), a by-product of the EM
+        loop's last product that the scoring reuses; None without the loop.
     """
 
     w: Float[Array, "m n"]
     marginal_error: Float[Array, ""]
     w_rel_change: Float[Array, ""]
     lsq_residual: Float[Array, ""]
+    refined_sq: Float[Array, " m"] | None = None
 
 
 def least_squares_init(sys: GramSystem) -> Float[Array, "m n"]:
@@ -74,26 +79,32 @@ def proto_to_refined(
     sys: GramSystem, w: Float[Array, "m n"], config: RefineConfig
 ) -> Float[Array, "n m"]:
     """Cost `C[i, j] = d(M_i, R_j)` of the E-step (SPEC 3.2)."""
-    return proto_to_refined_t(sys, w.T, config)
+    return refined_to_proto(sys, w, config).T
 
 
-def proto_to_refined_t(
-    sys: GramSystem, wt: Float[Array, "n m"], config: RefineConfig
-) -> Float[Array, "n m"]:
-    """`proto_to_refined` from `W^T [n, m]` (the plan's layout).
+def refined_to_proto(
+    sys: GramSystem, w: Float[Array, "m n"], config: RefineConfig
+) -> Float[Array, "m n"]:
+    """`C^T [m, n]`, the E-step's cost in the refinement's layout (`proto_to_refined`).
 
-    One `[n, n] x [n, m]` product: `G W^T` gives both the cross terms and,
-    since `G` is symmetric, `||R_j||^2 = sum_i W_ji (G W^T)_ij`.
+    One `[m, n] x [n, n]` product: `W G` gives both the cross terms and,
+    since `G` is symmetric, `||R_j||^2 = sum_i W_ji (W G)_ji`. With `W`
+    batched and `G` not (`gram.in_bank_units`), a vmapped batch is one GEMM
+    `[B m, n] x [n, n]` and its output needs no transpose.
     """
-    dots = sys.gram @ wt  # [n, m]
-    r_sq = jnp.sum(dots * wt, axis=0)
+    return _cost_t(sys, w, w @ sys.gram, config)[0]
+
+
+def _cost_t(sys: GramSystem, w, dots, config: RefineConfig):
+    """`(C^T [m, n], ||R_j||^2 [m])` from `dots = W G` (`refined_to_proto`)."""
+    r_sq = jnp.sum(dots * w, axis=1)
     if config.distance == "sqeuclidean":
-        return jnp.maximum(sys.m_sq[:, None] + r_sq[None, :] - 2.0 * dots, 0.0)
-    norms = jnp.sqrt(jnp.maximum(sys.m_sq[:, None] * r_sq[None, :], _EPS))
+        return jnp.maximum(r_sq[:, None] + sys.m_sq[None, :] - 2.0 * dots, 0.0), r_sq
+    norms = jnp.sqrt(jnp.maximum(r_sq[:, None] * sys.m_sq[None, :], _EPS))
     # (1 - cos) / 2 >= 0; rounding can push a cosine of near-parallel rows
     # past 1, and a negative cost of -1e-8 over an epsilon of 1e-13 overflows
     # the Sinkhorn kernel. Clamped like the squared-Euclidean branch.
-    return jnp.maximum(0.5 * (1.0 - dots / norms), 0.0)
+    return jnp.maximum(0.5 * (1.0 - dots / norms), 0.0), r_sq
 
 
 def cost_resolution(sys: GramSystem, config: RefineConfig) -> Float[Array, ""]:
@@ -127,7 +138,7 @@ def self_distance(sys: GramSystem, w: Float[Array, "m n"], config: RefineConfig)
 def ridge_augmented(sys: GramSystem) -> GramSystem:
     """The system of `[M, sqrt(delta) I]` and `[F, 0]` (see the module docstring)."""
     eye = jnp.eye(sys.gram.shape[0], dtype=sys.gram.dtype)
-    bank_gram = sys.bank_gram + jnp.ldexp(sys.delta, -2 * sys.shift) * eye
+    bank_gram = sys.bank_gram + times_pow2(sys.delta, -2 * sys.shift) * eye
     return sys._replace(
         gram=sys.gram + sys.delta * eye, m_sq=sys.m_sq + sys.delta, bank_gram=bank_gram
     )
@@ -175,16 +186,13 @@ def closed_form_m_step(
     Returns:
       `[m, n]` the new transform.
     """
-    return closed_form_m_step_t(w0.T, plan, config).T
+    return _closed_form_rows(w0, plan.T, jnp.sum(plan, axis=0), config)
 
 
-def closed_form_m_step_t(
-    w0t: Float[Array, "n m"], plan: Float[Array, "n m"], config: RefineConfig
-) -> Float[Array, "n m"]:
-    """`closed_form_m_step` in the plan's layout: `W0^T` in, `W^T` out (no transposes)."""
-    m = w0t.shape[1]
-    col = jnp.sum(plan, axis=0)  # [m]
-    return (w0t / m + config.lam * plan) / (1.0 / m + config.lam * col)[None, :]
+def _closed_form_rows(w0, plan_t, col, config: RefineConfig):
+    """`closed_form_m_step` from `T^T [m, n]` and its row sums `col [m]`."""
+    m = w0.shape[0]
+    return (w0 / m + config.lam * plan_t) / (1.0 / m + config.lam * col)[:, None]
 
 
 def _lambda_max(sys: GramSystem, num_iters: int = 30) -> Float[Array, ""]:
@@ -299,10 +307,25 @@ def optax_m_step(
     return w
 
 
+def init_products(sys: GramSystem, w0: Float[Array, "m n"]) -> Float[Array, "m n"]:
+    """`W0 G` of the ridge solution `W0` without a product: `P - delta W0`.
+
+    `W0 (G + delta I) = P` by definition, so `W0 G = P - delta W0`; it is as
+    accurate as the product itself (the Cholesky solve is backward stable:
+    its residual is of the size of the product's rounding).
+    """
+    return sys.cross - sys.delta * w0
+
+
 def lsq_residual(sys: GramSystem, w0: Float[Array, "m n"]) -> Float[Array, ""]:
-    """Relative residual `||F - W0 M||_F / ||F||_F` (in the config's geometry)."""
+    """Relative residual `||F - W0 M||_F / ||F||_F` of the ridge solution `W0`.
+
+    In the config's geometry. With `||R_j||^2 = (W0 G W0^T)_jj` and
+    `W0 G = P - delta W0` (`init_products`):
+    `||F - W0 M||^2 = sum ||F_j||^2 - <P, W0> - delta ||W0||^2`, all `O(mn)`.
+    """
     dots = jnp.sum(sys.cross * w0)
-    res = jnp.sum(sys.f_sq) - 2.0 * dots + jnp.sum(refined_sq_norms(sys, w0))
+    res = jnp.sum(sys.f_sq) - dots - sys.delta * jnp.sum(w0 * w0)
     return jnp.sqrt(jnp.maximum(res, 0.0) / jnp.maximum(jnp.sum(sys.f_sq), _EPS))
 
 
@@ -330,44 +353,52 @@ def refine(sys: GramSystem, config: RefineConfig) -> Refinement:
         return Refinement(w0, zero, zero, residual)
 
     m = w0.shape[0]
-    # Zero-weight prototypes start (and stay) at potential -inf: they must not
-    # enter the first log-sum-exp of the warm-started Sinkhorn.
-    f0 = jnp.where(sys.weights > 0, 0.0, -jnp.inf).astype(w0.dtype)
-    g0 = jnp.zeros((m,), w0.dtype)
-
-    # The closed form runs on `W^T [n, m]`, the plan's layout, so that the
-    # loop has no transposes; the optax M-step on `W [m, n]`.
     closed = config.m_step == "closed_form"
-    x0 = w0.T if closed else w0
-
     # The closed form's E-step needs only the Gram side: in the bank's units
     # it is one GEMM for a whole vmapped batch (`gram.in_bank_units`; the
     # costs scale by an exact power of two, the plan does not change).
     e_sys = in_bank_units(sys) if closed else sys
     floor = cost_resolution(e_sys, config)
 
-    def em_iteration(_, carry):
-        x, _, f, g, _ = carry
-        if closed:
-            cost = proto_to_refined_t(e_sys, x, config)
-        else:
-            cost = proto_to_refined(e_sys, x, config)
-        cost = jax.lax.stop_gradient(cost)
+    def e_step(w, dots, f, g):
+        """Plan `T^T [m, n]`, its row sums, the potentials and the marginal error."""
+        cost_t = jax.lax.stop_gradient(_cost_t(e_sys, w, dots, config)[0])
         # epsilon relative to the mean cost over the used prototypes (SPEC 3.2).
-        mean_cost = jnp.sum(sys.weights[:, None] * cost) / m
+        mean_cost = jnp.sum(cost_t @ sys.weights) / m
         eps = config.epsilon * jnp.maximum(mean_cost, floor)
+        if config.sinkhorn_mode == "absorbed":
+            # Warm start: the absorbed mode's first update (g) reads only f.
+            init_f = f if config.warm_start else None
+            ot = sinkhorn_t(cost_t, eps, config.sinkhorn_iters, sys.weights, init_f)
+            return ot.plan_t, ot.col, ot.f, ot.g, ot.marginal_error
         init = (f, g) if config.warm_start else None
         ot = sinkhorn_plan(
-            cost, eps, config.sinkhorn_iters, a=sys.weights, init=init, mode=config.sinkhorn_mode
+            cost_t.T, eps, config.sinkhorn_iters, a=sys.weights, init=init, mode="log"
         )
-        if closed:
-            x_new = closed_form_m_step_t(x0, ot.plan, config)
-        else:
-            x_new = optax_m_step(x, ot.plan, sys, config, w0)
-        return x_new, x, ot.f, ot.g, ot.marginal_error
+        return ot.plan.T, jnp.sum(ot.plan, axis=0), ot.f, ot.g, ot.marginal_error
 
-    carry = (x0, x0, f0, g0, zero)
-    x, x_prev, _, _, marg = jax.lax.fori_loop(0, config.num_iters, em_iteration, carry)
-    change = jnp.linalg.norm(x - x_prev) / jnp.maximum(jnp.linalg.norm(x_prev), _EPS)
-    w = x.T if closed else x
-    return Refinement(w, marg, change, residual)
+    def em_iteration(_, carry):
+        # `dots = W G` of the current W, formed at the end of the previous
+        # iteration: the last one's serves the scoring's `||R_j||^2`.
+        w, dots, _, f, g, _ = carry
+        plan_t, col, f, g, marginal_error = e_step(w, dots, f, g)
+        if closed:
+            w_new = _closed_form_rows(w0, plan_t, col, config)
+        else:
+            w_new = optax_m_step(w, plan_t.T, sys, config, w0)
+        return w_new, w_new @ e_sys.gram, w, f, g, marginal_error
+
+    # Zero-weight prototypes start (and stay) at potential -inf: they must not
+    # enter the first log-sum-exp of the warm-started Sinkhorn.
+    f0 = jnp.where(sys.weights > 0, 0.0, -jnp.inf).astype(w0.dtype)
+    g0 = jnp.zeros((m,), w0.dtype)
+    dots0 = init_products(sys, w0)
+    if closed:  # to the bank's units, like `e_sys`
+        dots0 = times_pow2(dots0, -2 * sys.shift)
+    carry = (w0, dots0, w0, f0, g0, zero)
+    w, dots, w_prev, _, _, marg = jax.lax.fori_loop(0, config.num_iters, em_iteration, carry)
+    change = jnp.linalg.norm(w - w_prev) / jnp.maximum(jnp.linalg.norm(w_prev), _EPS)
+    refined_sq = jnp.sum(dots * w, axis=1)
+    if closed:
+        refined_sq = times_pow2(refined_sq, 2 * sys.shift)
+    return Refinement(w, marg, change, residual, refined_sq)

@@ -59,7 +59,10 @@ def base_patch_scores(sys: GramSystem, config: RefineConfig) -> Float[Array, " m
 
 
 def refined_patch_scores(
-    sys: GramSystem, w: Float[Array, "m n"], config: RefineConfig
+    sys: GramSystem,
+    w: Float[Array, "m n"],
+    config: RefineConfig,
+    refined_sq: Float[Array, " m"] | None = None,
 ) -> Float[Array, " m"]:
     """Scores against the refined prototypes `R = W M` (or `M` union `R`).
 
@@ -74,11 +77,14 @@ def refined_patch_scores(
       sys: Gram system of the query.
       w: `[m, n]` refined transform.
       config: distance and `bank` mode.
+      refined_sq: `[m]` `||R_j||^2` if the caller has them
+        (`Refinement.refined_sq`); computed (one `[m, n] x [n, n]` product)
+        when None.
 
     Returns:
       `[m]` patch scores.
     """
-    r_sq = refined_sq_norms(sys, w)
+    r_sq = refined_sq_norms(sys, w) if refined_sq is None else refined_sq
     m = sys.cross.shape[0]
     blocks = -(-m // SCORE_BLOCK_ROWS)
     rows = -(-m // blocks)  # equal blocks of at most SCORE_BLOCK_ROWS rows

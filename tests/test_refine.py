@@ -267,3 +267,31 @@ def test_feature_products_in_each_precision(rng, precision, rtol):
     scale = np.sqrt((x**2).sum(1))[:, None] * np.sqrt((y**2).sum(1))[None, :]
     assert got.dtype == np.float32
     assert np.max(np.abs(got - ref) / scale) < rtol
+
+
+@pytest.mark.parametrize(
+    ("distance", "m_step", "query_scale"),
+    [
+        ("sqeuclidean", "closed_form", 2.0**20),
+        ("sqeuclidean", "optax", 2.0**-20),
+        ("cosine", "optax", 1.0),
+    ],
+)
+def test_refined_sq_norms_from_the_loop_equal_float64_feature_space_norms(
+    rng, distance, m_step, query_scale
+):
+    """`Refinement.refined_sq` (reused by the scoring) is `||W M||^2` of the returned W."""
+    bank, query, _, _ = problem(rng, n=16, m=30, c=64)
+    cfg = RefineConfig(distance=distance, m_step=m_step, num_iters=3)
+    sys = rf.gram_system(
+        jnp.asarray(bank, jnp.float32), jnp.asarray(query * query_scale, jnp.float32), cfg
+    )
+    out = rf.refine(sys, cfg)
+    w = np.asarray(out.w, np.float64)
+    rows = bank / np.linalg.norm(bank, axis=1, keepdims=True) if distance == "cosine" else bank
+    ref = ((w @ rows) ** 2).sum(1)  # float64, in the caller's units
+    got = np.asarray(out.refined_sq, np.float64) * float(sys.scale_sq)
+    np.testing.assert_allclose(got, ref, rtol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(out.refined_sq), np.asarray(rf.refined_sq_norms(sys, out.w)), rtol=2e-6
+    )

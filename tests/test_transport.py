@@ -4,16 +4,20 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 
-from protorefine_jax.transport import sinkhorn_plan
+from protorefine_jax.transport import sinkhorn_plan, sinkhorn_t
 
 
 def numpy_sinkhorn(cost, eps, iters, a, b):
-    """Float64 log-domain Sinkhorn, g then f per iteration (as ott)."""
-    f = np.zeros(len(a))
+    """Float64 log-domain Sinkhorn, g then f per iteration (as ott).
+
+    Zero-mass prototypes start at potential -inf (they take part in nothing).
+    """
+    f = np.where(a > 0, 0.0, -np.inf)
     g = np.zeros(len(b))
-    for _ in range(iters):
-        g = eps * np.log(b) - eps * logsumexp((f[:, None] - cost) / eps, axis=0)
-        f = eps * np.log(a) - eps * logsumexp((g[None, :] - cost) / eps, axis=1)
+    with np.errstate(divide="ignore"):  # log(0) = -inf for zero-mass prototypes
+        for _ in range(iters):
+            g = eps * np.log(b) - eps * logsumexp((f[:, None] - cost) / eps, axis=0)
+            f = eps * np.log(a) - eps * logsumexp((g[None, :] - cost) / eps, axis=1)
     return np.exp((f[:, None] + g[None, :] - cost) / eps)
 
 
@@ -138,3 +142,31 @@ def test_absorbed_mode_gives_zero_mass_rows_no_plan_and_matches_log(rng):
     np.testing.assert_allclose(plan, np.asarray(log.plan), rtol=1e-4, atol=1e-8)
     np.testing.assert_allclose(np.asarray(absorbed.g), np.asarray(log.g), rtol=1e-4, atol=1e-6)
     assert np.isneginf(np.asarray(absorbed.f)[[2, 5, 11]]).all()
+
+
+@pytest.mark.parametrize("iters", [1, 11, 25])
+def test_transposed_absorbed_mode_is_the_absorbed_plan_transposed(rng, iters):
+    """`sinkhorn_t` (the refinement's layout) against `sinkhorn_plan` and float64 numpy."""
+    n, m = 12, 40
+    cost = rng.random((n, m)) * 2.0
+    a = np.full(n, 1 / n)
+    a[[3, 7]] = 0.0
+    a /= a.sum()
+    eps = 0.05 * cost.mean()
+    out = sinkhorn_t(jnp.asarray(cost.T, jnp.float32), eps, iters, jnp.asarray(a, jnp.float32))
+    ref = sinkhorn_plan(
+        jnp.asarray(cost, jnp.float32), eps, iters, a=jnp.asarray(a), mode="absorbed"
+    )
+    plan_t = np.asarray(out.plan_t)
+    np.testing.assert_allclose(plan_t, np.asarray(ref.plan).T, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(
+        plan_t.T, numpy_sinkhorn(cost, eps, iters, a, np.full(m, 1 / m)), rtol=2e-3, atol=1e-7
+    )
+    # The refined-side marginal it reports is the plan's, and the error is the plan's.
+    np.testing.assert_allclose(np.asarray(out.col), plan_t.sum(1), rtol=1e-5)
+    col_err = np.max(np.abs(plan_t.sum(1) * m - 1))
+    row_err = np.max(np.abs(plan_t.sum(0) - a)[a > 0] / a[a > 0])
+    np.testing.assert_allclose(
+        float(out.marginal_error), max(col_err, row_err), rtol=1e-3, atol=1e-6
+    )
+    assert np.all(plan_t[:, [3, 7]] == 0) and np.isneginf(np.asarray(out.f)[[3, 7]]).all()
