@@ -100,10 +100,10 @@ def times_pow2(x: Float[Array, "*shape"], k) -> Float[Array, "*shape"]:
     `jnp.ldexp` assembles its result from the bits in several elementwise
     passes (abs, isinf, select, power); on the 2-core CPU its calls took
     2.1 ms per query at batch 8 (`[1024, 152]` features, `[1024, 102]`
-    products), ~10 % of PatchCore+'s refinement (issue 15). Here `k` is split into `_POW2_PARTS` parts
-    in the range of normal exponents, each part's power of two is built
-    exactly (`ldexp` on the small exponent array only) and `x` is multiplied
-    by them in turn: one fused elementwise pass. Multiplying by a power of
+    products), ~10 % of PatchCore+'s refinement (issue 15). Here `k` is
+    split into `_POW2_PARTS` parts in the range of normal exponents, each
+    part's power of two is built exactly (`ldexp` on the small exponent
+    array only) and `x` is multiplied by them in turn: one fused pass. Multiplying by a power of
     two is exact unless the result leaves the normal range, so wherever the
     result is a normal number (and for 0, inf, NaN) it is bit-identical to
     `jnp.ldexp`; overflow gives inf as there. Subnormal results may differ in
