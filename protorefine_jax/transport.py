@@ -174,8 +174,9 @@ def sinkhorn_t(
     num_iters: int,
     a: Float[Array, " n"],
     f_init: Float[Array, " n"] | None = None,
+    b: Float[Array, " m"] | None = None,
 ) -> TransposedPlan:
-    """The absorbed-mode E-step in the refinement's layout (`C^T [m, n]`, `b` uniform).
+    """The absorbed-mode E-step in the refinement's layout (`C^T [m, n]`).
 
     Same iterations as `sinkhorn_plan(C, ..., mode="absorbed")` (the `g`
     update reads only `f`, so only `f` warm-starts), without the final
@@ -188,10 +189,11 @@ def sinkhorn_t(
       a: `[n]` prototype marginal.
       f_init: `[n]` prototype potential to start from; None: 0 on used
         prototypes, -inf on zero-mass ones.
+      b: `[m]` refined-side marginal; uniform when None.
     """
     cost_t = jax.lax.stop_gradient(cost_t)
     m = cost_t.shape[0]
-    b = jnp.full((m,), 1.0 / m, cost_t.dtype)
+    b = jnp.full((m,), 1.0 / m, cost_t.dtype) if b is None else b
     f = jnp.where(a > 0, 0.0, -jnp.inf).astype(cost_t.dtype) if f_init is None else f_init
     return _absorbed_t(cost_t, epsilon, a, b, f, num_iters)
 
@@ -260,8 +262,7 @@ def sinkhorn_plan(
         plan, f, g = out.matrix, out.f, out.g
     else:
         # The g update reads only f (Gauss-Seidel), so only init's f matters.
-        f = jnp.where(a > 0, 0.0, -jnp.inf).astype(cost.dtype) if init is None else init[0]
-        out = _absorbed_t(cost.T, epsilon, a, b, f, num_iters)
+        out = sinkhorn_t(cost.T, epsilon, num_iters, a, None if init is None else init[0], b)
         return TransportResult(out.plan_t.T, out.f, out.g, out.marginal_error)
     row_err = jnp.max(jnp.abs(plan.sum(1) - a) / jnp.where(a > 0, a, 1.0))
     col_err = jnp.max(jnp.abs(plan.sum(0) - b) / jnp.where(b > 0, b, 1.0))
