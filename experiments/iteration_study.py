@@ -93,12 +93,12 @@ def run_cell(feats: dict, k: int, seed: int, variants: list[tuple[int, int]]) ->
 def report(results: dict, variants: list[str]) -> str:
     """Markdown: 5-seed mean per cell and variant, and the difference to the base."""
     lines = []
+    cells: dict[str, list] = {}  # cell -> its seeds' results
+    for key, res in results.items():
+        cells.setdefault(key.rsplit("_s", 1)[0], []).append(res)
     for kind in ("calibrated", "refined"):
         head = f"| {kind} | " + " | ".join(variants) + " | diff vs " + variants[0] + " |"
         lines += [head, "|" + "---|" * (len(variants) + 2)]
-        cells: dict[str, list] = {}
-        for key, res in results.items():
-            cells.setdefault(key.rsplit("_s", 1)[0], []).append(res)
         worst_all = {v: 0.0 for v in variants[1:]}
         for cell, runs in sorted(cells.items()):
             means = [np.mean([r[v][kind] for r in runs if v in r]) for v in variants]

@@ -82,6 +82,13 @@ class TransposedPlan(NamedTuple):
         return self.v[:, None] * self.kernel_t * self.u[None, :]
 
 
+def _marginal_error(row, col, a, b) -> Float[Array, ""]:
+    """`max(|row - a| / a, |col - b| / b)` over the used entries (`a, b > 0`)."""
+    row_err = jnp.max(jnp.abs(row - a) / jnp.where(a > 0, a, 1.0))
+    col_err = jnp.max(jnp.abs(col - b) / jnp.where(b > 0, b, 1.0))
+    return jnp.maximum(row_err, col_err)
+
+
 def _log_iteration_t(cost_t, eps, a, b, f):
     """One log-domain Sinkhorn iteration, `g` then `f` (ott's order), on `C^T [m, n]`.
 
@@ -163,9 +170,7 @@ def _absorbed_t(cost_t, epsilon, a, b, f, num_iters: int) -> TransposedPlan:
     row = u * kv
     # a = 0 (empty ring-buffer slot): u = 0 and f stays -inf.
     f, g = f + epsilon * jnp.log(u), g + epsilon * jnp.log(v)
-    row_err = jnp.max(jnp.abs(row - a) / jnp.where(a > 0, a, 1.0))
-    col_err = jnp.max(jnp.abs(col - b) / jnp.where(b > 0, b, 1.0))
-    return TransposedPlan(kernel, u, v, f, g, col, jnp.maximum(row_err, col_err))
+    return TransposedPlan(kernel, u, v, f, g, col, _marginal_error(row, col, a, b))
 
 
 def sinkhorn_t(
@@ -264,6 +269,4 @@ def sinkhorn_plan(
         # The g update reads only f (Gauss-Seidel), so only init's f matters.
         out = sinkhorn_t(cost.T, epsilon, num_iters, a, None if init is None else init[0], b)
         return TransportResult(out.plan_t.T, out.f, out.g, out.marginal_error)
-    row_err = jnp.max(jnp.abs(plan.sum(1) - a) / jnp.where(a > 0, a, 1.0))
-    col_err = jnp.max(jnp.abs(plan.sum(0) - b) / jnp.where(b > 0, b, 1.0))
-    return TransportResult(plan, f, g, jnp.maximum(row_err, col_err))
+    return TransportResult(plan, f, g, _marginal_error(plan.sum(1), plan.sum(0), a, b))
