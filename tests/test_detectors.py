@@ -96,3 +96,23 @@ def test_winclip_refuses_the_online_variant():
         det.score_stream(DetectorState(()), None, None, capacity=1, add_per_query=1)
     with pytest.raises(ValueError, match="fit with a category"):
         det.score_features(DetectorState(()), None, det.config())
+
+
+def test_patchcore_scores_check_host_features_and_flag_device_ones():
+    det = PatchCore.create("efficientnet_lite0", "simple", 64)
+    (gh, gw), c = det.extractor.grid, det.extractor.feature_dim
+    rng = np.random.default_rng(0)
+    support = rng.standard_normal((2, gh * gw, c)).astype(np.float32)
+    state = det.fit_features(support, alpha=0.5, calibrate=False)
+    cfg = det.config(num_iters=2, calibrated=False)
+    bad = rng.standard_normal((3, gh * gw, c)).astype(np.float32)
+    bad[1, 2, 0] = np.nan
+    # Host features: the refiner's host check names the bad value (the offline
+    # and the online path; before, both were moved to the device unchecked).
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(first at index \(1, 2, 0\)\)"):
+        det.score_features(state, bad, cfg)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        det.score_stream(state, bad, cfg, capacity=8, add_per_query=2)
+    # Device features are not read back: the bad query is flagged instead.
+    out = det.score_features(state, jax.numpy.asarray(bad), cfg)
+    assert np.asarray(out.inputs_ok).tolist() == [True, False, True]

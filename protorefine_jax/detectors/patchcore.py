@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
 from protorefine_jax import calibration
@@ -50,6 +51,11 @@ AGGREGATION = {
 
 IMAGE_SIZE = 256
 """Input side in pixels."""
+
+
+def _as_array(features: Any) -> Any:
+    """Device arrays as they are; anything else as numpy (so the refiner checks its values)."""
+    return features if isinstance(features, jax.Array) else np.asarray(features)
 
 
 def default_aggregation(backbone: str) -> str:
@@ -177,9 +183,13 @@ class PatchCore:
     def score_features(
         self, state: DetectorState, features: Array, config: RefineConfig
     ) -> RefineOutput:
-        """Scores `[B, m, c]` query features (jitted `refine_and_score`)."""
+        """Scores `[B, m, c]` query features (jitted `refine_and_score`).
+
+        Host (numpy) features are value-checked on the host and a bad one
+        raises; device features are flagged per query in `inputs_ok`.
+        """
         return refine_and_score(
-            state.banks[0].prototypes, jnp.asarray(features), config, state.calibration
+            state.banks[0].prototypes, _as_array(features), config, state.calibration
         )
 
     def score_stream(
@@ -194,7 +204,7 @@ class PatchCore:
         """Online PatchCore+ over `[T, m, c]` query features in stream order."""
         return online_refine_and_score(
             state.banks[0].prototypes,
-            jnp.asarray(features),
+            _as_array(features),
             config,
             capacity=capacity,
             add_per_query=add_per_query,
