@@ -176,13 +176,24 @@ def bench_sharding(s: BenchSettings) -> list[dict[str, Any]]:
     host, dbank = detect_setup(s)
     ext = host.detector.extractor
     detect_args = (host.params, dbank, np.asarray(images(batch, s.image_size)))
-    detect_args += (host.detector.config(precision=s.precision),)
-    fns = {
-        "refine_and_score": (refine_and_score, (bank, queries, patchcore_config(s, s.pc_grid)), 1),
-        f"detect {ext.name}": (make_detect(ext.extract), detect_args, 2),
+    base_cfg = host.detector.config(precision=s.precision, use_refinement=False)
+    detect = make_detect(ext.extract)
+    fns = {  # (name, method): (function, arguments, batch argument)
+        ("refine_and_score", "patchcore+"): (
+            refine_and_score,
+            (bank, queries, patchcore_config(s, s.pc_grid)),
+            1,
+        ),
+        # PatchCore too: the refined / base ratio at each device count.
+        (f"detect {ext.name}", "patchcore"): (detect, (*detect_args, base_cfg), 2),
+        (f"detect {ext.name}", "patchcore+"): (
+            detect,
+            (*detect_args, host.detector.config(precision=s.precision)),
+            2,
+        ),
     }
     rows = []
-    for name, (fn, args, argnum) in fns.items():
+    for (name, method), (fn, args, argnum) in fns.items():
         group = []
         for d in counts:
             mesh = batch_mesh(jax.devices()[:d])
@@ -190,7 +201,7 @@ def bench_sharding(s: BenchSettings) -> list[dict[str, Any]]:
                 shard_batch(a, mesh) if i == argnum else replicate(a, mesh)
                 for i, a in enumerate(args)
             ]
-            case = Case("sharding", name, "patchcore+", batch, fn, tuple(placed), {"devices": d})
+            case = Case("sharding", name, method, batch, fn, tuple(placed), {"devices": d})
             (row,) = measure([case], s.repeats, s.warmup)
             out = fn(*placed)
             sharding = out.image_scores.sharding
@@ -236,7 +247,10 @@ def bench_precision(s: BenchSettings) -> dict[str, Any]:
             test = runner.load_test_set(data, host)
             support = sample_support(data.train_good, s.shots, s.precision_seed, root=data.root)
             support_features = host.features(data.load_images(support.paths))
-            state = detector.fit_features(support_features, alpha=s.alpha)
+            host.alpha = s.alpha  # the bench's coreset ratio
+            # Through the host: it keeps the support features, which the tf32 and
+            # bfloat16 configs recalibrate from (`Host.calibrated_state`).
+            state = host.fit(support_features)
             for name in ("patchcore", "patchcore+"):
                 method = get_method(name)
                 results = {}

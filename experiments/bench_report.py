@@ -66,8 +66,9 @@ _RATIOS = columns(
     "backbone % of refined=backbone_pct_of_refined"
 )
 _SHARDING = columns(
-    "case=case, devices=devices, batch=batch, ms/img=ms_per_image, img/s=images_per_s, "
-    "speedup=speedup, efficiency=efficiency, run_sharded img/s=run_sharded_images_per_s, "
+    "case=case, method=method, devices=devices, batch=batch, ms/img=ms_per_image, "
+    "img/s=images_per_s, speedup=speedup, efficiency=efficiency, "
+    "run_sharded img/s=run_sharded_images_per_s, "
     "outputs sharded=output_sharded, rel diff vs 1 device=rel_diff_vs_1_device"
 )
 _PRECISION = columns(

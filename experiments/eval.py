@@ -47,7 +47,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments import runner
+from experiments import hosts, runner
 from experiments.deploy import parse_image_size
 from protorefine_jax import RefineConfig
 from protorefine_jax.data import imageio
@@ -88,6 +88,10 @@ HELP = {
     "online_capacity": "Online variant: ring-buffer rows.",
     "online_add": "Online variant: prototypes added per query.",
     "batch_size": "Images per compiled batch.",
+    "devices": "Local devices each batch is split over (data parallel: parameters and banks "
+    "replicated; 0 = all). On CPU, N > 1 runs N XLA host devices, which keeps N cores busy "
+    f"(set before JAX starts: {hosts.HOST_DEVICES_FLAG}=N is added to XLA_FLAGS); "
+    "--batch_size must be a multiple of N. The online variant runs on one device.",
     "num_heatmaps": "Overlay PNGs per category and method (defective images, plus one good).",
     "synthetic_categories": "Synthetic dataset categories (fabric, grain, tiles).",
     "synthetic_counts": "Synthetic train-good, test-good, test-defect image counts.",
@@ -159,7 +163,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         imageio.set_max_image_pixels(_MAX_IMAGE_PIXELS.value)
-        runner.run(settings_from_flags())
+        settings = settings_from_flags()
+        hosts.request_host_devices(settings.devices)  # before anything starts JAX
+        runner.run(settings)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
         # Bad input gets its message, not a traceback.
         print(f"error: {err}", file=sys.stderr)

@@ -3,21 +3,87 @@
 `Host` holds one detector of `protorefine_jax.detectors` (PatchCore(+) or
 WinCLIP(+)) with its parameters and a compiled batch size; it pads batches to
 that size so every batch reuses one compiled program. Nothing here knows
-which detector it holds.
+which detector it holds. With a device mesh (`device_mesh`, the eval's
+`--devices`) every batch is split over the devices on its first axis and the
+parameters and the detector state are replicated (`protorefine_jax.sharding`):
+the same compiled programs, data parallel.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from experiments.methods import Method
 from protorefine_jax.detectors import Detector, DetectorState
+from protorefine_jax.sharding import batch_mesh, replicate, shard_batch
+
+# XLA's option that splits the CPU into this many host devices (read when JAX starts).
+HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def request_host_devices(count: int) -> None:
+    """Asks XLA for `count` CPU host devices (0: one per core) if JAX has not started.
+
+    XLA:CPU runs most of a program's operations on one thread; split into
+    host devices, a sharded batch keeps every core busy (BENCHMARKS.md,
+    "Issue 15, stop 22": PatchCore and PatchCore+ end to end about 1.5x
+    faster on 2 cores). Only the CPU platform reads the option, so it changes
+    nothing where the devices are GPUs. Once JAX has started it cannot take
+    effect, and `device_mesh` names the fix if too few devices exist.
+    """
+    from jax._src import xla_bridge  # no public "has JAX started" query
+
+    count = (os.cpu_count() or 1) if count == 0 else count
+    flags = os.environ.get("XLA_FLAGS", "")
+    if count > 1 and HOST_DEVICES_FLAG not in flags and not xla_bridge.backends_are_initialized():
+        os.environ["XLA_FLAGS"] = f"{flags} {HOST_DEVICES_FLAG}={count}".strip()
+
+
+def device_mesh(count: int, batch_size: int) -> Mesh | None:
+    """The mesh a run's batches are split over: `count` local devices (0: all).
+
+    Args:
+      count: number of local devices, or 0 for all of them.
+      batch_size: the compiled batch size, which the devices must divide.
+
+    Returns:
+      A 1-D batch mesh, or None for one device (nothing is placed then).
+    """
+    if count < 0:
+        raise ValueError(f"--devices must be >= 0 (0 = all local devices), got {count}.")
+    devices = jax.local_devices()
+    count = count or len(devices)
+    if count > len(devices):
+        raise ValueError(
+            f"--devices={count} but JAX sees {len(devices)} local {jax.default_backend()} "
+            f"device(s). On CPU, start the process with XLA_FLAGS={HOST_DEVICES_FLAG}={count} "
+            "(experiments.eval sets it itself when it is the first to start JAX)."
+        )
+    if count == 1:
+        return None
+    if batch_size % count:
+        raise ValueError(
+            f"--batch_size={batch_size} does not split over {count} devices; pass a multiple "
+            f"of {count} (e.g. --batch_size={count * -(-batch_size // count)})."
+        )
+    return batch_mesh(devices[:count])
+
+
+def replicate_arrays(tree: Any, mesh: Mesh | None) -> Any:
+    """`tree` with every array leaf on every device of `mesh` (other leaves as they are)."""
+    if mesh is None:
+        return tree
+    return jax.tree_util.tree_map(
+        lambda x: replicate(x, mesh) if isinstance(x, (jax.Array, np.ndarray)) else x, tree
+    )
 
 
 def batch_size_of(tree: Any) -> int:
@@ -38,7 +104,7 @@ def stack(trees: list[Any]) -> Any:
     return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *trees)
 
 
-def batched(fn: Callable[[Any], Any], items: Any, batch_size: int) -> Any:
+def batched(fn: Callable[[Any], Any], items: Any, batch_size: int, mesh: Mesh | None = None) -> Any:
     """`fn` over `items` in fixed-size batches (last one padded), outputs concatenated.
 
     Args:
@@ -46,6 +112,7 @@ def batched(fn: Callable[[Any], Any], items: Any, batch_size: int) -> Any:
         leading batch axis.
       items: pytree of `[N, ...]` inputs.
       batch_size: compiled batch size.
+      mesh: devices each batch is split over (None: as `take` leaves it).
 
     Returns:
       `fn`'s pytree with leading axis `N`, as numpy arrays.
@@ -56,7 +123,10 @@ def batched(fn: Callable[[Any], Any], items: Any, batch_size: int) -> Any:
         size = min(batch_size, total - start)
         # Pad by repeating the last item: every call sees the compiled shape.
         index = np.minimum(np.arange(start, start + batch_size), start + size - 1)
-        out = fn(take(items, index))
+        chunk = take(items, index)
+        if mesh is not None:
+            chunk = jax.tree_util.tree_map(lambda x: shard_batch(x, mesh), chunk)
+        out = fn(chunk)
         outs.append(jax.tree_util.tree_map(lambda x, s=size: np.asarray(x[:s]), out))
     return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *outs)
 
@@ -78,6 +148,7 @@ def score_features(
     config: Any,
     batch_size: int,
     online: dict[str, int] | None = None,
+    mesh: Mesh | None = None,
 ):
     """The detector's scores over a test set in compiled batches, or the online scan.
 
@@ -89,16 +160,31 @@ def score_features(
       batch_size: compiled batch size (offline).
       online: `capacity` and `add_per_query` for the online variant, which
         sees the test set in `stream_order`; None for offline scoring.
+      mesh: devices each offline batch is split over (`device_mesh`); the
+        online scan is sequential and runs on one device.
 
     Returns:
       The detector's output with numpy leaves of leading axis `T`, in test-set order.
     """
-    if online is None:
+    if online is None and mesh is None:
         return batched(
             lambda x: detector.score_features(state, _on_host(x), config),
             test_features,
             batch_size,
         )
+    if online is None:
+        placed = replicate_arrays(state, mesh)
+
+        def sharded(x):
+            out = detector.score_features(placed, x, config)
+            # Device inputs are checked on the device (`inputs_ok`); a bad batch
+            # is scored again from the host, whose checks raise the clear error.
+            ok = getattr(out, "inputs_ok", None)
+            if ok is not None and not np.all(np.asarray(ok)):
+                detector.score_features(state, _on_host(x), config)
+            return out
+
+        return batched(sharded, test_features, batch_size, mesh)
     order = stream_order(batch_size_of(test_features))
     out = detector.score_stream(state, take(test_features, order), config, **online)
     inverse = np.argsort(order)
@@ -129,18 +215,23 @@ class Host:
       detector: the library detector.
       params: its parameters (backbone variables or CLIP params).
       batch_size: compiled batch size of features and scores.
+      mesh: devices each batch of features and offline scores is split over
+        (`device_mesh`; None: one device).
       family: the detector's family (`"patchcore"` or `"winclip"`).
       image_size: input side of the detector.
       alpha: the detector's coreset ratio (its default unless overridden).
     """
 
-    def __init__(self, detector: Detector, params: Any, batch_size: int):
+    def __init__(self, detector: Detector, params: Any, batch_size: int, mesh: Mesh | None = None):
         self.detector, self.params, self.batch_size = detector, params, batch_size
+        self.mesh = mesh
+        self._placed_params = replicate_arrays(params, mesh)
         self.family = detector.family
         self.image_size = detector.image_size
         self.resample = detector.resample
         self.alpha = detector.alpha
         self.context = None
+        self.support = None  # the support features of the last `fit`
 
     def describe(self) -> dict[str, Any]:
         """What the results should record about the features."""
@@ -152,7 +243,12 @@ class Host:
 
     def features(self, images: np.ndarray) -> Any:
         """`[N, S, S, 3]` uint8 -> features with leading axis N (a pytree for CLIP)."""
-        return batched(lambda x: self.detector.features(self.params, x), images, self.batch_size)
+        return batched(
+            lambda x: self.detector.features(self._placed_params, x),
+            images,
+            self.batch_size,
+            self.mesh,
+        )
 
     def fit(self, support_features: Any) -> DetectorState:
         """The detector's state from the support features (banks, calibration)."""
@@ -169,6 +265,11 @@ class Host:
             or config == self.detector.config()
         ):
             return state
+        if self.support is None:
+            raise ValueError(
+                "this config needs its own calibration, from the support features: "
+                "fit the state with Host.fit (it keeps them), not with the detector directly."
+            )
         cal = self.detector.calibrate(self.support, config, alpha=self.alpha)
         return state._replace(calibration=cal)
 
@@ -203,6 +304,7 @@ class Host:
             config,
             self.batch_size,
             online if method.online else None,
+            self.mesh,
         )
         diags = {k: np.asarray(v) for k, v in out.diagnostics._asdict().items()}
         return ScoreResult(np.asarray(out.image_scores), np.asarray(out.maps), diags)

@@ -24,7 +24,7 @@ from absl import logging
 from tqdm import tqdm
 
 from experiments import html_report, report
-from experiments.hosts import Host, stack, take
+from experiments.hosts import Host, device_mesh, stack, take
 from experiments.methods import Method, get_method
 from experiments.prefetch import prefetch
 from protorefine_jax.data import load_dataset_category, make_synthetic_dataset, sample_support
@@ -83,6 +83,7 @@ class Settings:
     online_capacity: int = 256
     online_add: int = 16
     batch_size: int = 8
+    devices: int = 1
     num_heatmaps: int = 4
     synthetic_categories: tuple[str, ...] = ("fabric", "grain")
     synthetic_counts: tuple[int, ...] = (10, 10, 10)
@@ -100,6 +101,8 @@ def check_settings(s: Settings) -> list[Method]:
         raise ValueError("--seeds is empty; give at least one seed.")
     if s.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {s.batch_size}.")
+    if s.devices < 0:
+        raise ValueError(f"--devices must be >= 0 (0 = all local devices), got {s.devices}.")
     if s.data_source not in ("folder", "tfds"):
         raise ValueError(f"--data_source must be folder or tfds, got {s.data_source!r}.")
     if s.data_source == "tfds" and not s.tfds_dir:
@@ -222,7 +225,8 @@ def make_host(s: Settings, family: str) -> Host:
             pretrain_dim=s.pretrain_dim,
             target_dim=s.target_dim,
         )
-        return Host(detector, detector.load_params(s.weights), s.batch_size)
+        mesh = device_mesh(s.devices, s.batch_size)  # before the weights: fails fast
+        return Host(detector, detector.load_params(s.weights), s.batch_size, mesh)
     from protorefine_jax.detectors.winclip import WinClip  # imports transformers: only here
 
     # Names the missing files if the folder is incomplete.
@@ -232,7 +236,7 @@ def make_host(s: Settings, family: str) -> Host:
             f"--image_size={s.image_size} but the CLIP model in {s.clip_dir} takes "
             f"{detector.image_size} px; pass --image_size={detector.image_size}."
         )
-    return Host(detector, params, s.batch_size)
+    return Host(detector, params, s.batch_size, device_mesh(s.devices, s.batch_size))
 
 
 def _cpu_model() -> str | None:

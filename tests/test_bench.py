@@ -143,7 +143,9 @@ def test_tiny_run_of_profile_sharding_winclip_and_precision(tmp_path):
         assert prof[shape]["sinkhorn_ms"] == prof[shape]["sinkhorn_absorbed_ms"]
     assert "optax_inner_steps_pct" in prof["winclip_shape"]
     shard = result["sharding"]
-    assert [r["devices"] for r in shard] == [1, 2, 1, 2]
+    assert [r["devices"] for r in shard] == [1, 2] * 3
+    methods = [r["method"] for r in shard]
+    assert methods == ["patchcore+"] * 2 + ["patchcore"] * 2 + ["patchcore+"] * 2
     for row in shard:
         check_timing_row(row)
         assert row["output_sharded"]

@@ -1,4 +1,5 @@
-"""Multi-device sharding (4 fake CPU devices, in a subprocess) and jax.export."""
+"""Multi-device sharding (4 fake CPU devices, in a subprocess: the library and the eval's
+`--devices`) and jax.export."""
 
 import os
 import subprocess
@@ -44,6 +45,34 @@ SHARDED = textwrap.dedent(
     d1 = detect(w, bank, images, CFG)
     d4 = run_sharded(detect, (w, bank, images, CFG), batch_argnum=2)
     np.testing.assert_allclose(d4.maps, d1.maps, rtol=1e-5, atol=1e-5)
+
+    # The eval's --devices: Host features and offline scores split over the mesh.
+    import pytest
+    from experiments.hosts import Host, device_mesh, score_features
+    from protorefine_jax.detectors import PatchCore
+    det = PatchCore.create("efficientnet_lite0", "simple", 64)
+    params = det.load_params("random")
+    pics = (rng.random((7, 64, 64, 3)) * 255).astype(np.uint8)
+    mesh = device_mesh(4, 4)
+    assert mesh.size == 4 and device_mesh(1, 4) is None and device_mesh(0, 8).size == 4
+    f1 = Host(det, params, 4).features(pics)
+    f4 = Host(det, params, 4, mesh).features(pics)  # 7 images: batches of 4, the last padded
+    assert isinstance(f4, np.ndarray) and f4.shape == f1.shape, f4.shape
+    np.testing.assert_allclose(f4, f1, rtol=1e-4, atol=1e-4 * np.abs(f1).max())
+    state = det.fit_features(f1[:2], alpha=0.5)
+    cfg = det.config(num_iters=2)
+    s1 = score_features(det, state, f1[2:], cfg, 4)
+    s4 = score_features(det, state, f1[2:], cfg, 4, None, mesh)
+    np.testing.assert_allclose(s4.image_scores, s1.image_scores, rtol=1e-4)
+    np.testing.assert_allclose(s4.maps, s1.maps, rtol=1e-4, atol=1e-5 * np.abs(s1.maps).max())
+    bad = f1[2:].copy()
+    bad[1, 3, 0] = np.nan  # checked on the device, then named from the host
+    with pytest.raises(ValueError, match="not finite|NaN"):
+        score_features(det, state, bad, cfg, 4, None, mesh)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        device_mesh(4, 6)
+    with pytest.raises(ValueError, match="JAX sees 4 local"):
+        device_mesh(5, 5)
     print("SHARDED-OK")
     """
 )
@@ -51,7 +80,8 @@ SHARDED = textwrap.dedent(
 
 def test_four_fake_devices_give_the_single_device_results():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    env["PYTHONPATH"] = os.path.dirname(__file__) + os.pathsep + env.get("PYTHONPATH", "")
+    paths = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))]
+    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600
     )
