@@ -3,11 +3,13 @@
 Image AUROC / F1-max (paper Table 1), pixel AUROC / F1-max and AUPRO up to
 FPR 0.3 (Bergmann et al., "The MVTec Anomaly Detection Dataset", IJCV 2021).
 
-All curves come from one descending sort of the scores with tied scores
-collapsed to one threshold, so ties are handled exactly as scikit-learn's
-`roc_auc_score` and `precision_recall_curve` handle them, in O(N log N) time
-and O(N) memory: 150 maps of 256x256 (10M pixels) take ~4 s and ~0.6 GB
-peak in `evaluate`, which sorts the pixels once for all three pixel metrics.
+All curves come from one descending sort of the score values with tied
+scores collapsed to one threshold, so ties are handled exactly as
+scikit-learn's `roc_auc_score` and `precision_recall_curve` handle them, in
+O(N log N) time and O(N) memory; the positives (defect pixels) are counted at
+each threshold by a binary search in their own sorted scores, so no `argsort`
+of all pixels is needed. `evaluate` sorts the pixels once for all three pixel
+metrics.
 
 Definitions:
 
@@ -73,18 +75,26 @@ def _check_labels(labels: np.ndarray, scores: np.ndarray, what: str) -> tuple[in
 
 
 class _Sorted(NamedTuple):
-    order: np.ndarray  # [P] flat indices by descending score
-    ends: np.ndarray  # [D] last sorted position of each run of equal scores
+    thresholds: np.ndarray  # [D] the distinct scores, descending
+    at_or_above: np.ndarray  # [D] how many scores are >= each threshold
 
 
 def _sort_desc(scores: np.ndarray) -> _Sorted:
-    """Sorts flat scores once; shared by the pixel curve and AUPRO in `evaluate`."""
-    # Order within ties is irrelevant (ties collapse to one threshold), so the
-    # unstable sort, ~3x faster than a stable one on 10M floats, is fine.
-    order = np.argsort(scores)[::-1]
-    sorted_scores = scores[order]
-    ends = np.append(np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), scores.size - 1)
-    return _Sorted(order=order, ends=ends)
+    """The distinct thresholds of flat scores and their counts; shared by the pixel metrics.
+
+    Only the values are sorted (no `argsort` of all pixels: 16x slower for
+    6.4M float32 here); the positives are counted per threshold by
+    `_first_at_or_above` in their own sorted scores. Tied scores collapse to
+    one threshold, so the curves do not depend on any order within ties.
+    """
+    desc = np.sort(scores)[::-1]
+    ends = np.append(np.flatnonzero(desc[1:] != desc[:-1]), scores.size - 1)
+    return _Sorted(thresholds=desc[ends], at_or_above=ends + 1)
+
+
+def _first_at_or_above(ascending: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """For each threshold, the index of the first entry of `ascending` that is >= it."""
+    return np.searchsorted(ascending, thresholds, side="left")
 
 
 def _curve(labels, scores, what: str, srt: _Sorted | None = None) -> _Curve:
@@ -94,9 +104,9 @@ def _curve(labels, scores, what: str, srt: _Sorted | None = None) -> _Curve:
     num_pos, num_neg = _check_labels(labels, scores, what)
     _check_scores(scores, what + " scores")
     srt = _sort_desc(scores) if srt is None else srt
-    tps = np.cumsum(labels[srt.order], dtype=np.int64)[srt.ends]
-    fps = srt.ends + 1 - tps
-    return _Curve(fps=fps, tps=tps, num_pos=num_pos, num_neg=num_neg)
+    positives = np.sort(scores[labels.astype(bool)])
+    tps = num_pos - _first_at_or_above(positives, srt.thresholds)
+    return _Curve(fps=srt.at_or_above - tps, tps=tps, num_pos=num_pos, num_neg=num_neg)
 
 
 def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
@@ -176,7 +186,7 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMI
     _check_aupro_inputs(masks, maps, fpr_limit)
     _check_labels(masks, maps, "AUPRO")
     _check_scores(maps, "AUPRO maps")
-    return _aupro(masks, _sort_desc(maps.ravel()), fpr_limit)
+    return _aupro(masks, maps.ravel(), _sort_desc(maps.ravel()), fpr_limit)
 
 
 def _check_aupro_inputs(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> None:
@@ -189,10 +199,9 @@ def _check_aupro_inputs(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}.")
 
 
-def _aupro(masks: np.ndarray, srt: _Sorted, fpr_limit: float) -> float:
-    """AUPRO of validated `masks: [N, H, W]` given the sorted flat maps."""
-    # Per pixel: its contribution to the FP count (normal pixels) and to the
-    # summed region overlaps (1 / region area for defect pixels).
+def _aupro(masks: np.ndarray, flat_maps: np.ndarray, srt: _Sorted, fpr_limit: float) -> float:
+    """AUPRO of validated `masks: [N, H, W]` given the flat maps and their thresholds."""
+    # Per defect pixel: its contribution to the summed region overlaps (1 / region area).
     region_weight = np.zeros(masks.shape, np.float64)
     num_regions = 0
     for i, mask in enumerate(masks):
@@ -202,11 +211,18 @@ def _aupro(masks: np.ndarray, srt: _Sorted, fpr_limit: float) -> float:
             inv = np.concatenate([[0.0], 1.0 / areas[1:]])
             region_weight[i] = inv[labelled]
         num_regions += n
-    normal = ~masks.ravel().astype(bool)
-    num_normal = int(normal.sum())
-    fpr = np.cumsum(normal[srt.order], dtype=np.int64)[srt.ends] / num_normal
-    pro = np.cumsum(region_weight.ravel()[srt.order])[srt.ends] / num_regions
+    defect = masks.ravel().astype(bool)
+    num_normal = defect.size - int(defect.sum())
+    # The defect pixels alone, ascending by score: those at or above a threshold
+    # are a suffix, their summed weights a suffix sum (accumulated from the
+    # highest score down, as the curve runs).
+    order = np.argsort(flat_maps[defect])
+    scores, weights = flat_maps[defect][order], region_weight.ravel()[defect][order]
     del region_weight
+    suffix = np.append(np.cumsum(weights[::-1])[::-1], 0.0)
+    first = _first_at_or_above(scores, srt.thresholds)
+    fpr = (srt.at_or_above - (scores.size - first)) / num_normal
+    pro = suffix[first] / num_regions
     # Cumulative sums of 1/area drift by ~1e-16 per step: clip so PRO ends at 1.
     fpr = np.concatenate([[0.0], np.minimum(fpr, 1.0)])
     pro = np.concatenate([[0.0], np.minimum(pro, 1.0)])
@@ -248,7 +264,7 @@ def evaluate(
     pix = _curve(masks, maps, "pixel AUROC / F1-max", srt)
     out["pixel_auroc"] = _auroc(pix)
     out["pixel_f1_max"] = _f1_max(pix)
-    out["aupro"] = _aupro(masks, srt, AUPRO_FPR_LIMIT)
+    out["aupro"] = _aupro(masks, maps.ravel(), srt, AUPRO_FPR_LIMIT)
     return out
 
 
