@@ -39,11 +39,14 @@ def request_host_devices(count: int) -> None:
     nothing where the devices are GPUs. Once JAX has started it cannot take
     effect, and `device_mesh` names the fix if too few devices exist.
     """
-    from jax._src import xla_bridge  # no public "has JAX started" query
-
     count = (os.cpu_count() or 1) if count == 0 else count
     flags = os.environ.get("XLA_FLAGS", "")
-    if count > 1 and HOST_DEVICES_FLAG not in flags and not xla_bridge.backends_are_initialized():
+    if count <= 1 or HOST_DEVICES_FLAG in flags:
+        return
+    from jax._src import xla_bridge  # no public "has JAX started" query
+
+    # A JAX without the query: assume it started (device_mesh then names the fix).
+    if not getattr(xla_bridge, "backends_are_initialized", lambda: True)():
         os.environ["XLA_FLAGS"] = f"{flags} {HOST_DEVICES_FLAG}={count}".strip()
 
 
