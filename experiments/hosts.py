@@ -34,7 +34,7 @@ def request_host_devices(count: int) -> None:
 
     XLA:CPU runs most of a program's operations on one thread; split into
     host devices, a sharded batch keeps every core busy (BENCHMARKS.md,
-    "Issue 15, stop 22": PatchCore and PatchCore+ end to end about 1.5x
+    "Issue 15, stop 22": PatchCore and PatchCore+ end to end about 1.4x
     faster on 2 cores). Only the CPU platform reads the option, so it changes
     nothing where the devices are GPUs. Once JAX has started it cannot take
     effect, and `device_mesh` names the fix if too few devices exist.
