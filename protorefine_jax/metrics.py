@@ -216,8 +216,9 @@ def _aupro(masks: np.ndarray, flat_maps: np.ndarray, srt: _Sorted, fpr_limit: fl
     # The defect pixels alone, ascending by score: those at or above a threshold
     # are a suffix, their summed weights a suffix sum (accumulated from the
     # highest score down, as the curve runs).
-    order = np.argsort(flat_maps[defect])
-    scores, weights = flat_maps[defect][order], region_weight.ravel()[defect][order]
+    scores = flat_maps[defect]
+    order = np.argsort(scores)
+    scores, weights = scores[order], region_weight.ravel()[defect][order]
     del region_weight
     suffix = np.append(np.cumsum(weights[::-1])[::-1], 0.0)
     first = _first_at_or_above(scores, srt.thresholds)
