@@ -59,6 +59,7 @@ from experiments.bench_analyses import bench_precision, bench_profile, bench_sha
 from experiments.bench_report import markdown, ratios
 from experiments.bench_sections import bench_detect, bench_extract, bench_refine, bench_winclip
 from experiments.bench_settings import BenchSettings
+from experiments.hosts import HOST_DEVICES_FLAG
 from experiments.runner import machine_info
 
 PAPER_SECONDS_PER_IMAGE = {"patchcore": 0.21, "patchcore+": 0.49, "winclip": 0.50, "winclip+": 0.81}
@@ -228,7 +229,7 @@ def _environment_changes(s: BenchSettings, openblas_threads: int | None) -> dict
         return {}
     env = {}
     if s.devices and jax.device_count() < s.devices:
-        flag = f"--xla_force_host_platform_device_count={s.devices}"
+        flag = f"{HOST_DEVICES_FLAG}={s.devices}"
         env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
     threads = 1 if openblas_threads is None else openblas_threads
     if threads and os.environ.get("OPENBLAS_NUM_THREADS") != str(threads):
