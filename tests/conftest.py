@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # The suite is dominated by XLA:CPU compiles of tiny programs; LLVM's -O0 backend
@@ -28,16 +31,14 @@ if not os.environ.get("PROTOREFINE_TEST_FULL_OPT"):
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 _OWN_CACHE = _CACHE_ENV not in os.environ
 if _OWN_CACHE:
-    import tempfile
-
     # Set in the process that loads this first (the xdist controller): the
-    # workers it starts inherit the variable, so they share its directory.
+    # workers it starts inherit the variable, so they share its directory,
+    # which goes when that process exits (also when a script imported this).
     os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="protorefine-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ[_CACHE_ENV], ignore_errors=True)
     # Every program, however small or quick to compile, is worth sharing here.
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-
-import shutil  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -54,9 +55,3 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
-
-
-def pytest_sessionfinish(session):
-    """The run's own compilation cache goes when the run ends (in the process that made it)."""
-    if _OWN_CACHE:
-        shutil.rmtree(os.environ[_CACHE_ENV], ignore_errors=True)
