@@ -101,8 +101,6 @@ def check_settings(s: Settings) -> list[Method]:
         raise ValueError("--seeds is empty; give at least one seed.")
     if s.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {s.batch_size}.")
-    if s.devices < 0:
-        raise ValueError(f"--devices must be >= 0 (0 = all local devices), got {s.devices}.")
     if s.data_source not in ("folder", "tfds"):
         raise ValueError(f"--data_source must be folder or tfds, got {s.data_source!r}.")
     if s.data_source == "tfds" and not s.tfds_dir:

@@ -167,8 +167,11 @@ def m_step_loss(
     return recon + config.lam * transport
 
 
-def closed_form_m_step(
-    w0: Float[Array, "m n"], plan: Float[Array, "n m"], config: RefineConfig
+def closed_form_rows(
+    w0: Float[Array, "m n"],
+    plan_t: Float[Array, "m n"],
+    col: Float[Array, " m"],
+    config: RefineConfig,
 ) -> Float[Array, "m n"]:
     """Exact minimiser of the squared-Euclidean M-step loss (`m_step_loss`).
 
@@ -180,17 +183,13 @@ def closed_form_m_step(
 
     Args:
       w0: `[m, n]` least-squares init.
-      plan: `[n, m]` transport plan.
+      plan_t: `[m, n]` transposed transport plan `T^T` (the E-step's layout).
+      col: `[m]` its row sums `c_j` (the plan's refined-side marginal).
       config: `lam`.
 
     Returns:
       `[m, n]` the new transform.
     """
-    return _closed_form_rows(w0, plan.T, jnp.sum(plan, axis=0), config)
-
-
-def _closed_form_rows(w0, plan_t, col, config: RefineConfig):
-    """`closed_form_m_step` from `T^T [m, n]` and its row sums `col [m]`."""
     m = w0.shape[0]
     return (w0 / m + config.lam * plan_t) / (1.0 / m + config.lam * col)[:, None]
 
@@ -383,7 +382,7 @@ def refine(sys: GramSystem, config: RefineConfig) -> Refinement:
         w, dots, _, f, g, _ = carry
         plan_t, col, f, g, marginal_error = e_step(w, dots, f, g)
         if closed:
-            w_new = _closed_form_rows(w0, plan_t, col, config)
+            w_new = closed_form_rows(w0, plan_t, col, config)
         else:
             w_new = optax_m_step(w, plan_t.T, sys, config, w0)
         return w_new, w_new @ e_sys.gram, w, f, g, marginal_error

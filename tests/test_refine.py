@@ -295,3 +295,29 @@ def test_refined_sq_norms_from_the_loop_equal_float64_feature_space_norms(
     np.testing.assert_allclose(
         np.asarray(out.refined_sq), np.asarray(rf.refined_sq_norms(sys, out.w)), rtol=2e-6
     )
+
+
+def test_closed_form_rows_minimise_the_float64_feature_space_loss(rng):
+    """The closed form against the independent numpy loss: no direction lowers it."""
+    bank, query, _, plan = problem(rng)
+    lam = 0.3
+    cfg = RefineConfig(lam=lam)
+    with jax.enable_x64(True):
+        sys = rf.gram_system(
+            jnp.asarray(bank), jnp.asarray(query), cfg.replace(precision="float64")
+        )
+        w0 = rf.least_squares_init(sys)
+        plan_t = jnp.asarray(plan.T)
+        w = np.asarray(rf.closed_form_rows(w0, plan_t, plan_t.sum(axis=1), cfg))
+        delta = float(sys.delta) * float(sys.scale_sq)
+        # SPEC 3.2's form at exact marginals: (W0 + lam m T^T) / (1 + lam).
+        m = w.shape[0]
+        exact = jnp.asarray(plan / plan.sum(axis=0, keepdims=True) / m)
+        w_exact = rf.closed_form_rows(w0, exact.T, jnp.full((m,), 1.0 / m), cfg)
+        spec = (w0 + lam * m * exact.T) / (1 + lam)
+    np.testing.assert_allclose(w_exact, spec, rtol=1e-10, atol=1e-14)
+    args = (plan, bank, query, "sqeuclidean", lam, delta)
+    best = numpy_loss(w, *args)
+    for step in rng.standard_normal((5, *w.shape)) * 1e-3:  # a minimum: every move costs
+        assert numpy_loss(w + step, *args) > best
+        assert numpy_loss(w - step, *args) > best
