@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from experiments.methods import Method
+from protorefine_jax import calibration
 from protorefine_jax.detectors import Detector, DetectorState
 from protorefine_jax.sharding import batch_mesh, replicate, shard_batch
 
@@ -260,13 +261,11 @@ class Host:
 
     def calibrated_state(self, state: DetectorState, config: Any) -> DetectorState:
         """`state` with the calibration of `config`'s refinement (PatchCore+/WinCLIP+ ablations)."""
-        refine = getattr(config, "refine", config)  # WinCLIP's refinement settings
-        if (
-            state.calibration is None
-            or not getattr(refine, "use_refinement", False)
-            or not refine.calibrated
-            or config == self.detector.config()
-        ):
+        refine = self.detector.refinement(config)
+        if state.calibration is None or not (refine.use_refinement and refine.calibrated):
+            return state
+        measured = self.detector.refinement(state.calibrated_under)
+        if not calibration.config_differences(measured, refine):
             return state
         if self.support is None:
             raise ValueError(
@@ -274,7 +273,7 @@ class Host:
                 "fit the state with Host.fit (it keeps them), not with the detector directly."
             )
         cal = self.detector.calibrate(self.support, config, alpha=self.alpha)
-        return state._replace(calibration=cal)
+        return state._replace(calibration=cal, calibrated_under=config)
 
     def config(self, fields: dict[str, Any], method: Method) -> Any:
         """The detector's scoring config: its defaults, then `fields`, then the method's."""

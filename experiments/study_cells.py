@@ -265,8 +265,14 @@ class FeatureCache:
     `runner.SupportCache`; this class only keeps the result on disk.
     """
 
-    def __init__(self, data_root: Path, cache_dir: Path, seeds: tuple[int, ...] = (0,)):
-        self.data_root, self.cache_dir = data_root, cache_dir
+    def __init__(
+        self,
+        data_root: Path,
+        cache_dir: Path,
+        seeds: tuple[int, ...] = (0,),
+        max_shots: int = 4,
+    ):
+        self.data_root, self.cache_dir, self.max_shots = data_root, cache_dir, max_shots
         # Every support image these seeds draw at any shot count (draws are
         # nested: the 4-shot set holds the 1- and 2-shot sets).
         self.seeds = tuple(range(max(10, max(seeds) + 1)))
@@ -280,7 +286,10 @@ class FeatureCache:
         path = self.cache_dir / f"{data}_{feat}{'_quick' if quick else ''}.npz"
         cat = load_dataset_category(dataset, self.data_root / folder, category, IMAGE_SIZE)
         det = detector(feat)
-        wanted = {p for seed in self.seeds for p in sample_support(cat.train_good, 4, seed).paths}
+        shots = min(self.max_shots, len(cat.train_good))
+        wanted = {
+            p for seed in self.seeds for p in sample_support(cat.train_good, shots, seed).paths
+        }
         cached = {}
         if path.exists():
             z = np.load(path)

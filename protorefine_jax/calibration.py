@@ -29,6 +29,7 @@ Everything here is pure: numpy/JAX arrays in, arrays out; no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -109,6 +110,55 @@ def in_host_units(fused: Float[Array, "*m"], calibration: ScoreCalibration) -> F
     return jnp.maximum(calibration.host_loc + calibration.host_scale * fused, 0.0)
 
 
+# Settings that only render maps or switch the fusion on and off: a calibration
+# measured under one value of these serves every other.
+_NOT_CALIBRATED = ("image_size", "blur_sigma", "calibrated", "use_refinement", "grid_shape")
+
+
+def config_differences(measured: RefineConfig, scoring: RefineConfig) -> list[str]:
+    """The refinement settings in which `scoring` differs from the calibration's.
+
+    A calibration holds the statistics of scores computed under one refinement
+    (`measured`); fusing scores computed under another (`scoring`) mixes
+    units. Map rendering (`image_size`, `blur_sigma`) and the switches
+    `calibrated` / `use_refinement` do not change the patch scores. Traced
+    values (inside the caller's `jit`) cannot be compared and are skipped.
+
+    Returns:
+      One `"name: measured -> scoring"` entry per differing field (empty: the
+      calibration applies).
+    """
+    out = []
+    for field in dataclasses.fields(RefineConfig):
+        name = field.name
+        if name in _NOT_CALIBRATED:
+            continue
+        a, b = getattr(measured, name), getattr(scoring, name)
+        if isinstance(a, jax.core.Tracer) or isinstance(b, jax.core.Tracer):
+            continue
+        if not bool(np.asarray(a == b)):
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
+
+
+def check_applies(measured: RefineConfig | None, scoring: RefineConfig) -> None:
+    """Raises when a calibration measured under `measured` cannot fuse `scoring`'s scores.
+
+    Raises:
+      ValueError: naming each differing setting and the two ways out.
+    """
+    if measured is None:
+        return
+    diff = config_differences(measured, scoring)
+    if diff:
+        raise ValueError(
+            "the state's calibration was measured under other refinement settings ("
+            + "; ".join(diff)
+            + "): recalibrate with these settings (fit or fit_features with config=...), "
+            "or score with the settings of the fit."
+        )
+
+
 def holdout_splits(k: int, grid_shape: tuple[int, int]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(bank rows, query rows) of every hold-out: each quadrant of each support image.
 
@@ -141,7 +191,7 @@ def holdout_splits(k: int, grid_shape: tuple[int, int]) -> list[tuple[np.ndarray
 
 @jax.jit
 def _host_and_refined(banks, queries, config: RefineConfig):
-    """Host and refined patch scores of `[S, m', c]` queries, each against its own bank."""
+    """Host and refined patch scores of `[S, V, m', c]` queries: `V` per bank of `[S]`."""
 
     def one(bank, query):
         with matmul_precision(config):
@@ -150,7 +200,7 @@ def _host_and_refined(banks, queries, config: RefineConfig):
             refined = refined_patch_scores(system, ref.w, config, ref.refined_sq)
             return base_patch_scores(system, config), refined
 
-    return jax.vmap(one)(banks, queries)
+    return jax.vmap(jax.vmap(one, in_axes=(None, 0)))(banks, queries)
 
 
 def ridge_in_force(bank_rows: int, feature_dim: int, config: RefineConfig) -> RefineConfig:
@@ -160,7 +210,10 @@ def ridge_in_force(bank_rows: int, feature_dim: int, config: RefineConfig) -> Re
 
 
 def holdouts(
-    support: Float[Array, "k m c"], alpha: float, grid_shape: tuple[int, int]
+    support: Float[Array, "k m c"],
+    alpha: float,
+    grid_shape: tuple[int, int],
+    views: Float[Array, "k v m c"] | None = None,
 ) -> tuple[list, list]:
     """The bank and the held-out queries of every hold-out (`holdout_splits`).
 
@@ -168,10 +221,15 @@ def holdouts(
       support: `[k, m, c]` support patch features (checked: shape, finite).
       alpha: coreset ratio of the real bank (each hold-out bank uses it too).
       grid_shape: patch grid of one image.
+      views: optional `[k, V, m, c]` features of `V` nuisance views of each
+        support image (`nuisance_views`). The held-out quadrant of a view is
+        scored against the same bank as the quadrant of its original: what a
+        new part that differs by that nuisance would score.
 
     Returns:
       `(banks, queries)`: per hold-out the coreset of every other support
-      patch and the held-out quadrant's `[m', c]` patches.
+      patch and the held-out quadrant's `[1 + V, m', c]` patches (the
+      original's first, then its views').
     """
     support = jnp.asarray(support)
     if support.ndim != 3:
@@ -182,37 +240,50 @@ def holdouts(
     if grid_shape[0] * grid_shape[1] != m:
         raise ValueError(f"grid_shape {grid_shape} does not hold m={m} patches per image.")
     checks.check_finite(support, "support")
+    sources = support[:, None]
+    if views is not None:
+        views = jnp.asarray(views)
+        if views.ndim != 4 or views.shape[0] != k or views.shape[2:] != (m, c):
+            raise ValueError(
+                f"views must be [k, V, m, c] = [{k}, V, {m}, {c}] features of the support "
+                f"images' views, got shape {tuple(views.shape)}."
+            )
+        checks.check_finite(views, "views")
+        sources = jnp.concatenate([sources, views], axis=1)
     flat = support.reshape(k * m, c)
     banks, queries = [], []
     for bank_rows, held in holdout_splits(k, tuple(grid_shape)):
         rest = flat[bank_rows]
         banks.append(rest[greedy_coreset(rest, alpha)])
-        queries.append(flat[held])
+        image = int(held[0]) // m
+        queries.append(sources[image][:, held - image * m])
     return banks, queries
 
 
-def held_out_scores(
+def held_out_units(
     support: Float[Array, "k m c"],
     alpha: float,
     config: RefineConfig,
     grid_shape: tuple[int, int],
+    views: Float[Array, "k v m c"] | None = None,
     prepared: tuple[list, list] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Host and refined scores of every held-out support patch (`holdouts`).
+    """Host and refined scores of every held-out patch, per support image and view.
 
     Args:
       support: `[k, m, c]` support patch features.
       alpha: coreset ratio of the real bank (each hold-out bank uses it too).
       config: the scoring config (its refinement settings are used).
       grid_shape: patch grid of one image.
-      prepared: `holdouts(support, alpha, grid_shape)` if the caller already
-        built them (to score one support set under several configs); built
-        here when None.
+      views: optional `[k, V, m, c]` nuisance-view features (`holdouts`).
+      prepared: `holdouts(support, alpha, grid_shape, views)` if the caller
+        already built them (to score one support set under several configs).
 
     Returns:
-      `(host, refined)`, each `[k * m]` float64 in hold-out order.
+      `(host, refined)`, each `[k, 1 + V, m]` float64: image `i`, view `v`
+      (0 = the original), its patches quadrant by quadrant.
     """
-    banks, queries = prepared or holdouts(support, alpha, grid_shape)
+    banks, queries = prepared or holdouts(support, alpha, grid_shape, views)
     k, m, c = jnp.shape(support)
     cfg = ridge_in_force(coreset_size(k * m, alpha), c, config)
     cfg = cfg.replace(use_refinement=True, image_size=None, grid_shape=None)
@@ -229,7 +300,31 @@ def held_out_scores(
         )
         for j, i in enumerate(members):
             hosts[i], refs[i] = np.asarray(h[j], np.float64), np.asarray(r[j], np.float64)
-    return np.concatenate(hosts), np.concatenate(refs)
+    per_image = len(banks) // k  # the four quadrants of each image, in hold-out order
+    host = np.stack(
+        [np.concatenate(hosts[i * per_image : (i + 1) * per_image], -1) for i in range(k)]
+    )
+    refined = np.stack(
+        [np.concatenate(refs[i * per_image : (i + 1) * per_image], -1) for i in range(k)]
+    )
+    return host, refined
+
+
+def held_out_scores(
+    support: Float[Array, "k m c"],
+    alpha: float,
+    config: RefineConfig,
+    grid_shape: tuple[int, int],
+    prepared: tuple[list, list] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Host and refined scores of every held-out support patch, originals only.
+
+    Returns:
+      `(host, refined)`, each `[k * m]` float64 in hold-out order
+      (`held_out_units` of the originals, flattened).
+    """
+    host, refined = held_out_units(support, alpha, config, grid_shape, prepared=prepared)
+    return host[:, 0].reshape(-1), refined[:, 0].reshape(-1)
 
 
 def statistics(host: np.ndarray, refined: np.ndarray) -> ScoreCalibration:

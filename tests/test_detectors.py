@@ -116,3 +116,24 @@ def test_patchcore_scores_check_host_features_and_flag_device_ones():
     # Device features are not read back: the bad query is flagged instead.
     out = det.score_features(state, jax.numpy.asarray(bad), cfg)
     assert np.asarray(out.inputs_ok).tolist() == [True, False, True]
+
+
+def test_state_records_the_config_its_calibration_was_measured_under():
+    det = PatchCore.create("efficientnet_lite0", "simple", 64)
+    (gh, gw), c = det.extractor.grid, det.extractor.feature_dim
+    rng = np.random.default_rng(1)
+    support = rng.standard_normal((2, gh * gw, c)).astype(np.float32)
+    query = rng.standard_normal((1, gh * gw, c)).astype(np.float32)
+    fit_cfg = det.config(lam=0.5, num_iters=2)
+    state = det.fit_features(support, alpha=0.5, config=fit_cfg)
+    assert state.calibrated_under == fit_cfg
+    # The calibration is the one of the fit's settings, not of the defaults.
+    want = det.calibrate(support, fit_cfg, alpha=0.5)
+    np.testing.assert_allclose(np.asarray(state.calibration), np.asarray(want), rtol=1e-6)
+    # Same refinement: scores (map rendering and the switches are free to differ).
+    det.score_features(state, query, fit_cfg.replace(blur_sigma=2.0))
+    det.score_features(state, query, fit_cfg.replace(use_refinement=False))
+    det.score_features(state, query, fit_cfg.replace(calibrated=False))
+    # Other refinement settings: refused, the differences named.
+    with pytest.raises(ValueError, match=r"lam: 0\.5 -> 0\.3; num_iters: 2 -> 10"):
+        det.score_features(state, query, det.config())

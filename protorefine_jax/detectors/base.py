@@ -24,6 +24,7 @@ from typing import Any, NamedTuple, Protocol
 from jax import Array
 
 from protorefine_jax.bank import MemoryBank
+from protorefine_jax.config import RefineConfig
 from protorefine_jax.pipeline import Diagnostics
 
 
@@ -45,11 +46,16 @@ class DetectorState(NamedTuple):
         of them, one per few-shot scale (`clip.winclip.calibrate`).
         The slot where a support-set self-calibration plugs in: compute it
         in `fit_features`, apply it in `score_features`.
+      calibrated_under: the scoring config (the detector's `config()` type)
+        whose refinement the calibration was measured under; `score_features`
+        refuses to fuse scores computed under other refinement settings
+        (`calibration.check_applies`). None when there is no calibration.
     """
 
     banks: tuple[MemoryBank, ...]
     context: Any = None
     calibration: Any = None
+    calibrated_under: Any = None
 
 
 class DetectorOutput(Protocol):
@@ -66,6 +72,7 @@ class Detector(Protocol):
     family: str
     image_size: int
     resample: str  # resize filter of the input images ("bilinear" or "bicubic")
+    alpha: float  # coreset ratio of the banks
 
     def features(self, params: Any, images: Array) -> Any:
         """`[B, S, S, 3]` images -> features with leading axis B (jitted)."""
@@ -73,8 +80,25 @@ class Detector(Protocol):
     def prepare(self, params: Any, category: str) -> Any:
         """Support-independent per-category context (`DetectorState.context`)."""
 
-    def fit_features(self, features: Any, *, alpha: float | None = None, context=None):
-        """`DetectorState` from the support images' features."""
+    def load_params(self, weights: str | None = None) -> Any:
+        """Backbone (or CLIP) variables."""
+
+    def fit_features(
+        self,
+        features: Any,
+        *,
+        alpha: float | None = None,
+        context: Any = None,
+        config: Any = None,
+        calibrate: bool = True,
+    ) -> DetectorState:
+        """`DetectorState` from the support images' features, calibrated under `config`."""
+
+    def calibrate(self, features: Any, config: Any = None, *, alpha: float | None = None) -> Any:
+        """The support-set calibration of `features` under `config`'s refinement."""
+
+    def refinement(self, config: Any) -> RefineConfig:
+        """The `RefineConfig` part of a scoring config."""
 
     def fit(self, params: Any, support_images: Array, **kwargs: Any) -> DetectorState:
         """`DetectorState` from the support images."""

@@ -142,9 +142,12 @@ class PatchCore:
         """
         del context  # PatchCore needs no per-category context
         alpha = self.alpha if alpha is None else alpha
+        config = self.config() if config is None else config
         bank = build_bank(jnp.asarray(features), alpha)
-        cal = self.calibrate(features, config, alpha=alpha) if calibrate else None
-        return DetectorState(banks=(bank,), calibration=cal)
+        if not calibrate:
+            return DetectorState(banks=(bank,))
+        cal = self.calibrate(features, config, alpha=alpha)
+        return DetectorState(banks=(bank,), calibration=cal, calibrated_under=config)
 
     def calibrate(
         self, features: Array, config: RefineConfig | None = None, *, alpha: float | None = None
@@ -170,6 +173,10 @@ class PatchCore:
         feats = self.features(params, support_images)
         return self.fit_features(feats, alpha=alpha, config=config, calibrate=calibrate)
 
+    def refinement(self, config: RefineConfig) -> RefineConfig:
+        """The refinement settings of a scoring config: the config itself."""
+        return config
+
     def config(self, **fields: Any) -> RefineConfig:
         """`RefineConfig` on this extractor's grid and map size; `fields` override.
 
@@ -186,8 +193,12 @@ class PatchCore:
         """Scores `[B, m, c]` query features (jitted `refine_and_score`).
 
         Host (numpy) features are value-checked on the host and a bad one
-        raises; device features are flagged per query in `inputs_ok`.
+        raises; device features are flagged per query in `inputs_ok`. A
+        calibrated state refuses a `config` whose refinement differs from the
+        one its calibration was measured under (`calibration.check_applies`).
         """
+        if config.use_refinement and config.calibrated and state.calibration is not None:
+            calibration.check_applies(state.calibrated_under, config)
         return refine_and_score(
             state.banks[0].prototypes, _as_array(features), config, state.calibration
         )

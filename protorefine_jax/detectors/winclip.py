@@ -23,10 +23,12 @@ from typing import Any
 
 from jax import Array
 
+from protorefine_jax import calibration
 from protorefine_jax.calibration import ScoreCalibration
 from protorefine_jax.clip import winclip as winclip_lib
 from protorefine_jax.clip.prompts import class_text_features
 from protorefine_jax.clip.spec import ClipSpec
+from protorefine_jax.config import RefineConfig
 from protorefine_jax.detectors.base import DetectorState
 
 
@@ -71,6 +73,10 @@ class WinClip:
         """Input side in pixels."""
         return self.spec.image_size
 
+    def refinement(self, config: winclip_lib.WinClipConfig) -> RefineConfig:
+        """The refinement settings of a scoring config: its few-shot `refine` part."""
+        return config.refine
+
     def config(self, **fields: Any) -> winclip_lib.WinClipConfig:
         """`WinClipConfig` with `winclip_config`'s defaults; `fields` override.
 
@@ -108,9 +114,12 @@ class WinClip:
         prototypes alone).
         """
         alpha = self.alpha if alpha is None else alpha
+        config = self.config() if config is None else config
         banks = winclip_lib.build_banks(features, alpha)
-        cal = self.calibrate(features, config, alpha=alpha) if calibrate else None
-        return DetectorState(banks=banks, context=context, calibration=cal)
+        if not calibrate:
+            return DetectorState(banks=banks, context=context)
+        cal = self.calibrate(features, config, alpha=alpha)
+        return DetectorState(banks=banks, context=context, calibration=cal, calibrated_under=config)
 
     def calibrate(
         self,
@@ -149,6 +158,10 @@ class WinClip:
         """Scores a batch of `MultiscaleFeatures` (jitted `clip.winclip.score`)."""
         if state.context is None:
             raise ValueError("WinCLIP needs the class text embeddings: fit with a category.")
+        refine = config.refine
+        if refine.use_refinement and refine.calibrated and state.calibration is not None:
+            measured = state.calibrated_under
+            calibration.check_applies(None if measured is None else measured.refine, refine)
         return winclip_lib.score(features, state.banks, state.context, config, state.calibration)
 
     def score_stream(self, state: DetectorState, features: Any, config: Any, **online: int):
