@@ -3,14 +3,34 @@
 `fit`, `predict` and `demo_images` keep their flags in a private
 `absl.flags.FlagValues` (their names clash with eval's, and tests import them
 together); `parse` gives them one behaviour for help, flag errors and stray
-arguments.
+arguments, and `report_errors` one error path: an error of bad input (the
+package's error classes) is one `error: ...` line and exit status 2, never a
+traceback.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from absl import flags
+
+from protorefine_jax.data.errors import DatasetError
+from protorefine_jax.io.errors import CheckpointError
+
+# Bad input of every kind: flags, files, folders, model directories (ModelFormatError and
+# ModelMismatchError are ValueErrors; UnsafePathError too), checkpoints, datasets.
+INPUT_ERRORS = (ValueError, OSError, DatasetError, CheckpointError)
+
+
+def report_errors(fn: Callable[[], object]) -> int:
+    """Runs `fn`; returns 0, or 2 after printing `error: <message>` for bad input."""
+    try:
+        fn()
+    except INPUT_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def parse(flag_values: flags.FlagValues, argv: list[str], doc: str) -> int | None:

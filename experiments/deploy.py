@@ -15,10 +15,9 @@ Nothing here parses flags; the two CLIs are thin wrappers.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import glob
-import json
+import io
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,14 +28,24 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from experiments import html_report, runner
+from experiments import html_report, runner, schema
 from experiments.report import overlay
 from protorefine_jax import threshold as threshold_lib
 from protorefine_jax.data.errors import DatasetError
 from protorefine_jax.data.imageio import is_image_file, read_image
 from protorefine_jax.features.preprocess import image_hw
 from protorefine_jax.io import model_dir
-from protorefine_jax.io.paths import OutputDir, clear_outputs, open_output_dir, safe_filename
+from protorefine_jax.io.paths import (
+    OutputDir,
+    clear_outputs,
+    csv_text,
+    json_safe_text,
+    json_text,
+    list_files,
+    open_output_dir,
+    safe_filename,
+    write_output,
+)
 
 EXPORT_FILE = "detector.jaxexport"
 # The files fit writes into --out, and predict; what --overwrite replaces (other files are kept).
@@ -98,6 +107,7 @@ def parse_image_size(text: str | int | Sequence[int]) -> int | tuple[int, int]:
             "--image_size must be one side (e.g. 256) or HEIGHTxWIDTH (e.g. 224x544), "
             f"got {text!r}."
         )
+    schema.image_size_ok(values * (3 - len(values)))
     return values[0] if len(values) == 1 or values[0] == values[1] else (values[0], values[1])
 
 
@@ -114,16 +124,12 @@ def list_images(spec: str | os.PathLike) -> tuple[Path, list[Path]]:
 
     Raises:
       FileNotFoundError: nothing matches (the message says what was looked at).
+      TooManyFilesError: more paths than `paths.MAX_LISTED_PATHS` (symlinked
+        folders are not followed, so a link loop cannot list forever).
     """
     spec = os.fspath(spec)
-    path = Path(spec)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
-        root = path
-    else:
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if is_image_file(Path(p)))
-        prefix = spec.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
-        root = Path(prefix) if prefix.endswith(os.sep) else Path(prefix).parent
+    root, files = list_files(spec)
+    files = [p for p in files if is_image_file(p)]
     if not files:
         raise FileNotFoundError(
             f"no image files (.png, .jpg, .bmp, .tif, ...) found in {spec!r}; pass a folder "
@@ -133,11 +139,11 @@ def list_images(spec: str | os.PathLike) -> tuple[Path, list[Path]]:
 
 
 def relative_name(root: Path, file: Path) -> str:
-    """`file` relative to `root` (POSIX), or its bare name when outside."""
+    """`file` relative to `root` (POSIX), or its bare name when outside; valid UTF-8 text."""
     try:
-        return file.relative_to(root).as_posix()
+        return json_safe_text(file.relative_to(root).as_posix())
     except ValueError:
-        return file.name
+        return json_safe_text(file.name)
 
 
 def read_batch(
@@ -216,14 +222,21 @@ class Scorer:
 
 
 def weights_identity(detector, weights: str) -> dict[str, Any]:
-    """Backbone name, weights kind/path and the file's SHA-256 ("random" has none)."""
+    """Backbone name, weights kind/path and the file's SHA-256 ("random" has none).
+
+    `weights` is the user's own `--weights` ("" = the shipped file of the
+    backbone, resolved by name); never a path read from a model directory.
+    """
     from protorefine_jax.io import torch_checkpoint
 
     if weights == "random":
         return {"weights": "random", "weights_sha256": "random:PRNGKey(0)"}
     name = detector.extractor.name
     path = weights or torch_checkpoint.shipped_checkpoint(name)
-    return {"weights": weights or "shipped", "weights_sha256": model_dir.file_sha256(path)}
+    return {
+        "weights": json_safe_text(weights or "shipped"),
+        "weights_sha256": model_dir.file_sha256(path),
+    }
 
 
 def build_detector(s: FitSettings):
@@ -272,12 +285,8 @@ def _check_fit(s: FitSettings) -> OutputDir:
         raise ValueError("--support_dir is required: a folder (or glob) of good images.")
     if not s.out:
         raise ValueError("--out is required: the model directory to write.")
-    if s.shots < 0:
-        raise ValueError(f"--shots must be >= 0 (0 = every image given), got {s.shots}.")
-    if s.batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {s.batch_size}.")
-    if s.views < 2:
-        raise ValueError(f"--views must be >= 2, got {s.views}.")
+    schema.check_flags({**dataclasses.asdict(s), **dict(s.refine)})
+    schema.image_size_ok(image_hw(s.image_size))
     # Before any image is read: a read-only --out fails now, not after the fit.
     return open_output_dir(s.out, "--out", s.overwrite, "models")
 
@@ -361,7 +370,7 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
         active = threshold_lib.f1_threshold(clabels, cscores)
         thresholds["f1"] = active.to_dict()
         calibration = {
-            "dir": str(s.calibration_dir),
+            "dir": json_safe_text(str(s.calibration_dir)),
             "files": [relative_name(Path(s.calibration_dir), f) for f in cfiles],
             "labels": clabels.tolist(),
             "scores": [float(x) for x in cscores],
@@ -376,7 +385,7 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
         "alpha": detector.alpha if s.alpha is None else s.alpha,
         "config": config_dict(config),
         "support": {
-            "dir": str(s.support_dir),
+            "dir": json_safe_text(str(s.support_dir)),
             "files": [relative_name(root, f) for f in files],
             "sha256": [model_dir.file_sha256(f) for f in files],
         },
@@ -392,6 +401,7 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
     if s.export:
         extra[EXPORT_FILE] = export_artifact(detector, params, state, config, s.image_size)
         meta["export"] = {"file": EXPORT_FILE, "platforms": [jax.default_backend()]}
+    schema.check_metadata(meta)  # what predict will accept, checked before writing
     if s.overwrite:
         clear_earlier_outputs(out, FIT_OUTPUTS, log)
     model_dir.save_model(out, state, meta, extra_files=extra, overwrite=s.overwrite)
@@ -476,6 +486,13 @@ def open_model(
     """
     manifest = model_dir.read_manifest(path)
     meta = manifest["metadata"]
+    try:
+        schema.check_metadata(meta)
+    except ValueError as e:
+        raise model_dir.ModelFormatError(
+            f"{Path(path) / model_dir.MANIFEST} is not a model fit writes: {e}. The file was "
+            "changed or written by another version; refit the model."
+        ) from e
     if requested:
         model_dir.check_matches(manifest, requested)
     if runtime not in ("auto", "library", "export"):
@@ -530,10 +547,17 @@ def _library_scorer(path, meta, size: int, weights: str | None) -> Scorer:
         print(f"note: {loaded.version_note}")
     det = meta["detector"]
     backbone = meta["backbone"]
+    check_state(loaded.state, det["feature_dim"], path)
     detector = PatchCore.create(backbone["name"], det["aggregation"], size, alpha=meta.get("alpha"))
-    chosen = backbone["weights"] if weights is None else weights
-    if chosen == "shipped":
-        chosen = ""
+    chosen = weights
+    if chosen is None:  # as fitted: only names are resolved, never a path from model.json
+        if backbone["weights"] not in ("random", "shipped"):
+            raise model_dir.ModelMismatchError(
+                f"the model was fitted with the weights file {backbone['weights']!r}; a path "
+                "recorded in a model directory is never opened. Fix: pass "
+                "--weights=<that file on this machine> (its SHA-256 is checked)."
+            )
+        chosen = "random" if backbone["weights"] == "random" else ""
     ident = weights_identity(detector, chosen)
     if ident["weights_sha256"] != backbone["weights_sha256"]:
         raise model_dir.ModelMismatchError(
@@ -552,6 +576,40 @@ def _library_scorer(path, meta, size: int, weights: str | None) -> Scorer:
         return np.asarray(out.image_scores), np.asarray(out.maps)
 
     return Scorer(score=score, runtime="library", image_size=size)
+
+
+def check_state(state: Any, feature_dim: int, path) -> None:
+    """Raises `ModelFormatError` unless `state` is a PatchCore state of `feature_dim` features.
+
+    Bank shapes, and calibration statistics that are finite scalars with
+    positive scales (a zero scale would turn every score into infinity).
+    """
+    from protorefine_jax.bank import MemoryBank
+    from protorefine_jax.calibration import ScoreCalibration
+    from protorefine_jax.detectors.base import DetectorState
+
+    def bad(what: str) -> model_dir.ModelFormatError:
+        return model_dir.ModelFormatError(
+            f"{Path(path) / model_dir.ARRAYS}: {what}; the model directory was changed or "
+            "written by another version. Refit the model."
+        )
+
+    if not isinstance(state, DetectorState) or not isinstance(state.banks, tuple | list):
+        raise bad("the state is not a PatchCore state")
+    for bank in state.banks:
+        p = getattr(bank, "prototypes", None)
+        if not isinstance(bank, MemoryBank) or np.ndim(p) != 2 or np.shape(p)[1] != feature_dim:
+            raise bad(f"a memory bank is not [n, {feature_dim}] prototypes")
+        if not np.all(np.isfinite(p)):
+            raise bad("a memory bank holds non-finite values")
+    cal = state.calibration
+    if cal is not None:
+        if not isinstance(cal, ScoreCalibration):
+            raise bad("the calibration is not a ScoreCalibration")
+        for name, value in cal._asdict().items():
+            v = np.asarray(value)
+            if v.shape != () or not np.isfinite(v) or (name.endswith("scale") and not v > 0):
+                raise bad(f"calibration {name} must be a finite scalar (scales > 0), got {v!r}")
 
 
 # --------------------------------------------------------------------------- predict
@@ -595,8 +653,7 @@ def predict(s: PredictSettings, log: Callable[[str], None] = print) -> dict[str,
     """
     if s.overlays not in ("all", "anomalous", "none"):
         raise ValueError(f"--overlays must be all, anomalous or none; got {s.overlays!r}.")
-    if s.batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {s.batch_size}.")
+    schema.check_flags({"batch_size": s.batch_size, "threshold": s.threshold, **dict(s.requested)})
     root, files = list_images(s.images)
     out_dir = open_output_dir(s.out, "--out", s.overwrite, "predictions")
     progress = {"scored": 0}
@@ -604,12 +661,13 @@ def predict(s: PredictSettings, log: Callable[[str], None] = print) -> dict[str,
         return _predict(s, log, out_dir.path, root, files, progress)
     except BaseException as err:
         overlays = out_dir.path / "overlays"
-        if progress["scored"] == 0 and overlays.is_dir() and not any(overlays.iterdir()):
+        own = overlays.is_dir() and not overlays.is_symlink()
+        if progress["scored"] == 0 and own and not any(overlays.iterdir()):
             overlays.rmdir()  # created by this run, nothing in it
         if not out_dir.discard_if_unused() and progress["scored"]:
             failed = {"complete": False, "error": f"{type(err).__name__}: {err}"}
             failed["scored_before_error"] = progress["scored"]
-            (out_dir.path / "summary.json").write_text(json.dumps(failed, indent=1) + "\n")
+            write_output(out_dir.path, "summary.json", json_text(failed, indent=1) + "\n")
             log(
                 f"predict stopped after {progress['scored']} image(s); {out_dir.path}/overlays "
                 "holds their overlays, predictions.csv was not written (summary.json says so)"
@@ -636,8 +694,6 @@ def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -
     hi = max(hi, lo + 1e-6)
     if s.overwrite:
         clear_earlier_outputs(out, PREDICT_OUTPUTS, log)
-    if s.overlays != "none":
-        (out / "overlays").mkdir(exist_ok=True)
     names = [relative_name(root, f) for f in files]
     rows: list[dict[str, Any]] = []
     items: list[html_report.ReportItem] = []
@@ -657,15 +713,25 @@ def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -
                 if results
                 else np.zeros((0, *image_hw(size)))
             )
+            ok_scored = len(ok)
             for j, i in enumerate(ok):
                 index = start + i
                 score = float(scores[j])
+                if not math.isfinite(score):  # recorded with its reason, never as NaN / Infinity
+                    errors[i] = (
+                        f"the model gave a non-finite score ({score}); its state is degenerate: "
+                        "refit the model"
+                    )
+                    ok_scored -= 1
+                    continue
                 anomalous = score > thr
                 link = None
                 if s.overlays == "all" or (s.overlays == "anomalous" and anomalous):
                     link = f"overlays/{_safe_stem(index, names[index])}.png"
                     empty = np.zeros(maps[j].shape, bool)
-                    Image.fromarray(overlay(pixels[j], maps[j], empty, lo, hi)).save(out / link)
+                    png = io.BytesIO()
+                    Image.fromarray(overlay(pixels[j], maps[j], empty, lo, hi)).save(png, "PNG")
+                    write_output(out, link, png.getvalue())
                 rows.append(
                     {
                         "file": names[index],
@@ -689,13 +755,13 @@ def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -
                     {
                         "file": names[start + i],
                         "score": None,
-                        "decision": "unreadable",
+                        "decision": "unreadable" if i not in ok else "unscored",
                         "threshold": thr,
                         "error": err,
                     }
                 )
                 items.append(html_report.ReportItem(name=names[start + i], error=err))
-            scored += len(ok)
+            scored += ok_scored
             progress["scored"] = scored
             bar.update(len(part))
             if start == 0:  # the first chunk pays for compilation
@@ -703,13 +769,9 @@ def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -
     seconds = time.time() - t0
     steady = (scored - first[1]) / max(seconds - first[0], 1e-9) if scored > first[1] else None
     rows.sort(key=lambda r: r["file"])
-    with (out / "predictions.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["file", "score", "decision", "threshold", "error"])
-        writer.writeheader()
-        writer.writerows(rows)
-    with (out / "predictions.jsonl").open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    fields = ["file", "score", "decision", "threshold", "error"]
+    write_output(out, "predictions.csv", csv_text(fields, rows))
+    write_output(out, "predictions.jsonl", "".join(json_text(r) + "\n" for r in rows))
     flagged = sum(r["decision"] == "anomalous" for r in rows)
     settings = {
         "model": str(s.model),
@@ -749,7 +811,7 @@ def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -
         "runtime": scorer.runtime,
         "complete": True,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_output(out, "summary.json", json_text(summary, indent=1) + "\n")
     log(
         f"{scored} images scored, {flagged} anomalous, {len(files) - scored} unreadable; "
         f"{_speed_line(scored, seconds, steady)} ({scorer.runtime}); results in {out}/ "

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments import hosts, runner
+from experiments import cli, hosts, runner
 from experiments.deploy import parse_image_size
 from protorefine_jax import RefineConfig
 from protorefine_jax.data import imageio
@@ -161,15 +161,16 @@ def main(argv: list[str]) -> None:
     """Parses flags and runs the evaluation."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
+
+    def evaluate() -> None:
         imageio.set_max_image_pixels(_MAX_IMAGE_PIXELS.value)
         settings = settings_from_flags()
         hosts.request_host_devices(settings.devices)  # before anything starts JAX
         runner.run(settings)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
-        # Bad input gets its message, not a traceback.
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+
+    status = cli.report_errors(evaluate)  # bad input: one error line, no traceback
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

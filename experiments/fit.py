@@ -24,7 +24,7 @@ import sys
 
 from absl import flags
 
-from experiments import cli, deploy
+from experiments import cli, deploy, schema
 from protorefine_jax.data import imageio
 
 # Own flag registry: fit, predict and eval define flags of the same names and
@@ -105,14 +105,13 @@ def run(argv: list[str]) -> int:
     status = cli.parse(FLAGS, argv, __doc__)
     if status is not None:
         return status
-    imageio.set_max_image_pixels(FLAGS.max_image_pixels)
-    try:
+
+    def fit() -> None:
+        schema.check_flags({"max_image_pixels": FLAGS.max_image_pixels})
+        imageio.set_max_image_pixels(FLAGS.max_image_pixels)
         deploy.fit_model(settings_from_flags())
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
-        # Bad input gets its message, not a traceback.
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.report_errors(fit)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from experiments.report import _jet
+from protorefine_jax.io.paths import write_output
 
 THUMB_SIZE = 160
 HIST_BINS = 40
@@ -371,11 +372,18 @@ def render_report(
     )
 
 
-def write_report(path: str | Path, items: Sequence[ReportItem], **kwargs: Any) -> Path:
-    """Writes `render_report(items, **kwargs)` to `path`; returns the path."""
+def write_report(
+    path: str | Path, items: Sequence[ReportItem], *, root: str | Path | None = None, **kwargs: Any
+) -> Path:
+    """Writes `render_report(items, **kwargs)` to `path`; returns the path.
+
+    `root`: the output folder `path` lies in (default: its parent); the file
+    is written by `paths.write_output` (atomic, never through a symlink below
+    `root`).
+    """
     path = Path(path)
-    path.write_text(render_report(items, **kwargs), encoding="utf-8")
-    return path
+    root = path.parent if root is None else Path(root)
+    return write_output(root, path.relative_to(root).as_posix(), render_report(items, **kwargs))
 
 
 def write_eval_report(
@@ -390,6 +398,7 @@ def write_eval_report(
     metrics: dict[str, Any],
     settings: dict[str, Any],
     chunk: int = 64,
+    root: str | Path | None = None,
 ) -> Path:
     """The page of one evaluation run (one category, method, shot count and seed).
 
@@ -407,6 +416,7 @@ def write_eval_report(
       metrics: the run's metrics.
       settings: what the page should show about the run.
       chunk: images decoded at a time.
+      root: the output folder (see `write_report`).
 
     Returns:
       `path`.
@@ -434,6 +444,7 @@ def write_eval_report(
     return write_report(
         path,
         items,
+        root=root,
         title=title,
         settings=settings,
         thresholds=[] if thr is None else [("F1-optimal (oracle)", thr)],

@@ -25,7 +25,7 @@ import sys
 
 from absl import flags
 
-from experiments import cli, deploy
+from experiments import cli, deploy, schema
 from protorefine_jax.data import imageio
 
 # Own flag registry: fit, predict and eval define flags of the same names and
@@ -88,18 +88,16 @@ def run(argv: list[str]) -> int:
     status = cli.parse(FLAGS, argv, __doc__)
     if status is not None:
         return status
-    imageio.set_max_image_pixels(FLAGS.max_image_pixels)
-    s = settings_from_flags()
-    if not (s.model and s.images and s.out):
-        print("error: --model, --images and --out are required.", file=sys.stderr)
-        return 2
-    try:
+
+    def predict() -> None:
+        s = settings_from_flags()
+        if not (s.model and s.images and s.out):
+            raise ValueError("--model, --images and --out are required.")
+        schema.check_flags({"max_image_pixels": FLAGS.max_image_pixels})
+        imageio.set_max_image_pixels(FLAGS.max_image_pixels)
         deploy.predict(s)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
-        # Bad input (ModelFormatError / ModelMismatchError are ValueErrors) gets its message.
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.report_errors(predict)
 
 
 if __name__ == "__main__":

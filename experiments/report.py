@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from protorefine_jax.data import aggregate_seeds
-from protorefine_jax.io.paths import safe_filename
+from protorefine_jax.io.paths import json_text, safe_filename, write_output
 
 METRICS = ("image_auroc", "pixel_auroc", "image_f1_max", "pixel_f1_max", "aupro")
 GROUP_KEYS = ("dataset", "category", "method", "shots")
@@ -90,9 +91,16 @@ def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Pretty JSON, numpy scalars converted."""
-    path.write_text(json.dumps(obj, indent=2, default=_to_builtin) + "\n")
+def write_json(path: Path, obj: Any, root: Path | None = None) -> None:
+    """Pretty strict JSON (numpy scalars converted, non-finite numbers as null).
+
+    `root`: the output folder `path` lies in (default: its parent); written by
+    `paths.write_output` (atomic, never through a symlink below `root`).
+    """
+    root = path.parent if root is None else root
+    obj = json.loads(json.dumps(obj, default=_to_builtin))
+    text = json_text(obj, null_nonfinite=True, indent=2)
+    write_output(root, path.relative_to(root).as_posix(), text + "\n")
 
 
 def _to_builtin(x: Any) -> Any:
@@ -143,13 +151,21 @@ def save_overlays(
     masks: np.ndarray,
     names: Sequence[str],
     value_range: tuple[float, float],
+    root: Path | None = None,
 ) -> list[str]:
-    """Writes one overlay PNG per image; returns the file names."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Writes one overlay PNG per image; returns the file names.
+
+    `root`: the output folder `folder` lies in (default: `folder`); files are
+    written by `paths.write_output` (never through a symlink below `root`).
+    """
+    root = folder if root is None else root
+    sub = folder.relative_to(root).as_posix()
     files = []
     for img, amap, mask, name in zip(images, maps, masks, names, strict=True):
         stem = name.replace("/", "_").rsplit(".", 1)[0]
-        path = folder / (safe_filename(f"{prefix}_{stem}") + ".png")
-        Image.fromarray(overlay(img, amap, mask, *value_range)).save(path)
-        files.append(path.name)
+        file = safe_filename(f"{prefix}_{stem}") + ".png"
+        png = io.BytesIO()
+        Image.fromarray(overlay(img, amap, mask, *value_range)).save(png, "PNG")
+        write_output(root, file if sub == "." else f"{sub}/{file}", png.getvalue())
+        files.append(file)
     return files

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import platform
 import tempfile
@@ -37,7 +36,14 @@ from protorefine_jax.detectors import (
     describe_banks,
     patchcore,
 )
-from protorefine_jax.io.paths import OutputDir, clear_outputs, open_output_dir
+from protorefine_jax.io.paths import (
+    OutputDir,
+    clear_outputs,
+    json_text,
+    open_output,
+    open_output_dir,
+    write_output,
+)
 from protorefine_jax.metrics import evaluate, evaluate_known_masks
 
 
@@ -446,13 +452,13 @@ class Outputs:
     def add(self, row: dict[str, Any], test: dict[str, Any], result) -> None:
         """Keeps the row and appends the per-image scores."""
         if self.scores is None:
-            self.scores = (self.workdir / "scores.jsonl").open("w")
+            self.scores = open_output(self.workdir, "scores.jsonl")
         self.rows.append(row)
         line = {key: row[key] for key in (*report.GROUP_KEYS, "seed")}
         line.update(
             files=test["names"], labels=test["labels"].tolist(), scores=result.image_scores.tolist()
         )
-        self.scores.write(json.dumps(line) + "\n")
+        self.scores.write(json_text(line, null_nonfinite=True) + "\n")
 
     def overlays(self, prefix: str, data, test: dict[str, Any], shown, result) -> None:
         """Heatmap overlays of the `shown` test images, one colour scale per run."""
@@ -468,12 +474,12 @@ class Outputs:
             test["masks"][shown],
             [test["names"][i] for i in shown],
             value_range,
+            root=self.workdir,
         )
 
     def page(self, prefix: str, data, test: dict[str, Any], result, row: dict[str, Any]) -> None:
         """`reports/<prefix>.html`: every test image of one run, with labels and metrics."""
         folder = self.workdir / "reports"
-        folder.mkdir(exist_ok=True)
         keys = ("dataset", "category", "method", "shots", "seed", "support", "bank_size")
         html_report.write_eval_report(
             folder / f"{prefix}.html",
@@ -486,6 +492,7 @@ class Outputs:
             metrics={k: v for k, v in row.items() if k in report.METRICS or k.startswith("pixel_")}
             | {k: row[k] for k in ("defective_images", "defective_with_mask") if k in row},
             settings={k: row[k] for k in keys},
+            root=self.workdir,
         )
 
 
@@ -628,7 +635,7 @@ def _run(s: Settings, methods, workdir: Path, resolved, out: Outputs) -> dict[st
     }
     report.write_json(workdir / "results.json", results)
     report.write_json(workdir / "config.json", resolved)
-    (workdir / "results.md").write_text(table)
+    write_output(workdir, "results.md", table)
     print(table)
     print(f"results in {workdir}/ (results.json, results.md, scores.jsonl, heatmaps/, reports/)")
     return results

@@ -13,9 +13,12 @@ Layout of a model directory (`save_model` writes it, `load_model` reads it):
 
 The state pytree's structure is stored as JSON: dicts, lists, tuples, None,
 Python scalars, arrays, and NamedTuple / dataclass nodes whose class is
-re-imported by name on load only from an allow-list of module prefixes
-(`protorefine_jax.` by default), so a model directory handed over by someone
-else cannot make the loader import or run anything else.
+re-imported by name on load only from an explicit list of named classes
+(`ALLOWED_CLASSES`), so a model directory handed over by someone else cannot
+make the loader import or run anything else. `model.json` is read as strict
+JSON (no NaN / Infinity, bounded size and nesting) and every file it lists
+must be a plain name inside the directory; files are written atomically and
+never through a symlink (`paths.write_output`).
 
 `check_matches(manifest, expected)` compares what a caller is about to run
 with (configuration, backbone, weights hash, image size) against what the
@@ -37,13 +40,24 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save
+
+from protorefine_jax.io.paths import json_text, write_output
 
 FORMAT = "protorefine_jax.model/1"
 MANIFEST = "model.json"
 ARRAYS = "state.safetensors"
 MAX_MANIFEST_BYTES = 16 << 20
-DEFAULT_ALLOWED_MODULES = ("protorefine_jax.",)
+MAX_STATE_DEPTH = 64
+# The classes a state may name: those of the library detectors' states.
+ALLOWED_CLASSES = (
+    "protorefine_jax.detectors.base:DetectorState",
+    "protorefine_jax.bank:MemoryBank",
+    "protorefine_jax.calibration:ScoreCalibration",
+    "protorefine_jax.config:RefineConfig",
+    "protorefine_jax.clip.winclip:WinClipConfig",
+    "protorefine_jax.clip.winclip:WinClipBanks",
+)
 # A file name in a model directory: no folders, no hidden files.
 _SAFE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -146,14 +160,14 @@ def encode_tree(tree: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return enc(tree, "state"), arrays
 
 
-def _resolve_class(name: str, allowed: tuple[str, ...]) -> type:
-    module, _, qualname = name.partition(":")
-    if not qualname or not any(module.startswith(p) or module == p.rstrip(".") for p in allowed):
+def _resolve_class(name: Any, allowed: tuple[str, ...]) -> type:
+    if not isinstance(name, str) or name not in allowed:
         raise ModelFormatError(
-            f"the model's state names class {name!r}, outside the allowed modules {allowed}; "
-            "refusing to import it. Fit the model with this package, or pass the module "
-            "prefix in allowed_modules if you trust the directory."
+            f"the model's state names class {str(name)[:200]!r}, outside the allowed classes "
+            f"{list(allowed)}; refusing to import it. Fit the model with this package, or pass "
+            "the class in allowed_classes if you trust the directory."
         )
+    module, _, qualname = name.partition(":")
     try:
         obj: Any = importlib.import_module(module)
         for part in qualname.split("."):
@@ -171,21 +185,30 @@ def _resolve_class(name: str, allowed: tuple[str, ...]) -> type:
 def decode_tree(
     structure: dict[str, Any],
     arrays: dict[str, np.ndarray],
-    allowed_modules: tuple[str, ...] = DEFAULT_ALLOWED_MODULES,
+    allowed_classes: tuple[str, ...] = ALLOWED_CLASSES,
 ) -> Any:
-    """Inverse of `encode_tree`; classes only from `allowed_modules`."""
+    """Inverse of `encode_tree`; classes only from `allowed_classes`."""
 
-    def dec(node: Any, where: str) -> Any:
-        if not isinstance(node, dict) or "type" not in node:
+    def get(node: dict, key: str, kind: type, where: str) -> Any:
+        value = node.get(key)
+        if not isinstance(value, kind):
+            raise ModelFormatError(f"{where}: malformed state structure in {MANIFEST} ({key!r}).")
+        return value
+
+    def dec(node: Any, where: str, depth: int = 0) -> Any:
+        if not isinstance(node, dict) or "type" not in node or depth > MAX_STATE_DEPTH:
             raise ModelFormatError(f"{where}: malformed state structure in {MANIFEST}.")
         kind = node["type"]
         if kind == "none":
             return None
         if kind == "scalar":
-            return node["value"]
+            value = node.get("value")
+            if not isinstance(value, bool | int | float | str):
+                raise ModelFormatError(f"{where}: malformed scalar in {MANIFEST}.")
+            return value
         if kind == "array":
             key = node.get("key")
-            if key not in arrays:
+            if not isinstance(key, str) or key not in arrays:
                 raise ModelFormatError(f"{where}: array {key!r} is missing from {ARRAYS}.")
             arr = arrays[key]
             if str(arr.dtype) != node.get("dtype") or list(arr.shape) != node.get("shape"):
@@ -195,16 +218,21 @@ def decode_tree(
                 )
             return arr
         if kind in ("list", "tuple"):
-            items = [dec(v, f"{where}[{i}]") for i, v in enumerate(node["items"])]
+            items = [
+                dec(v, f"{where}[{i}]", depth + 1)
+                for i, v in enumerate(get(node, "items", list, where))
+            ]
             return items if kind == "list" else tuple(items)
         if kind == "dict":
-            return {k: dec(v, f"{where}[{k!r}]") for k, v in node["items"].items()}
+            items = get(node, "items", dict, where)
+            return {k: dec(v, f"{where}[{k!r}]", depth + 1) for k, v in items.items()}
         if kind in ("namedtuple", "dataclass"):
-            cls = _resolve_class(node["class"], allowed_modules)
+            cls = _resolve_class(node.get("class"), allowed_classes)
             ok = hasattr(cls, "_fields") if kind == "namedtuple" else dataclasses.is_dataclass(cls)
             if not ok:
                 raise ModelFormatError(f"{where}: {node['class']} is not a {kind}.")
-            fields = {k: dec(v, f"{where}.{k}") for k, v in node["fields"].items()}
+            fields = get(node, "fields", dict, where)
+            fields = {k: dec(v, f"{where}.{k}", depth + 1) for k, v in fields.items()}
             try:
                 return cls(**fields)
             except TypeError as e:
@@ -212,7 +240,7 @@ def decode_tree(
                     f"{where}: cannot rebuild {node['class']} ({e}); the model was written by "
                     "another version of the package. Refit it."
                 ) from e
-        raise ModelFormatError(f"{where}: unknown node type {kind!r} in {MANIFEST}.")
+        raise ModelFormatError(f"{where}: unknown node type {str(kind)[:40]!r} in {MANIFEST}.")
 
     return dec(structure, "state")
 
@@ -268,10 +296,9 @@ def save_model(
         _check_file_name(name)
     structure, arrays = encode_tree(state)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(arrays, str(out / ARRAYS))
-    files = {ARRAYS: file_sha256(out / ARRAYS)}
-    for name, blob in extra_files.items():
-        (out / name).write_bytes(blob)
+    files = {}
+    for name, blob in {ARRAYS: save(arrays), **extra_files}.items():
+        write_output(out, name, blob)
         files[name] = hashlib.sha256(blob).hexdigest()
     manifest = {
         "format": FORMAT,
@@ -281,7 +308,7 @@ def save_model(
         "state": structure,
         "files": files,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    write_output(out, MANIFEST, json_text(manifest, indent=1) + "\n")
     return out
 
 
@@ -294,24 +321,44 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
             f"model directory {root} does not exist; make one with "
             "`python -m experiments.fit --support_dir=... --out=...`."
         )
-    if not man.is_file():
+    if man.is_symlink() or not man.is_file():
         raise ModelFormatError(f"{root} has no {MANIFEST}: it is not a model directory.")
     size = man.stat().st_size
     if size > MAX_MANIFEST_BYTES:
         raise ModelFormatError(f"{man} is {size} bytes (limit {MAX_MANIFEST_BYTES}); not a model.")
     try:
-        manifest = json.loads(man.read_text())
+        manifest = json.loads(man.read_bytes().decode("utf-8"), parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFormatError(f"{man} is not valid JSON ({e}); the directory is corrupt.") from e
+    except RecursionError as e:
+        raise ModelFormatError(f"{man} is nested too deeply; the directory is corrupt.") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise ModelFormatError(
             f"{man} has format {got!r}; this version reads {FORMAT!r}. Refit the model."
         )
-    for key in ("metadata", "state", "files"):
-        if key not in manifest:
-            raise ModelFormatError(f"{man} lacks {key!r}; the directory is corrupt.")
+    for key, kind in (("metadata", dict), ("state", dict), ("files", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ModelFormatError(f"{man} lacks the object {key!r}; the directory is corrupt.")
+    for name, digest in manifest["files"].items():
+        try:
+            if name != ARRAYS:
+                _check_file_name(name)
+        except ValueError as e:
+            raise ModelFormatError(f"{man}: {e}") from e
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise ModelFormatError(f"{man}: the SHA-256 of {name!r} is malformed.")
+    for key in ("package_version", "created"):
+        if not isinstance(manifest.get(key, ""), str):
+            raise ModelFormatError(f"{man}: {key!r} is not text; the directory is corrupt.")
     return manifest
+
+
+def _no_constant(name: str) -> None:
+    raise ModelFormatError(
+        f"{MANIFEST} holds {name}; a model never records a non-finite number. The file was "
+        "changed or written by another tool: refit the model."
+    )
 
 
 def _verified_path(root: Path, manifest: dict[str, Any], name: str) -> Path:
@@ -322,8 +369,11 @@ def _verified_path(root: Path, manifest: dict[str, Any], name: str) -> Path:
     if name != ARRAYS:
         _check_file_name(name)
     file = root / name
-    if not file.is_file():
-        raise ModelFormatError(f"{file} is listed in {MANIFEST} but missing.")
+    if file.is_symlink() or not file.is_file():
+        raise ModelFormatError(
+            f"{file} is listed in {MANIFEST} but missing or not a plain file (a symlink could "
+            "point outside the model directory); the directory is corrupt."
+        )
     digest = file_sha256(file)
     if digest != files[name]:
         raise ModelFormatError(
@@ -340,20 +390,20 @@ def read_file(path: str | os.PathLike, name: str) -> bytes:
 
 
 def load_model(
-    path: str | os.PathLike, allowed_modules: tuple[str, ...] = DEFAULT_ALLOWED_MODULES
+    path: str | os.PathLike, allowed_classes: tuple[str, ...] = ALLOWED_CLASSES
 ) -> LoadedModel:
     """Reads a model directory written by `save_model`.
 
     Args:
       path: the directory.
-      allowed_modules: module prefixes whose classes the state may name.
+      allowed_classes: `"module:QualName"` of the classes the state may name.
 
     Returns:
       The `LoadedModel`.
 
     Raises:
       ModelFormatError: missing or corrupt files, another format, a class
-        outside `allowed_modules`.
+        outside `allowed_classes`.
     """
     root = Path(path)
     manifest = read_manifest(root)
@@ -363,7 +413,7 @@ def load_model(
             arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except Exception as e:  # safetensors raises its own error types
         raise ModelFormatError(f"cannot read {file}: {e}") from e
-    state = decode_tree(manifest["state"], arrays, allowed_modules)
+    state = decode_tree(manifest["state"], arrays, allowed_classes)
     version = package_version()
     note = None
     if manifest.get("package_version") != version:

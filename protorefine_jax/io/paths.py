@@ -26,11 +26,17 @@ reject).
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import dataclasses
 import errno
 import fnmatch
+import io
+import json
+import math
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -248,3 +254,184 @@ def clear_outputs(folder: str | os.PathLike, outputs: Sequence[str]) -> tuple[li
         if sub.is_dir() and not sub.is_symlink() and not any(sub.iterdir()):
             sub.rmdir()
     return sorted(removed), sorted(kept)
+
+
+# --------------------------------------------------------------------------- listing
+
+
+class TooManyFilesError(ValueError):
+    """A folder or glob lists more paths than the listing bound."""
+
+
+MAX_LISTED_PATHS = 1_000_000
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A regex of a POSIX glob pattern relative to its folder (``**`` spans folders)."""
+    out = []
+    parts = pattern.split("/")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append(".*" if last else "(?:.*/)?")
+            continue
+        # fnmatch.translate ends with \Z and wraps in (?s:...); '*' must not cross '/'.
+        body = fnmatch.translate(part)[4:-3].replace(".*", "[^/]*")
+        out.append(body + ("" if last else "/"))
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
+
+
+def list_files(spec: str | os.PathLike, limit: int | None = None) -> tuple[Path, list[Path]]:
+    """``(root, files)`` of a folder (recursively) or a glob pattern, sorted.
+
+    Symlinked folders are not descended into (a link loop such as ``a -> .``
+    cannot make the listing endless), and at most ``limit`` paths
+    (``MAX_LISTED_PATHS``) are looked at.
+
+    Args:
+      spec: a directory, or a glob pattern (``*``, ``?``, ``[..]``, ``**``).
+      limit: the bound on paths looked at.
+
+    Returns:
+      The folder the names are relative to (the directory, or the glob's fixed
+      prefix) and the regular files (symlinks to files included) that match.
+
+    Raises:
+      TooManyFilesError: more than ``limit`` paths (the message says how to narrow it).
+    """
+    limit = MAX_LISTED_PATHS if limit is None else limit
+    spec = os.fspath(spec)
+    depth = None  # how deep the pattern reaches (None: any depth)
+    if Path(spec).is_dir():
+        root, regex = Path(spec), None
+    else:
+        head = re.split(r"[*?\[]", spec, maxsplit=1)[0]
+        if head == spec:  # no wildcard: one file
+            return Path(spec).parent, [Path(spec)] if Path(spec).is_file() else []
+        cut = len(head) - len(head.rsplit(os.sep, 1)[-1])
+        root, rest = Path(head[:cut] or "."), spec[cut:].replace(os.sep, "/")
+        regex = _glob_regex(rest)
+        depth = None if "**" in rest else rest.count("/")
+    files, seen = [], 0
+    for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False
+        seen += len(dirnames) + len(filenames)
+        if seen > limit:
+            raise TooManyFilesError(
+                f"{spec!r} lists more than {limit} paths; refusing to go on. Fix: pass a "
+                "narrower folder or glob pattern."
+            )
+        here = Path(dirpath)
+        if depth is not None and len(here.relative_to(root).parts) >= depth:
+            dirnames.clear()
+        for name in filenames:
+            path = here / name
+            rel = path.relative_to(root).as_posix()
+            if (regex is None or regex.match(rel)) and path.is_file():
+                files.append(path)
+    return root, sorted(files)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def safe_text(value: object, null_nonfinite: bool = False) -> object:
+    """``value`` with every string (also dict keys) made valid UTF-8 by :func:`json_safe_text`.
+
+    With ``null_nonfinite``, NaN and infinite floats become None.
+    """
+    if isinstance(value, str):
+        return json_safe_text(value)
+    if isinstance(value, float) and null_nonfinite and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {safe_text(k): safe_text(v, null_nonfinite) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [safe_text(v, null_nonfinite) for v in value]
+    return value
+
+
+def json_text(obj: object, null_nonfinite: bool = False, **kwargs) -> str:
+    """Strict JSON of ``obj``: valid UTF-8 strings; NaN / infinity refused (ValueError) or null."""
+    return json.dumps(safe_text(obj, null_nonfinite), allow_nan=False, **kwargs)
+
+
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(fieldnames: Sequence[str], rows: Sequence[dict]) -> str:
+    """CSV of ``rows``; a cell a spreadsheet would run as a formula gets a leading ``'``."""
+
+    def cell(v: object) -> object:
+        if isinstance(v, str):
+            v = json_safe_text(v)
+            return "'" + v if v.startswith(FORMULA_PREFIXES) else v
+        return v
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fieldnames))
+    writer.writeheader()
+    writer.writerows({k: cell(v) for k, v in row.items()} for row in rows)
+    return buf.getvalue()
+
+
+class UnsafeOutputError(ValueError):
+    """An output file would be written through a symlink (outside its output folder)."""
+
+
+def output_path(root: str | os.PathLike, name: str) -> Path:
+    """``root / name`` checked for writing; its missing sub-folders are created.
+
+    ``name`` is relative and stays inside ``root``; no component below
+    ``root`` (sub-folder or the file itself) may be a symlink, so that nothing
+    is written outside the output folder. ``root`` itself may be a link.
+
+    Raises:
+      UnsafePathError: ``name`` leaves ``root``.
+      UnsafeOutputError: a component is a symlink or a sub-folder is a file.
+    """
+    check_relative(name, "output file")
+    path = Path(root)
+    parts = PurePosixPath(name).parts
+    for i, part in enumerate(parts):
+        path = path / part
+        if path.is_symlink():
+            raise UnsafeOutputError(
+                f"{path} is a symlink; outputs are never written through links (they could "
+                f"point outside {root}). Fix: remove the link, or pick a new output folder."
+            )
+        if i < len(parts) - 1:
+            if path.exists() and not path.is_dir():
+                raise UnsafeOutputError(f"{path} should be a folder of outputs but is a file.")
+            path.mkdir(exist_ok=True)
+    return path
+
+
+def write_output(root: str | os.PathLike, name: str, data: bytes | str) -> Path:
+    """Writes ``data`` to ``root / name`` atomically (temporary file, then rename).
+
+    The path is checked by :func:`output_path`; text is written as UTF-8
+    after :func:`json_safe_text`. A write that fails leaves no partial file.
+
+    Returns:
+      The path written.
+    """
+    path = output_path(root, name)
+    if isinstance(data, str):
+        data = json_safe_text(data).encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def open_output(root: str | os.PathLike, name: str):
+    """``root / name`` opened for writing text as it goes, after :func:`output_path`."""
+    path = output_path(root, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    return os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace")
