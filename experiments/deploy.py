@@ -81,7 +81,7 @@ class FitSettings:
     seed: int = 0
     false_alarm_rate: float = 0.05
     margin: float = 0.0
-    views: int = 16
+    views: int = 4
     calibration_dir: str | None = None
     export: bool = False
     batch_size: int = 8
@@ -245,7 +245,9 @@ def build_detector(s: FitSettings):
 
     if s.method not in METHODS:
         raise ValueError(f"unknown --method {s.method!r}; fit supports {sorted(METHODS)}.")
-    detector = PatchCore.create(s.backbone, s.aggregation, s.image_size, alpha=s.alpha)
+    detector = PatchCore.create(
+        s.backbone, s.aggregation, s.image_size, alpha=s.alpha, views=s.views
+    )
     params = detector.load_params(s.weights)
     config = detector.config(use_refinement=METHODS[s.method], **dict(s.refine))
     return detector, params, config
@@ -331,7 +333,10 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
     feats = np.concatenate(
         [np.asarray(detector.features(params, b)) for b in _pad_chunks(support, s.batch_size)]
     )[:k]
-    state = detector.fit_features(feats)
+    views = None
+    if detector.views:
+        views = np.stack([detector.view_features(params, support[i : i + 1])[0] for i in range(k)])
+    state = detector.fit_features(feats, views=views, config=config)
     log(
         f"fitted {s.method} on {k} image(s) from {root}: "
         + "; ".join(b.describe() for b in state.banks)
@@ -343,22 +348,21 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
         maps = np.concatenate([np.asarray(o.maps) for o in out])[: len(images)]
         return scores, maps
 
-    if k >= 2:
-        cal_scores, cal_maps = [], []
-        for i in range(k):
-            st = detector.fit_features(np.delete(feats, i, axis=0))
-            sc, mp = score_state(st, support[i : i + 1])
-            cal_scores.append(sc[0])
-            cal_maps.append(mp[0])
-        normal = threshold_lib.normal_threshold(
-            np.array(cal_scores), s.false_alarm_rate, s.margin, "leave_one_out"
+    # Each support image's held-out score, in the deployed detector's units.
+    held_out = np.asarray(state.support_scores, np.float64)
+    outliers = threshold_lib.outlying(held_out)
+    names = [relative_name(root, f) for f in files]
+    for i in np.flatnonzero(outliers):
+        log(
+            f"warning: support image {names[i]} scores {held_out[i]:.3g} held out, far above the "
+            f"others (median {np.median(np.delete(held_out, i)):.3g}). It may be a defective, "
+            "stray or badly lit image: check it, or remove it and fit again. It is left out "
+            "of the threshold."
         )
-    else:
-        views = threshold_lib.augment_views(support[0], s.views, seed=s.seed)
-        cal_scores, cal_maps = score_state(state, views)
-        normal = threshold_lib.normal_threshold(
-            cal_scores, s.false_alarm_rate, s.margin, "augmented_views"
-        )
+    normal = threshold_lib.normal_threshold(
+        held_out[~outliers], s.false_alarm_rate, s.margin, "held_out"
+    )
+    _, cal_maps = score_state(state, support)
     log(normal.describe())
     thresholds = {"normal_only": normal.to_dict()}
     active = normal
@@ -391,7 +395,10 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
         },
         "threshold": active.to_dict(),
         "thresholds": thresholds,
-        "threshold_calibration": {"scores": [float(x) for x in np.ravel(cal_scores)]},
+        "threshold_calibration": {
+            "scores": [float(x) for x in held_out],
+            "outliers": [names[i] for i in np.flatnonzero(outliers)],
+        },
         "calibration": calibration,
         "map_scale": map_scale,
         "fit_seconds": round(time.time() - t0, 3),
@@ -404,7 +411,9 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
     schema.check_metadata(meta)  # what predict will accept, checked before writing
     if s.overwrite:
         clear_earlier_outputs(out, FIT_OUTPUTS, log)
-    model_dir.save_model(out, state, meta, extra_files=extra, overwrite=s.overwrite)
+    # The config and support scores are model.json's: the state file keeps arrays only.
+    saved = state._replace(calibrated_under=None, support_scores=None)
+    model_dir.save_model(out, saved, meta, extra_files=extra, overwrite=s.overwrite)
     log(f"model written to {s.out}/ ({', '.join([model_dir.MANIFEST, model_dir.ARRAYS, *extra])})")
     return meta
 
@@ -571,8 +580,11 @@ def _library_scorer(path, meta, size: int, weights: str | None) -> Scorer:
     cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["config"].items()}
     config = type(detector.config())(**cfg)
 
+    # The calibration in the state was measured under the config fit recorded.
+    state = loaded.state._replace(calibrated_under=config)
+
     def score(images):
-        out = detector.score(params, loaded.state, images, config)
+        out = detector.score(params, state, images, config)
         return np.asarray(out.image_scores), np.asarray(out.maps)
 
     return Scorer(score=score, runtime="library", image_size=size)

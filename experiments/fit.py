@@ -10,11 +10,14 @@ version, support files, the decision threshold and how it was derived),
 `state.safetensors` (every array of the detector's state) and, with
 `--export`, `detector.jaxexport` (the compiled detector, bank baked in).
 
-The threshold: with only good images, leave-one-out scores of the support
-images (k >= 2) or scores of augmented views (k = 1), and the split-conformal
-order statistic for `--false_alarm_rate` (`protorefine_jax.threshold`);
-with `--calibration_dir` (MVTec test layout: good/ and defect folders), the
-F1-optimal threshold on those images instead.
+The threshold: with only good images, each good image's held-out score in
+the model's own units (its quadrants against a bank without them, and with
+k >= 2 the whole image against a bank of the others, each also for nuisance
+views of it: `protorefine_jax.calibration.support_image_scores`), an image
+far above the others named and left out (`threshold.outlying`), and the
+split-conformal order statistic for `--false_alarm_rate`
+(`protorefine_jax.threshold`); with `--calibration_dir` (MVTec test layout:
+good/ and defect folders), the F1-optimal threshold on those images instead.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ _define_string(
 )
 _define_float("alpha", None, "Coreset ratio (default 0.05).")
 _define_integer("shots", 0, "Support images to draw (seeded); 0 = every image given.")
-_define_integer("seed", 0, "Seed of the --shots draw and of the augmented views.")
+_define_integer("seed", 0, "Seed of the --shots draw.")
 _define_float(
     "false_alarm_rate",
     0.05,
@@ -66,7 +69,12 @@ _define_float(
     "threshold (the achievable bound is 1/(n+1) with n calibration scores).",
 )
 _define_float("margin", 0.0, "Relative margin added to the normal-only threshold.")
-_define_integer("views", 16, "Augmented views for the threshold when k = 1.")
+_define_integer(
+    "views",
+    4,
+    "Nuisance views of each good image (small shift, rotation, light change) scored in the "
+    "calibration and threshold hold-outs; 0: the good images' quadrants only.",
+)
 _define_string(
     "calibration_dir",
     None,

@@ -236,6 +236,7 @@ class Host:
         self.alpha = detector.alpha
         self.context = None
         self.support = None  # the support features of the last `fit`
+        self.views = None  # and of their nuisance views
 
     def describe(self) -> dict[str, Any]:
         """What the results should record about the features."""
@@ -254,10 +255,17 @@ class Host:
             self.mesh,
         )
 
-    def fit(self, support_features: Any) -> DetectorState:
+    def view_features(self, images: np.ndarray) -> Any:
+        """`[N, V, ...]` features of the images' nuisance views (None: the detector uses none)."""
+        return self.detector.view_features(self._placed_params, images)
+
+    def fit(self, support_features: Any, views: Any = None) -> DetectorState:
         """The detector's state from the support features (banks, calibration)."""
-        self.support = support_features  # a method with other refinement settings recalibrates
-        return self.detector.fit_features(support_features, alpha=self.alpha, context=self.context)
+        # A method with other refinement settings recalibrates from these.
+        self.support, self.views = support_features, views
+        return self.detector.fit_features(
+            support_features, views=views, alpha=self.alpha, context=self.context
+        )
 
     def calibrated_state(self, state: DetectorState, config: Any) -> DetectorState:
         """`state` with the calibration of `config`'s refinement (PatchCore+/WinCLIP+ ablations)."""
@@ -272,7 +280,7 @@ class Host:
                 "this config needs its own calibration, from the support features: "
                 "fit the state with Host.fit (it keeps them), not with the detector directly."
             )
-        cal = self.detector.calibrate(self.support, config, alpha=self.alpha)
+        cal = self.detector.calibrate(self.support, config, views=self.views, alpha=self.alpha)
         return state._replace(calibration=cal, calibrated_under=config)
 
     def config(self, fields: dict[str, Any], method: Method) -> Any:

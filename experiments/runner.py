@@ -271,10 +271,10 @@ def machine_info() -> dict[str, Any]:
 
 
 class SupportCache:
-    """Support features per image file, extracted once per host and category."""
+    """Support features per image file (and of its nuisance views), extracted once per category."""
 
     def __init__(self, host, data):
-        self.host, self.data, self.feats = host, data, {}
+        self.host, self.data, self.feats, self.view_feats = host, data, {}, {}
 
     def __call__(self, paths) -> Any:
         """`[k, ...]` features (a pytree for CLIP) of the support files `paths`."""
@@ -284,6 +284,17 @@ class SupportCache:
             for i, p in enumerate(todo):
                 self.feats[p] = take(feats, i)
         return stack([self.feats[p] for p in paths])
+
+    def views(self, paths) -> Any:
+        """`[k, V, ...]` features of the files' nuisance views; None if the detector uses none."""
+        todo = [p for p in paths if p not in self.view_feats]
+        if todo:
+            feats = self.host.view_features(self.data.load_images(todo))
+            for i, p in enumerate(todo):
+                self.view_feats[p] = None if feats is None else feats[i]
+        if any(self.view_feats[p] is None for p in paths):
+            return None
+        return np.stack([np.asarray(self.view_feats[p]) for p in paths])
 
 
 def load_data(s: Settings, dataset: str, root: Path, category: str, image_size: int = 256):
@@ -515,7 +526,7 @@ def run_category(s, dataset, root, category, family, host, methods, out: Outputs
     for k in s.shots:
         for seed in s.seeds:
             support = sample_support(data.train_good, k, seed, root=data.root)
-            state = host.fit(support_features(support.paths))
+            state = host.fit(support_features(support.paths), support_features.views(support.paths))
             if bank_degenerate(state) and seed == s.seeds[0]:
                 logging.warning("%s, %d-shot: %s", category, k, describe_banks(state))
             for method in methods:

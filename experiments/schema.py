@@ -191,7 +191,7 @@ SHA256 = Text(pattern=r"[0-9a-f]{64}")
 # Every setting a flag of fit / predict sets, with its one range.
 FLAGS: dict[str, Field] = {
     "batch_size": Int(1, 1024),
-    "views": Int(2, 1024),
+    "views": Int(0, 64),
     "shots": Int(0, 100_000),
     "seed": Int(0, 2**31 - 1),
     "max_image_pixels": Int(1, 1_000_000_000),
@@ -236,7 +236,7 @@ _THRESHOLD = Dict(
     {
         "value": SCORE,
         "kind": Text(choices=("normal_only", "f1")),
-        "source": Text(choices=("leave_one_out", "augmented_views", "calibration")),
+        "source": Text(choices=("held_out", "leave_one_out", "augmented_views", "calibration")),
         "num_scores": Int(0, 10_000_000),
         "rank": Optional(Int(0, 10_000_000)),
         "margin": FLAGS["margin"],
@@ -286,8 +286,9 @@ METADATA = Dict(
                 "feature_dim": Int(1, 65_536),
                 "grid": List(Int(1, 1024), length=2),
                 "image_size": AnyOf(IMAGE_SIDE, List(IMAGE_SIDE, length=2)),
+                "views": Int(0, 64),
             },
-            optional=("image_size",),
+            optional=("image_size", "views"),
         ),
         # weights: "random", "shipped" or the file fit was given (a label only:
         # predict never opens a path read from model.json).
@@ -304,7 +305,9 @@ METADATA = Dict(
         "support": Dict({"dir": Text(), "files": _FILES, "sha256": List(SHA256, max_len=100_000)}),
         "threshold": _THRESHOLD,
         "thresholds": Dict({"normal_only": _THRESHOLD, "f1": _THRESHOLD}, optional=("f1",)),
-        "threshold_calibration": Dict({"scores": List(SCORE, max_len=100_000)}),
+        "threshold_calibration": Dict(
+            {"scores": List(SCORE, max_len=100_000), "outliers": _FILES}, optional=("outliers",)
+        ),
         "calibration": Optional(
             Dict(
                 {

@@ -3,26 +3,36 @@
 The refined score (distance to the refined prototypes `R = W M`) and the
 host score (distance to the nearest bank prototype) flag different patches:
 the refined one what the bank cannot reconstruct, the host one what lies far
-from every prototype. Which is better depends on the data (issue 14,
-RESULTS.md "Calibrated fusion"), and nothing in a few normal images says which.
-So PatchCore+ keeps both: each is standardised by its own distribution on
-HELD-OUT SUPPORT patches (robust z-score: median and interquartile range,
-the standard location and scale of skewed scores), and a patch scores the
-larger of the two,
+from every prototype. Which is better depends on the data (docs/method.md,
+"Scoring"), and nothing in a few normal images says which. So PatchCore+
+keeps both: each is standardised by its own distribution on HELD-OUT SUPPORT
+patches (robust z-score: median and interquartile range, the standard
+location and scale of skewed scores), and a patch scores the larger of the
+two,
 
     s_j = max((h_j - med_h) / iqr_h, (r_j - med_r) / iqr_r).
 
 A refinement that adds nothing then costs little, and one that helps keeps
-most of its gain (RESULTS.md "Calibrated PatchCore+": mean/std scaling and
-other quantiles give the same picture, within 0.25 AUROC points worst-case).
+most of its gain.
 
 Held-out patches (`holdout_splits`): each quadrant of each support image is
 scored against a bank built, by the same coreset, from every other support
-patch (the other quadrants of its image and all other images). This exists at
-1 shot, uses the support images only, and is the same rule at every shot
-count. The held-out queries are refined under the ridge the real bank uses
-(`ridge_wide` iff the real bank has `n >= c`), so calibration and scoring see
-the same regime.
+patch (the other quadrants of its image and all other images), and so is
+the same quadrant of `VIEWS` nuisance views of the image (`nuisance_views`:
+a small shift and rotation, a gain and offset of the grey levels), which
+stand in for the next good part differing from this one by pose and light.
+This exists at 1 shot, uses the support images only, and is the same rule at
+every shot count. The held-out queries are refined under the ridge the real
+bank uses (`ridge_wide` iff the real bank has `n >= c`), so calibration and
+scoring see the same regime.
+
+Each support image also gets a held-out IMAGE score in the units of the
+deployed detector (`support_image_scores`): the largest score of its
+quadrant hold-outs and, with `k >= 2`, of the image scored against a bank of
+the other images (`cross_image_units`), over the original and its views. A
+decision threshold derived from these compares like with like: they are
+scores of the deployed calibration, not of detectors refitted on fewer
+images.
 
 Everything here is pure: numpy/JAX arrays in, arrays out; no I/O.
 """
@@ -30,6 +40,7 @@ Everything here is pure: numpy/JAX arrays in, arrays out; no I/O.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import NamedTuple
 
 import jax
@@ -43,8 +54,12 @@ from protorefine_jax.coreset import coreset_size, greedy_coreset
 from protorefine_jax.gram import gram_system, matmul_precision
 from protorefine_jax.refine import refine
 from protorefine_jax.scoring import base_patch_scores, refined_patch_scores
+from protorefine_jax.threshold import augment_views
 
 _TINY = 1e-12
+
+VIEWS = 4
+"""Nuisance views per support image in the calibration hold-outs (0: originals only)."""
 
 
 class ScoreCalibration(NamedTuple):
@@ -327,6 +342,129 @@ def held_out_scores(
     return host[:, 0].reshape(-1), refined[:, 0].reshape(-1)
 
 
+def nuisance_views(images: np.ndarray, count: int = VIEWS) -> np.ndarray:
+    """`count` nuisance views of each support image (`threshold.augment_views`).
+
+    Each image's views are seeded by a checksum of its pixels, so an image
+    gets the same views whatever its position in the support set and
+    whichever tool fits the detector.
+
+    Args:
+      images: `[k, H, W, 3]` support images in [0, 255].
+      count: views per image, >= 1.
+
+    Returns:
+      `[k, count, H, W, 3]` uint8.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [k, H, W, 3], got shape {images.shape}.")
+    seeds = [zlib.crc32(np.ascontiguousarray(im).tobytes()) for im in images]
+    return np.stack(
+        [augment_views(im, count, seed) for im, seed in zip(images, seeds, strict=True)]
+    )
+
+
+def cross_image_units(
+    support: Float[Array, "k m c"],
+    alpha: float,
+    config: RefineConfig,
+    views: Float[Array, "k v m c"] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Host and refined scores of each whole support image against a bank of the others.
+
+    The hold-out of a new part: image `i` (and its views) against the coreset
+    of the other `k - 1` images, refined under the real bank's ridge.
+
+    Args:
+      support: `[k, m, c]` support patch features, `k >= 2`.
+      alpha: coreset ratio of the real bank.
+      config: the scoring config (its refinement settings are used).
+      views: optional `[k, V, m, c]` nuisance-view features.
+
+    Returns:
+      `(host, refined)`, each `[k, 1 + V, m]` float64.
+    """
+    support = np.asarray(support)
+    k, m, c = support.shape
+    if k < 2:
+        raise ValueError(f"cross-image hold-outs need at least 2 support images, got {k}.")
+    sources = (
+        support[:, None]
+        if views is None
+        else np.concatenate([support[:, None], np.asarray(views)], axis=1)
+    )
+    cfg = ridge_in_force(coreset_size(k * m, alpha), c, config)
+    cfg = cfg.replace(use_refinement=True, image_size=None, grid_shape=None)
+    hosts, refs = [], []
+    for i in range(k):
+        rest = np.delete(support, i, axis=0).reshape(-1, c)
+        bank = jnp.asarray(rest[np.asarray(greedy_coreset(jnp.asarray(rest), alpha))])
+        h, r = _host_and_refined(bank[None], jnp.asarray(sources[i])[None], cfg)
+        hosts.append(np.asarray(h[0], np.float64))
+        refs.append(np.asarray(r[0], np.float64))
+    return np.stack(hosts), np.stack(refs)
+
+
+class HeldOut(NamedTuple):
+    """Held-out support scores: `[k, 1 + V, m]` per kind (image, view, patch).
+
+    Attributes:
+      host, refined: quadrant hold-outs (`held_out_units`).
+      cross_host, cross_refined: cross-image hold-outs (`cross_image_units`);
+        None with one support image.
+    """
+
+    host: np.ndarray
+    refined: np.ndarray
+    cross_host: np.ndarray | None = None
+    cross_refined: np.ndarray | None = None
+
+
+def held_out(
+    support: Float[Array, "k m c"],
+    alpha: float,
+    config: RefineConfig,
+    grid_shape: tuple[int, int],
+    views: Float[Array, "k v m c"] | None = None,
+) -> HeldOut:
+    """Quadrant and (k >= 2) cross-image hold-outs of a support set."""
+    host, refined = held_out_units(support, alpha, config, grid_shape, views)
+    if np.shape(support)[0] < 2:
+        return HeldOut(host, refined)
+    return HeldOut(host, refined, *cross_image_units(support, alpha, config, views))
+
+
+def support_image_scores(
+    held: HeldOut, config: RefineConfig, calibration: ScoreCalibration | None
+) -> np.ndarray:
+    """Each support image's held-out image score in the deployed detector's units.
+
+    The image score is the scoring's (`max_j s_j`; the fused score with a
+    calibration and `config.calibrated`, else the refined or, for the host
+    method, the host score), taken over the image's quadrant hold-outs and
+    cross-image hold-out, original and views: the most a good image of this
+    support set scored where its own patches were not in the bank.
+
+    Returns:
+      `[k]` float64.
+    """
+
+    def image_score(h, r):
+        if not config.use_refinement:
+            s = h
+        elif calibration is not None and config.calibrated:
+            s = np.maximum(*(np.asarray(z, np.float64) for z in standardise(h, r, calibration)))
+        else:
+            s = r
+        return s.max(axis=-1).max(axis=-1)  # patches, then the original and its views
+
+    out = image_score(held.host, held.refined)
+    if held.cross_host is not None:
+        out = np.maximum(out, image_score(held.cross_host, held.cross_refined))
+    return out
+
+
 def statistics(host: np.ndarray, refined: np.ndarray) -> ScoreCalibration:
     """Median and (floored) interquartile range of each kind of held-out score."""
 
@@ -349,6 +487,7 @@ def calibrate(
     alpha: float,
     config: RefineConfig,
     grid_shape: tuple[int, int],
+    views: Float[Array, "k v m c"] | None = None,
 ) -> ScoreCalibration:
     """The calibration of a support set: statistics of its held-out scores.
 
@@ -357,8 +496,11 @@ def calibrate(
       alpha: coreset ratio of the real bank.
       config: the scoring config.
       grid_shape: patch grid of one image.
+      views: optional `[k, V, m, c]` features of nuisance views of the
+        support images (`nuisance_views`): their held-out quadrants join the
+        originals'.
 
     Returns:
       The `ScoreCalibration` that `fuse` applies.
     """
-    return statistics(*held_out_scores(support, alpha, config, grid_shape))
+    return statistics(*held_out_units(support, alpha, config, grid_shape, views))

@@ -44,7 +44,14 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy import ndimage
 
-NORMAL_SOURCES = ("leave_one_out", "augmented_views")
+NORMAL_SOURCES = ("held_out", "leave_one_out", "augmented_views")
+
+OUTLIER_CUTOFF = 3.5
+"""Robust z-score above which a support image's held-out score is named an outlier.
+
+The modified z-score cut-off of Iglewicz and Hoaglin ("How to Detect and
+Handle Outliers", 1993): `(s_i - median) / (1.4826 MAD)` of the other scores.
+"""
 
 
 class Threshold(NamedTuple):
@@ -96,7 +103,16 @@ class Threshold(NamedTuple):
                 f"F1-optimal threshold {self.value:.6g} from {self.num_scores} labelled "
                 f"calibration images (F1 {100 * (self.f1 or 0.0):.1f}%)"
             )
-        how = "guaranteed if exchangeable" if self.guaranteed else "estimate only"
+        if self.source == "held_out":
+            needed = math.ceil(1.0 / self.target_false_alarm_rate - 1.0)
+            return (
+                f"normal-only threshold {self.value:.6g}: score {self.rank} of {self.num_scores} "
+                f"held-out support image scores (ascending), margin {self.margin:g}. If new good "
+                f"parts vary like these support images, at most {100 * self.false_alarm_bound:.0f}"
+                f"% of them score above it; the requested "
+                f"{100 * self.target_false_alarm_rate:g}% needs at least {needed} good images."
+            )
+        how = "if exchangeable" if self.guaranteed else "estimate only"
         return (
             f"normal-only threshold {self.value:.6g}: order statistic {self.rank}/"
             f"{self.num_scores} of {self.source.replace('_', '-')} scores, margin "
@@ -266,6 +282,35 @@ def decision_rates(labels: Any, scores: Any, threshold: float) -> Rates:
         false_alarms=fa,
         misses=miss,
     )
+
+
+def outlying(scores: Any, cutoff: float = OUTLIER_CUTOFF) -> np.ndarray:
+    """Which support images score far above the others (`[k]` bool).
+
+    Image `i` is named when its robust z-score among the OTHER images,
+    `(s_i - median(s_-i)) / (1.4826 MAD(s_-i))`, exceeds `cutoff`. It needs
+    three others to compare with (`k >= 4`); with fewer nothing is named.
+    The spread is floored at 1 % of the others' median magnitude, so that
+    near-identical good images do not make every small difference an outlier.
+
+    Args:
+      scores: `[k]` held-out image scores of the support images.
+      cutoff: robust z-score cut-off (default `OUTLIER_CUTOFF`).
+
+    Returns:
+      `[k]` bool, True for an outlier.
+    """
+    s = _as_scores(scores, "support image scores")
+    out = np.zeros(s.size, bool)
+    if s.size < 4:
+        return out
+    for i in range(s.size):
+        rest = np.delete(s, i)
+        med = float(np.median(rest))
+        spread = 1.4826 * float(np.median(np.abs(rest - med)))
+        spread = max(spread, 0.01 * abs(med), 1e-12)
+        out[i] = (s[i] - med) / spread > cutoff
+    return out
 
 
 def leave_one_out_scores(

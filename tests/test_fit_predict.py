@@ -58,10 +58,12 @@ def test_model_directory_records_what_the_issue_asks(model, demo):
     assert m["config"]["num_iters"] == 2 and m["config"]["use_refinement"] is True
     assert m["support"]["files"] == ["000.png", "001.png", "002.png"]
     t = m["threshold"]
-    assert t["kind"] == "normal_only" and t["source"] == "leave_one_out"
+    assert t["kind"] == "normal_only" and t["source"] == "held_out"
     assert t["num_scores"] == 3 and t["rank"] == 3 and t["false_alarm_bound"] == 0.25
-    # The threshold is the largest leave-one-out score (rank n of n).
-    assert t["value"] == pytest.approx(max(m["threshold_calibration"]["scores"]), rel=1e-12)
+    # Every support image's held-out score is kept; the threshold is the largest (rank n of n).
+    held = m["threshold_calibration"]["scores"]
+    assert len(held) == 3 and m["threshold_calibration"]["outliers"] == []
+    assert t["value"] == pytest.approx(max(held), rel=1e-12)
     assert (out / "state.safetensors").is_file() and (out / "detector.jaxexport").is_file()
 
 
@@ -120,20 +122,21 @@ def test_mismatched_settings_and_weights_are_named(model, demo, tmp_path):
         _predict(tmp_path, demo / "test", tmp_path / "d")
 
 
-def test_one_shot_uses_augmented_views_and_calibration_uses_f1(demo, tmp_path):
+def test_one_shot_uses_held_out_views_and_calibration_uses_f1(demo, tmp_path):
     s = deploy.FitSettings(
         support_dir=str(demo / "train/good"),
         out=str(tmp_path / "m1"),
         shots=1,
-        views=4,
+        views=2,
         calibration_dir=str(demo),
         method="patchcore",  # the threshold logic is the same; no refinement to compile
         **FAST,
     )
     meta = deploy.fit_model(s, log=lambda _: None)
     normal = meta["thresholds"]["normal_only"]
-    assert normal["source"] == "augmented_views" and normal["num_scores"] == 4
-    assert not normal["guaranteed"]
+    # One image: one held-out score (its quadrants and views), the bound 1/2 stated.
+    assert normal["source"] == "held_out" and normal["num_scores"] == 1
+    assert normal["false_alarm_bound"] == 0.5 and meta["detector"]["views"] == 2
     assert meta["threshold"]["kind"] == "f1" and meta["threshold"]["num_scores"] == 6
     assert meta["calibration"]["labels"].count(1) == 3
     assert len(meta["support"]["files"]) == 1
@@ -280,3 +283,24 @@ def test_cli_flags_reach_the_settings_and_bad_input_exits_2(tmp_path, capsys):
     assert fit_cli.run(["fit", "--no_such_flag=1"]) == 2
     fit_cli.FLAGS.unparse_flags()
     predict_cli.FLAGS.unparse_flags()
+
+
+def test_fit_calibrates_under_the_settings_it_records(demo, tmp_path):
+    """`fit --lam=0.5` stores the calibration measured at lam 0.5, not at the defaults."""
+    refine = (("lam", 0.5), ("num_iters", 2), ("sinkhorn_iters", 10))
+    s = deploy.FitSettings(
+        support_dir=str(demo / "train/good"), out=str(tmp_path / "m"), refine=refine, **FAST
+    )
+    meta = deploy.fit_model(s, log=lambda _: None)
+    assert meta["config"]["lam"] == 0.5
+    stored = deploy.model_dir.load_model(tmp_path / "m").state.calibration
+    detector, params, config = deploy.build_detector(s)
+    files = sorted((demo / "train/good").glob("*.png"))
+    images, _, _ = deploy.read_batch(files, s.image_size, strict=True)
+    want = detector.fit(params, images, config=config).calibration
+    np.testing.assert_allclose(np.asarray(stored), np.asarray(want), rtol=1e-5)
+    default = detector.fit(params, images, config=config.replace(lam=0.3)).calibration
+    assert not np.allclose(np.asarray(stored), np.asarray(default), rtol=1e-5)
+    # Opened, the model scores under the recorded settings.
+    scorer, _ = deploy.open_model(tmp_path / "m")
+    scorer.score(images[:1])

@@ -367,7 +367,7 @@ def test_tampered_model_json_is_one_error_line(model, images, tmp_path, capsys, 
     [
         ("--max_image_pixels=0", r"--max_image_pixels must be an integer in \[1,"),
         ("--batch_size=100000000", r"--batch_size must be an integer in \[1, 1024\]"),
-        ("--views=100000000", r"--views must be an integer in \[2, 1024\]"),
+        ("--views=100000000", r"--views must be an integer in \[0, 64\]"),
         ("--margin=nan", "--margin must be a finite number"),
         ("--image_size=4096", r"--image_size\[0\] must be an integer in \[16, 1024\]"),
         ("--num_iters=1000000000", r"--num_iters must be an integer in \[1, 1000\]"),

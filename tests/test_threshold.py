@@ -58,7 +58,28 @@ def test_margin_and_fields():
     assert Threshold.from_dict(t.to_dict()) == t
     aug = normal_threshold([1.0, 2.0], source="augmented_views")
     assert not aug.guaranteed
-    assert "estimate only" in aug.describe() and "guaranteed" in t.describe()
+    assert "estimate only" in aug.describe() and "if exchangeable" in t.describe()
+    held = normal_threshold([1.0, 3.0, 2.0], false_alarm_rate=0.05, source="held_out")
+    text = held.describe()
+    # Plain words: the assumption, the rate it promises, how many images the request needs.
+    assert "guaranteed" not in text and "If new good parts vary like these" in text
+    assert "at most 25%" in text and "needs at least 19 good images" in text
+
+
+def test_outlying_names_one_image_far_above_the_others():
+    from protorefine_jax.threshold import outlying
+
+    # The greasy-image case: nine images at 2.5-5.6, one at 12.1.
+    scores = [2.5, 3.1, 3.4, 3.9, 4.2, 4.4, 4.8, 5.1, 5.6, 12.1]
+    assert outlying(scores).tolist() == [False] * 9 + [True]
+    # Four strays among twelve are still named (median and MAD of the others).
+    clean = [3.0, 3.2, 3.3, 3.5, 3.6, 3.8, 4.0, 4.1]
+    flags = outlying(clean + [20.0, 25.0, 30.0, 33.6])
+    assert flags.tolist() == [False] * 8 + [True] * 4
+    # Too few to compare, near-identical images, a low score: nothing named.
+    assert not outlying([1.0, 5.0, 9.0]).any()
+    assert not outlying([2.0, 2.0, 2.0, 2.01]).any()
+    assert not outlying([3.0, 3.2, 3.4, 3.6, 0.1]).any()
 
 
 @pytest.mark.parametrize(

@@ -50,12 +50,17 @@ class DetectorState(NamedTuple):
         whose refinement the calibration was measured under; `score_features`
         refuses to fuse scores computed under other refinement settings
         (`calibration.check_applies`). None when there is no calibration.
+      support_scores: `[k]` each support image's held-out image score in
+        the units of `calibrated_under`'s scoring
+        (`calibration.support_image_scores`): what a normal-only decision
+        threshold is derived from. None when not computed.
     """
 
     banks: tuple[MemoryBank, ...]
     context: Any = None
     calibration: Any = None
     calibrated_under: Any = None
+    support_scores: Any = None
 
 
 class DetectorOutput(Protocol):
@@ -87,6 +92,7 @@ class Detector(Protocol):
         self,
         features: Any,
         *,
+        views: Any = None,
         alpha: float | None = None,
         context: Any = None,
         config: Any = None,
@@ -94,8 +100,13 @@ class Detector(Protocol):
     ) -> DetectorState:
         """`DetectorState` from the support images' features, calibrated under `config`."""
 
-    def calibrate(self, features: Any, config: Any = None, *, alpha: float | None = None) -> Any:
-        """The support-set calibration of `features` under `config`'s refinement."""
+    def view_features(self, params: Any, support_images: Array) -> Any:
+        """Features of the support images' nuisance views (None: the detector uses none)."""
+
+    def calibrate(
+        self, features: Any, config: Any = None, *, views: Any = None, alpha: float | None = None
+    ) -> Any:
+        """The support-set calibration of `features` (and views) under `config`'s refinement."""
 
     def refinement(self, config: Any) -> RefineConfig:
         """The `RefineConfig` part of a scoring config."""

@@ -71,12 +71,20 @@ class PatchCore:
       extractor: backbone plus aggregation (`features.get_extractor`); its
         `grid` and `feature_dim` are the detector's.
       alpha: coreset ratio of the bank.
+      views: nuisance views per support image in the calibration hold-outs
+        (`calibration.VIEWS`; 0: the support images' quadrants only).
     """
 
     extractor: Extractor
     alpha: float = ALPHA
+    views: int = calibration.VIEWS
 
     family = "patchcore"
+
+    def __post_init__(self):
+        if not isinstance(self.views, int) or isinstance(self.views, bool) or self.views < 0:
+            raise ValueError(f"views must be an int >= 0, got {self.views!r}.")
+
     # Resize filter of the input images (data.imageio.resize_rgb).
     resample = "bilinear"
 
@@ -91,6 +99,7 @@ class PatchCore:
         pretrain_dim: int | None = None,
         target_dim: int | None = None,
         allow_repetition: bool = False,
+        views: int | None = None,
     ) -> PatchCore:
         """The detector of a backbone, with this module's defaults for what is None."""
         extractor = get_extractor(
@@ -101,7 +110,11 @@ class PatchCore:
             target_dim=target_dim,
             allow_repetition=allow_repetition,
         )
-        return cls(extractor, ALPHA if alpha is None else alpha)
+        return cls(
+            extractor,
+            ALPHA if alpha is None else alpha,
+            calibration.VIEWS if views is None else views,
+        )
 
     @property
     def image_size(self) -> int | tuple[int, int]:
@@ -126,19 +139,23 @@ class PatchCore:
         self,
         features: Array,
         *,
+        views: Array | None = None,
         alpha: float | None = None,
         context: Any = None,
         config: RefineConfig | None = None,
         calibrate: bool = True,
     ) -> DetectorState:
-        """State from the `[k, m, c]` support features: the bank and its calibration.
+        """State from the `[k, m, c]` support features: the bank, its calibration, support scores.
 
         The calibration (`protorefine_jax.calibration`) scores held-out
-        quadrants of the support images with the host and the refinement of
-        `config` (default: `self.config()`, the shipped PatchCore+) and keeps
-        their robust location and scale; `score_features` fuses the two
-        scores with it. `calibrate=False` skips it (PatchCore alone needs
-        none; PatchCore+ then scores with the refined prototypes alone).
+        quadrants of the support images (and of their nuisance `views`,
+        `[k, V, m, c]` features, when given) with the host and the refinement
+        of `config` (default: `self.config()`, the shipped PatchCore+) and
+        keeps their robust location and scale; `score_features` fuses the two
+        scores with it. The state also records `config` and each support
+        image's held-out image score under it (`support_scores`, for a
+        normal-only threshold). `calibrate=False` keeps the bank only
+        (PatchCore+ then scores with the refined prototypes alone).
         """
         del context  # PatchCore needs no per-category context
         alpha = self.alpha if alpha is None else alpha
@@ -146,11 +163,22 @@ class PatchCore:
         bank = build_bank(jnp.asarray(features), alpha)
         if not calibrate:
             return DetectorState(banks=(bank,))
-        cal = self.calibrate(features, config, alpha=alpha)
-        return DetectorState(banks=(bank,), calibration=cal, calibrated_under=config)
+        held = calibration.held_out(features, alpha, config, self.extractor.grid, views)
+        cal = calibration.statistics(held.host, held.refined)
+        return DetectorState(
+            banks=(bank,),
+            calibration=cal,
+            calibrated_under=config,
+            support_scores=calibration.support_image_scores(held, config, cal),
+        )
 
     def calibrate(
-        self, features: Array, config: RefineConfig | None = None, *, alpha: float | None = None
+        self,
+        features: Array,
+        config: RefineConfig | None = None,
+        *,
+        views: Array | None = None,
+        alpha: float | None = None,
     ) -> ScoreCalibration:
         """The support-set calibration of `[k, m, c]` features under `config`'s refinement."""
         return calibration.calibrate(
@@ -158,7 +186,16 @@ class PatchCore:
             self.alpha if alpha is None else alpha,
             self.config() if config is None else config,
             self.extractor.grid,
+            views,
         )
+
+    def view_features(self, params: Any, support_images: Array) -> Array | None:
+        """`[k, V, m, c]` features of the support images' nuisance views (None if `views` is 0)."""
+        if not self.views:
+            return None
+        views = calibration.nuisance_views(np.asarray(support_images), self.views)
+        # One image's views per call: one compiled shape, memory of V images.
+        return np.stack([np.asarray(self.features(params, v)) for v in views])
 
     def fit(
         self,
@@ -171,7 +208,10 @@ class PatchCore:
     ) -> DetectorState:
         """State from the `[k, S, S, 3]` support images (see `fit_features`)."""
         feats = self.features(params, support_images)
-        return self.fit_features(feats, alpha=alpha, config=config, calibrate=calibrate)
+        views = self.view_features(params, support_images) if calibrate else None
+        return self.fit_features(
+            feats, views=views, alpha=alpha, config=config, calibrate=calibrate
+        )
 
     def refinement(self, config: RefineConfig) -> RefineConfig:
         """The refinement settings of a scoring config: the config itself."""
@@ -237,6 +277,7 @@ class PatchCore:
             "feature_dim": ex.feature_dim,
             "grid": list(ex.grid),
             "image_size": ex.image_size,
+            "views": self.views,
         }
         if state is not None:
             out["banks"] = [b.describe() for b in state.banks]

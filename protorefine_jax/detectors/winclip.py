@@ -97,6 +97,7 @@ class WinClip:
         self,
         features: Any,
         *,
+        views: Any = None,
         alpha: float | None = None,
         context: Array | None = None,
         config: winclip_lib.WinClipConfig | None = None,
@@ -111,8 +112,12 @@ class WinClip:
         `calibration` is `clip.winclip.calibrate`'s per-scale statistics under
         `config`'s refinement (default `self.config()`, the shipped WinCLIP+);
         `calibrate=False` skips it (WinCLIP+ then scores with the refined
-        prototypes alone).
+        prototypes alone). `views` must be None: WinCLIP+ calibrates on the
+        support images' quadrants only (nuisance views are not measured on
+        CLIP features).
         """
+        if views is not None:
+            raise ValueError("WinCLIP+ calibrates without nuisance views; pass views=None.")
         alpha = self.alpha if alpha is None else alpha
         config = self.config() if config is None else config
         banks = winclip_lib.build_banks(features, alpha)
@@ -121,14 +126,21 @@ class WinClip:
         cal = self.calibrate(features, config, alpha=alpha)
         return DetectorState(banks=banks, context=context, calibration=cal, calibrated_under=config)
 
+    def view_features(self, params: Any, support_images: Array) -> None:
+        """None: WinCLIP+ calibrates without nuisance views."""
+        del params, support_images
+
     def calibrate(
         self,
         features: Any,
         config: winclip_lib.WinClipConfig | None = None,
         *,
+        views: Any = None,
         alpha: float | None = None,
     ) -> tuple[ScoreCalibration, ...]:
         """Per-scale support-set calibration of the support `MultiscaleFeatures` under `config`."""
+        if views is not None:
+            raise ValueError("WinCLIP+ calibrates without nuisance views; pass views=None.")
         return winclip_lib.calibrate(
             features,
             self.alpha if alpha is None else alpha,
