@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import time
-import zlib
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -35,7 +34,6 @@ from protorefine_jax import RefineConfig, build_bank, calibration, refine_and_sc
 from protorefine_jax.coreset import coreset_size
 from protorefine_jax.data import load_dataset_category, sample_support
 from protorefine_jax.metrics import auroc
-from protorefine_jax.threshold import augment_views
 
 study_cells.DATA.setdefault("ball_screw", ("folder", "bsdata", "ball_screw"))
 
@@ -56,7 +54,7 @@ GRID = (32, 32)
 
 def view_features(data: str, feat: str, feats: dict, views: int, cache_dir: Path) -> dict:
     """`{image name: [V, m, c]}`: features of nuisance views of every cached support image."""
-    path = cache_dir / f"{data}_{feat}_views{views}.npz"
+    path = cache_dir / f"{data}_{feat}_nuisance{views}.npz"
     names = sorted(feats["train"])
     if path.exists():
         z = np.load(path)
@@ -72,8 +70,10 @@ def view_features(data: str, feat: str, feats: dict, views: int, cache_dir: Path
     out = []
     for name in names:
         image = cat.load_images([by_name[name]])[0]
-        seed = zlib.crc32(name.encode())  # views fixed per image, whatever the cell
-        out.append(np.asarray(det.features(params, augment_views(image, views, seed))))
+        # The views fit makes (seeded by the image's pixels).
+        out.append(
+            np.asarray(det.features(params, calibration.nuisance_views(image[None], views)[0]))
+        )
     np.savez(path, names=np.array(names), features=np.stack(out))
     return dict(zip(names, out, strict=True))
 
@@ -105,7 +105,9 @@ def score_stage() -> None:
         for feat in _FEATS.value:
             feats = cache.get(data, feat)
             vf = view_features(data, feat, feats, _VIEWS.value, cache.cache_dir)
-            np.savez(out_dir / f"{data}_{feat}_truth.npz", labels=feats["labels"])
+            np.savez(
+                out_dir / f"{data}_{feat}_truth.npz", labels=feats["labels"], masks=feats["masks"]
+            )
             test = jnp.asarray(feats["test"])
             for k in shots:
                 if k > len(feats["pool"]):

@@ -22,8 +22,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from experiments.methods import Method
-from protorefine_jax import calibration
+from protorefine_jax import calibration, stream_calibration
 from protorefine_jax.detectors import Detector, DetectorState
+from protorefine_jax.scoring import map_operators
 from protorefine_jax.sharding import batch_mesh, replicate, shard_batch
 
 # XLA's option that splits the CPU into this many host devices (read when JAX starts).
@@ -204,12 +205,15 @@ class ScoreResult:
       maps: `[T, S, S]` anomaly maps at the evaluation resolution.
       diagnostics: name -> `[T]` per-image numerical diagnostics.
       metrics: the protocol's metrics, filled in by the runner.
+      halves: calibrated PatchCore+ only: the host and refined patch scores
+        and the calibration that fused them (`Host.halves`).
     """
 
     image_scores: np.ndarray
     maps: np.ndarray
     diagnostics: dict[str, np.ndarray]
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    halves: dict[str, Any] | None = None
 
 
 class Host:
@@ -307,9 +311,12 @@ class Host:
         Returns:
           Scores and maps in test-set order.
         """
+        state = self.calibrated_state(state, config)
+        if method.stream_calibration:
+            return self._score_stream_calibrated(state, test_features, config)
         out = score_features(
             self.detector,
-            self.calibrated_state(state, config),
+            state,
             test_features,
             config,
             self.batch_size,
@@ -317,4 +324,65 @@ class Host:
             self.mesh,
         )
         diags = {k: np.asarray(v) for k, v in out.diagnostics._asdict().items()}
-        return ScoreResult(np.asarray(out.image_scores), np.asarray(out.maps), diags)
+        result = ScoreResult(np.asarray(out.image_scores), np.asarray(out.maps), diags)
+        if self._fuses(state, config):
+            result.halves = self.halves(state, test_features, config)
+        return result
+
+    def _fuses(self, state: DetectorState, config: Any) -> bool:
+        """Whether `config` scores with the state's calibrated fusion (PatchCore+)."""
+        refine = self.detector.refinement(config)
+        return (
+            self.detector.family == "patchcore"
+            and state.calibration is not None
+            and refine.use_refinement
+            and refine.calibrated
+        )
+
+    def halves(self, state: DetectorState, test_features: Any, config: Any) -> dict[str, Any]:
+        """Host and refined patch scores `[T, m]` of the test set, and the calibration used."""
+
+        def patch_scores(cfg):
+            out = score_features(self.detector, state, test_features, cfg, self.batch_size)
+            return np.asarray(out.patch_scores, np.float64)
+
+        return {
+            "host": patch_scores(config.replace(use_refinement=False)),
+            "refined": patch_scores(config.replace(calibrated=False)),
+            "calibration": state.calibration,
+        }
+
+    def _score_stream_calibrated(self, state, test_features, config) -> ScoreResult:
+        """PatchCore+ with statistics updated from the past test images (`stream_calibration`).
+
+        The test set is seen in `stream_order` (the online variant's); image
+        `t` is scored with the support statistics and those of images before
+        it only. Opt-in research method: it reads unlabelled test images.
+        """
+        if not self._fuses(state, config) or self.support is None:
+            raise ValueError(
+                "stream calibration is a PatchCore+ method with a calibrated state from Host.fit."
+            )
+        halves = self.halves(state, test_features, config)
+        support_host, support_refined = calibration.held_out_units(
+            self.support, self.alpha, config, self.detector.extractor.grid, self.views
+        )
+        order = stream_order(len(halves["host"]))
+        fused, cals = stream_calibration.calibrate_stream(
+            support_host, support_refined, halves["host"][order], halves["refined"][order]
+        )
+        grids = np.empty_like(fused)
+        grids[order] = fused
+        # The calibration each image was scored with, in test-set order, as [T, 1] columns.
+        per_image = [None] * len(cals)
+        for t, i in enumerate(order):
+            per_image[i] = cals[t]
+        halves["calibration"] = calibration.ScoreCalibration(
+            *(np.asarray(f, np.float64)[:, None] for f in zip(*per_image, strict=True))
+        )
+        a, b = map_operators(config.grid_shape, config.image_size, config.blur_sigma)
+        h, w = config.grid_shape
+        maps = np.einsum("Hh,thw,Ww->tHW", a, grids.reshape(-1, h, w), b).astype(np.float32)
+        result = ScoreResult(grids.max(axis=1), maps, {})
+        result.halves = halves
+        return result

@@ -27,6 +27,9 @@ class Method:
       description: one line for `--help` and reports.
       host_options: host settings beyond `RefineConfig` (WinCLIP:
         `WinClipConfig` fields such as `plain_memory`).
+      stream_calibration: calibrated PatchCore+ whose statistics are updated
+        from the test images seen before each one (`stream_calibration`;
+        opt-in, it reads unlabelled test images).
     """
 
     name: str
@@ -35,6 +38,7 @@ class Method:
     online: bool = False
     description: str = ""
     host_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stream_calibration: bool = False
 
 
 # The paper's settings as explicit fields (its single ridge 1e-4, closed-form
@@ -56,6 +60,13 @@ def _methods() -> dict[str, Method]:
     table = [
         Method("patchcore", "patchcore", {"use_refinement": False}, description="PatchCore"),
         Method("patchcore+", "patchcore", {}, description="PatchCore+ (flags' M-step)"),
+        Method(
+            "patchcore+stream",
+            "patchcore",
+            {},
+            description="PatchCore+ calibrated on the stream of past test images (opt-in)",
+            stream_calibration=True,
+        ),
         Method(
             "patchcore+uncalibrated",
             "patchcore",

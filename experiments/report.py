@@ -91,6 +91,35 @@ def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def calibration_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Calibrated PatchCore+ rows: the calibration's error on the normal test images.
+
+    Per (category, shots, method), the mean over seeds of each half's median
+    z-score and IQR (0 and 1 when the support statistics describe new normal
+    images) and the share of normal images whose score the refined half
+    supplies. Empty when no row has it.
+    """
+    groups: dict[tuple, list[dict[str, float]]] = {}
+    for r in rows:
+        if "calibration_error" in r:
+            key = (r["dataset"], r["category"], r["shots"], r["method"])
+            groups.setdefault(key, []).append(r["calibration_error"])
+    if not groups:
+        return ""
+    fields = ["host_shift", "host_iqr_ratio", "refined_shift", "refined_iqr_ratio", "refined_share"]
+    head = ["dataset", "category", "shots", "method", *fields]
+    lines = [
+        "Calibration error on the normal test images (median z, IQR of z, refined share):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for key in sorted(groups):
+        means = [f"{np.mean([e[f] for e in groups[key]]):.2f}" for f in fields]
+        lines.append("| " + " | ".join([*map(str, key), *means]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_json(path: Path, obj: Any, root: Path | None = None) -> None:
     """Pretty strict JSON (numpy scalars converted, non-finite numbers as null).
 

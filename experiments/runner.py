@@ -26,6 +26,7 @@ from experiments import html_report, report
 from experiments.hosts import Host, device_mesh, stack, take
 from experiments.methods import Method, get_method
 from experiments.prefetch import prefetch
+from protorefine_jax import calibration as calibration_lib
 from protorefine_jax.data import load_dataset_category, make_synthetic_dataset, sample_support
 from protorefine_jax.data.errors import EmptyMaskError
 from protorefine_jax.data.registry import list_categories
@@ -423,7 +424,9 @@ def heatmap_indices(labels: np.ndarray, count: int) -> np.ndarray:
     return np.concatenate([pick, good[:1]]) if count and len(good) else pick
 
 
-def score_row(s: Settings, category: str, method: Method, k: int, support, state, result, seconds):
+def score_row(
+    s: Settings, category: str, method: Method, k: int, support, state, result, seconds, labels
+):
     """The results row of one (category, method, shots, seed)."""
     return {
         "dataset": s.dataset,
@@ -437,7 +440,21 @@ def score_row(s: Settings, category: str, method: Method, k: int, support, state
         "bank_degenerate": bank_degenerate(state),
         "score_seconds": seconds,
         **{f"{name}_max": float(np.max(v)) for name, v in result.diagnostics.items()},
+        **calibration_error(result, labels),
     }
+
+
+def calibration_error(result, labels: np.ndarray) -> dict[str, Any]:
+    """Calibrated PatchCore+: the calibration's error on the normal test images (else nothing)."""
+    if result.halves is None or not np.any(labels == 0):
+        return {}
+    normal = labels == 0
+    halves = result.halves
+    cal = halves["calibration"]
+    if np.ndim(cal.host_loc):  # one calibration per image (stream): the normal images' rows
+        cal = calibration_lib.ScoreCalibration(*(np.asarray(f)[normal] for f in cal))
+    err = calibration_lib.calibration_error(halves["host"][normal], halves["refined"][normal], cal)
+    return {"calibration_error": err}
 
 
 class Outputs:
@@ -536,7 +553,9 @@ def run_category(s, dataset, root, category, family, host, methods, out: Outputs
                 result = host.score(state, test["features"], method, config, online)
                 seconds = time.time() - t0
                 result.metrics = metrics_of(test, result)
-                row = score_row(s, category, method, k, support, state, result, seconds)
+                row = score_row(
+                    s, category, method, k, support, state, result, seconds, test["labels"]
+                )
                 out.add(row, test, result)
                 if seed == s.seeds[0] and k == s.shots[0] and len(shown):
                     out.overlays(f"{category}_{method.name}_{k}shot", data, test, shown, result)
@@ -636,6 +655,9 @@ def _run(s: Settings, methods, workdir: Path, resolved, out: Outputs) -> dict[st
                 report.write_json(workdir / "results.json", partial)
     summary = report.summarize(out.rows)
     table = report.markdown_table(summary)
+    calibration_text = report.calibration_table(out.rows)
+    if calibration_text:
+        table += "\n" + calibration_text
     results = {
         "rows": out.rows,
         "summary": summary,

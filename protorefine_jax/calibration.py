@@ -482,6 +482,40 @@ def statistics(host: np.ndarray, refined: np.ndarray) -> ScoreCalibration:
     return ScoreCalibration(*loc_scale(host), *loc_scale(refined))
 
 
+def calibration_error(
+    host: np.ndarray, refined: np.ndarray, calibration: ScoreCalibration
+) -> dict[str, float]:
+    """How far the calibration is from the patch scores of images known to be normal.
+
+    A calibration is right for new normal images when their z-scores have
+    median 0 and interquartile range 1 in each half, and the two halves
+    supply the image score (`max_j max(z_h, z_r)`) of normal images about
+    equally often. Measured on labelled normal images (an evaluation's good
+    test images); never used to score.
+
+    Args:
+      host: `[T, m]` host patch scores of normal images.
+      refined: `[T, m]` refined patch scores of the same images.
+      calibration: the statistics under test.
+
+    Returns:
+      `host_shift` / `refined_shift`: median z-score (in calibration IQRs);
+      `host_iqr_ratio` / `refined_iqr_ratio`: IQR of the z-scores;
+      `refined_share`: fraction of the images whose score the refined half
+      supplies.
+    """
+    z_h, z_r = (np.asarray(z, np.float64) for z in standardise(host, refined, calibration))
+    if z_h.ndim != 2 or z_h.shape != z_r.shape or z_h.shape[0] == 0:
+        raise ValueError(f"host and refined must be [T, m] with T >= 1, got {z_h.shape}.")
+    out = {}
+    for name, z in (("host", z_h), ("refined", z_r)):
+        q25, q50, q75 = np.quantile(z, [0.25, 0.5, 0.75])
+        out[f"{name}_shift"] = float(q50)
+        out[f"{name}_iqr_ratio"] = float(q75 - q25)
+    out["refined_share"] = float(np.mean(z_r.max(axis=1) > z_h.max(axis=1)))
+    return out
+
+
 def calibrate(
     support: Float[Array, "k m c"],
     alpha: float,
