@@ -30,10 +30,19 @@ import numpy as np
 from absl import app, flags
 
 from experiments import study_cells
-from protorefine_jax import RefineConfig, build_bank, calibration, refine_and_score
+from experiments.hosts import stream_order
+from protorefine_jax import (
+    RefineConfig,
+    build_bank,
+    calibration,
+    refine_and_score,
+    stream_calibration,
+    threshold,
+)
 from protorefine_jax.coreset import coreset_size
 from protorefine_jax.data import load_dataset_category, sample_support
 from protorefine_jax.metrics import auroc
+from protorefine_jax.scoring import map_operators
 
 study_cells.DATA.setdefault("ball_screw", ("folder", "bsdata", "ball_screw"))
 
@@ -46,6 +55,7 @@ _FEATS = flags.DEFINE_list("features", ["lite0-simple", "lite2-simple"], "Featur
 _SHOTS = flags.DEFINE_list("shots", ["1", "2", "4"], "Shot counts.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds.")
 _VIEWS = flags.DEFINE_integer("views", 4, "Nuisance views per support image.")
+_PIXEL = flags.DEFINE_bool("pixel", False, "Also pixel AUROC (slower).")
 _JSON = flags.DEFINE_string("json_out", "runs/calibration_study.json", "Analysis output.")
 
 ALPHA = study_cells.ALPHA
@@ -159,86 +169,122 @@ def score_stage() -> None:
 # ---------------------------------------------------------------- analysis
 
 
-def loc_scale(x: np.ndarray) -> tuple[float, float]:
-    """Median and IQR (the shipped `calibration.statistics`)."""
-    s = calibration.statistics(np.ravel(x), np.ravel(x))
-    return float(s.host_loc), float(s.host_scale)
+def rule_units(cell: dict, rule: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out (host, refined) scores a calibration rule takes its statistics from.
 
-
-def rule_stats(cell: dict, rule: str, k: int) -> tuple[float, float, float, float]:
-    """(loc_h, scale_h, loc_r, scale_r) of a calibration rule."""
+    `quadrants`: the support images' quadrants (the calibration before
+    nuisance views); `quadrants+views` (shipped): their views' too; `views`:
+    the views alone; `cross*` (k >= 2, else the quadrant rule of the same
+    views): whole images against the other images, pooled with the quadrant
+    units; `fullviews`: views against the real bank, which holds their
+    originals.
+    """
     uh, ur = cell["unit_host"], cell["unit_ref"]
-    pick = {
-        "quadrants": lambda a: a[:, :1],
-        "views": lambda a: a[:, 1:],
-        "quadrants+views": lambda a: a,
-    }
+    if rule == "quadrants":
+        return uh[:, :1], ur[:, :1]
+    if rule == "quadrants+views":
+        return uh, ur
+    if rule == "views":
+        return uh[:, 1:], ur[:, 1:]
     if rule == "fullviews":
-        return (*loc_scale(cell["full_host"]), *loc_scale(cell["full_ref"]))
-    if rule == "fullviews+quadrants":
-        h = np.concatenate([cell["full_host"].ravel(), uh[:, 0].ravel()])
-        r = np.concatenate([cell["full_ref"].ravel(), ur[:, 0].ravel()])
-        return (*loc_scale(h), *loc_scale(r))
-    if rule in pick:
-        h, r = pick[rule](uh), pick[rule](ur)
-    elif rule.startswith("cross"):
+        return cell["full_host"], cell["full_ref"]
+    if rule in ("cross+quadrants", "cross+views"):
+        views = rule == "cross+views"
         if k < 2:
-            at_one = {"cross": "quadrants", "cross+quadrants": "quadrants"}
-            return rule_stats(cell, at_one.get(rule, "quadrants+views"), k)
+            return rule_units(cell, "quadrants+views" if views else "quadrants", k)
         ch, cr = cell["cross_host"], cell["cross_ref"]
-        if rule == "cross":
-            h, r = ch[:, :1], cr[:, :1]
-        elif rule == "cross+quadrants":
-            h, r = np.concatenate([ch[:, :1], uh[:, :1]]), np.concatenate([cr[:, :1], ur[:, :1]])
-        elif rule == "cross+views":  # every unit: both hold-outs, originals and views
-            h, r = np.concatenate([ch, uh]), np.concatenate([cr, ur])
-        else:
-            raise KeyError(rule)
-    else:
-        raise KeyError(rule)
-    return (*loc_scale(h), *loc_scale(r))
+        if not views:
+            ch, cr, uh, ur = ch[:, :1], cr[:, :1], uh[:, :1], ur[:, :1]
+        return np.concatenate([ch, uh]), np.concatenate([cr, ur])
+    raise KeyError(rule)
 
 
 RULES = (
     "quadrants",
     "views",
     "quadrants+views",
-    "cross",
     "cross+quadrants",
     "cross+views",
     "fullviews",
-    "fullviews+quadrants",
+    "stream",
 )
+FIT = RefineConfig(grid_shape=None, image_size=None)
+MAPS = map_operators(GRID, (study_cells.IMAGE_SIZE,) * 2, FIT.blur_sigma)
 
 
-def analyse_cell(cell: dict, labels: np.ndarray, k: int, rule: str) -> dict:
-    """Image AUROC of the fused score and the calibration error on normal test images."""
-    lh, sh, lr, sr = rule_stats(cell, rule, k)
-    zh = (cell["test_host"] - lh) / sh
-    zr = (cell["test_ref"] - lr) / sr
-    fused = np.maximum(zh, zr).max(axis=1)
-    normal = labels == 0
-    q = lambda z: np.quantile(z[normal].ravel(), [0.25, 0.5, 0.75])
-    h25, h50, h75 = q(zh)
-    r25, r50, r75 = q(zr)
-    from_ref = zr.max(axis=1) > zh.max(axis=1)
+def threshold_rates(cell: dict, cal, labels: np.ndarray, k: int, test: np.ndarray, views: bool):
+    """The fit's normal-only threshold (5 %) from this cell's hold-outs, and its rates on test."""
+    sl = slice(None) if views else slice(0, 1)
+    cross = (cell["cross_host"][:, sl], cell["cross_ref"][:, sl]) if k >= 2 else (None, None)
+    held = calibration.HeldOut(cell["unit_host"][:, sl], cell["unit_ref"][:, sl], *cross)
+    scores = calibration.support_image_scores(held, FIT, cal)
+    named = threshold.outlying(scores)
+    t = threshold.normal_threshold(scores[~named], 0.05, 0.0, "held_out")
     return {
-        "auroc": auroc(labels, fused),
-        "host_shift": h50,
-        "host_iqr": h75 - h25,
-        "ref_shift": r50,
-        "ref_iqr": r75 - r25,
-        "ref_share_normal": float(np.mean(from_ref[normal])),
+        "false_alarms": float(np.mean(test[labels == 0] > t.value)),
+        "misses": float(np.mean(test[labels == 1] <= t.value)),
+        "bound": t.false_alarm_bound,
+        "named": int(named.sum()),
     }
 
 
-def analyse(out_dir: Path) -> dict:
-    """Every rule over every stored cell, and the per-cell summaries."""
+def stream_calibrations(cell: dict):
+    """`stream_calibration` over the test set in the eval's stream order: per-image statistics."""
+    order = stream_order(len(cell["test_host"]))
+    _, cals = stream_calibration.calibrate_stream(
+        cell["unit_host"], cell["unit_ref"], cell["test_host"][order], cell["test_ref"][order]
+    )
+    per_image = [None] * len(order)
+    for t, i in enumerate(order):
+        per_image[i] = cals[t]
+    return calibration.ScoreCalibration(
+        *(np.asarray(f, np.float64)[:, None] for f in zip(*per_image, strict=True))
+    )
+
+
+def analyse_cell(cell, labels, masks, k: int, rule: str, pixel: bool) -> dict:
+    """Image (and pixel) AUROC of the fused score, calibration error, threshold rates."""
+    if rule == "stream":
+        cal = stream_calibrations(cell)
+    else:
+        cal = calibration.statistics(*rule_units(cell, rule, k))
+    z_h, z_r = (
+        np.asarray(z) for z in calibration.standardise(cell["test_host"], cell["test_ref"], cal)
+    )
+    grids = np.maximum(z_h, z_r)
+    normal = labels == 0
+    out = {
+        "auroc": auroc(labels, grids.max(axis=1)),
+        **calibration.calibration_error(
+            cell["test_host"][normal],
+            cell["test_ref"][normal],
+            calibration.ScoreCalibration(*(np.asarray(f)[normal] for f in cal))
+            if rule == "stream"
+            else cal,
+        ),
+    }
+    if pixel:
+        a, b = MAPS
+        maps = np.einsum("Hh,thw,Ww->tHW", a, grids.reshape(-1, *GRID), b, optimize=True)
+        out["pixel_auroc"] = auroc(masks, maps)
+    if rule in ("quadrants", "quadrants+views"):
+        out["threshold"] = threshold_rates(
+            cell, cal, labels, k, grids.max(axis=1), rule == "quadrants+views"
+        )
+    return out
+
+
+def analyse(out_dir: Path, rules=RULES, pixel: bool = False) -> dict:
+    """Every rule over every stored cell."""
     rows = []
+    truths: dict = {}
     for path in sorted(out_dir.glob("*_k*_s*.npz")):
         data_feat, ks, ss = path.stem.rsplit("_", 2)
         data, feat = data_feat.rsplit("_", 1)
-        labels = np.load(out_dir / f"{data}_{feat}_truth.npz")["labels"]
+        if data_feat not in truths:
+            z = np.load(out_dir / f"{data_feat}_truth.npz")
+            truths = {data_feat: (z["labels"], z["masks"] if pixel else None)}
+        labels, masks = truths[data_feat]
         cell = dict(np.load(path))
         k = int(ks[1:])
         base = {
@@ -248,36 +294,46 @@ def analyse(out_dir: Path) -> dict:
             "seed": int(ss[1:]),
             "host": auroc(labels, cell["test_host"].max(axis=1)),
             "refined": auroc(labels, cell["test_ref"].max(axis=1)),
+            "seconds": cell["seconds"].tolist(),
         }
-        for rule in RULES:
-            rows.append({**base, "rule": rule, **analyse_cell(cell, labels, k, rule)})
-    return {"rows": rows, "summary": summarise(rows)}
+        if pixel:
+            a, b = MAPS
+            maps = np.einsum(
+                "Hh,thw,Ww->tHW", a, cell["test_host"].reshape(-1, *GRID), b, optimize=True
+            )
+            base["host_pixel"] = auroc(masks, maps)
+        for rule in rules:
+            rows.append({**base, "rule": rule, **analyse_cell(cell, labels, masks, k, rule, pixel)})
+    return {"rows": rows, "summary": summarise(rows, rules)}
 
 
-def summarise(rows: list[dict]) -> dict:
-    """Per rule: worst and mean cell gain vs PatchCore, and the calibration error."""
+def summarise(rows: list[dict], rules) -> dict:
+    """Per rule, over the 1/2/4-shot cells: gain vs PatchCore and the calibration error."""
     out = {}
-    for rule in RULES:
+    for rule in rules:
         cells: dict = {}
         for r in rows:
-            if r["rule"] == rule:
+            if r["rule"] == rule and r["k"] <= 4:
                 cells.setdefault((r["data"], r["feat"], r["k"]), []).append(r)
         gains = [np.mean([r["auroc"] - r["host"] for r in v]) for v in cells.values()]
-        err = lambda key, cells=cells: float(
-            np.mean([abs(r[key]) for v in cells.values() for r in v])
-        )
+        every = [r for v in cells.values() for r in v]
         out[rule] = {
             "cells": len(cells),
             "worst": float(np.min(gains)) if gains else None,
             "mean": float(np.mean(gains)) if gains else None,
-            "abs_host_shift": err("host_shift"),
-            "abs_ref_shift": err("ref_shift"),
-            "host_iqr": float(np.mean([r["host_iqr"] for v in cells.values() for r in v])),
-            "ref_iqr": float(np.mean([r["ref_iqr"] for v in cells.values() for r in v])),
-            "ref_share_normal": float(
-                np.mean([r["ref_share_normal"] for v in cells.values() for r in v])
-            ),
+            **{
+                f"mean_abs_{key}": float(np.mean([abs(r[key]) for r in every]))
+                for key in ("host_shift", "refined_shift")
+            },
+            **{
+                f"mean_{key}": float(np.mean([r[key] for r in every]))
+                for key in ("host_iqr_ratio", "refined_iqr_ratio", "refined_share")
+            },
         }
+        if every and "pixel_auroc" in every[0]:
+            pix = [np.mean([r["pixel_auroc"] - r["host_pixel"] for r in v]) for v in cells.values()]
+            out[rule]["pixel_worst"] = float(np.min(pix))
+            out[rule]["pixel_mean"] = float(np.mean(pix))
     return out
 
 
@@ -287,7 +343,7 @@ def main(argv):
     if _STAGE.value == "score":
         score_stage()
         return
-    res = analyse(Path(_OUT.value))
+    res = analyse(Path(_OUT.value), pixel=_PIXEL.value)
     Path(_JSON.value).parent.mkdir(parents=True, exist_ok=True)
     Path(_JSON.value).write_text(json.dumps(res, indent=1))
     for rule, s in res["summary"].items():
