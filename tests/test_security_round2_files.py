@@ -1,0 +1,167 @@
+"""Untrusted files, second round: image decoders, shared pickle references, CLIP configs.
+
+Every hostile file is built here at test time (nothing binary is committed).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import EpsImagePlugin, Image, ImageFile
+
+from protorefine_jax.data import imageio
+from protorefine_jax.data.errors import CorruptImageError, ImageTooLargeError
+from protorefine_jax.data.folder import load_category
+from protorefine_jax.data.synthetic import make_synthetic_dataset
+
+# ---------------------------------------------------------------------------
+# 1. Images: only the allowed decoders, and a decode budget in bytes.
+
+EPS = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n"
+    b"%%BoundingBox: 0 0 10 10\n"
+    b"%%EndComments\n"
+    b"newpath 0 0 moveto 10 10 lineto stroke\n"
+    b"showpage\n"
+    b"%%EOF\n"
+)
+
+
+@pytest.fixture
+def fake_gs(tmp_path, monkeypatch):
+    """A `gs` first on PATH that logs its arguments: the log exists iff it ran."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "gs.log"
+    gs = bin_dir / "gs"
+    gs.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\nexit 1\n')
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # PIL caches the lookup
+    return log
+
+
+def _not_allowed(path: Path):
+    return pytest.raises(
+        CorruptImageError,
+        match=rf"{path.name}: its content is not an allowed image format \(PNG, JPEG",
+    )
+
+
+def test_eps_named_png_never_reaches_ghostscript(tmp_path, fake_gs):
+    path = tmp_path / "part_001.png"
+    path.write_bytes(EPS)
+    with _not_allowed(path):
+        imageio.open_image(path)
+    with _not_allowed(path):
+        imageio.read_image(path, 16)
+    with _not_allowed(path):
+        imageio.read_mask(path, 16, 127)
+    with _not_allowed(path):
+        imageio.image_pixel_size(path)
+    assert not fake_gs.exists()
+
+
+def test_eps_in_a_dataset_folder_never_reaches_ghostscript(tmp_path, fake_gs):
+    root = tmp_path / "ds"
+    make_synthetic_dataset(root, ("fabric",), 2, 1, 1, image_size=32, seed=0)
+    data = load_category(root, "fabric", image_size=16)
+    victim = data.train_good[0]
+    victim.write_bytes(EPS)
+    with _not_allowed(victim):
+        data.load_images(data.train_good)
+    item = next(t for t in data.test if t.mask_path is not None)
+    item.mask_path.write_bytes(EPS)
+    with _not_allowed(item.mask_path):
+        data.load_masks([item])
+    assert not fake_gs.exists()
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PPM", "ICO", "TGA"])
+def test_other_formats_are_refused_whatever_the_name(tmp_path, fmt):
+    path = tmp_path / "img.png"
+    Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(path, format=fmt)
+    with _not_allowed(path):
+        imageio.read_image(path, 8)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name"),
+    [("PNG", "a.png"), ("JPEG", "a.jpg"), ("BMP", "a.bmp"), ("TIFF", "a.tif"), ("JPEG", "b.png")],
+)
+def test_allowed_formats_still_decode(tmp_path, fmt, name):
+    path = tmp_path / name
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(path, format=fmt)
+    out = imageio.read_image(path, 4)
+    assert out.shape == (4, 4, 3) and abs(int(out.mean()) - 200) <= 2
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def header_png(path: Path, width: int, height: int, depth: int, color: int) -> Path:
+    """A PNG header claiming a size (and a token IDAT): enough for PIL's lazy open."""
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)
+    chunks = [_chunk(b"IHDR", ihdr)]
+    if color == 3:
+        chunks.append(_chunk(b"PLTE", b"\0\0\0"))
+    chunks += [_chunk(b"IDAT", zlib.compress(b"\0")), _chunk(b"IEND", b"")]
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"".join(chunks))
+    return path
+
+
+@pytest.fixture
+def no_decode(monkeypatch):
+    def load(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+
+def test_sixteen_bit_png_refused_by_the_byte_budget(tmp_path, no_decode):
+    # 7071^2 = 49.99 MP: under the pixel limit, but a 16-bit read peaks near 1.8 GB.
+    path = header_png(tmp_path / "deep.png", 7071, 7071, 16, 0)
+    with pytest.raises(
+        ImageTooLargeError,
+        match=r"deep\.png is 7071 x 7071 pixels of PIL mode 'I;16.*': reading it takes "
+        r"about 1\.60 GB, more than the budget of 0\.60 GB .*--max_image_pixels.*8-bit",
+    ):
+        imageio.read_image(path, 64)
+    with pytest.raises(ImageTooLargeError, match="I;16"):
+        imageio.read_mask(path, 64, 127)
+
+
+def test_byte_budget_keeps_the_pixel_limit_for_8_bit_files(tmp_path, monkeypatch):
+    calls = []
+
+    def load(self):
+        calls.append(self.size)
+        raise OSError("stop after the checks")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    for color, depth in ((2, 8), (6, 8), (0, 8), (3, 8), (0, 1)):  # RGB, RGBA, L, P, 1
+        path = header_png(tmp_path / f"c{color}d{depth}.png", 7071, 7071, depth, color)
+        with pytest.raises(CorruptImageError, match="stop after the checks"):
+            imageio.read_image(path, 64)
+    assert calls == [(7071, 7071)] * 5  # reached the decode: allowed by the budget
+
+
+def test_pixel_limit_is_per_call_and_leaves_pil_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    monkeypatch.setattr(imageio, "_max_pixels", imageio._max_pixels)
+    pil_before = Image.MAX_IMAGE_PIXELS
+    path = tmp_path / "img.png"
+    Image.fromarray(np.full((20, 30), 7, np.uint8)).save(path)
+    with pytest.raises(ImageTooLargeError, match="30 x 20 pixels, more than the limit of 599"):
+        imageio.read_image(path, 8, max_pixels=599)
+    assert imageio.read_image(path, 8, max_pixels=600).shape == (8, 8, 3)
+    with pytest.raises(ImageTooLargeError, match="limit of 599"):
+        imageio.read_mask(path, 8, 127, max_pixels=599)
+    imageio.set_max_image_pixels(10**9)
+    assert Image.MAX_IMAGE_PIXELS == pil_before  # PIL's process-wide limit untouched
