@@ -5,19 +5,28 @@ Every hostile file is built here at test time (nothing binary is committed).
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from crafted import MAGIC, zip_checkpoint
 from PIL import EpsImagePlugin, Image, ImageFile
 
 from protorefine_jax.data import imageio
 from protorefine_jax.data.errors import CorruptImageError, ImageTooLargeError
 from protorefine_jax.data.folder import load_category
 from protorefine_jax.data.synthetic import make_synthetic_dataset
+from protorefine_jax.io.errors import CheckpointError
+from protorefine_jax.io.safe_pickle import load_plain
+from protorefine_jax.io.torch_checkpoint import load_state_dict
 
 # ---------------------------------------------------------------------------
 # 1. Images: only the allowed decoders, and a decode budget in bytes.
@@ -165,3 +174,101 @@ def test_pixel_limit_is_per_call_and_leaves_pil_alone(tmp_path, monkeypatch):
         imageio.read_mask(path, 8, 127, max_pixels=599)
     imageio.set_max_image_pixels(10**9)
     assert Image.MAX_IMAGE_PIXELS == pil_before  # PIL's process-wide limit untouched
+
+
+# ---------------------------------------------------------------------------
+# 2. Pickles: shared references are not a tree, nesting has a floor.
+
+
+def shared_lists(levels: int) -> bytes:
+    """``L_i = [L_{i-1}, L_{i-1}]`` through the memo: ~8 bytes a level, 2**levels as a tree."""
+    out = [b"\x80\x02]q\x00"]
+    for i in range(levels):
+        out.append(b"(h" + bytes([i]) + b"h" + bytes([i]) + b"lq" + bytes([i + 1]))
+    return b"".join(out) + b"."
+
+
+def lists_filled_after_sharing(levels: int) -> bytes:
+    """The same graph, but each list is shared while still empty and filled afterwards."""
+    out = [b"\x80\x02"]
+    for i in range(levels + 1):
+        out.append(b"]q" + bytes([i]) + b"0")  # EMPTY_LIST, BINPUT i, POP
+    for i in range(levels, 0, -1):
+        out.append(b"h" + bytes([i]) + b"(h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"e0")
+    return b"".join(out) + b"h" + bytes([levels]) + b"."
+
+
+def _state_dict_holding(obj_pickle: bytes) -> bytes:
+    """``{"w": <obj>}`` around a pickle body (its PROTO and STOP stripped)."""
+    body = obj_pickle[2:-1]
+    return b"\x80\x02}X\x01\x00\x00\x00w" + body + b"s."
+
+
+@pytest.mark.parametrize("build", [shared_lists, lists_filled_after_sharing])
+@pytest.mark.parametrize("wrap", [False, True])
+def test_shared_references_are_refused_fast(tmp_path, build, wrap):
+    pkl = build(40)
+    if wrap:
+        pkl = _state_dict_holding(pkl)
+    assert len(pkl) < 700
+    path = tmp_path / "w.pth"
+    path.write_bytes(zip_checkpoint({}, {}, data_pkl=pkl))
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"w\.pth: .*expands to more than \d+ objects"):
+        load_state_dict(path)
+    assert time.monotonic() - start < 3
+
+
+def test_shared_header_pickle_of_a_legacy_file_is_refused(tmp_path):
+    # The protocol-version pickle is a 2**40 tree: printing it in an error took forever.
+    blob = pickle.dumps(MAGIC, protocol=2) + shared_lists(40)
+    path = tmp_path / "w.pth"
+    path.write_bytes(blob)
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match="expands to more than"):
+        load_state_dict(path)
+    assert time.monotonic() - start < 3
+
+
+def test_shared_plain_data_stays_shared():
+    obj = {"a": [1, 2], "b": None}
+    obj["b"] = obj["a"]
+    got = load_plain(io.BytesIO(pickle.dumps(obj, protocol=2)))
+    assert got == {"a": [1, 2], "b": [1, 2]} and got["a"] is got["b"]
+
+
+DEPTH = 100_000
+
+
+def _deep(kind: str) -> bytes:
+    if kind == "list":
+        return b"\x80\x02" + b"]" * DEPTH + b"a" * (DEPTH - 1) + b"."
+    if kind == "dict":
+        return b"\x80\x02" + b"}K\x00" * DEPTH + b"}" + b"s" * DEPTH + b"."
+    return b"\x80\x02}" + b")" + b"\x85" * (10 * DEPTH) + b"K\x01s."  # a 1e6-deep tuple key
+
+
+@pytest.mark.parametrize("kind", ["list", "dict", "tuple_key"])
+def test_deep_nesting_is_a_checkpoint_error(tmp_path, kind):
+    path = tmp_path / "w.pth"
+    path.write_bytes(zip_checkpoint({}, {}, data_pkl=_deep(kind)))
+    # In a child process: the 1e6-deep tuple key crashed the interpreter (C stack).
+    code = (
+        "import sys\n"
+        "from protorefine_jax.io.torch_checkpoint import load_state_dict\n"
+        "from protorefine_jax.io.errors import CheckpointError\n"
+        f"try:\n    load_state_dict({str(path)!r})\n"
+        "except CheckpointError as e:\n    print('REFUSED', e)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "REFUSED" in run.stdout and "more than 100 levels deep" in run.stdout
+    assert "RecursionError" not in run.stdout + run.stderr
+
+
+def test_deep_plain_pickle_is_an_unpickling_error():
+    with pytest.raises(pickle.UnpicklingError, match="more than 100 levels deep"):
+        load_plain(io.BytesIO(_deep("list")))
