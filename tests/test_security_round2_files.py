@@ -6,8 +6,10 @@ Every hostile file is built here at test time (nothing binary is committed).
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
+import random
 import struct
 import subprocess
 import sys
@@ -20,10 +22,12 @@ import pytest
 from crafted import MAGIC, zip_checkpoint
 from PIL import EpsImagePlugin, Image, ImageFile
 
+from protorefine_jax.clip.spec import ClipSpec
 from protorefine_jax.data import imageio
 from protorefine_jax.data.errors import CorruptImageError, ImageTooLargeError
 from protorefine_jax.data.folder import load_category
 from protorefine_jax.data.synthetic import make_synthetic_dataset
+from protorefine_jax.io import clip_folder
 from protorefine_jax.io.errors import CheckpointError
 from protorefine_jax.io.safe_pickle import load_plain
 from protorefine_jax.io.torch_checkpoint import load_state_dict
@@ -272,3 +276,130 @@ def test_deep_nesting_is_a_checkpoint_error(tmp_path, kind):
 def test_deep_plain_pickle_is_an_unpickling_error():
     with pytest.raises(pickle.UnpicklingError, match="more than 100 levels deep"):
         load_plain(io.BytesIO(_deep("list")))
+
+
+# ---------------------------------------------------------------------------
+# 3. CLIP folder config.json: every field used is typed and bounded.
+
+
+def _tiny_config() -> dict:
+    return {
+        "projection_dim": 8,
+        "text_config": {
+            "vocab_size": 100,
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 7,
+            "hidden_act": "gelu",
+            "layer_norm_eps": 1e-5,
+        },
+        "vision_config": {
+            "image_size": 32,
+            "patch_size": 16,
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "hidden_act": "gelu",
+            "layer_norm_eps": 1e-5,
+        },
+    }
+
+
+def _read(tmp_path: Path, text: str):
+    (tmp_path / "config.json").write_text(text)
+    return clip_folder.read_config(tmp_path)
+
+
+def test_tiny_config_reads():
+    spec = ClipSpec.from_hf_config(_tiny_config())
+    assert spec.patch_size == 16 and spec.vocab_size == 100 and spec.embed_dim == 8
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value", "match"),
+    [
+        ("vision_config", "patch_size", 0, r"vision_config\.patch_size must be an integer in \[1"),
+        ("vision_config", "patch_size", -16, r"vision_config\.patch_size must be an integer"),
+        ("vision_config", "image_size", "32", r"vision_config\.image_size must be an integer"),
+        ("vision_config", "hidden_size", 10**9, r"vision_config\.hidden_size must be an integer"),
+        ("text_config", "hidden_size", 1e9, r"text_config\.hidden_size must be an integer"),
+        ("text_config", "vocab_size", True, r"text_config\.vocab_size must be an integer"),
+        ("text_config", "num_hidden_layers", 10**6, r"num_hidden_layers must be an integer"),
+        ("text_config", "max_position_embeddings", -1, r"max_position_embeddings must be an"),
+        (None, "projection_dim", [8], r"projection_dim must be an integer in \[1, 16384\]"),
+        (None, "text_config", [1, 2], r"text_config must be a JSON object, got list"),
+        ("text_config", "layer_norm_eps", "x", r"text_config\.layer_norm_eps must be a number"),
+        ("vision_config", "hidden_act", ["gelu"], r"vision_config\.hidden_act must be one of"),
+    ],
+)
+def test_bad_config_fields_are_one_line_errors(tmp_path, where, key, value, match):
+    config = _tiny_config()
+    (config if where is None else config[where])[key] = value
+    with pytest.raises(CheckpointError, match=match) as err:
+        _read(tmp_path, json.dumps(config))
+    msg = str(err.value)
+    assert "config.json" in msg and "Fix:" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("[1, 2, 3]", "must hold a JSON object, got list"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"a": ' * 100_000 + "1" + "}" * 100_000, "nested too deeply"),
+        ("{not json", "Expecting property name"),
+        ('"just a string"', "got str"),
+    ],
+)
+def test_malformed_config_json_is_a_clear_error(tmp_path, text, match):
+    with pytest.raises(CheckpointError, match=match) as err:
+        _read(tmp_path, text)
+    assert "\n" not in str(err.value)
+
+
+def _mutate_config(rng: random.Random, config: dict) -> str:
+    kind = rng.choice(["value", "value", "value", "drop", "text"])
+    parts = [config, config.get("text_config"), config.get("vision_config")]
+    parts = [p for p in parts if isinstance(p, dict) and p]
+    if not parts:
+        return json.dumps(config)
+    part = rng.choice(parts)
+    key = rng.choice(sorted(part))
+    odd = [0, -1, 1, 3, 7, 2**31, 10**30, 1e9, 1.5, -0.0, float("nan"), "16", "", None, True]
+    odd += [[], {}, [16], {"x": 1}, "gelu", "quick_gelu", "relu", 1e-5]
+    if kind == "value":
+        part[key] = rng.choice(odd)
+    elif kind == "drop":
+        del part[key]
+    text = json.dumps(config)
+    if kind == "text":
+        i = rng.randrange(len(text))
+        text = rng.choice([text[:i], text[:i] + rng.choice('[]{}",:0') + text[i + 1 :]])
+    return text
+
+
+def test_fuzzed_clip_configs_read_or_raise_checkpoint_error(tmp_path):
+    rng = random.Random(2)
+    start = time.monotonic()
+    outcomes = {"read": 0, "refused": 0}
+    for _ in range(400):
+        config = _tiny_config()
+        for _ in range(rng.randint(1, 3)):
+            text = _mutate_config(rng, config)
+            try:
+                config = json.loads(text)
+            except ValueError:
+                break
+            if not isinstance(config, dict):
+                break
+        try:
+            _read(tmp_path, text)
+            outcomes["read"] += 1
+        except CheckpointError as e:
+            assert "config.json" in str(e) and "\n" not in str(e)
+            outcomes["refused"] += 1
+    assert outcomes["read"] > 10 and outcomes["refused"] > 100, outcomes
+    assert time.monotonic() - start < 60
