@@ -33,6 +33,56 @@ from transformers.models.clip.modeling_flax_clip import FlaxCLIPModule
 
 _ACTIVATIONS = ("gelu", "quick_gelu")
 
+# Allowed range of every integer field (a config file is untrusted: sizes set shapes).
+_INT_RANGES = {
+    "image_size": (1, 8192),
+    "patch_size": (1, 8192),
+    "vision_width": (1, 16384),
+    "vision_layers": (1, 256),
+    "vision_heads": (1, 1024),
+    "vision_mlp": (1, 65536),
+    "text_width": (1, 16384),
+    "text_layers": (1, 256),
+    "text_heads": (1, 1024),
+    "text_mlp": (1, 65536),
+    "context_length": (1, 4096),
+    "vocab_size": (2, 1_000_000),
+    "embed_dim": (1, 16384),
+}
+# config.json (Hugging Face CLIPConfig) field of each spec field.
+_HF_FIELDS = {
+    ("vision_config", "image_size"): "image_size",
+    ("vision_config", "patch_size"): "patch_size",
+    ("vision_config", "hidden_size"): "vision_width",
+    ("vision_config", "num_hidden_layers"): "vision_layers",
+    ("vision_config", "num_attention_heads"): "vision_heads",
+    ("vision_config", "intermediate_size"): "vision_mlp",
+    ("text_config", "hidden_size"): "text_width",
+    ("text_config", "num_hidden_layers"): "text_layers",
+    ("text_config", "num_attention_heads"): "text_heads",
+    ("text_config", "intermediate_size"): "text_mlp",
+    ("text_config", "max_position_embeddings"): "context_length",
+    ("text_config", "vocab_size"): "vocab_size",
+    (None, "projection_dim"): "embed_dim",
+}
+
+
+def _check_int(value: Any, name: str, field: str) -> None:
+    lo, hi = _INT_RANGES[field]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r:.60}")
+
+
+def _check_eps(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r:.60}")
+
+
+def _check_act(value: Any, name: str) -> None:
+    if not isinstance(value, str) or value not in _ACTIVATIONS:
+        raise ValueError(f"{name} must be one of {_ACTIVATIONS}, got {value!r:.60}")
+
+
 # OpenAI CLIP image normalisation (OpenCLIP ViT-B-16-plus-240 uses the same).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -84,6 +134,10 @@ class ClipSpec:
     image_std: tuple[float, float, float] = CLIP_STD
 
     def __post_init__(self):
+        for field in _INT_RANGES:
+            _check_int(getattr(self, field), field, field)
+        _check_eps(self.layer_norm_eps, "layer_norm_eps")
+        _check_act(self.hidden_act, "hidden_act")
         for name in ("image_mean", "image_std"):
             value = tuple(float(v) for v in getattr(self, name))  # hashable, lists ok
             if len(value) != 3:
@@ -165,10 +219,13 @@ class ClipSpec:
           The matching `ClipSpec`.
 
         Raises:
-          ValueError: if the text and vision activations differ (HF allows it,
-            this project's towers do not need it).
+          ValueError: a field of the wrong type or out of range (the message
+            names the `config.json` field and what is allowed), or text and
+            vision activations that differ (HF allows it, this project's
+            towers do not need it).
         """
         if isinstance(config, dict):
+            _check_hf_dict(config)
             config = CLIPConfig.from_dict(config)
         text, vision = config.text_config, config.vision_config
         if text.hidden_act != vision.hidden_act:
@@ -193,6 +250,23 @@ class ClipSpec:
             hidden_act=vision.hidden_act,
             layer_norm_eps=vision.layer_norm_eps,
         )
+
+
+def _check_hf_dict(config: dict[str, Any]) -> None:
+    """Type and range of every `config.json` field `from_hf_config` reads (before HF sees it)."""
+    for sub in ("text_config", "vision_config"):
+        if config.get(sub) is not None and not isinstance(config[sub], dict):
+            raise ValueError(f"{sub} must be a JSON object, got {type(config[sub]).__name__}")
+    for (sub, key), field in _HF_FIELDS.items():
+        part = config if sub is None else config.get(sub) or {}
+        if key in part:
+            _check_int(part[key], key if sub is None else f"{sub}.{key}", field)
+    for sub in ("text_config", "vision_config"):
+        part = config.get(sub) or {}
+        if "layer_norm_eps" in part:
+            _check_eps(part["layer_norm_eps"], f"{sub}.layer_norm_eps")
+        if "hidden_act" in part:
+            _check_act(part["hidden_act"], f"{sub}.hidden_act")
 
 
 VIT_B_16_PLUS_240 = ClipSpec()

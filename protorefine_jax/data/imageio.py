@@ -42,12 +42,21 @@ non-float file). Decisions (the spec is silent):
 - A mask must have the pixel size of its image (`read_mask(..., image_path=)`,
   used by every reader): a mismatch is a `CorruptImageError` naming both
   files, not a silent stretch.
-- Files are untrusted: an image or mask with more than `max_image_pixels()`
-  pixels (default `DEFAULT_MAX_IMAGE_PIXELS`, 50 million, e.g. 7071 x 7071;
-  raise it with `set_max_image_pixels` or `--max_image_pixels` of
-  `experiments.eval`) is refused from its header, before decoding, with an
-  `ImageTooLargeError`; PIL's own `DecompressionBombError` becomes the same
-  error.
+- Files are untrusted. Only PNG, JPEG, BMP and TIFF are decoded
+  (:data:`IMAGE_FORMATS`, passed to PIL as ``formats=``): PIL otherwise picks
+  the decoder from the content, and an EPS file named ``x.png`` would run
+  Ghostscript. Anything else is a `CorruptImageError` naming the file.
+- An image or mask with more than `max_image_pixels()` pixels (default
+  `DEFAULT_MAX_IMAGE_PIXELS`, 50 million, e.g. 7071 x 7071; raise it with
+  `set_max_image_pixels`, the `max_pixels=` argument of the readers, or
+  `--max_image_pixels` of the CLIs) is refused from its header, before
+  decoding, with an `ImageTooLargeError`. The limit is also a memory budget:
+  reading costs about :func:`decode_bytes_per_pixel` bytes per pixel (12 for
+  8-bit files, 32 for 16-bit / float ones), and a file whose estimate exceeds
+  ``max_pixels x 12`` bytes is refused the same way, so a 16-bit file may have
+  at most 18.75 million pixels under the default. PIL's process-wide limit is
+  left alone; its own `DecompressionBombError` (above about 179 million
+  pixels) becomes the same error.
 - A file this user may not read (permissions) is an `UnreadableFileError`
   naming it and the fix (chmod), not a "cannot decode" error: the file may
   well be intact. Every file is opened by :func:`open_image`.
@@ -75,41 +84,86 @@ from protorefine_jax.features.preprocess import (
 )
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# The only decoders PIL may use (chosen by content, whatever the file name).
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 MVTEC_MASK_THRESHOLD = 127
 VISA_MASK_THRESHOLD = 0
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 _max_pixels = DEFAULT_MAX_IMAGE_PIXELS
+# Peak bytes per pixel of reading a file (decode, array, RGB, resize), measured
+# per PIL mode: 8-bit modes ~10-12, CMYK ~14, 16-bit / 32-bit modes ~32.
+_EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")
+_WIDE_MODES = ("I", "F")
+BYTES_PER_PIXEL_8BIT = 12
+
+
+def decode_bytes_per_pixel(mode: str) -> int:
+    """Estimated peak bytes per pixel of reading a file whose PIL mode is `mode`."""
+    if mode in _EIGHT_BIT_MODES:
+        return BYTES_PER_PIXEL_8BIT
+    if mode in _WIDE_MODES or mode.startswith(("I;", "F;")):
+        return 32
+    return 16
 
 
 def max_image_pixels() -> int:
-    """The largest image (width x height) the readers decode."""
+    """The default limit of the readers: the largest image (width x height) decoded."""
     return _max_pixels
 
 
 def set_max_image_pixels(limit: int | None) -> None:
-    """Sets the pixel limit of every image / mask decode (None: the default).
+    """Sets the default pixel limit of the readers (None: `DEFAULT_MAX_IMAGE_PIXELS`).
 
-    Also sets PIL's own decompression-bomb limit to the same value, so PIL
-    does not refuse what this limit allows.
+    Only this module's default changes (PIL's own process-wide limit is left
+    alone); a reader's `max_pixels=` argument overrides it per call.
 
     Raises:
       ValueError: a limit below 1.
     """
     global _max_pixels
-    limit = DEFAULT_MAX_IMAGE_PIXELS if limit is None else int(limit)
-    if limit < 1:
-        raise ValueError(f"max_image_pixels must be >= 1, got {limit}.")
-    _max_pixels = limit
-    Image.MAX_IMAGE_PIXELS = max(limit, Image.MAX_IMAGE_PIXELS or 0)
+    _max_pixels = _check_limit(DEFAULT_MAX_IMAGE_PIXELS if limit is None else limit)
 
 
-def _too_large(path: Path, what: str, size: str) -> ImageTooLargeError:
-    return ImageTooLargeError(
-        f"{what} {path} is {size}, more than the limit of {_max_pixels} pixels "
-        "(refused before decoding: a small file can decode to gigabytes). Fix: if the "
-        "file is genuine, raise the limit (--max_image_pixels, or "
-        "protorefine_jax.data.imageio.set_max_image_pixels), or downscale it."
+def _check_limit(limit) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
+        raise ValueError(f"max_image_pixels must be >= 1 (an integer), got {limit!r}.")
+    return int(limit)
+
+
+def _fix_limit() -> str:
+    return (
+        "Fix: if the file is genuine, raise the limit (--max_image_pixels, or "
+        "protorefine_jax.data.imageio.set_max_image_pixels), or downscale it"
     )
+
+
+def _too_large(path: Path, what: str, size: str, limit: int) -> ImageTooLargeError:
+    return ImageTooLargeError(
+        f"{what} {path} is {size}, more than the limit of {limit} pixels "
+        f"(refused before decoding: a small file can decode to gigabytes). {_fix_limit()}."
+    )
+
+
+def check_decode_size(img: Image.Image, path: Path, what: str, max_pixels: int) -> None:
+    """Refuses an opened (not yet loaded) image from its header size and mode.
+
+    Raises:
+      ImageTooLargeError: more than `max_pixels` pixels, or an estimated decode
+        cost above `max_pixels x BYTES_PER_PIXEL_8BIT` bytes.
+    """
+    width, height = img.size
+    if width * height > max_pixels:
+        raise _too_large(path, what, f"{width} x {height} pixels", max_pixels)
+    need = width * height * decode_bytes_per_pixel(img.mode)
+    budget = max_pixels * BYTES_PER_PIXEL_8BIT
+    if need > budget:
+        raise ImageTooLargeError(
+            f"{what} {path} is {width} x {height} pixels of PIL mode {img.mode!r}: reading "
+            f"it takes about {need / 1e9:.2f} GB, more than the budget of {budget / 1e9:.2f} "
+            f"GB that the limit of {max_pixels} pixels allows (8-bit images take "
+            f"{BYTES_PER_PIXEL_8BIT} bytes per pixel, 16-bit and float ones "
+            f"{decode_bytes_per_pixel('I')}). {_fix_limit()} or convert it to 8-bit."
+        )
 
 
 def unreadable(path: Path, what: str, err: OSError) -> UnreadableFileError:
@@ -121,9 +175,24 @@ def unreadable(path: Path, what: str, err: OSError) -> UnreadableFileError:
     )
 
 
-def open_image(path: Path) -> Image.Image:
-    """`PIL.Image.open(path)`: the one place image and mask files are opened."""
-    return Image.open(path)
+def open_image(path: Path, what: str = "Image") -> Image.Image:
+    """Opens an image or mask file lazily: the one place such files are opened.
+
+    Only the decoders of :data:`IMAGE_FORMATS` are tried (PIL would otherwise
+    choose any decoder by content, e.g. Ghostscript for an EPS file).
+
+    Raises:
+      CorruptImageError: the content is none of the allowed formats (names the file).
+      OSError: the file cannot be read (e.g. `PermissionError`).
+    """
+    try:
+        return Image.open(path, formats=IMAGE_FORMATS)
+    except UnidentifiedImageError as e:
+        raise CorruptImageError(
+            f"Cannot decode {what.lower()} {path}: its content is not an allowed image "
+            f"format ({', '.join(IMAGE_FORMATS)}; other formats are never decoded, whatever "
+            "the file name says). Fix: convert it to PNG, or delete it from the dataset folder."
+        ) from e
 
 
 def is_image_file(path: Path) -> bool:
@@ -131,13 +200,15 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _decode(path: Path, what: str) -> np.ndarray:
+def _decode(path: Path, what: str, max_pixels: int | None = None) -> np.ndarray:
     """Opens and fully decodes `path` into an array (`preprocess.pil_to_array`).
 
+    The size is checked from the header (`check_decode_size`) before decoding.
     Every decoder failure, and an image the array rules reject (mode "I"
     beyond 16 bits), becomes one `CorruptImageError` naming the file.
     """
     path = Path(path)
+    limit = _max_pixels if max_pixels is None else _check_limit(max_pixels)
     if not path.is_file():
         raise DatasetNotFoundError(
             f"{what} file {path} does not exist. Fix: restore the file or remove it "
@@ -147,19 +218,17 @@ def _decode(path: Path, what: str) -> np.ndarray:
         with warnings.catch_warnings():
             # The limit below is ours; PIL's warning would only repeat it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with open_image(path) as img:
-                width, height = img.size
-                if width * height > _max_pixels:
-                    raise _too_large(path, what, f"{width} x {height} pixels")
+            with open_image(path, what) as img:
+                check_decode_size(img, path, what, limit)
                 img.load()  # Image.open is lazy: truncated files only fail here.
                 return pil_to_array(img)
-    except ImageTooLargeError:
+    except CorruptImageError:
         raise
     except PermissionError as e:
         raise unreadable(path, what, e) from e
     except Image.DecompressionBombError as e:
-        raise _too_large(path, what, f"too large for PIL ({e})") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise _too_large(path, what, f"too large for PIL ({e})", limit) from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise CorruptImageError(
             f"Cannot decode {what.lower()} {path}: {e}. Fix: re-extract or re-download "
             "this file (or convert it to an 8- or 16-bit PNG), or delete it from the "
@@ -168,7 +237,11 @@ def _decode(path: Path, what: str) -> np.ndarray:
 
 
 def read_image(
-    path: str | Path, image_size: int | tuple[int, int], resample: str = "bilinear"
+    path: str | Path,
+    image_size: int | tuple[int, int],
+    resample: str = "bilinear",
+    *,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """Reads one image as RGB uint8 at the evaluation resolution.
 
@@ -176,6 +249,7 @@ def read_image(
       path: image file (any PIL-readable format; gray, RGBA, palette, 16-bit ok).
       image_size: output side `S`, or `(H, W)` for a non-square output.
       resample: `"bilinear"` or `"bicubic"` (CLIP; `resize_rgb`).
+      max_pixels: pixel limit of this call (None: `max_image_pixels()`).
 
     Returns:
       `[S, S, 3]` (or `[H, W, 3]`) uint8 RGB: `features.preprocess.resize_rgb` of the decoded
@@ -184,10 +258,11 @@ def read_image(
     Raises:
       DatasetNotFoundError: the file does not exist.
       UnreadableFileError: this user may not read it (permissions).
-      CorruptImageError: the file cannot be decoded, or its float values are
-        outside [0, 1] (the message names it).
+      CorruptImageError: the file cannot be decoded, is not an allowed format,
+        or its float values are outside [0, 1] (the message names it).
+      ImageTooLargeError: more pixels than `max_pixels`, or too many bytes to decode.
     """
-    arr = _decode(Path(path), "Image")
+    arr = _decode(Path(path), "Image", max_pixels)
     try:
         out = resize_rgb(arr, image_size, resample=resample)
     except ValueError as e:
@@ -239,11 +314,13 @@ def image_pixel_size(path: str | Path) -> tuple[int, int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with open_image(path) as img:
                 return img.size
+    except CorruptImageError:
+        raise
     except PermissionError as e:
         raise unreadable(path, "Image", e) from e
     except Image.DecompressionBombError as e:
-        raise _too_large(path, "Image", f"too large for PIL ({e})") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise _too_large(path, "Image", f"too large for PIL ({e})", _max_pixels) from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise CorruptImageError(f"Cannot decode image {path}: {e}.") from e
 
 
@@ -252,6 +329,8 @@ def read_mask(
     image_size: int | tuple[int, int],
     threshold: int,
     image_path: str | Path | None = None,
+    *,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """Reads one ground-truth mask, binarised, at the evaluation resolution.
 
@@ -263,6 +342,7 @@ def read_mask(
         :data:`VISA_MASK_THRESHOLD`; 16-bit values count as `v / 257`).
       image_path: the image the mask belongs to; its pixel size (read from
         the header) must equal the mask's.
+      max_pixels: pixel limit of this call (None: `max_image_pixels()`).
 
     Returns:
       `[S, S]` bool, True on defect pixels.
@@ -272,10 +352,10 @@ def read_mask(
       UnreadableFileError: this user may not read it (permissions).
       CorruptImageError: the file cannot be decoded, or its size differs
         from the image's (the message names both files).
-      ImageTooLargeError: more pixels than `max_image_pixels()`.
+      ImageTooLargeError: more pixels than `max_pixels`, or too many bytes to decode.
     """
     path = Path(path)
-    arr = _decode(path, "Mask")
+    arr = _decode(path, "Mask", max_pixels)
     if image_path is not None:
         width, height = image_pixel_size(image_path)
         if arr.shape[:2] != (height, width):
@@ -301,6 +381,8 @@ def read_images(
     paths: list[Path] | tuple[Path, ...],
     image_size: int | tuple[int, int],
     resample: str = "bilinear",
+    *,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """Reads a batch of images.
 
@@ -308,11 +390,12 @@ def read_images(
       paths: `B` image files.
       image_size: output side `S`.
       resample: `"bilinear"` or `"bicubic"` (CLIP; `resize_rgb`).
+      max_pixels: pixel limit of each file (None: `max_image_pixels()`).
 
     Returns:
       `[B, S, S, 3]` uint8 RGB (`[0, S, S, 3]` for an empty list).
     """
     out = np.zeros((len(paths), *image_hw(image_size), 3), np.uint8)
     for i, p in enumerate(paths):
-        out[i] = read_image(p, image_size, resample)
+        out[i] = read_image(p, image_size, resample, max_pixels=max_pixels)
     return out

@@ -274,6 +274,33 @@ def read_normalization(
     return mean, std
 
 
+CONFIG_MAX_BYTES = 1 << 20
+
+
+def read_config(folder: str | pathlib.Path) -> ClipSpec:
+    """The `ClipSpec` of the folder's `config.json`, every field used checked.
+
+    Raises:
+      CheckpointError: one line naming the file, the field and what is
+        allowed (not JSON, not an object, nested too deeply, a size of the
+        wrong type or out of range, a file over `CONFIG_MAX_BYTES`).
+    """
+    path = pathlib.Path(folder) / "config.json"
+    fix = "Fix: use the config.json of a real CLIP model (save it again with transformers)"
+    try:
+        if path.stat().st_size > CONFIG_MAX_BYTES:
+            raise ValueError(f"larger than {CONFIG_MAX_BYTES} bytes")
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError(f"must hold a JSON object, got {type(config).__name__}")
+        return ClipSpec.from_hf_config(config)
+    except RecursionError as e:
+        raise CheckpointError(f"{path}: nested too deeply to be a CLIP config. {fix}.") from e
+    except (ValueError, TypeError) as e:
+        msg = " ".join(str(e).split())
+        raise CheckpointError(f"{path}: {msg}. {fix}, or repair this field.") from e
+
+
 def load_clip(folder: str | pathlib.Path) -> ClipBundle:
     """Loads a local HF CLIP folder into a spec, Flax params and a tokenizer.
 
@@ -288,12 +315,13 @@ def load_clip(folder: str | pathlib.Path) -> ClipBundle:
 
     Raises:
       FileNotFoundError: naming the missing files and how to provide them.
+      CheckpointError: `config.json` is malformed (`read_config`).
       ValueError: if the weights do not match `config.json`, or
         `preprocessor_config.json` is malformed.
     """
     check_clip_folder(folder)
     folder = pathlib.Path(folder)
-    spec = ClipSpec.from_hf_config(json.loads((folder / "config.json").read_text()))
+    spec = read_config(folder)
     mean, std = read_normalization(folder)
     spec = dataclasses.replace(spec, image_mean=mean, image_std=std)
     params = jax.tree.map(jax.numpy.asarray, _read_hf_weights(folder, spec))

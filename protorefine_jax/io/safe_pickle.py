@@ -13,6 +13,16 @@ reads from an in-memory buffer only and first walks the pickle's opcodes
 with ``pickletools.genops`` (which reads each counted argument from the
 buffer and fails when the buffer is shorter than the claim), so every size
 claim is checked against the bytes really present before anything is built.
+
+Shape: the same walk follows the pickle machine's stack and memo, so an
+object nested more than ``MAX_DEPTH`` levels deep, or one that expands (as a
+tree, counting each shared reference again) to more than ``NODES_PER_BYTE``
+nodes per byte of the stream, is refused before it is built; after loading,
+the object itself is measured once more (a list filled after it was shared is
+only visible then). A reader may therefore walk, hash, compare or print what
+:class:`SafeUnpickler` returns as a tree, recursively: a few hundred bytes of
+``L = [L, L]`` nested 40 times cannot become 2**40 visits, and a million
+nested tuples cannot overflow the C stack.
 """
 
 from __future__ import annotations
@@ -25,6 +35,152 @@ from typing import Any
 
 PLAIN_DATA: Mapping[tuple[str, str], Any] = {}
 """No global at all: the pickle may only hold ints, strings, tuples, lists, dicts, ..."""
+
+MAX_DEPTH = 100
+"""Deepest nesting of containers a pickle may hold."""
+NODES_PER_BYTE = 4
+"""A pickle of ``n`` bytes may expand to ``NODES_PER_BYTE * n + MIN_NODES`` tree nodes."""
+MIN_NODES = 10_000
+
+_IN_PLACE = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
+_GET = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_PUT = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+
+
+class _Shape:
+    """What the opcode walk knows of a value: nesting depth and size as a tree."""
+
+    __slots__ = ("depth", "nodes")
+
+    def __init__(self, depth: int = 0, nodes: int = 1):
+        self.depth = depth
+        self.nodes = nodes
+
+
+_MARK = object()
+
+
+class _ShapeCheck:
+    """Follows stack and memo of a pickle's opcodes; refuses deep or exploding objects."""
+
+    def __init__(self, max_nodes: int):
+        self.max_nodes = max_nodes
+        self.stack: list[Any] = []
+        self.memo: dict[Any, _Shape] = {}
+
+    def _pop(self) -> Any:
+        if not self.stack:
+            raise pickle.UnpicklingError("malformed pickle (pops from an empty stack)")
+        return self.stack.pop()
+
+    def _pop_mark(self) -> list[_Shape]:
+        for i in range(len(self.stack) - 1, -1, -1):
+            if self.stack[i] is _MARK:
+                items = self.stack[i + 1 :]
+                del self.stack[i:]
+                return items
+        raise pickle.UnpicklingError("malformed pickle (no mark on the stack)")
+
+    def _check(self, shape: _Shape) -> _Shape:
+        if shape.depth > MAX_DEPTH:
+            raise pickle.UnpicklingError(
+                f"the pickle nests objects more than {MAX_DEPTH} levels deep"
+            )
+        if shape.nodes > self.max_nodes:
+            raise pickle.UnpicklingError(
+                f"the pickle expands to more than {self.max_nodes} objects (shared references "
+                "repeated over and over; its size allows at most that many)"
+            )
+        return shape
+
+    def step(self, op: pickletools.OpcodeInfo, arg: Any) -> None:
+        name = op.name
+        if name == "MARK":
+            self.stack.append(_MARK)
+        elif name in _GET:
+            if arg not in self.memo:
+                raise pickle.UnpicklingError(f"malformed pickle (memo key {arg} unset)")
+            self.stack.append(self.memo[arg])
+        elif name in _PUT or name == "MEMOIZE":
+            if not self.stack or self.stack[-1] is _MARK:
+                raise pickle.UnpicklingError("malformed pickle (memoises no object)")
+            self.memo[len(self.memo) if name == "MEMOIZE" else arg] = self.stack[-1]
+        elif name == "DUP":
+            top = self._pop()
+            self.stack += [top, top]
+        else:
+            before = op.stack_before
+            if pickletools.markobject in before:
+                inputs = self._pop_mark()
+                inputs = [self._pop() for _ in range(before.index(pickletools.markobject))][
+                    ::-1
+                ] + inputs
+            else:
+                inputs = [self._pop() for _ in before][::-1]
+            if any(x is _MARK for x in inputs):
+                raise pickle.UnpicklingError(f"malformed pickle ({name} takes a mark)")
+            if not op.stack_after:
+                return
+            if name in _IN_PLACE:
+                target, items = inputs[0], inputs[1:]
+            else:
+                target, items = _Shape(0, 1), inputs
+            if items:
+                target.depth = max(target.depth, 1 + max(x.depth for x in items))
+                target.nodes += sum(x.nodes for x in items)
+            self.stack.append(self._check(target))
+
+
+def check_shape(obj: Any, max_nodes: int) -> None:
+    """Refuses `obj` if it is cyclic, deeper than `MAX_DEPTH`, or more than `max_nodes` as a tree.
+
+    Iterative, each container visited once (by id): linear in the distinct objects.
+
+    Raises:
+      pickle.UnpicklingError: with the reason.
+    """
+    shapes: dict[int, tuple[int, int]] = {}  # id -> (depth, tree nodes); also keeps ids alive
+    keep: list[Any] = []
+    stack: list[tuple[Any, bool]] = [(obj, False)]
+    open_ids: set[int] = set()
+    while stack:
+        o, done = stack.pop()
+        kids = _children(o)
+        if kids is None:
+            continue
+        key = id(o)
+        if done:
+            sub = [shapes.get(id(k), (0, 1)) for k in kids]
+            depth = 1 + max((d for d, _ in sub), default=0)
+            nodes = 1 + sum(n for _, n in sub)
+            open_ids.discard(key)
+            shapes[key] = (depth, nodes)
+            if depth > MAX_DEPTH:
+                raise pickle.UnpicklingError(
+                    f"the pickle nests objects more than {MAX_DEPTH} levels deep"
+                )
+            if nodes > max_nodes:
+                raise pickle.UnpicklingError(
+                    f"the pickle expands to more than {max_nodes} objects (shared references "
+                    "repeated over and over; its size allows at most that many)"
+                )
+            continue
+        if key in shapes:
+            continue
+        if key in open_ids:
+            raise pickle.UnpicklingError("the pickle holds an object that contains itself")
+        open_ids.add(key)
+        keep.append(o)
+        stack.append((o, True))
+        stack += [(k, False) for k in kids if id(k) not in shapes]
+
+
+def _children(o: Any) -> list | None:
+    if isinstance(o, Mapping):
+        return [*o.keys(), *o.values()]
+    if isinstance(o, (list, tuple, set, frozenset)):
+        return list(o)
+    return None
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -57,13 +213,17 @@ class SafeUnpickler(pickle.Unpickler):
     def load(self) -> Any:
         """Checks every opcode and size claim of the next pickle, then unpickles it."""
         start = self._file.tell()
+        max_nodes = NODES_PER_BYTE * (len(self._file.getbuffer()) - start) + MIN_NODES
+        shape = _ShapeCheck(max_nodes)
         try:
-            for _ in pickletools.genops(self._file):
-                pass
+            for op, arg, _ in pickletools.genops(self._file):
+                shape.step(op, arg)
         except ValueError as e:  # genops: truncated argument, unknown opcode, no STOP
             raise pickle.UnpicklingError(f"malformed or truncated pickle ({e})") from e
         self._file.seek(start)
-        return super().load()
+        obj = super().load()
+        check_shape(obj, max_nodes)
+        return obj
 
     def find_class(self, module: str, name: str) -> Any:
         """The allowed object named ``module.name``; raises for anything else."""

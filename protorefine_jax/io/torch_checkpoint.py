@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from protorefine_jax.io.errors import CheckpointError
-from protorefine_jax.io.safe_pickle import NoState, SafeUnpickler, load_plain
+from protorefine_jax.io.safe_pickle import MAX_DEPTH, NoState, SafeUnpickler, load_plain
 
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
@@ -200,38 +200,48 @@ def _storage_pid(pid: Any, n: int) -> tuple:
     return pid[1 : n + 1]
 
 
-def _collect(obj: Any, out: list, depth: int = 0) -> None:
-    if depth > 100:
-        raise CheckpointError("object nested more than 100 levels deep")
+def _collect(obj: Any, out: dict[int, _LazyTensor], seen: set[int], depth: int = 0) -> None:
+    """The distinct lazy tensors of ``obj`` (by id); each shared container is walked once."""
+    if depth > MAX_DEPTH:
+        raise CheckpointError(f"object nested more than {MAX_DEPTH} levels deep")
     if isinstance(obj, _LazyTensor):
-        out.append(obj)
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            _collect(v, out, depth + 1)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _collect(v, out, depth + 1)
+        out[id(obj)] = obj
+        return
+    if not isinstance(obj, (Mapping, list, tuple)) or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    for v in obj.values() if isinstance(obj, Mapping) else obj:
+        _collect(v, out, seen, depth + 1)
 
 
 def _materialise(obj: Any, budget: int) -> Any:
-    """Replaces the lazy tensors of ``obj``; refuses more than ``budget`` bytes in total."""
-    tensors: list[_LazyTensor] = []
-    _collect(obj, tensors)
-    total = sum(t.nbytes() for t in tensors if min(t.size, default=0) >= 0)
+    """Replaces the lazy tensors of ``obj``; refuses more than ``budget`` bytes in total.
+
+    Shared objects stay shared: each tensor and container is converted once.
+    """
+    tensors: dict[int, _LazyTensor] = {}
+    _collect(obj, tensors, set())
+    total = sum(t.nbytes() for t in tensors.values() if min(t.size, default=0) >= 0)
     if total > budget:
         raise CheckpointError(
             f"the tensors claim {total} bytes, more than {MAX_EXPANSION}x the file size "
             f"allows ({budget} bytes); refused before allocating (crafted or corrupt checkpoint)"
         )
+    done: dict[int, Any] = {}
 
     def walk(o: Any) -> Any:
+        if id(o) in done:
+            return done[id(o)]
         if isinstance(o, _LazyTensor):
-            return o.materialise()
-        if isinstance(o, Mapping):
-            return type(o)((k, walk(v)) for k, v in o.items())
-        if isinstance(o, (list, tuple)):
-            return type(o)(walk(v) for v in o)
-        return o
+            out = o.materialise()
+        elif isinstance(o, Mapping):
+            out = type(o)((k, walk(v)) for k, v in o.items())
+        elif isinstance(o, (list, tuple)):
+            out = type(o)(walk(v) for v in o)
+        else:
+            return o
+        done[id(o)] = out
+        return out
 
     return walk(obj)
 
