@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import study_cells
-from experiments.hosts import stream_order
+from experiments.hosts import normal_gate, stream_order
 from protorefine_jax import (
     RefineConfig,
     build_bank,
@@ -231,8 +231,17 @@ def threshold_rates(cell: dict, cal, labels: np.ndarray, k: int, test: np.ndarra
 def stream_calibrations(cell: dict):
     """`stream_calibration` over the test set in the eval's stream order: per-image statistics."""
     order = stream_order(len(cell["test_host"]))
+    support = calibration.statistics(cell["unit_host"], cell["unit_ref"])
+    held = calibration.HeldOut(
+        cell["unit_host"], cell["unit_ref"], cell.get("cross_host"), cell.get("cross_ref")
+    )
+    gate = normal_gate(calibration.support_image_scores(held, FIT, support))
     _, cals = stream_calibration.calibrate_stream(
-        cell["unit_host"], cell["unit_ref"], cell["test_host"][order], cell["test_ref"][order]
+        cell["unit_host"],
+        cell["unit_ref"],
+        cell["test_host"][order],
+        cell["test_ref"][order],
+        gate=gate,
     )
     per_image = [None] * len(order)
     for t, i in enumerate(order):

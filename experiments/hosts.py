@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from experiments.methods import Method
-from protorefine_jax import calibration, stream_calibration
+from protorefine_jax import calibration, stream_calibration, threshold
 from protorefine_jax.detectors import Detector, DetectorState
 from protorefine_jax.scoring import map_operators
 from protorefine_jax.sharding import batch_mesh, replicate, shard_batch
@@ -139,6 +139,13 @@ def batched(fn: Callable[[Any], Any], items: Any, batch_size: int, mesh: Mesh | 
 def _on_host(tree: Any) -> Any:
     """Numpy leaves: the refiner then checks the values on the host (clear errors)."""
     return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def normal_gate(support_scores: np.ndarray) -> float:
+    """The normal-only threshold fit derives (5 %): stream images above it are not learnt from."""
+    scores = np.asarray(support_scores, np.float64)
+    kept = scores[~threshold.outlying(scores)]
+    return threshold.normal_threshold(kept, 0.05, 0.0, "held_out").value
 
 
 def stream_order(count: int) -> np.ndarray:
@@ -369,7 +376,11 @@ class Host:
         )
         order = stream_order(len(halves["host"]))
         fused, cals = stream_calibration.calibrate_stream(
-            support_host, support_refined, halves["host"][order], halves["refined"][order]
+            support_host,
+            support_refined,
+            halves["host"][order],
+            halves["refined"][order],
+            gate=normal_gate(state.support_scores),
         )
         grids = np.empty_like(fused)
         grids[order] = fused

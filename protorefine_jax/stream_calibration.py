@@ -304,12 +304,16 @@ def calibrate_stream(
     host_grids,
     refined_grids,
     config: StreamConfig | None = None,
+    gate: float | None = None,
 ) -> tuple[np.ndarray, list[ScoreCalibration]]:
     """Fused patch scores of a stream of images, each calibrated by the images before it.
 
     Image `t` is fused by `current` of the state after images `0 .. t-1`, and
     then added to the state: no image influences its own score or an earlier
-    one.
+    one. With a `gate`, only images whose fused image score (`max_j s_j`,
+    under the calibration they were scored with) is at most `gate` are
+    added: the statistics learn from the images judged normal, so a run of
+    defective parts does not widen them.
 
     Args:
       support_host: host scores of the held-out support patches.
@@ -318,6 +322,8 @@ def calibrate_stream(
         image's patches may have any shape; `[T, h, w]` works too).
       refined_grids: `[T, m]` refined patch scores, same shape.
       config: the settings (default `StreamConfig()`).
+      gate: image score above which an image is not added (None: every
+        image is); e.g. the model's normal-only decision threshold.
 
     Returns:
       `(fused, calibrations)`: `[T, ...]` float32 fused scores (as
@@ -343,5 +349,6 @@ def calibrate_stream(
         cal = current(state)
         calibrations.append(cal)
         fused[t] = _fuse(host[t].astype(np.float32), refined[t].astype(np.float32), cal)
-        state = update(state, host[t], refined[t])
+        if gate is None or float(fused[t].max()) <= gate:
+            state = update(state, host[t], refined[t])
     return fused, calibrations

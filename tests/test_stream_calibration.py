@@ -331,3 +331,20 @@ def test_bad_scores_raise():
         sc.calibrate_stream(ok, ok, np.ones((3, 4)), np.ones((3, 5)))
     with pytest.raises(ValueError, match="finite"):
         sc.calibrate_stream(ok, ok, np.full((3, 4), np.nan), np.ones((3, 4)))
+
+
+def test_gate_keeps_images_judged_anomalous_out_of_the_statistics():
+    rng = np.random.default_rng(3)
+    sup_h, sup_r = rng.normal(size=(2, 400))
+    cfg = sc.StreamConfig(warmup=1, capacity=10_000, support_weight=0.5, seed=0)
+    normal = rng.normal(size=(2, 1, 50))
+    defect = normal + 40.0  # far above any gate
+    host = np.concatenate([normal[0], defect[0], normal[0]])
+    refined = np.concatenate([normal[1], defect[1], normal[1]])
+    _, gated = sc.calibrate_stream(sup_h, sup_r, host, refined, cfg, gate=5.0)
+    _, open_ = sc.calibrate_stream(sup_h, sup_r, host, refined, cfg, gate=None)
+    # Without the gate the defective image moves the third image's statistics.
+    assert gated[2] != open_[2]
+    # With it, the third image is calibrated as if the defect had never been seen.
+    _, skipped = sc.calibrate_stream(sup_h, sup_r, host[[0, 2]], refined[[0, 2]], cfg, gate=5.0)
+    np.testing.assert_allclose(np.asarray(gated[2]), np.asarray(skipped[1]))
