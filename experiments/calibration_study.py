@@ -21,6 +21,7 @@ normal images whose score each half supplies).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -55,6 +56,9 @@ _FEATS = flags.DEFINE_list("features", ["lite0-simple", "lite2-simple"], "Featur
 _SHOTS = flags.DEFINE_list("shots", ["1", "2", "4"], "Shot counts.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds.")
 _VIEWS = flags.DEFINE_integer("views", 4, "Nuisance views per support image.")
+_INJECT = flags.DEFINE_bool(
+    "inject", False, "Add one good image of another dev set to each support set (last)."
+)
 _PIXEL = flags.DEFINE_bool("pixel", False, "Also pixel AUROC (slower).")
 _JSON = flags.DEFINE_string("json_out", "runs/calibration_study.json", "Analysis output.")
 
@@ -86,6 +90,24 @@ def view_features(data: str, feat: str, feats: dict, views: int, cache_dir: Path
         )
     np.savez(path, names=np.array(names), features=np.stack(out))
     return dict(zip(names, out, strict=True))
+
+
+STRAY = {"metal_plate": "bottle", "bottle": "ball_screw", "ball_screw": "metal_plate"}
+
+
+@functools.cache
+def stray_features(data: str, feat: str) -> tuple[np.ndarray, np.ndarray]:
+    """Features `[m, c]` and view features `[V, m, c]` of the first good image of another set."""
+    dataset, folder, category = study_cells.DATA[STRAY[data]]
+    cat = load_dataset_category(
+        dataset, Path(_DATA_ROOT.value) / folder, category, study_cells.IMAGE_SIZE
+    )
+    image = cat.load_images([cat.train_good[0]])
+    det = study_cells.detector(feat)
+    params = det.load_params(None)
+    feats = np.asarray(det.features(params, image))[0]
+    views = np.asarray(det.features(params, calibration.nuisance_views(image, _VIEWS.value)[0]))
+    return feats, views
 
 
 def cross_units(sup, views, cfg, n_real):
@@ -132,6 +154,10 @@ def score_stage() -> None:
                     names = [study_cells.image_key(p) for p in support.paths]
                     sup = np.stack([feats["train"][n] for n in names])
                     views = np.stack([vf[n] for n in names])
+                    if _INJECT.value:  # one good image of another dev set, last
+                        stray, stray_views = stray_features(data, feat)
+                        sup = np.concatenate([sup, stray[None]])
+                        views = np.concatenate([views, stray_views[None]])
                     cfg = RefineConfig(grid_shape=None, image_size=None)
                     bank = build_bank(jnp.asarray(sup), ALPHA).prototypes
                     t0 = time.time()
@@ -225,6 +251,7 @@ def threshold_rates(cell: dict, cal, labels: np.ndarray, k: int, test: np.ndarra
         "misses": float(np.mean(test[labels == 1] <= t.value)),
         "bound": t.false_alarm_bound,
         "named": int(named.sum()),
+        "last_named": bool(named[-1]),
     }
 
 

@@ -84,10 +84,10 @@ def _fail_open_for(monkeypatch, target):
     """As root: `imageio.open_image(target)` raises the PermissionError a chmod 000 gives."""
     real = imageio.open_image
 
-    def fake(path):
+    def fake(path, *args, **kwargs):
         if pathlib.Path(path) == target:
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real(path)
+        return real(path, *args, **kwargs)
 
     monkeypatch.setattr(imageio, "open_image", fake)
 
