@@ -383,7 +383,11 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
     # Map colours: the typical normal map value is blue, the threshold red.
     map_scale = [float(np.median(np.asarray(cal_maps))), float(active.value)]
     meta = {
-        "detector": {"family": detector.family, "method": s.method, **detector.describe()},
+        "detector": {
+            "family": detector.family,
+            "method": s.method,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in detector.describe().items()},
+        },
         "backbone": {"name": s.backbone, **weights_identity(detector, s.weights)},
         "image_size": list(image_hw(s.image_size)),
         "alpha": detector.alpha if s.alpha is None else s.alpha,

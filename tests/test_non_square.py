@@ -54,8 +54,9 @@ def test_detector_maps_follow_the_shape(rng):
     det = PatchCore.create("efficientnet_lite0", "simple", (32, 64))
     params = det.load_params("random")
     images = rng.integers(0, 255, (3, 32, 64, 3)).astype(np.uint8)
-    state = det.fit(params, images[:2])
-    out = det.score(params, state, images, det.config(num_iters=1, sinkhorn_iters=5))
+    cfg = det.config(num_iters=1, sinkhorn_iters=5)
+    state = det.fit(params, images[:2], config=cfg)
+    out = det.score(params, state, images, cfg)
     assert out.maps.shape == (3, 32, 64) and np.all(np.isfinite(out.image_scores))
 
 

@@ -59,8 +59,8 @@ SHARDED = textwrap.dedent(
     f4 = Host(det, params, 4, mesh).features(pics)  # 7 images: batches of 4, the last padded
     assert isinstance(f4, np.ndarray) and f4.shape == f1.shape, f4.shape
     np.testing.assert_allclose(f4, f1, rtol=1e-4, atol=1e-4 * np.abs(f1).max())
-    state = det.fit_features(f1[:2], alpha=0.5)
     cfg = det.config(num_iters=2)
+    state = det.fit_features(f1[:2], alpha=0.5, config=cfg)
     s1 = score_features(det, state, f1[2:], cfg, 4)
     s4 = score_features(det, state, f1[2:], cfg, 4, None, mesh)
     np.testing.assert_allclose(s4.image_scores, s1.image_scores, rtol=1e-4)

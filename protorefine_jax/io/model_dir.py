@@ -57,6 +57,8 @@ ALLOWED_CLASSES = (
     "protorefine_jax.config:RefineConfig",
     "protorefine_jax.clip.winclip:WinClipConfig",
     "protorefine_jax.clip.winclip:WinClipBanks",
+    # The CLIP architecture a WinCLIP state's config (`calibrated_under`) names.
+    "protorefine_jax.clip.spec:ClipSpec",
 )
 # A file name in a model directory: no folders, no hidden files.
 _SAFE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
