@@ -46,8 +46,8 @@ class MemoryBank(NamedTuple):
         if self.degenerate:
             line += (
                 " -- DEGENERATE: the bank spans the support features, so W0 M reproduces"
-                " every query patch (docs/method.md); RefineConfig.ridge_wide applies where n >= c"
-                " (RESULTS.md section 2); else lower alpha or use wider features"
+                ' every query patch (docs/method.md, "The ridge rule"); RefineConfig.ridge_wide'
+                " applies where n >= c; else lower alpha or use wider features"
             )
         return line
 

@@ -48,32 +48,34 @@ RANGES = {
 class RefineConfig:
     """Everything `refine_and_score` needs besides the bank and the queries.
 
-    The method is described in docs/method.md; RESULTS.md section 8 lists
-    the evidence for each shipped default. Ranges are what the code accepts.
+    The method is described in docs/method.md; RESULTS.md, "What ships, and
+    why", lists the evidence for each shipped default. Ranges are what the code accepts.
 
     Static fields (changing one recompiles):
       distance: `"sqeuclidean"` (PatchCore+, paper Eq. 7) or `"cosine"`,
         meaning `(1 - cos) / 2` (WinCLIP+, Eq. 8).
       num_iters: EM iterations, int >= 1 (default 10, the paper's;
-        RESULTS.md section 4).
+        RESULTS.md, "Hyper-parameter sweeps").
       sinkhorn_iters: Sinkhorn iterations per E-step, int >= 1, fixed (no
         data-dependent loop under vmap). Default 10 with `warm_start`: on the
         18 dev cells (5 seeds) the calibrated PatchCore+ image AUROC moves by
         -0.03 to +0.23 against 30 and the refinement costs 10-25 % less
-        (RESULTS.md sections 5 and 12, issue 15). WinCLIP+ keeps 30
+        (RESULTS.md, "Sinkhorn: iterations and warm start" and "EM and
+        Sinkhorn iteration counts against AUROC"). WinCLIP+ keeps 30
         (`clip.winclip_config`: not measured on CLIP features).
       sinkhorn_mode: `"log"` (every iteration in the log domain) or
         `"absorbed"` (default: one log-domain iteration, then kernel-mode
         iterations on the absorbed plan; `transport.sinkhorn_plan`). Same
         plan; a project choice by speed (docs/method.md, "Sinkhorn").
       warm_start: start each E-step from the previous E-step's dual
-        potentials (default True; a project choice, RESULTS.md section 5).
+        potentials (default True; a project choice, RESULTS.md, "Sinkhorn: iterations and
+        warm start").
       m_step: `"closed_form"` (default; the exact M-step, squared Euclidean
         only) or `"optax"` (`inner_steps` gradient steps on W with T fixed;
         the only choice for the cosine distance). docs/method.md, "M-step".
       optimizer: for `m_step="optax"`: `"sgd"` (plain `optax.sgd`) or
         `"preconditioned"` (default: gradient times `(G + delta I)^-1`, then
-        sgd; RESULTS.md section 6).
+        sgd; RESULTS.md, "The optax M-step against the closed form").
       inner_steps: optax steps per M-step, int >= 1 (default 10).
       use_transport: keep the transport term of the M-step loss (default
         True). False gives "W only": W is the least-squares `W0`.
@@ -86,7 +88,7 @@ class RefineConfig:
         calibration passed, scores with the refined prototypes alone (the
         paper's PatchCore+). No effect on host scoring.
       bank: score against the `"refined"` prototypes `R = W M` (default) or
-        the `"union"` of `M` and `R` (RESULTS.md section 3).
+        the `"union"` of `M` and `R` (RESULTS.md, "Main results").
       grid_shape: patch grid `(h, w)` with `h * w = m`; None means square.
       image_size: `(H, W)` of the anomaly map (bilinear upsample + blur).
         None skips upsampling and blur and returns the raw `[h, w]` patch
@@ -107,19 +109,21 @@ class RefineConfig:
       lam: weight of the transport term, >= 0 (default 0.3, the paper's
         PatchCore+ value; WinCLIP+ uses 0.1). 0 is equivalent to W only in
         the loss. Kept at the paper's value although W only is as good on the
-        dev data (RESULTS.md sections 3 and 4): the transport term is the
+        dev data (RESULTS.md, "Main results" and "Hyper-parameter sweeps"):
+        the transport term is the
         method.
       epsilon: entropic regularisation relative to the mean transport cost,
-        > 0 (`epsilon_abs = epsilon * mean(C)`; default 0.05; RESULTS.md
-        section 4).
+        > 0 (`epsilon_abs = epsilon * mean(C)`; default 0.05; RESULTS.md,
+        "Hyper-parameter sweeps").
       ridge: ridge `delta` of the Gram solves relative to `trace(G) / n`,
         the mean eigenvalue of `G`, > 0 (default 1e-2; the paper's 1e-4
         collapses refinement when the bank spans the support features). Used
         by banks with fewer rows than feature dimensions. docs/method.md,
-        "The ridge rule"; RESULTS.md section 2.
+        "The ridge rule"; RESULTS.md, "The degenerate regime and its remedy".
       ridge_wide: the relative ridge of banks with at least as many
         (non-empty) rows as feature dimensions, `n >= c` (`G` singular), > 0
-        (default 1e-1; RESULTS.md section 2, "wide banks"). A project
+        (default 1e-1; RESULTS.md, "The degenerate regime and its remedy",
+        wide banks). A project
         choice: set it equal to `ridge` for a single ridge.
         `bank.uses_wide_ridge` is the rule.
       lr: optax step size relative to the safe step, > 0 (default 1): for

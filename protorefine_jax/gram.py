@@ -4,7 +4,7 @@ With `G = M M^T [n, n]` and `P = F M^T [m, n]` every quantity the method needs
 is an inner product of rows of `F`, `M` and `R = W M`, so nothing downstream of
 `gram_system` touches the feature axis `c` (see `refine`'s module docstring).
 
-Numerics (issue 13):
+Numerics (RESULTS.md, "Numerical fixes"):
 
 - Scale. Squared-Euclidean features are multiplied by a power of two `s`
   (exact in binary floating point) so that their largest entry lies in
@@ -17,17 +17,19 @@ Numerics (issue 13):
   bank's OWN power-of-two units (`bank_gram`, `chol`) and brought to the
   query's by the exact factor `2^(2 shift)`: they then depend on the bank
   alone, so under `vmap` over queries XLA computes them once and every
-  product with `G` is one GEMM for the whole batch (issue 15: the batched
-  `[B, n, n]` Gram made `G W^T` the largest cost of the EM loop). Powers of
-  two scale exactly, so the numbers are those of the joint scaling, with one
-  fix: the ridge's `trace(G) / n` is taken in the bank's units, so its
-  `1e-12` floor no longer binds when the queries are >= 1e6 x the bank
-  (before, the ridge then became absolute and the scores moved by 30-70 %).
+  product with `G` is one GEMM for the whole batch (a batched `[B, n, n]`
+  Gram would make `G W^T` the largest cost of the EM loop; docs/method.md,
+  "Batching"). Powers of two scale exactly, so the numbers are those of the
+  joint scaling, with one difference: the ridge's `trace(G) / n` is taken in
+  the bank's units, so its `1e-12` floor does not bind when the queries are
+  >= 1e6 x the bank (in the joint units it would: the ridge would become
+  absolute and move the scores by 30-70 %).
 - Solves. The ridge system `G + delta I` is factorised once (Cholesky) and
   every solve is a pair of triangular solves, not a product with an explicit
   inverse: at ridge 1e-4 (4 shots) the inverse's rounding is not orthogonal
   to the bank and inflates float32 W-only patch scores by a median 1.15x
-  over float64 (up to 2.3x), the solve's by 1.00x (RESULTS.md section 10).
+  over float64 (up to 2.3x), the solve's by 1.00x (RESULTS.md, "Numerical
+  fixes").
 - dtype. `precision="float64"` runs everything in float64; it needs
   `jax.config.update("jax_enable_x64", True)` before the config is built.
 """
@@ -100,7 +102,7 @@ def times_pow2(x: Float[Array, "*shape"], k) -> Float[Array, "*shape"]:
     `jnp.ldexp` assembles its result from the bits in several elementwise
     passes (abs, isinf, select, power); on the 2-core CPU its calls took
     2.1 ms per query at batch 8 (`[1024, 152]` features, `[1024, 102]`
-    products), ~10 % of PatchCore+'s refinement (issue 15). Here `k` is
+    products), ~10 % of PatchCore+'s refinement. Here `k` is
     split into `_POW2_PARTS` parts in the range of normal exponents, each
     part's power of two is built exactly (`ldexp` on the small exponent
     array only) and `x` is multiplied by them in turn: one fused pass. Multiplying by a power of
@@ -190,9 +192,9 @@ def ridge_in_force(config: RefineConfig, n: int, c: int):
     support bank's row count, not `n + K`: every ring-buffer row is a refined
     prototype `W M`, inside the span of the support rows, so the buffer never
     widens the span the rule is about (`MemoryBank.degenerate`). An online
-    stream is thus scored under one ridge from its first query to its last
-    (issue 13 item 3), the ridge of the offline detector and of its
-    calibration (issue 14; RESULTS.md section 9, "Online").
+    stream is thus scored under one ridge from its first query to its last,
+    the ridge of the offline detector and of its calibration (RESULTS.md,
+    "Calibrated PatchCore+", its "Online" part).
     """
     return config.ridge_wide if uses_wide_ridge(n, c) else config.ridge
 
@@ -205,7 +207,9 @@ def gram_system(
     with_inverse: bool = True,
     span_rows: int | None = None,
 ) -> GramSystem:
-    """Inner products and the ridge-regularised Gram factor for one query (SPEC 3.1).
+    """Inner products and the ridge-regularised Gram factor for one query.
+
+    The ridge `delta` follows docs/method.md, "The ridge rule".
 
     Args:
       bank: `[n, c]` prototypes `M` (rows of zero weight must be zero).

@@ -136,7 +136,7 @@ def score_batch(
     Unjitted and unchecked, for composition (`refine_and_score`, `make_detect`).
     A batch of one runs `score_query` itself: XLA's CPU code for the vmapped
     program with a batch axis of size 1 took 2.5x the unbatched time
-    (BENCHMARKS.md, issue 15).
+    (docs/method.md, "Batching").
     """
     if queries.shape[0] == 1:
         out = score_query(bank, queries[0], config, calibration)
@@ -239,7 +239,8 @@ def _online_step(bank, config, add_per_query, projection, calibration, state: On
     # The host part of a calibrated score keeps to the support bank `M`: the
     # buffer holds refined query prototypes, anomalies included. The ridge is
     # `M`'s too (the buffer rows lie in its span): the refined part then runs
-    # in the regime its calibration was measured in (issue 14).
+    # in the regime its calibration was measured in (RESULTS.md,
+    # "Calibrated PatchCore+", its "Online" part).
     host = jnp.concatenate([jnp.ones((bank.shape[0],)), jnp.zeros((state.valid.shape[0],))])
     out, w = _score(
         full, query, config, weights, calibration, host.astype(weights.dtype), bank.shape[0]

@@ -10,10 +10,10 @@ so one EM iteration costs `O(n^2 m)` instead of `O(n m c)`, and the refined
 prototypes `[m, c]` are never formed. For the cosine distance `F` and `M` are
 row-normalised first (`<x, y>` then is a cosine for the unit rows).
 
-The ridge `delta` (SPEC 3.1) is one regulariser used consistently: the M-step
-loss is evaluated in the ridge-augmented space where each prototype is
-`[M_i, sqrt(delta) e_i]` and each patch `[F_j, 0]`, i.e. with `G + delta I`
-in place of `G`. That adds `delta ||W_j||^2` to the reconstruction term (ridge
+The ridge `delta` (docs/method.md, "The ridge rule") is one regulariser used
+consistently: the M-step loss is evaluated in the ridge-augmented space where
+each prototype is `[M_i, sqrt(delta) e_i]` and each patch `[F_j, 0]`, i.e.
+with `G + delta I` in place of `G`. That adds `delta ||W_j||^2` to the reconstruction term (ridge
 regression: its minimiser is `W0`) and `delta ||e_i - W_j||^2` to the
 transport term, so the closed form is the exact minimiser of the same loss
 the optax steps descend. Distances in the E-step and in the scores are the
@@ -57,7 +57,8 @@ class Refinement(NamedTuple):
         EM iteration: small means the loop has settled.
       lsq_residual: relative residual `||F - W0 M|| / ||F||` of the
         least-squares init; near 0 means the bank reproduces the query
-        exactly (the degenerate regime of SPEC 8).
+        exactly (the degenerate regime: RESULTS.md, "The degenerate regime and
+        its remedy").
       refined_sq: `[m]` `||R_j||^2` of the refined prototypes in the
         system's units (`gram.refined_sq_norms`), a by-product of the EM
         loop's last product that the scoring reuses; None without the loop.
@@ -71,14 +72,17 @@ class Refinement(NamedTuple):
 
 
 def least_squares_init(sys: GramSystem) -> Float[Array, "m n"]:
-    """`W0 = P (G + delta I)^-1` (SPEC 3.1; the paper's `(M^T M)^-1` is a typo)."""
+    """`W0 = P (G + delta I)^-1`, the ridge solution (the paper's `(M^T M)^-1` is a typo).
+
+    The ridge `delta`: docs/method.md, "The ridge rule".
+    """
     return ridge_solve(sys, sys.cross)
 
 
 def proto_to_refined(
     sys: GramSystem, w: Float[Array, "m n"], config: RefineConfig
 ) -> Float[Array, "n m"]:
-    """Cost `C[i, j] = d(M_i, R_j)` of the E-step (SPEC 3.2)."""
+    """Cost `C[i, j] = d(M_i, R_j)` of the E-step (docs/method.md, "Objective")."""
     return refined_to_proto(sys, w, config).T
 
 
@@ -147,10 +151,11 @@ def ridge_augmented(sys: GramSystem) -> GramSystem:
 def m_step_loss(
     w: Float[Array, "m n"], plan: Float[Array, "n m"], sys: GramSystem, config: RefineConfig
 ) -> Float[Array, ""]:
-    """`L(W) = (1/m) sum_j d(F_j, R_j) + lam sum_ij T_ij d(M_i, R_j)` (SPEC 3.2).
+    """`L(W) = (1/m) sum_j d(F_j, R_j) + lam sum_ij T_ij d(M_i, R_j)`.
 
-    Evaluated in the ridge-augmented space (module docstring), so that `W0`
-    minimises the reconstruction term and the closed form the whole loss.
+    The objective of docs/method.md, "Objective", evaluated in the
+    ridge-augmented space (module docstring), so that `W0` minimises the
+    reconstruction term and the closed form the whole loss.
 
     Args:
       w: `[m, n]` transform.
@@ -177,7 +182,7 @@ def closed_form_rows(
 
     Setting the gradient of `L` to zero gives, row by row,
     `W_j = ((1/m) W0_j + lam T^T_j) / (1/m + lam c_j)` with `c_j = sum_i T_ij`.
-    At exact marginals (`c_j = 1/m`) this is SPEC 3.2's
+    At exact marginals (`c_j = 1/m`) this is
     `W = (W0 + lam m T^T) / (1 + lam)`; using the plan's actual column sums
     keeps it the exact fixed point of the gradient steps.
 
@@ -264,7 +269,9 @@ def optax_m_step(
     config: RefineConfig,
     w0: Float[Array, "m n"] | None = None,
 ) -> Float[Array, "m n"]:
-    """`config.inner_steps` optax steps on the M-step loss, `T` fixed (SPEC 3.2).
+    """`config.inner_steps` optax steps on the M-step loss, `T` fixed.
+
+    docs/method.md, "M-step: closed form and optax".
 
     Args:
       w: `[m, n]` transform to start from.
@@ -329,7 +336,7 @@ def lsq_residual(sys: GramSystem, w0: Float[Array, "m n"]) -> Float[Array, ""]:
 
 
 def refine(sys: GramSystem, config: RefineConfig) -> Refinement:
-    """The EM loop of SPEC 3.2 for one query.
+    """The EM loop for one query (docs/method.md, "Objective").
 
     E-step: Sinkhorn plan between `M` and `R = W M` (cost `d(M_i, R_j)`,
     `epsilon * mean(C)`). M-step: closed form or optax steps with `T` fixed.
@@ -362,7 +369,8 @@ def refine(sys: GramSystem, config: RefineConfig) -> Refinement:
     def e_step(w, dots, f, g):
         """Plan `T^T [m, n]`, its row sums, the potentials and the marginal error."""
         cost_t = jax.lax.stop_gradient(_cost_t(e_sys, w, dots, config)[0])
-        # epsilon relative to the mean cost over the used prototypes (SPEC 3.2).
+        # epsilon relative to the mean cost over the used prototypes
+        # (docs/method.md, "Sinkhorn (E-step)").
         mean_cost = jnp.sum(cost_t @ sys.weights) / m
         eps = config.epsilon * jnp.maximum(mean_cost, floor)
         if config.sinkhorn_mode == "absorbed":

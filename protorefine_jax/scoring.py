@@ -1,4 +1,4 @@
-"""Patch scores, image scores and anomaly maps (SPEC 4, paper Eq. 6).
+"""Patch scores, image scores and anomaly maps (docs/method.md, "Scoring"; paper Eq. 6).
 
 Patch score `s_j = min_r d(F_j, r)` over the scoring bank; image score
 `max_j s_j`; map = bilinear upsample of the `[h, w]` score grid to the image
@@ -70,8 +70,8 @@ def refined_patch_scores(
     `SCORE_BLOCK_ROWS` query patches (a `lax.map` over row blocks, each
     block's min taken before the next): under `vmap` the whole `[B, m, m]`
     array (32 MiB at batch 8, m = 1024) would leave the CPU caches and cost
-    3x the product itself (BENCHMARKS.md, issue 15). Each entry is computed
-    as before: the scores are the same numbers.
+    3x the product itself (docs/method.md, "Batching"). Each entry is computed
+    as in the unblocked product: the scores are the same numbers.
 
     Args:
       sys: Gram system of the query.
@@ -177,7 +177,7 @@ def grid_shape_of(m: int, grid_shape: tuple[int, int] | None) -> tuple[int, int]
 
 
 def anomaly_map(scores: Float[Array, " m"], config: RefineConfig) -> Float[Array, "H W"]:
-    """Upsampled, blurred anomaly map of one query (SPEC 4).
+    """Upsampled, blurred anomaly map of one query (docs/method.md, "Scoring").
 
     Args:
       scores: `[m]` patch scores, row-major over the grid.

@@ -14,8 +14,8 @@ The absorbed mode runs on the transposed cost `C^T [m, n]` (`sinkhorn_t`),
 the layout of the refinement's `W [m, n]`: the E-step's cost `W G` then comes
 out of one GEMM without transposes for a whole vmapped batch, and the plan is
 kept as its scaled kernel `diag(v) K diag(u)`, which XLA fuses into the
-closed-form M-step (issue 15: one `exp` pass and two transposes fewer per
-EM iteration).
+closed-form M-step (one `exp` pass and two transposes fewer per EM
+iteration; docs/method.md, "Sinkhorn (E-step)").
 """
 
 from __future__ import annotations
@@ -226,12 +226,12 @@ def sinkhorn_plan(
     """Entropic OT plan for `cost` with `num_iters` fixed Sinkhorn iterations.
 
     No gradient flows through the solver: the M-step holds `T` fixed
-    (SPEC 3.2), so `cost` is passed through `stop_gradient`.
+    (docs/method.md, "Objective"), so `cost` is passed through `stop_gradient`.
 
     Args:
       cost: `[n, m]` cost matrix `C[i, j] = d(M_i, R_j)`.
       epsilon: absolute entropic regularisation (callers scale it by the
-        mean cost, SPEC 3.2).
+        mean cost: docs/method.md, "Sinkhorn (E-step)").
       num_iters: Sinkhorn iterations (static).
       a: `[n]` source marginal; uniform when None.
       b: `[m]` target marginal; uniform when None.

@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -118,13 +119,25 @@ def test_held_out_refined_scores_are_the_pipelines(rng):
     np.testing.assert_allclose(host[:4], host_out.patch_scores[0], rtol=1e-4, atol=1e-5)
 
 
-def test_calibrate_is_the_statistics_of_the_held_out_scores(rng):
-    sup = support(rng, k=1)
-    got = cal.calibrate(sup, 1.0, W_ONLY, (4, 4))
-    want = cal.statistics(*cal.held_out_scores(sup, 1.0, W_ONLY, (4, 4)))
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-6)
-    assert float(got.host_loc) > 0 and float(got.refined_scale) > 0
+@pytest.mark.parametrize("c", [30, 34])
+def test_calibrate_is_the_median_and_iqr_of_float64_held_out_scores(rng, c):
+    """`calibrate` end to end against the float64 hold-outs of `_numpy_reference`.
+
+    2 shots of 16 patches: the real bank has 32 rows, each hold-out bank 28.
+    At c = 30 the real bank is wide and the hold-out banks narrow, so the
+    statistics are right only under the real bank's ridge (`ridge_wide`); at
+    c = 34 both are narrow.
+    """
+    sup = support(rng, k=2, grid=(4, 4), c=c).astype(np.float64)
+    with jax.enable_x64(True):  # float64 throughout: no float32 cancellation to allow for
+        got = cal.calibrate(sup, 1.0, W_ONLY.replace(precision="float64"), (4, 4))
+    host, refined = _numpy_reference(sup, W_ONLY, (4, 4))
+    want = []
+    for x in (host, refined):
+        q25, q75 = np.percentile(x, [25, 75])
+        want += [np.median(x), q75 - q25]
+    # The statistics are stored as float32: their rounding is the tolerance.
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6)
 
 
 def test_held_out_scores_compile_once_per_shape(rng, monkeypatch):

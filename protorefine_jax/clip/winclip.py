@@ -31,7 +31,7 @@ full-image patch tokens are the last layer's tokens after post-LN,
 unprojected (`project_patches=False`); prompt embeddings are averaged raw
 (`prompts`); images are resized to 240 x 240 bicubic with antialias at the
 data edge (`towers` docstring). Where this module still differs: the fused
-map is blurred (SPEC 4, sigma 4) after the bilinear upsampling, which
+map is blurred (sigma 4; docs/method.md, "Scoring") after the bilinear upsampling, which
 anomalib does not do. anomalib's own window embeddings are constant under
 open_clip >= 2.26 (README, WinCLIP section); the ones here are per window.
 
@@ -39,7 +39,7 @@ Fusion (Eq. 9): image score `(s0 + max_j s_j) / 2` with `s_j` the few-shot
 grid; map = mean of the zero-shot and few-shot grids, upsampled and blurred
 (`scoring.map_operators`). Without banks `detect` is zero-shot WinCLIP.
 
-Calibrated WinCLIP+ (`calibrate`, `score(..., calibration=...)`; issue 14):
+Calibrated WinCLIP+ (`calibrate`, `score(..., calibration=...)`; docs/method.md, "Scoring"):
 PatchCore+'s support-set calibration (`protorefine_jax.calibration`) applied
 per few-shot scale. `calibrate` holds out each quadrant of each support
 image on the scale's own grid (patch grid, or window-position grid) and
@@ -118,7 +118,8 @@ class WinClipConfig:
       zero_shot_fusion: fuse zero-shot scales by `"harmonic"` mean (anomalib)
         or arithmetic `"mean"` (static).
       image_size: `(H, W)` of the output maps, None for the raw patch grid.
-      blur_sigma: Gaussian blur of the maps, in map pixels (SPEC 4: 4).
+      blur_sigma: Gaussian blur of the maps, in map pixels (the paper's 4;
+        docs/method.md, "Scoring").
     """
 
     refine: RefineConfig
@@ -173,7 +174,8 @@ def winclip_config(
     fields = set(WinClipConfig.__dataclass_fields__) - {"refine"}
     outer = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
     # 30 Sinkhorn iterations: PatchCore+'s 10 (`RefineConfig`) was measured
-    # on CNN features only (RESULTS.md section 12).
+    # on CNN features only (RESULTS.md, "EM and Sinkhorn iteration counts
+    # against AUROC").
     refine_kwargs = dict(
         distance="cosine", m_step="optax", lam=0.1, sinkhorn_iters=30, image_size=None
     )

@@ -6,7 +6,7 @@ The defaults of this detector are defined here and only here:
 - `AGGREGATION`: PatchCore aggregation per backbone. Wide-ResNet-50-2: the
   official PatchCore pooling. EfficientNet-Lite: the simple 3x3 mean, which
   beats the official pooling for PatchCore and PatchCore+ on both dev
-  datasets (RESULTS.md section 3; docs/method.md, "Features").
+  datasets (RESULTS.md, "Main results"; docs/method.md, "Features").
 - `IMAGE_SIZE`: input side in pixels (256, stride-8 grid of 32 x 32).
 - the refinement settings (lam 0.3, closed-form M-step, ridge rule, ...):
   the defaults of `RefineConfig` (config.py), which are PatchCore+'s.
@@ -14,7 +14,7 @@ The defaults of this detector are defined here and only here:
 - the calibrated score of PatchCore+ (`calibration`): `fit` keeps the
   robust location and scale of the host and refined scores of held-out
   support quadrants; PatchCore+ scores each patch with the larger of the two
-  standardised scores (RESULTS.md "Calibrated PatchCore+"; issue 14).
+  standardised scores (RESULTS.md, "Calibrated PatchCore+").
 
 PatchCore is `config(use_refinement=False)`, PatchCore+ `config()`; the
 paper's uncalibrated PatchCore+ is `config(calibrated=False)`.
@@ -47,7 +47,7 @@ AGGREGATION = {
     "efficientnet_lite0": "simple",
     "efficientnet_lite2": "simple",
 }
-"""PatchCore aggregation per backbone (RESULTS.md section 3)."""
+"""PatchCore aggregation per backbone (docs/method.md, "Features")."""
 
 IMAGE_SIZE = 256
 """Input side in pixels."""
