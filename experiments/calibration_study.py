@@ -258,14 +258,14 @@ def threshold_rates(cell: dict, cal, labels: np.ndarray, k: int, test: np.ndarra
 def stream_calibrations(cell: dict):
     """`stream_calibration` over the test set in the eval's stream order: per-image statistics."""
     order = stream_order(len(cell["test_host"]))
-    support = calibration.statistics(cell["unit_host"], cell["unit_ref"])
+    support = calibration.statistics(cell["unit_host"][:, 0], cell["unit_ref"][:, 0])
     held = calibration.HeldOut(
         cell["unit_host"], cell["unit_ref"], cell.get("cross_host"), cell.get("cross_ref")
     )
     gate = normal_gate(calibration.support_image_scores(held, FIT, support))
     _, cals = stream_calibration.calibrate_stream(
-        cell["unit_host"],
-        cell["unit_ref"],
+        cell["unit_host"][:, 0],
+        cell["unit_ref"][:, 0],
         cell["test_host"][order],
         cell["test_ref"][order],
         gate=gate,
@@ -303,10 +303,10 @@ def analyse_cell(cell, labels, masks, k: int, rule: str, pixel: bool) -> dict:
         a, b = MAPS
         maps = np.einsum("Hh,thw,Ww->tHW", a, grids.reshape(-1, *GRID), b, optimize=True)
         out["pixel_auroc"] = auroc(masks, maps)
-    if rule in ("quadrants", "quadrants+views"):
-        out["threshold"] = threshold_rates(
-            cell, cal, labels, k, grids.max(axis=1), rule == "quadrants+views"
-        )
+    if rule == "quadrants":  # the shipped fusion: its threshold with and without views
+        test = grids.max(axis=1)
+        out["threshold"] = threshold_rates(cell, cal, labels, k, test, True)
+        out["threshold_originals"] = threshold_rates(cell, cal, labels, k, test, False)
     return out
 
 

@@ -247,7 +247,6 @@ class Host:
         self.alpha = detector.alpha
         self.context = None
         self.support = None  # the support features of the last `fit`
-        self.views = None  # and of their nuisance views
 
     def describe(self) -> dict[str, Any]:
         """What the results should record about the features."""
@@ -270,12 +269,21 @@ class Host:
         """`[N, V, ...]` features of the images' nuisance views (None: the detector uses none)."""
         return self.detector.view_features(self._placed_params, images)
 
-    def fit(self, support_features: Any, views: Any = None) -> DetectorState:
-        """The detector's state from the support features (banks, calibration)."""
-        # A method with other refinement settings recalibrates from these.
-        self.support, self.views = support_features, views
+    def fit(
+        self, support_features: Any, views: Any = None, score_support: bool = False
+    ) -> DetectorState:
+        """The detector's state from the support features (banks, calibration).
+
+        `score_support` adds the held-out support scores (over the nuisance
+        `views` too, when given): the stream method's gate needs them.
+        """
+        self.support = support_features  # a method with other settings recalibrates from these
         return self.detector.fit_features(
-            support_features, views=views, alpha=self.alpha, context=self.context
+            support_features,
+            views=views,
+            alpha=self.alpha,
+            context=self.context,
+            score_support=score_support,
         )
 
     def calibrated_state(self, state: DetectorState, config: Any) -> DetectorState:
@@ -291,7 +299,7 @@ class Host:
                 "this config needs its own calibration, from the support features: "
                 "fit the state with Host.fit (it keeps them), not with the detector directly."
             )
-        cal = self.detector.calibrate(self.support, config, views=self.views, alpha=self.alpha)
+        cal = self.detector.calibrate(self.support, config, alpha=self.alpha)
         return state._replace(calibration=cal, calibrated_under=config)
 
     def config(self, fields: dict[str, Any], method: Method) -> Any:
@@ -366,13 +374,14 @@ class Host:
         `t` is scored with the support statistics and those of images before
         it only. Opt-in research method: it reads unlabelled test images.
         """
-        if not self._fuses(state, config) or self.support is None:
+        if not self._fuses(state, config) or state.support_scores is None:
             raise ValueError(
-                "stream calibration is a PatchCore+ method with a calibrated state from Host.fit."
+                "stream calibration is a PatchCore+ method with a calibrated state from "
+                "Host.fit(..., score_support=True)."
             )
         halves = self.halves(state, test_features, config)
-        support_host, support_refined = calibration.held_out_units(
-            self.support, self.alpha, config, self.detector.extractor.grid, self.views
+        support_host, support_refined = calibration.held_out_scores(
+            self.support, self.alpha, config, self.detector.extractor.grid
         )
         order = stream_order(len(halves["host"]))
         fused, cals = stream_calibration.calibrate_stream(

@@ -538,12 +538,17 @@ def run_category(s, dataset, root, category, family, host, methods, out: Outputs
     test = load_test_set(data, host)
     exclude_empty_masks(data, test, s.require_masks)
     support_features = SupportCache(host, data)
+    streamed = any(m.stream_calibration for m in methods)  # needs the held-out support scores
     shown = heatmap_indices(test["labels"], s.num_heatmaps)
     online = {"capacity": s.online_capacity, "add_per_query": s.online_add}
     for k in s.shots:
         for seed in s.seeds:
             support = sample_support(data.train_good, k, seed, root=data.root)
-            state = host.fit(support_features(support.paths), support_features.views(support.paths))
+            if streamed:
+                views = support_features.views(support.paths)
+                state = host.fit(support_features(support.paths), views, score_support=True)
+            else:
+                state = host.fit(support_features(support.paths))
             if bank_degenerate(state) and seed == s.seeds[0]:
                 logging.warning("%s, %d-shot: %s", category, k, describe_banks(state))
             for method in methods:

@@ -17,19 +17,19 @@ most of its gain.
 
 Held-out patches (`holdout_splits`): each quadrant of each support image is
 scored against a bank built, by the same coreset, from every other support
-patch (the other quadrants of its image and all other images), and so is
-the same quadrant of `VIEWS` nuisance views of the image (`nuisance_views`:
-a small shift and rotation, a gain and offset of the grey levels), which
-stand in for the next good part differing from this one by pose and light.
-This exists at 1 shot, uses the support images only, and is the same rule at
-every shot count. The held-out queries are refined under the ridge the real
+patch (the other quadrants of its image and all other images). This exists
+at 1 shot, uses the support images only, and is the same rule at every shot
+count. The held-out queries are refined under the ridge the real
 bank uses (`ridge_wide` iff the real bank has `n >= c`), so calibration and
 scoring see the same regime.
 
 Each support image also gets a held-out IMAGE score in the units of the
 deployed detector (`support_image_scores`): the largest score of its
 quadrant hold-outs and, with `k >= 2`, of the image scored against a bank of
-the other images (`cross_image_units`), over the original and its views. A
+the other images (`cross_image_units`), over the original and `VIEWS`
+nuisance views of it (`nuisance_views`: a small shift and rotation, a gain
+and offset of the grey levels, standing in for the next good part differing
+from this one by pose and light). A
 decision threshold derived from these compares like with like: they are
 scores of the deployed calibration, not of detectors refitted on fewer
 images.
@@ -59,7 +59,7 @@ from protorefine_jax.threshold import augment_views
 _TINY = 1e-12
 
 VIEWS = 4
-"""Nuisance views per support image in the calibration hold-outs (0: originals only)."""
+"""Nuisance views per support image in the support scores' hold-outs (0: originals only)."""
 
 
 class ScoreCalibration(NamedTuple):
@@ -521,7 +521,6 @@ def calibrate(
     alpha: float,
     config: RefineConfig,
     grid_shape: tuple[int, int],
-    views: Float[Array, "k v m c"] | None = None,
 ) -> ScoreCalibration:
     """The calibration of a support set: statistics of its held-out scores.
 
@@ -530,11 +529,8 @@ def calibrate(
       alpha: coreset ratio of the real bank.
       config: the scoring config.
       grid_shape: patch grid of one image.
-      views: optional `[k, V, m, c]` features of nuisance views of the
-        support images (`nuisance_views`): their held-out quadrants join the
-        originals'.
 
     Returns:
       The `ScoreCalibration` that `fuse` applies.
     """
-    return statistics(*held_out_units(support, alpha, config, grid_shape, views))
+    return statistics(*held_out_scores(support, alpha, config, grid_shape))

@@ -301,3 +301,69 @@ def test_online_calibrated_scores_match_a_numpy_loop(rng, ridges):
     # The first query is the offline calibrated PatchCore+ exactly.
     offline = refine_and_score(bank, queries[:1], cfg, calibration)
     np.testing.assert_allclose(out.patch_scores[0], offline.patch_scores[0], rtol=1e-4, atol=1e-4)
+
+
+def test_cross_image_units_match_a_float64_reference(rng):
+    """Each whole image against a bank of the other images (alpha 1: every other row)."""
+    k, grid, c = 3, (4, 4), 40  # each bank 32 rows; the real bank 48 >= c rows: the wide ridge
+    sup = support(rng, k=k, grid=grid, c=c)
+    host, refined = cal.cross_image_units(sup, 1.0, W_ONLY)
+    assert host.shape == refined.shape == (k, 1, 16)
+    flat = sup.astype(np.float64)
+    for i in range(k):
+        bank = np.delete(flat, i, axis=0).reshape(-1, c)
+        q = flat[i]
+        d = ((q[:, None] - bank[None]) ** 2).sum(-1)
+        gram = bank @ bank.T
+        delta = W_ONLY.ridge_wide * np.trace(gram) / len(bank)  # the real bank's ridge
+        r = q @ bank.T @ np.linalg.inv(gram + delta * np.eye(len(bank))) @ bank
+        np.testing.assert_allclose(host[i, 0], d.min(1), rtol=1e-3, atol=1e-3)
+        want = (((q[:, None] - r[None]) ** 2).sum(-1)).min(1)
+        np.testing.assert_allclose(refined[i, 0], want, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="at least 2 support images"):
+        cal.cross_image_units(sup[:1], 1.0, W_ONLY)
+
+
+def test_support_image_scores_are_the_largest_held_out_image_score():
+    c0 = cal.ScoreCalibration(*(np.float32(v) for v in (1.0, 2.0, 0.0, 1.0)))
+    host = np.array([[[1.0, 3.0], [1.0, 9.0]], [[1.0, 1.0], [1.0, 1.0]]])  # [k=2, 1+V=2, m=2]
+    refined = np.array([[[0.0, 0.5], [0.0, 0.0]], [[4.0, 0.0], [0.0, 0.0]]])
+    cross_h = np.full((2, 2, 2), 1.0)
+    cross_r = np.array([[[0.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 6.0]]])
+    held = cal.HeldOut(host, refined, cross_h, cross_r)
+    fused_cfg = RefineConfig()
+    # z_h = (h - 1) / 2, z_r = r: image 0 tops at its view's host 9 -> 4; image 1 at cross 6.
+    np.testing.assert_allclose(cal.support_image_scores(held, fused_cfg, c0), [4.0, 6.0])
+    # Host method: raw host scores; refined alone: raw refined scores.
+    host_cfg = fused_cfg.replace(use_refinement=False)
+    np.testing.assert_allclose(cal.support_image_scores(held, host_cfg, c0), [9.0, 1.0])
+    refined_cfg = fused_cfg.replace(calibrated=False)
+    np.testing.assert_allclose(cal.support_image_scores(held, refined_cfg, c0), [0.5, 6.0])
+    # Without cross-image hold-outs (one image): the quadrant hold-outs alone.
+    one = cal.HeldOut(host[:1], refined[:1])
+    np.testing.assert_allclose(cal.support_image_scores(one, fused_cfg, c0), [4.0])
+
+
+def test_nuisance_views_are_fixed_by_the_pixels_not_the_position(rng):
+    images = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    views = cal.nuisance_views(images, 2)
+    assert views.shape == (3, 2, 16, 16, 3) and views.dtype == np.uint8
+    swapped = cal.nuisance_views(images[::-1], 2)
+    np.testing.assert_array_equal(swapped[::-1], views)
+    assert not np.array_equal(views[0, 0], views[0, 1])  # two different views
+    with pytest.raises(ValueError, match=r"\[k, H, W, 3\]"):
+        cal.nuisance_views(images[0], 2)
+
+
+def test_calibration_error_is_zero_shift_unit_iqr_on_the_calibrations_own_scores(rng):
+    host = rng.gamma(2.0, 1.0, size=(6, 64))
+    refined = rng.gamma(3.0, 0.5, size=(6, 64))
+    c = cal.statistics(host, refined)
+    err = cal.calibration_error(host, refined, c)
+    assert abs(err["host_shift"]) < 1e-6 and abs(err["refined_shift"]) < 1e-6
+    assert err["host_iqr_ratio"] == pytest.approx(1.0, rel=1e-5)
+    assert err["refined_iqr_ratio"] == pytest.approx(1.0, rel=1e-5)
+    # Scores of new parts one IQR higher in the refined half: shift 1, and it wins more often.
+    moved = cal.calibration_error(host, refined + float(c.refined_scale), c)
+    assert moved["refined_shift"] == pytest.approx(1.0, rel=1e-5)
+    assert moved["refined_share"] > err["refined_share"]

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from absl import flags
 from absl.testing import flagsaver
@@ -232,3 +233,26 @@ def test_outputs_close_the_scores_file_when_the_run_fails(tmp_path):
             raise RuntimeError("boom")
     assert scores.closed
     assert json.loads((tmp_path / "scores.jsonl").read_text())["files"] == ["a.png"]
+
+
+def test_calibration_error_and_the_stream_method_are_reported(tmp_path):
+    workdir = tmp_path / "run"
+    tiny = {**TINY, "shots": ["2"], "seeds": ["0"], "methods": ["patchcore+", "patchcore+stream"]}
+    with flagsaver.flagsaver(workdir=str(workdir), **tiny):
+        eval_cli.main(["eval"])
+    results = json.loads((workdir / "results.json").read_text())
+    rows = {r["method"]: r for r in results["rows"]}
+    for method in ("patchcore+", "patchcore+stream"):
+        err = rows[method]["calibration_error"]
+        assert set(err) == {
+            "host_shift",
+            "host_iqr_ratio",
+            "refined_shift",
+            "refined_iqr_ratio",
+            "refined_share",
+        }
+        assert all(np.isfinite(v) for v in err.values())
+    # The stream's statistics move with the images it has seen: other numbers than the support's.
+    assert rows["patchcore+stream"]["calibration_error"] != rows["patchcore+"]["calibration_error"]
+    text = (workdir / "results.md").read_text()
+    assert "Calibration error on the normal test images" in text and "patchcore+stream" in text

@@ -97,16 +97,15 @@ class Detector(Protocol):
         context: Any = None,
         config: Any = None,
         calibrate: bool = True,
+        score_support: bool = True,
     ) -> DetectorState:
         """`DetectorState` from the support images' features, calibrated under `config`."""
 
     def view_features(self, params: Any, support_images: Array) -> Any:
         """Features of the support images' nuisance views (None: the detector uses none)."""
 
-    def calibrate(
-        self, features: Any, config: Any = None, *, views: Any = None, alpha: float | None = None
-    ) -> Any:
-        """The support-set calibration of `features` (and views) under `config`'s refinement."""
+    def calibrate(self, features: Any, config: Any = None, *, alpha: float | None = None) -> Any:
+        """The support-set calibration of `features` under `config`'s refinement."""
 
     def refinement(self, config: Any) -> RefineConfig:
         """The `RefineConfig` part of a scoring config."""

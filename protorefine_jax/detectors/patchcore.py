@@ -71,8 +71,8 @@ class PatchCore:
       extractor: backbone plus aggregation (`features.get_extractor`); its
         `grid` and `feature_dim` are the detector's.
       alpha: coreset ratio of the bank.
-      views: nuisance views per support image in the calibration hold-outs
-        (`calibration.VIEWS`; 0: the support images' quadrants only).
+      views: nuisance views per support image in the hold-outs of the
+        support scores (`calibration.VIEWS`; 0: the originals only).
     """
 
     extractor: Extractor
@@ -144,18 +144,23 @@ class PatchCore:
         context: Any = None,
         config: RefineConfig | None = None,
         calibrate: bool = True,
+        score_support: bool = True,
     ) -> DetectorState:
         """State from the `[k, m, c]` support features: the bank, its calibration, support scores.
 
         The calibration (`protorefine_jax.calibration`) scores held-out
-        quadrants of the support images (and of their nuisance `views`,
-        `[k, V, m, c]` features, when given) with the host and the refinement
-        of `config` (default: `self.config()`, the shipped PatchCore+) and
-        keeps their robust location and scale; `score_features` fuses the two
-        scores with it. The state also records `config` and each support
-        image's held-out image score under it (`support_scores`, for a
-        normal-only threshold). `calibrate=False` keeps the bank only
-        (PatchCore+ then scores with the refined prototypes alone).
+        quadrants of the support images with the host and the refinement of
+        `config` (default: `self.config()`, the shipped PatchCore+) and keeps
+        their robust location and scale; `score_features` fuses the two
+        scores with it. The state records `config` and, with
+        `score_support`, each support image's held-out image score under it
+        (`support_scores`, what a normal-only threshold is derived from),
+        over its quadrant and cross-image hold-outs and those of its nuisance
+        `views` (`[k, V, m, c]` features, when given). The views widen the
+        threshold's hold-outs only: fusion statistics pooled with them were
+        no closer to new normal images (RESULTS.md, "Calibration that sees
+        new parts"). `calibrate=False` keeps the bank only (PatchCore+ then
+        scores with the refined prototypes alone).
         """
         del context  # PatchCore needs no per-category context
         alpha = self.alpha if alpha is None else alpha
@@ -163,8 +168,12 @@ class PatchCore:
         bank = build_bank(jnp.asarray(features), alpha)
         if not calibrate:
             return DetectorState(banks=(bank,))
-        held = calibration.held_out(features, alpha, config, self.extractor.grid, views)
-        cal = calibration.statistics(held.host, held.refined)
+        grid = self.extractor.grid
+        if not score_support:
+            cal = calibration.calibrate(features, alpha, config, grid)
+            return DetectorState(banks=(bank,), calibration=cal, calibrated_under=config)
+        held = calibration.held_out(features, alpha, config, grid, views)
+        cal = calibration.statistics(held.host[:, 0], held.refined[:, 0])  # the originals'
         return DetectorState(
             banks=(bank,),
             calibration=cal,
@@ -173,12 +182,7 @@ class PatchCore:
         )
 
     def calibrate(
-        self,
-        features: Array,
-        config: RefineConfig | None = None,
-        *,
-        views: Array | None = None,
-        alpha: float | None = None,
+        self, features: Array, config: RefineConfig | None = None, *, alpha: float | None = None
     ) -> ScoreCalibration:
         """The support-set calibration of `[k, m, c]` features under `config`'s refinement."""
         return calibration.calibrate(
@@ -186,7 +190,6 @@ class PatchCore:
             self.alpha if alpha is None else alpha,
             self.config() if config is None else config,
             self.extractor.grid,
-            views,
         )
 
     def view_features(self, params: Any, support_images: Array) -> Array | None:

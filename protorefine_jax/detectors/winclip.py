@@ -102,6 +102,7 @@ class WinClip:
         context: Array | None = None,
         config: winclip_lib.WinClipConfig | None = None,
         calibrate: bool = True,
+        score_support: bool = False,
     ) -> DetectorState:
         """State from the support features: per scale a coreset bank and the full memory.
 
@@ -112,12 +113,12 @@ class WinClip:
         `calibration` is `clip.winclip.calibrate`'s per-scale statistics under
         `config`'s refinement (default `self.config()`, the shipped WinCLIP+);
         `calibrate=False` skips it (WinCLIP+ then scores with the refined
-        prototypes alone). `views` must be None: WinCLIP+ calibrates on the
-        support images' quadrants only (nuisance views are not measured on
-        CLIP features).
+        prototypes alone). `views` must be None and `score_support` False:
+        WinCLIP+ has no held-out support scores (nothing here derives a
+        threshold for it).
         """
-        if views is not None:
-            raise ValueError("WinCLIP+ calibrates without nuisance views; pass views=None.")
+        if views is not None or score_support:
+            raise ValueError("WinCLIP+ has no held-out support scores: pass no views.")
         alpha = self.alpha if alpha is None else alpha
         config = self.config() if config is None else config
         banks = winclip_lib.build_banks(features, alpha)
@@ -135,12 +136,9 @@ class WinClip:
         features: Any,
         config: winclip_lib.WinClipConfig | None = None,
         *,
-        views: Any = None,
         alpha: float | None = None,
     ) -> tuple[ScoreCalibration, ...]:
         """Per-scale support-set calibration of the support `MultiscaleFeatures` under `config`."""
-        if views is not None:
-            raise ValueError("WinCLIP+ calibrates without nuisance views; pass views=None.")
         return winclip_lib.calibrate(
             features,
             self.alpha if alpha is None else alpha,
