@@ -76,10 +76,15 @@ def test_outlying_names_one_image_far_above_the_others():
     clean = [3.0, 3.2, 3.3, 3.5, 3.6, 3.8, 4.0, 4.1]
     flags = outlying(clean + [20.0, 25.0, 30.0, 33.6])
     assert flags.tolist() == [False] * 8 + [True] * 4
-    # Too few to compare, near-identical images, a low score: nothing named.
+    # Two clean images and a stray: named (two others are enough).
+    assert outlying([3.9, 4.4, 21.3]).tolist() == [False, False, True]
+    # Too few to compare, near-identical images, a low score, a good image
+    # 1.5 times the others: nothing named.
+    assert not outlying([2.0, 30.0]).any()
     assert not outlying([1.0, 5.0, 9.0]).any()
     assert not outlying([2.0, 2.0, 2.0, 2.01]).any()
     assert not outlying([3.0, 3.2, 3.4, 3.6, 0.1]).any()
+    assert not outlying([4.8, 5.6, 5.3, 7.6]).any()
 
 
 @pytest.mark.parametrize(
