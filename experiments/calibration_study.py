@@ -241,11 +241,10 @@ MAPS = map_operators(GRID, (study_cells.IMAGE_SIZE,) * 2, FIT.blur_sigma)
 def threshold_rates(cell: dict, cal, labels: np.ndarray, k: int, test: np.ndarray, views: bool):
     """The fit's normal-only threshold (5 %) from this cell's hold-outs, and its rates on test."""
     sl = slice(None) if views else slice(0, 1)
-    cross = (cell["cross_host"][:, sl], cell["cross_ref"][:, sl]) if k >= 2 else (None, None)
+    images = len(cell["unit_host"])  # k, or k + 1 with an injected image
+    cross = (cell["cross_host"][:, :1], cell["cross_ref"][:, :1]) if images >= 3 else (None, None)
     held = calibration.HeldOut(cell["unit_host"][:, sl], cell["unit_ref"][:, sl], *cross)
-    scores = calibration.support_image_scores(held, FIT, cal)
-    named = threshold.outlying(scores)
-    t = threshold.normal_threshold(scores[~named], 0.05, 0.0, "held_out")
+    t, named = threshold.from_support_scores(calibration.support_image_scores(held, FIT, cal))
     return {
         "false_alarms": float(np.mean(test[labels == 0] > t.value)),
         "misses": float(np.mean(test[labels == 1] <= t.value)),
@@ -259,9 +258,9 @@ def stream_calibrations(cell: dict):
     """`stream_calibration` over the test set in the eval's stream order: per-image statistics."""
     order = stream_order(len(cell["test_host"]))
     support = calibration.statistics(cell["unit_host"][:, 0], cell["unit_ref"][:, 0])
-    held = calibration.HeldOut(
-        cell["unit_host"], cell["unit_ref"], cell.get("cross_host"), cell.get("cross_ref")
-    )
+    k = len(cell["unit_host"])
+    cross = (cell["cross_host"][:, :1], cell["cross_ref"][:, :1]) if k >= 3 else ()
+    held = calibration.HeldOut(cell["unit_host"], cell["unit_ref"], *cross)
     gate = normal_gate(calibration.support_image_scores(held, FIT, support))
     _, cals = stream_calibration.calibrate_stream(
         cell["unit_host"][:, 0],

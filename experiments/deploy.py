@@ -348,20 +348,21 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
         maps = np.concatenate([np.asarray(o.maps) for o in out])[: len(images)]
         return scores, maps
 
-    # Each support image's held-out score, in the deployed detector's units.
-    held_out = np.asarray(state.support_scores, np.float64)
-    outliers = threshold_lib.outlying(held_out)
+    # Each support image's held-out scores, in the deployed detector's units.
+    support_scores = state.support_scores
+    normal, outliers = threshold_lib.from_support_scores(
+        support_scores, s.false_alarm_rate, s.margin
+    )
+    held_out = np.asarray(support_scores.held_out, np.float64)
     names = [relative_name(root, f) for f in files]
     for i in np.flatnonzero(outliers):
+        others = np.delete(np.asarray(support_scores.against_others), i)
         log(
-            f"warning: support image {names[i]} scores {held_out[i]:.3g} held out, far above the "
-            f"others (median {np.median(np.delete(held_out, i)):.3g}). It may be a defective, "
-            "stray or badly lit image: check it, or remove it and fit again. It is left out "
-            "of the threshold."
+            f"warning: support image {names[i]} scores "
+            f"{support_scores.against_others[i]:.3g} against the other good images, far above "
+            f"them (median {np.median(others):.3g}). It may be a defective, stray or badly lit "
+            "image: check it, or remove it and fit again. It is left out of the threshold."
         )
-    normal = threshold_lib.normal_threshold(
-        held_out[~outliers], s.false_alarm_rate, s.margin, "held_out"
-    )
     _, cal_maps = score_state(state, support)
     log(normal.describe())
     thresholds = {"normal_only": normal.to_dict()}
@@ -401,6 +402,11 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
         "thresholds": thresholds,
         "threshold_calibration": {
             "scores": [float(x) for x in held_out],
+            "against_others": (
+                None
+                if support_scores.against_others is None
+                else [float(x) for x in support_scores.against_others]
+            ),
             "outliers": [names[i] for i in np.flatnonzero(outliers)],
         },
         "calibration": calibration,

@@ -11,9 +11,8 @@ version, support files, the decision threshold and how it was derived),
 `--export`, `detector.jaxexport` (the compiled detector, bank baked in).
 
 The threshold: with only good images, each good image's held-out score in
-the model's own units (its quadrants against a bank without them, and with
-k >= 2 the whole image against a bank of the others, each also for nuisance
-views of it: `protorefine_jax.calibration.support_image_scores`), an image
+the model's own units (its quadrants against a bank without them, also for
+nuisance views of it: `protorefine_jax.calibration.support_image_scores`), an image
 far above the others named and left out (`threshold.outlying`), and the
 split-conformal order statistic for `--false_alarm_rate`
 (`protorefine_jax.threshold`); with `--calibration_dir` (MVTec test layout:

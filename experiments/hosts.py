@@ -141,11 +141,9 @@ def _on_host(tree: Any) -> Any:
     return jax.tree_util.tree_map(np.asarray, tree)
 
 
-def normal_gate(support_scores: np.ndarray) -> float:
+def normal_gate(scores: calibration.SupportScores) -> float:
     """The normal-only threshold fit derives (5 %): stream images above it are not learnt from."""
-    scores = np.asarray(support_scores, np.float64)
-    kept = scores[~threshold.outlying(scores)]
-    return threshold.normal_threshold(kept, 0.05, 0.0, "held_out").value
+    return threshold.from_support_scores(scores, 0.05, 0.0)[0].value
 
 
 def stream_order(count: int) -> np.ndarray:

@@ -306,7 +306,12 @@ METADATA = Dict(
         "threshold": _THRESHOLD,
         "thresholds": Dict({"normal_only": _THRESHOLD, "f1": _THRESHOLD}, optional=("f1",)),
         "threshold_calibration": Dict(
-            {"scores": List(SCORE, max_len=100_000), "outliers": _FILES}, optional=("outliers",)
+            {
+                "scores": List(SCORE, max_len=100_000),
+                "against_others": Optional(List(SCORE, max_len=100_000)),
+                "outliers": _FILES,
+            },
+            optional=("against_others", "outliers"),
         ),
         "calibration": Optional(
             Dict(

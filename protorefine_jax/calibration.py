@@ -25,11 +25,14 @@ scoring see the same regime.
 
 Each support image also gets a held-out IMAGE score in the units of the
 deployed detector (`support_image_scores`): the largest score of its
-quadrant hold-outs and, with `k >= 2`, of the image scored against a bank of
-the other images (`cross_image_units`), over the original and `VIEWS`
-nuisance views of it (`nuisance_views`: a small shift and rotation, a gain
-and offset of the grey levels, standing in for the next good part differing
-from this one by pose and light). A
+quadrant hold-outs, over the original and `VIEWS` nuisance views of it
+(`nuisance_views`: a small shift and rotation, a gain and offset of the grey
+levels, standing in for the next good part differing from this one by pose
+and light). With three or more images, each whole image is also scored
+against a bank of the other images (`cross_image_units`): how unlike the
+others it is, which names stray images (`threshold.outlying`); those scores
+do not set the threshold (measured: it became more conservative than it
+promises). A
 decision threshold derived from these compares like with like: they are
 scores of the deployed calibration, not of detectors refitted on fewer
 images.
@@ -427,27 +430,43 @@ def held_out(
     config: RefineConfig,
     grid_shape: tuple[int, int],
     views: Float[Array, "k v m c"] | None = None,
+    cross: bool = False,
 ) -> HeldOut:
-    """Quadrant and (k >= 2) cross-image hold-outs of a support set."""
+    """Quadrant hold-outs (originals and views) and, with `cross` and `k >= 2`, whole images."""
     host, refined = held_out_units(support, alpha, config, grid_shape, views)
-    if np.shape(support)[0] < 2:
+    if not cross or np.shape(support)[0] < 2:
         return HeldOut(host, refined)
-    return HeldOut(host, refined, *cross_image_units(support, alpha, config, views))
+    return HeldOut(host, refined, *cross_image_units(support, alpha, config))
+
+
+class SupportScores(NamedTuple):
+    """Held-out image scores of the support images, in the deployed detector's units.
+
+    Attributes:
+      held_out: `[k]` the largest image score of each image's quadrant
+        hold-outs, original and nuisance views: what a normal-only threshold
+        is derived from.
+      against_others: `[k]` each whole image scored against a bank of the
+        other images (None without cross-image hold-outs): how unlike the
+        others an image is, for naming outliers.
+    """
+
+    held_out: np.ndarray
+    against_others: np.ndarray | None = None
 
 
 def support_image_scores(
     held: HeldOut, config: RefineConfig, calibration: ScoreCalibration | None
-) -> np.ndarray:
-    """Each support image's held-out image score in the deployed detector's units.
+) -> SupportScores:
+    """Each support image's held-out image scores in the deployed detector's units.
 
     The image score is the scoring's (`max_j s_j`; the fused score with a
     calibration and `config.calibrated`, else the refined or, for the host
-    method, the host score), taken over the image's quadrant hold-outs and
-    cross-image hold-out, original and views: the most a good image of this
-    support set scored where its own patches were not in the bank.
+    method, the host score).
 
     Returns:
-      `[k]` float64.
+      `SupportScores`: over the quadrant hold-outs (original and views), and
+      the whole image against the others when `held` has cross-image units.
     """
 
     def image_score(h, r):
@@ -459,10 +478,10 @@ def support_image_scores(
             s = r
         return s.max(axis=-1).max(axis=-1)  # patches, then the original and its views
 
-    out = image_score(held.host, held.refined)
-    if held.cross_host is not None:
-        out = np.maximum(out, image_score(held.cross_host, held.cross_refined))
-    return out
+    quadrants = image_score(held.host, held.refined)
+    if held.cross_host is None:
+        return SupportScores(quadrants)
+    return SupportScores(quadrants, image_score(held.cross_host, held.cross_refined))
 
 
 def statistics(host: np.ndarray, refined: np.ndarray) -> ScoreCalibration:

@@ -318,6 +318,30 @@ def outlying(scores: Any, cutoff: float = OUTLIER_CUTOFF) -> np.ndarray:
     return out
 
 
+def from_support_scores(
+    scores: Any, false_alarm_rate: float = 0.05, margin: float = 0.0
+) -> tuple[Threshold, np.ndarray]:
+    """The normal-only threshold of a fitted detector's held-out support scores.
+
+    Images far above the others when scored against them are named
+    (`outlying` of `scores.against_others`, when there are such scores) and
+    left out; the threshold is the conformal order statistic of the other
+    images' `scores.held_out` (source `held_out`).
+
+    Args:
+      scores: `calibration.SupportScores` (`held_out`, `against_others`).
+      false_alarm_rate: target rate of good images above the threshold.
+      margin: relative margin (`normal_threshold`).
+
+    Returns:
+      `(threshold, outliers)`: the `Threshold` and the `[k]` bool outliers.
+    """
+    held = _as_scores(scores.held_out, "held-out support scores")
+    others = scores.against_others
+    outliers = np.zeros(held.size, bool) if others is None else outlying(others)
+    return normal_threshold(held[~outliers], false_alarm_rate, margin, "held_out"), outliers
+
+
 def leave_one_out_scores(
     fit: Callable[[np.ndarray], Any],
     score: Callable[[Any, np.ndarray], Any],

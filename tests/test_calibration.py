@@ -328,20 +328,24 @@ def test_support_image_scores_are_the_largest_held_out_image_score():
     c0 = cal.ScoreCalibration(*(np.float32(v) for v in (1.0, 2.0, 0.0, 1.0)))
     host = np.array([[[1.0, 3.0], [1.0, 9.0]], [[1.0, 1.0], [1.0, 1.0]]])  # [k=2, 1+V=2, m=2]
     refined = np.array([[[0.0, 0.5], [0.0, 0.0]], [[4.0, 0.0], [0.0, 0.0]]])
-    cross_h = np.full((2, 2, 2), 1.0)
-    cross_r = np.array([[[0.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 6.0]]])
+    cross_h = np.full((2, 1, 2), 1.0)
+    cross_r = np.array([[[0.0, 0.0]], [[0.0, 6.0]]])
     held = cal.HeldOut(host, refined, cross_h, cross_r)
     fused_cfg = RefineConfig()
-    # z_h = (h - 1) / 2, z_r = r: image 0 tops at its view's host 9 -> 4; image 1 at cross 6.
-    np.testing.assert_allclose(cal.support_image_scores(held, fused_cfg, c0), [4.0, 6.0])
+    # z_h = (h - 1) / 2, z_r = r: image 0 tops at its view's host 9 -> 4, image 1 at refined 4;
+    # against the others, image 1's refined 6.
+    got = cal.support_image_scores(held, fused_cfg, c0)
+    np.testing.assert_allclose(got.held_out, [4.0, 4.0])
+    np.testing.assert_allclose(got.against_others, [0.0, 6.0])
     # Host method: raw host scores; refined alone: raw refined scores.
     host_cfg = fused_cfg.replace(use_refinement=False)
-    np.testing.assert_allclose(cal.support_image_scores(held, host_cfg, c0), [9.0, 1.0])
+    np.testing.assert_allclose(cal.support_image_scores(held, host_cfg, c0).held_out, [9.0, 1.0])
     refined_cfg = fused_cfg.replace(calibrated=False)
-    np.testing.assert_allclose(cal.support_image_scores(held, refined_cfg, c0), [0.5, 6.0])
-    # Without cross-image hold-outs (one image): the quadrant hold-outs alone.
-    one = cal.HeldOut(host[:1], refined[:1])
-    np.testing.assert_allclose(cal.support_image_scores(one, fused_cfg, c0), [4.0])
+    np.testing.assert_allclose(cal.support_image_scores(held, refined_cfg, c0).held_out, [0.5, 4.0])
+    # Without cross-image hold-outs: the quadrant hold-outs alone.
+    one = cal.support_image_scores(cal.HeldOut(host[:1], refined[:1]), fused_cfg, c0)
+    np.testing.assert_allclose(one.held_out, [4.0])
+    assert one.against_others is None
 
 
 def test_nuisance_views_are_fixed_by_the_pixels_not_the_position(rng):

@@ -180,3 +180,19 @@ def test_augmented_view_scores_and_errors():
         augment_views(image[..., 0], 1)
     with pytest.raises(ValueError, match="count must be >= 1"):
         augment_views(image, 0)
+
+
+def test_from_support_scores_names_by_the_others_and_leaves_them_out():
+    from protorefine_jax.calibration import SupportScores
+    from protorefine_jax.threshold import from_support_scores
+
+    # Image 3 is unlike the others against them (a stray), though its quadrants look normal.
+    scores = SupportScores(
+        held_out=np.array([3.0, 3.5, 4.0, 3.2]), against_others=np.array([4.0, 4.4, 4.2, 30.0])
+    )
+    t, outliers = from_support_scores(scores, 0.05)
+    assert outliers.tolist() == [False, False, False, True]
+    assert t.num_scores == 3 and t.value == pytest.approx(4.0) and t.source == "held_out"
+    # Without scores against the others (one or two images), nothing is named.
+    t2, none = from_support_scores(SupportScores(np.array([3.0, 5.0])), 0.05)
+    assert not none.any() and t2.value == pytest.approx(5.0)

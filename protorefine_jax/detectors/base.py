@@ -50,10 +50,10 @@ class DetectorState(NamedTuple):
         whose refinement the calibration was measured under; `score_features`
         refuses to fuse scores computed under other refinement settings
         (`calibration.check_applies`). None when there is no calibration.
-      support_scores: `[k]` each support image's held-out image score in
-        the units of `calibrated_under`'s scoring
-        (`calibration.support_image_scores`): what a normal-only decision
-        threshold is derived from. None when not computed.
+      support_scores: the support images' held-out image scores in the
+        units of `calibrated_under`'s scoring (`calibration.SupportScores`):
+        what a normal-only decision threshold is derived from, and what names
+        outliers. None when not computed.
     """
 
     banks: tuple[MemoryBank, ...]

@@ -154,9 +154,10 @@ class PatchCore:
         their robust location and scale; `score_features` fuses the two
         scores with it. The state records `config` and, with
         `score_support`, each support image's held-out image score under it
-        (`support_scores`, what a normal-only threshold is derived from),
-        over its quadrant and cross-image hold-outs and those of its nuisance
-        `views` (`[k, V, m, c]` features, when given). The views widen the
+        (`calibration.SupportScores`: over its quadrant hold-outs and those
+        of its nuisance `views`, `[k, V, m, c]` features when given, what a
+        normal-only threshold is derived from; with `k >= 3` also against
+        the other images, which names outliers). The views widen the
         threshold's hold-outs only: fusion statistics pooled with them were
         no closer to new normal images (RESULTS.md, "Calibration that sees
         new parts"). `calibrate=False` keeps the bank only (PatchCore+ then
@@ -172,7 +173,8 @@ class PatchCore:
         if not score_support:
             cal = calibration.calibrate(features, alpha, config, grid)
             return DetectorState(banks=(bank,), calibration=cal, calibrated_under=config)
-        held = calibration.held_out(features, alpha, config, grid, views)
+        k = np.shape(features)[0]
+        held = calibration.held_out(features, alpha, config, grid, views, cross=k >= 3)
         cal = calibration.statistics(held.host[:, 0], held.refined[:, 0])  # the originals'
         return DetectorState(
             banks=(bank,),
