@@ -294,9 +294,10 @@ def outlying(scores: Any, cutoff: float = OUTLIER_CUTOFF) -> np.ndarray:
     difference an outlier: with little spread, an image is named only when it
     scores more than `1 + cutoff / 2` (2.75) times the others' median. It
     needs two others to compare with (`k >= 3`); with fewer nothing is named.
-    On the dev sets this named an image of another dev set added to the
-    support folder in all 27 support sets tried and 2 of 408 good images
-    (RESULTS.md, "Calibration that sees new parts").
+    `fit` applies it to each image scored against the others; on the dev
+    sets that named an image of another dev set added to the support folder
+    in all 27 support sets tried, and 6 of 408 good images (RESULTS.md,
+    "Calibration that sees new parts").
 
     Args:
       scores: `[k]` held-out image scores of the support images.
