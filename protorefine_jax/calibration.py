@@ -221,6 +221,12 @@ def _host_and_refined(banks, queries, config: RefineConfig):
     return jax.vmap(jax.vmap(one, in_axes=(None, 0)))(banks, queries)
 
 
+def _holdout_config(rows: int, feature_dim: int, alpha: float, config: RefineConfig):
+    """The refinement hold-outs run: the real bank's ridge (a coreset of `rows` rows), raw grids."""
+    cfg = ridge_in_force(coreset_size(rows, alpha), feature_dim, config)
+    return cfg.replace(use_refinement=True, image_size=None, grid_shape=None)
+
+
 def ridge_in_force(bank_rows: int, feature_dim: int, config: RefineConfig) -> RefineConfig:
     """`config` with both ridges set to the one a bank of `bank_rows` rows uses."""
     rel = gram.ridge_in_force(config, bank_rows, feature_dim)  # the one ridge rule
@@ -303,8 +309,7 @@ def held_out_units(
     """
     banks, queries = prepared or holdouts(support, alpha, grid_shape, views)
     k, m, c = jnp.shape(support)
-    cfg = ridge_in_force(coreset_size(k * m, alpha), c, config)
-    cfg = cfg.replace(use_refinement=True, image_size=None, grid_shape=None)
+    cfg = _holdout_config(k * m, c, alpha, config)
     # Quadrants of an even grid share one shape: all hold-outs in one vmapped
     # call; an odd grid's quadrants differ, and each is scored alone.
     groups: dict[tuple, list[int]] = {}
@@ -397,8 +402,7 @@ def cross_image_units(
         if views is None
         else np.concatenate([support[:, None], np.asarray(views)], axis=1)
     )
-    cfg = ridge_in_force(coreset_size(k * m, alpha), c, config)
-    cfg = cfg.replace(use_refinement=True, image_size=None, grid_shape=None)
+    cfg = _holdout_config(k * m, c, alpha, config)
     hosts, refs = [], []
     for i in range(k):
         rest = np.delete(support, i, axis=0).reshape(-1, c)

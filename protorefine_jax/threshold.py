@@ -3,42 +3,36 @@
 A detector outputs a score per image; deploying it needs a threshold
 (`score > threshold` = anomalous). Two ways to get one:
 
-- **Normal-only** (:func:`normal_threshold`): only good images exist. Score
-  each support image with a detector fitted on the *other* support images
-  (leave-one-out, :func:`leave_one_out_scores`, `k >= 2`), or, with a single
-  support image, score augmented views of it against the detector fitted on
-  it (:func:`augmented_view_scores`). The threshold is an order statistic of
-  these `n` calibration scores (split-conformal rank), plus an optional
+- **Normal-only** (:func:`normal_threshold`, :func:`from_support_scores`):
+  only good images exist. Each support image has a held-out score in the
+  deployed detector's units (`calibration.support_image_scores`: its
+  quadrants, and those of nuisance views of it, scored against a bank
+  without them). An image far above the others when scored against them is
+  named and left out (:func:`outlying`). The threshold is an order statistic
+  of the remaining `n` scores (split-conformal rank), plus an optional
   relative margin.
 
-  What it promises: if the score of a new good image and the `n`
-  calibration scores are exchangeable, a new good image exceeds the
-  threshold with probability at most `(n + 1 - r) / (n + 1)` (`r` = the rank
-  used; Vovk et al., "Algorithmic Learning in a Random World", 2005;
-  Angelopoulos & Bates, "A Gentle Introduction to Conformal Prediction",
-  2021, Sec. 1). That is `false_alarm_bound`: an *estimate* of the
-  false-alarm rate on good images from the same process as the support set.
-  Leave-one-out scores come from a bank of `k - 1` images, which is smaller
-  than the deployed `k`-image bank, so they tend to be higher than a new good
-  image's score: the bound is then conservative. With `k = 2` there are two
-  calibration scores and the best bound is 1/3. Augmented views are not
-  exchangeable with new images (they are copies of one image), so their bound
-  is only a rough estimate (`guaranteed=False`). A shift between the support
-  images and the deployed ones (lighting, pose, another batch of parts)
-  breaks the assumption in either case: measure it (RESULTS.md).
+  What it promises, and assumes: if the score of a new good image and the
+  `n` held-out scores are exchangeable (new good parts vary like the support
+  images), a new good image exceeds the threshold with probability at most
+  `(n + 1 - r) / (n + 1)` (`r` = the rank used; Vovk et al., "Algorithmic
+  Learning in a Random World", 2005; Angelopoulos & Bates, "A Gentle
+  Introduction to Conformal Prediction", 2021, Sec. 1). That is
+  `false_alarm_bound`. With `k = 2` the best bound is 1/3; the requested rate
+  `a` needs `n >= 1/a - 1` images. New parts that differ more than the
+  support images do (lighting, pose, another batch) break the assumption:
+  measure it (RESULTS.md, "Calibration that sees new parts").
 
 - **F1-optimal** (:func:`f1_threshold`): labelled calibration images (good
   and defective) exist. The threshold maximises F1 on them; it says nothing
   about rates on other images.
 
-Everything here is numpy on `[n]` score vectors, pure (no I/O), plus two
-helpers that take the detector as `fit` / `score` callables.
+Everything here is numpy on `[n]` score vectors, pure (no I/O).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -60,7 +54,9 @@ class Threshold(NamedTuple):
     Attributes:
       value: an image is anomalous when its score is `> value`.
       kind: `"normal_only"` or `"f1"`.
-      source: `"leave_one_out"`, `"augmented_views"` or `"calibration"`.
+      source: `"held_out"` (held-out support scores), `"calibration"` (F1),
+        or, in models written by earlier versions, `"leave_one_out"` /
+        `"augmented_views"`.
       num_scores: number of calibration scores used.
       rank: normal-only: the 1-based order statistic used (ascending).
       margin: normal-only: relative margin added, `value = s_(r) * (1 + margin)`
@@ -158,18 +154,20 @@ def normal_threshold(
     scores: Any,
     false_alarm_rate: float = 0.05,
     margin: float = 0.0,
-    source: str = "leave_one_out",
+    source: str = "held_out",
 ) -> Threshold:
     """Threshold from the scores of good images only (module docstring).
 
     Args:
-      scores: `[n]` calibration scores of good images (leave-one-out scores
-        of the support images, or scores of augmented views).
+      scores: `[n]` calibration scores of good images (the support images'
+        held-out scores).
       false_alarm_rate: target false-alarm rate `a`; with few scores the
         achievable bound is `1 / (n + 1)` (then the maximum score is used).
       margin: relative margin `>= 0` on top of the order statistic (more
         conservative: fewer false alarms, more misses).
-      source: `"leave_one_out"` (the bound is the conformal guarantee) or
+      source: `"held_out"` (the bound holds if new good parts vary like the
+        support images), or the earlier sources `"leave_one_out"` (the
+        bound called a guarantee) or
         `"augmented_views"` (an estimate).
 
     Returns:
@@ -343,34 +341,6 @@ def from_support_scores(
     return normal_threshold(held[~outliers], false_alarm_rate, margin, "held_out"), outliers
 
 
-def leave_one_out_scores(
-    fit: Callable[[np.ndarray], Any],
-    score: Callable[[Any, np.ndarray], Any],
-    images: np.ndarray,
-) -> np.ndarray:
-    """Scores of each support image by a detector fitted on the others.
-
-    Args:
-      fit: `support_images [k', H, W, 3] -> state`.
-      score: `(state, images [B, H, W, 3]) -> [B]` image scores.
-      images: `[k, H, W, 3]` support images, `k >= 2`.
-
-    Returns:
-      `[k]` float64 leave-one-out scores.
-    """
-    k = len(images)
-    if k < 2:
-        raise ValueError(
-            f"leave-one-out needs at least 2 support images, got {k}; with one image use "
-            "augmented_view_scores."
-        )
-    out = np.empty(k)
-    for i in range(k):
-        state = fit(np.delete(np.asarray(images), i, axis=0))
-        out[i] = float(np.asarray(score(state, np.asarray(images)[i : i + 1]))[0])
-    return out
-
-
 def augment_views(image: np.ndarray, count: int, seed: int = 0, **ranges: float) -> np.ndarray:
     """Mild random views of one image: sub-pixel shift, small rotation, gain / offset.
 
@@ -423,26 +393,3 @@ def augment_views(image: np.ndarray, count: int, seed: int = 0, **ranges: float)
         bias = rng.uniform(-max_offset, max_offset)
         views[v] = np.clip(np.round(warped * gain + bias), 0, 255).astype(np.uint8)
     return views
-
-
-def augmented_view_scores(
-    fit: Callable[[np.ndarray], Any],
-    score: Callable[[Any, np.ndarray], Any],
-    image: np.ndarray,
-    count: int = 16,
-    seed: int = 0,
-) -> np.ndarray:
-    """Scores of `count` augmented views of one support image by the detector fitted on it.
-
-    Args:
-      fit: `support_images [1, H, W, 3] -> state`.
-      score: `(state, images [V, H, W, 3]) -> [V]` image scores.
-      image: `[H, W, 3]` the support image.
-      count: number of views.
-      seed: augmentation seed.
-
-    Returns:
-      `[count]` float64 scores.
-    """
-    state = fit(np.asarray(image)[None])
-    return np.asarray(score(state, augment_views(image, count, seed)), np.float64).reshape(count)

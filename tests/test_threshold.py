@@ -6,12 +6,9 @@ from sklearn.metrics import f1_score, precision_recall_curve
 
 from protorefine_jax.threshold import (
     Threshold,
-    augment_views,
-    augmented_view_scores,
     conformal_rank,
     decision_rates,
     f1_threshold,
-    leave_one_out_scores,
     normal_threshold,
 )
 
@@ -51,7 +48,7 @@ def test_the_bound_is_the_false_alarm_rate_of_exchangeable_scores():
 
 
 def test_margin_and_fields():
-    t = normal_threshold([1.0, 3.0, 2.0], false_alarm_rate=0.2, margin=0.1)
+    t = normal_threshold([1.0, 3.0, 2.0], false_alarm_rate=0.2, margin=0.1, source="leave_one_out")
     assert t.rank == 3 and t.num_scores == 3
     assert t.value == pytest.approx(3.3, rel=1e-12)
     assert t.guaranteed and t.kind == "normal_only" and t.false_alarm_bound == pytest.approx(0.25)
@@ -137,49 +134,6 @@ def test_decision_rates():
     assert rates.false_alarm_rate == pytest.approx(2 / 3) and rates.miss_rate == pytest.approx(0.5)
     only_good = decision_rates([0, 0], [0.1, 0.2], 0.15)
     assert only_good.false_alarm_rate == 0.5 and np.isnan(only_good.miss_rate)
-
-
-def test_leave_one_out_scores_against_a_loop():
-    rng = np.random.default_rng(0)
-    images = rng.random((4, 8, 8, 3)) * 255
-    fit = lambda x: x.mean(axis=0)
-    score = lambda state, x: np.abs(x - state).mean(axis=(1, 2, 3))
-    loo = leave_one_out_scores(fit, score, images)
-    for i in range(4):
-        rest = np.delete(images, i, axis=0).mean(axis=0)
-        assert loo[i] == pytest.approx(np.abs(images[i] - rest).mean(), rel=1e-12)
-    with pytest.raises(ValueError, match="at least 2 support images"):
-        leave_one_out_scores(fit, score, images[:1])
-
-
-def test_augmented_views_are_mild_deterministic_and_identity_at_zero():
-    rng = np.random.default_rng(1)
-    # A smooth image, so that small warps change it a little, not completely.
-    yy, xx = np.mgrid[0:48, 0:64]
-    image = np.stack([128 + 60 * np.sin(xx / 7.0), 128 + 60 * np.cos(yy / 9.0), 100 + 0 * xx], -1)
-    image = np.clip(image + rng.normal(0, 2, image.shape), 0, 255).astype(np.uint8)
-    views = augment_views(image, 5, seed=3)
-    assert views.shape == (5, 48, 64, 3) and views.dtype == np.uint8
-    np.testing.assert_array_equal(views, augment_views(image, 5, seed=3))
-    assert not np.array_equal(views[0], views[1])
-    diff = np.abs(views.astype(float) - image).mean(axis=(1, 2, 3))
-    assert np.all(diff > 0.5) and np.all(diff < 40), diff
-    same = augment_views(image, 2, max_shift=0, max_angle=0, max_gain=0, max_offset=0)
-    np.testing.assert_array_equal(same, np.stack([image, image]))
-
-
-def test_augmented_view_scores_and_errors():
-    image = np.full((16, 16, 3), 100, np.uint8)
-    fit = lambda x: x.astype(float).mean(axis=0)
-    score = lambda state, x: np.abs(x - state).mean(axis=(1, 2, 3))
-    s = augmented_view_scores(fit, score, image, count=4, seed=0)
-    assert s.shape == (4,) and np.all(s <= 8.0 + 1e-9)  # only gain/offset change a flat image
-    with pytest.raises(ValueError, match="unknown augmentation ranges"):
-        augment_views(image, 1, shift=2)
-    with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
-        augment_views(image[..., 0], 1)
-    with pytest.raises(ValueError, match="count must be >= 1"):
-        augment_views(image, 0)
 
 
 def test_from_support_scores_names_by_the_others_and_leaves_them_out():
