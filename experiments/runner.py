@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from experiments import html_report, report
+from experiments import html_report, report, schema
 from experiments.hosts import Host, device_mesh, stack, take
 from experiments.methods import Method, get_method
 from experiments.prefetch import prefetch
@@ -196,21 +196,8 @@ def dataset_root(s: Settings) -> Iterator[tuple[str, Path]]:
         yield "folder", root
 
 
-REFINE_FIELDS = (
-    "epsilon",
-    "ridge",
-    "ridge_wide",
-    "lr",
-    "num_iters",
-    "sinkhorn_iters",
-    "sinkhorn_mode",
-    "warm_start",
-    "m_step",
-    "optimizer",
-    "inner_steps",
-    "bank",
-    "precision",
-)
+# Refinement flags besides `lam` (which eval defines with the method's default).
+REFINE_FIELDS = tuple(name for name in schema.REFINE_FLAGS if name != "lam")
 
 
 def refine_fields(s: Settings) -> dict[str, Any]:

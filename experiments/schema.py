@@ -247,20 +247,24 @@ _THRESHOLD = Dict(
     },
     optional=("rank", "margin", "target_false_alarm_rate", "false_alarm_bound", "guaranteed", "f1"),
 )
-_REFINE = {name: FLAGS[name] for name in ("lam", "epsilon", "ridge", "ridge_wide", "lr")} | {
-    name: FLAGS[name]
-    for name in (
-        "num_iters",
-        "sinkhorn_iters",
-        "sinkhorn_mode",
-        "warm_start",
-        "m_step",
-        "optimizer",
-        "inner_steps",
-        "bank",
-        "precision",
-    )
-}
+# The refinement settings fit, predict and eval take as flags (one list for all three).
+REFINE_FLAGS = (
+    "lam",
+    "epsilon",
+    "ridge",
+    "ridge_wide",
+    "lr",
+    "num_iters",
+    "sinkhorn_iters",
+    "sinkhorn_mode",
+    "warm_start",
+    "m_step",
+    "optimizer",
+    "inner_steps",
+    "bank",
+    "precision",
+)
+_REFINE = {name: FLAGS[name] for name in REFINE_FLAGS}
 CONFIG = Dict(
     {
         **_REFINE,
