@@ -214,11 +214,13 @@ class Scorer:
       score: the scoring function (library detector or exported program).
       runtime: `"library"` or `"export"`.
       image_size: `S`, or `(H, W)`.
+      stream: what `--calibrate_on_stream` needs (`StreamSetup`), or None.
     """
 
     score: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
     runtime: str
     image_size: int | tuple[int, int]
+    stream: Any = None  # StreamSetup of a calibrated PatchCore+ library model, else None
 
 
 def weights_identity(detector, weights: str) -> dict[str, Any]:
@@ -421,8 +423,8 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
     schema.check_metadata(meta)  # what predict will accept, checked before writing
     if s.overwrite:
         clear_earlier_outputs(out, FIT_OUTPUTS, log)
-    # The config and support scores are model.json's: the state file keeps arrays only.
-    saved = state._replace(calibrated_under=None, support_scores=None)
+    # The config is model.json's; the support scores stay (predict --calibrate_on_stream).
+    saved = state._replace(calibrated_under=None)
     model_dir.save_model(out, saved, meta, extra_files=extra, overwrite=s.overwrite)
     log(f"model written to {s.out}/ ({', '.join([model_dir.MANIFEST, model_dir.ARRAYS, *extra])})")
     return meta
@@ -597,7 +599,55 @@ def _library_scorer(path, meta, size: int, weights: str | None) -> Scorer:
         out = detector.score(params, state, images, config)
         return np.asarray(out.image_scores), np.asarray(out.maps)
 
-    return Scorer(score=score, runtime="library", image_size=size)
+    def halves(images):
+        feats = detector.features(params, images)
+        host = detector.score_features(state, feats, config.replace(use_refinement=False))
+        refined = detector.score_features(state, feats, config.replace(calibrated=False))
+        return np.asarray(host.patch_scores), np.asarray(refined.patch_scores)
+
+    fuses = config.use_refinement and config.calibrated and state.calibration is not None
+    stream = None
+    if fuses and state.support_scores is not None:
+        stream = StreamSetup(halves, state.support_scores, config)
+    return Scorer(score=score, runtime="library", image_size=size, stream=stream)
+
+
+@dataclasses.dataclass
+class StreamSetup:
+    """What `predict --calibrate_on_stream` needs of a library model (calibrated PatchCore+).
+
+    Attributes:
+      halves: `images [B, H, W, 3] -> (host [B, m], refined [B, m])` raw patch scores.
+      support_scores: the fit's `calibration.SupportScores` (held-out patches).
+      config: the model's scoring config (grid, map size, blur).
+    """
+
+    halves: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+    support_scores: Any
+    config: Any
+
+    def fuser(self, gate: float) -> Callable[[np.ndarray, np.ndarray], tuple]:
+        """`(host, refined) -> (scores, maps)` of the next images, statistics learnt as they come.
+
+        Images in call order; an image scored above `gate` is not learnt from
+        (`stream_calibration.fuse_next`).
+        """
+        from protorefine_jax import stream_calibration
+        from protorefine_jax.scoring import map_operators
+
+        scores = self.support_scores
+        state = stream_calibration.init(scores.host_patches, scores.refined_patches)
+        cfg = self.config
+        a, b = map_operators(cfg.grid_shape, cfg.image_size, cfg.blur_sigma)
+
+        def fuse(host, refined):
+            nonlocal state
+            state, fused, _ = stream_calibration.fuse_next(state, host, refined, gate)
+            grids = fused.reshape(-1, *cfg.grid_shape)
+            maps = np.einsum("Hh,thw,Ww->tHW", a, grids, b).astype(np.float32)
+            return fused.max(axis=1), maps
+
+        return fuse
 
 
 def check_state(state: Any, feature_dim: int, path) -> None:
@@ -632,6 +682,18 @@ def check_state(state: Any, feature_dim: int, path) -> None:
             v = np.asarray(value)
             if v.shape != () or not np.isfinite(v) or (name.endswith("scale") and not v > 0):
                 raise bad(f"calibration {name} must be a finite scalar (scales > 0), got {v!r}")
+    scores = state.support_scores
+    if scores is not None:
+        from protorefine_jax.calibration import SupportScores
+
+        if not isinstance(scores, SupportScores):
+            raise bad("the support scores are not SupportScores")
+        for name, value in scores._asdict().items():
+            if value is None:
+                continue
+            v = np.asarray(value)
+            if v.ndim != 1 or v.size == 0 or v.size > 10_000_000 or not np.all(np.isfinite(v)):
+                raise bad(f"support scores {name} must be a non-empty finite 1-D array")
 
 
 # --------------------------------------------------------------------------- predict
@@ -653,6 +715,7 @@ class PredictSettings:
     overlays: str = "all"
     progress: bool = True
     requested: tuple[tuple[str, Any], ...] = ()
+    calibrate_on_stream: bool = False
 
 
 def _safe_stem(index: int, name: str) -> str:
@@ -714,6 +777,20 @@ def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -
     )
     lo, hi = meta["map_scale"]
     hi = max(hi, lo + 1e-6)
+    fuse_stream = None
+    if s.calibrate_on_stream:
+        if scorer.stream is None:
+            raise ValueError(
+                "--calibrate_on_stream needs a calibrated PatchCore+ model run by the library "
+                "(--runtime=library) and fitted by this version (its held-out support scores): "
+                "refit the model, or drop the flag."
+            )
+        gate = float(meta["thresholds"]["normal_only"]["value"])
+        fuse_stream = scorer.stream.fuser(gate)
+        log(
+            "--calibrate_on_stream: the statistics learn from the images scored so far, in file "
+            "order, after 8 images; images above the normal-only threshold are not learnt from"
+        )
     if s.overwrite:
         clear_earlier_outputs(out, PREDICT_OUTPUTS, log)
     names = [relative_name(root, f) for f in files]
@@ -728,7 +805,12 @@ def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -
         for start in range(0, len(files), chunk):
             part = files[start : start + chunk]
             pixels, ok, errors = read_batch(part, size, s.strict)
-            results = list(padded(scorer.score, pixels, s.batch_size))
+            if fuse_stream is None:
+                results = list(padded(scorer.score, pixels, s.batch_size))
+            else:  # padded to the compiled batch, then in file order, each image once
+                results = [
+                    fuse_stream(*h) for h in padded(scorer.stream.halves, pixels, s.batch_size)
+                ]
             scores = np.concatenate([r[0] for r in results]) if results else np.zeros(0)
             maps = (
                 np.concatenate([r[1] for r in results])

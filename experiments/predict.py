@@ -58,6 +58,13 @@ _define_integer(
     "Largest image (width x height) decoded; larger files are refused before decoding.",
 )
 _define_bool("progress", True, "Show a progress bar.")
+_define_bool(
+    "calibrate_on_stream",
+    False,
+    "Opt-in (calibrated PatchCore+, library runtime): the score statistics also learn from the "
+    "images scored so far, in file order, after 8 images; images above the normal-only "
+    "threshold are not learnt from. Scores then depend on the images before them.",
+)
 _define_string("method", None, "Checked against the model.")
 _define_string("backbone", None, "Checked against the model.")
 _define_string("aggregation", None, "Checked against the model.")

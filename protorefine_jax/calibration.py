@@ -453,10 +453,15 @@ class SupportScores(NamedTuple):
       against_others: `[k]` each whole image scored against a bank of the
         other images (None without cross-image hold-outs): how unlike the
         others an image is, for naming outliers.
+      host_patches, refined_patches: `[k m]` the raw host and refined scores
+        of the originals' held-out patches (what the calibration's statistics
+        are of; the starting pool of `stream_calibration`).
     """
 
     held_out: np.ndarray
     against_others: np.ndarray | None = None
+    host_patches: np.ndarray | None = None
+    refined_patches: np.ndarray | None = None
 
 
 def support_image_scores(
@@ -482,10 +487,13 @@ def support_image_scores(
             s = r
         return s.max(axis=-1).max(axis=-1)  # patches, then the original and its views
 
-    quadrants = image_score(held.host, held.refined)
-    if held.cross_host is None:
-        return SupportScores(quadrants)
-    return SupportScores(quadrants, image_score(held.cross_host, held.cross_refined))
+    others = None if held.cross_host is None else image_score(held.cross_host, held.cross_refined)
+    return SupportScores(
+        image_score(held.host, held.refined),
+        others,
+        np.asarray(held.host[:, 0], np.float32).reshape(-1),
+        np.asarray(held.refined[:, 0], np.float32).reshape(-1),
+    )
 
 
 def statistics(host: np.ndarray, refined: np.ndarray) -> ScoreCalibration:

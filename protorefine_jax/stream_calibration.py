@@ -333,6 +333,23 @@ def calibrate_stream(
     Raises:
       ValueError: mismatched shapes or non-finite scores.
     """
+    state = init(support_host, support_refined, config)
+    _, fused, calibrations = fuse_next(state, host_grids, refined_grids, gate)
+    return fused, calibrations
+
+
+def fuse_next(
+    state: StreamState, host_grids, refined_grids, gate: float | None = None
+) -> tuple[StreamState, np.ndarray, list[ScoreCalibration]]:
+    """`calibrate_stream` resumed from `state`: the next images of a stream, in order.
+
+    Returns:
+      `(state, fused, calibrations)`: the state after these images, their
+      `[T, ...]` float32 fused scores and the calibration each was scored with.
+
+    Raises:
+      ValueError: mismatched shapes or non-finite scores.
+    """
     host = np.asarray(host_grids, np.float64)
     refined = np.asarray(refined_grids, np.float64)
     if host.shape != refined.shape or host.ndim < 2:
@@ -342,7 +359,6 @@ def calibrate_stream(
         )
     if not (np.all(np.isfinite(host)) and np.all(np.isfinite(refined))):
         raise ValueError("host_grids and refined_grids must be finite patch scores.")
-    state = init(support_host, support_refined, config)
     fused = np.empty(host.shape, np.float32)
     calibrations = []
     for t in range(host.shape[0]):
@@ -351,4 +367,4 @@ def calibrate_stream(
         fused[t] = _fuse(host[t].astype(np.float32), refined[t].astype(np.float32), cal)
         if gate is None or float(fused[t].max()) <= gate:
             state = update(state, host[t], refined[t])
-    return fused, calibrations
+    return state, fused, calibrations

@@ -304,3 +304,25 @@ def test_fit_calibrates_under_the_settings_it_records(demo, tmp_path):
     # Opened, the model scores under the recorded settings.
     scorer, _ = deploy.open_model(tmp_path / "m")
     scorer.score(images[:1])
+
+
+def test_predict_calibrate_on_stream_learns_from_past_images_only(model, demo, tmp_path):
+    images = sorted((demo / "test").rglob("*.png"))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(12):  # 12 images: past the warm-up of 8
+        p = images[i % len(images)]
+        (folder / f"{i:02d}.png").write_bytes(p.read_bytes())
+    _predict(model[0], folder, tmp_path / "plain")
+    _predict(model[0], folder, tmp_path / "stream", calibrate_on_stream=True)
+    plain = [float(r["score"]) for r in csv.DictReader((tmp_path / "plain/predictions.csv").open())]
+    stream = [
+        float(r["score"]) for r in csv.DictReader((tmp_path / "stream/predictions.csv").open())
+    ]
+    # Before the warm-up the statistics are the fit's: the plain scores.
+    np.testing.assert_allclose(stream[:8], plain[:8], rtol=1e-4, atol=1e-5)
+    # After it they have learnt from the images before (which were judged normal).
+    assert not np.allclose(stream[8:], plain[8:], rtol=1e-3)
+    # The export runtime has no raw halves: refused with the fix.
+    with pytest.raises(ValueError, match="--calibrate_on_stream needs"):
+        _predict(model[0], folder, tmp_path / "x", calibrate_on_stream=True, runtime="export")
