@@ -128,6 +128,11 @@ def list_images(spec: str | os.PathLike) -> tuple[Path, list[Path]]:
         folders are not followed, so a link loop cannot list forever).
     """
     spec = os.fspath(spec)
+    if not any(ch in spec for ch in "*?[") and not os.path.exists(spec):
+        raise FileNotFoundError(
+            f"the folder {spec!r} does not exist; check the path (a typo?) or pass a glob "
+            "pattern such as 'parts/**/*.png'."
+        )
     root, files = list_files(spec)
     files = [p for p in files if is_image_file(p)]
     if not files:

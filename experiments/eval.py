@@ -174,4 +174,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    if any(a in ("-h", "--help", "--helpfull") for a in sys.argv[1:]):  # help is no error: exit 0
+        print(__doc__ + "\n" + flags.FLAGS.get_help())
+        sys.exit(0)
     app.run(main, argv=resolve_flagfiles(sys.argv))

@@ -146,6 +146,9 @@ def test_fit_errors(demo, tmp_path):
     base = dict(support_dir=str(demo / "train/good"), out=str(tmp_path / "m"), **FAST)
     with pytest.raises(FileNotFoundError, match="no image files"):
         deploy.fit_model(deploy.FitSettings(**{**base, "support_dir": str(tmp_path)}))
+    # A mistyped folder is named as missing, not as empty.
+    with pytest.raises(FileNotFoundError, match="does not exist; check the path"):
+        deploy.fit_model(deploy.FitSettings(**{**base, "support_dir": str(tmp_path / "goood")}))
     with pytest.raises(ValueError, match="unknown --method"):
         deploy.fit_model(deploy.FitSettings(**base, method="winclip"))
     with pytest.raises(ValueError, match=r"--shots must be an integer in \[0,"):
@@ -282,6 +285,16 @@ def test_cli_flags_reach_the_settings_and_bad_input_exits_2(tmp_path, capsys):
     assert "--model, --images and --out are required" in capsys.readouterr().err
     assert fit_cli.run(["fit", "--no_such_flag=1"]) == 2
     fit_cli.FLAGS.unparse_flags()
+    # Every tool's --help is no error (eval's, through absl, exited 1).
+    for tool in ("eval", "fit", "predict"):
+        done = subprocess.run(
+            [sys.executable, "-m", f"experiments.{tool}", "--help"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0 and "--" in done.stdout, (tool, done.stderr[-500:])
     predict_cli.FLAGS.unparse_flags()
 
 
