@@ -43,7 +43,7 @@ from protorefine_jax import (
 from protorefine_jax.coreset import coreset_size
 from protorefine_jax.data import load_dataset_category, sample_support
 from protorefine_jax.metrics import auroc
-from protorefine_jax.scoring import map_operators
+from protorefine_jax.scoring import maps_of_grids
 
 study_cells.DATA.setdefault("ball_screw", ("folder", "bsdata", "ball_screw"))
 
@@ -235,7 +235,7 @@ RULES = (
     "stream",
 )
 FIT = RefineConfig(grid_shape=None, image_size=None)
-MAPS = map_operators(GRID, (study_cells.IMAGE_SIZE,) * 2, FIT.blur_sigma)
+MAP_SIZE = (study_cells.IMAGE_SIZE,) * 2
 
 
 def threshold_rates(cell: dict, cal, labels: np.ndarray, k: int, test: np.ndarray, views: bool):
@@ -269,12 +269,7 @@ def stream_calibrations(cell: dict):
         cell["test_ref"][order],
         gate=gate,
     )
-    per_image = [None] * len(order)
-    for t, i in enumerate(order):
-        per_image[i] = cals[t]
-    return calibration.ScoreCalibration(
-        *(np.asarray(f, np.float64)[:, None] for f in zip(*per_image, strict=True))
-    )
+    return stream_calibration.in_order(cals, order)
 
 
 def analyse_cell(cell, labels, masks, k: int, rule: str, pixel: bool) -> dict:
@@ -299,8 +294,7 @@ def analyse_cell(cell, labels, masks, k: int, rule: str, pixel: bool) -> dict:
         ),
     }
     if pixel:
-        a, b = MAPS
-        maps = np.einsum("Hh,thw,Ww->tHW", a, grids.reshape(-1, *GRID), b, optimize=True)
+        maps = maps_of_grids(grids, GRID, MAP_SIZE, FIT.blur_sigma)
         out["pixel_auroc"] = auroc(masks, maps)
     if rule == "quadrants":  # the shipped fusion: its threshold with and without views
         test = grids.max(axis=1)
@@ -332,10 +326,7 @@ def analyse(out_dir: Path, rules=RULES, pixel: bool = False) -> dict:
             "seconds": cell["seconds"].tolist(),
         }
         if pixel:
-            a, b = MAPS
-            maps = np.einsum(
-                "Hh,thw,Ww->tHW", a, cell["test_host"].reshape(-1, *GRID), b, optimize=True
-            )
+            maps = maps_of_grids(cell["test_host"], GRID, MAP_SIZE, FIT.blur_sigma)
             base["host_pixel"] = auroc(masks, maps)
         for rule in rules:
             rows.append({**base, "rule": rule, **analyse_cell(cell, labels, masks, k, rule, pixel)})

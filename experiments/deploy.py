@@ -638,18 +638,16 @@ class StreamSetup:
         (`stream_calibration.fuse_next`).
         """
         from protorefine_jax import stream_calibration
-        from protorefine_jax.scoring import map_operators
+        from protorefine_jax.scoring import maps_of_grids
 
         scores = self.support_scores
         state = stream_calibration.init(scores.host_patches, scores.refined_patches)
         cfg = self.config
-        a, b = map_operators(cfg.grid_shape, cfg.image_size, cfg.blur_sigma)
 
         def fuse(host, refined):
             nonlocal state
             state, fused, _ = stream_calibration.fuse_next(state, host, refined, gate)
-            grids = fused.reshape(-1, *cfg.grid_shape)
-            maps = np.einsum("Hh,thw,Ww->tHW", a, grids, b).astype(np.float32)
+            maps = maps_of_grids(fused, cfg.grid_shape, cfg.image_size, cfg.blur_sigma)
             return fused.max(axis=1), maps
 
         return fuse

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from experiments.methods import Method
 from protorefine_jax import calibration, stream_calibration, threshold
 from protorefine_jax.detectors import Detector, DetectorState
-from protorefine_jax.scoring import map_operators
+from protorefine_jax.scoring import maps_of_grids
 from protorefine_jax.sharding import batch_mesh, replicate, shard_batch
 
 # XLA's option that splits the CPU into this many host devices (read when JAX starts).
@@ -391,16 +391,8 @@ class Host:
         )
         grids = np.empty_like(fused)
         grids[order] = fused
-        # The calibration each image was scored with, in test-set order, as [T, 1] columns.
-        per_image = [None] * len(cals)
-        for t, i in enumerate(order):
-            per_image[i] = cals[t]
-        halves["calibration"] = calibration.ScoreCalibration(
-            *(np.asarray(f, np.float64)[:, None] for f in zip(*per_image, strict=True))
-        )
-        a, b = map_operators(config.grid_shape, config.image_size, config.blur_sigma)
-        h, w = config.grid_shape
-        maps = np.einsum("Hh,thw,Ww->tHW", a, grids.reshape(-1, h, w), b).astype(np.float32)
+        halves["calibration"] = stream_calibration.in_order(cals, order)
+        maps = maps_of_grids(grids, config.grid_shape, config.image_size, config.blur_sigma)
         result = ScoreResult(grids.max(axis=1), maps, {})
         result.halves = halves
         return result

@@ -162,6 +162,18 @@ def map_operators(
     return ops[0], ops[1]
 
 
+def maps_of_grids(
+    grids: np.ndarray, grid_shape: tuple[int, int], image_size: tuple[int, int], sigma: float
+) -> np.ndarray:
+    """`[T, m]` patch scores -> `[T, H, W]` float32 maps on the host, as `anomaly_map` makes them.
+
+    For scores fused outside the compiled detector (stream calibration, studies).
+    """
+    a, b = map_operators(tuple(grid_shape), tuple(image_size), sigma)
+    g = np.asarray(grids, np.float32).reshape(-1, *grid_shape)
+    return np.einsum("Hh,thw,Ww->tHW", a, g, b, optimize=True).astype(np.float32)
+
+
 def grid_shape_of(m: int, grid_shape: tuple[int, int] | None) -> tuple[int, int]:
     """`(h, w)` of `m` patches: `grid_shape` if given, else the square root."""
     if grid_shape is not None:

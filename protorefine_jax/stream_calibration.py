@@ -121,6 +121,17 @@ def _scores(x, name: str) -> np.ndarray:
     return x
 
 
+def _pair(host, refined, host_name: str, refined_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Both halves' scores of the same patches, checked (`_scores`, equal sizes)."""
+    host, refined = _scores(host, host_name), _scores(refined, refined_name)
+    if host.shape != refined.shape:
+        raise ValueError(
+            f"{host_name} and {refined_name} must hold the same patches, got "
+            f"{host.size} and {refined.size} scores."
+        )
+    return host, refined
+
+
 def _frozen(x: np.ndarray) -> np.ndarray:
     x.flags.writeable = False
     return x
@@ -150,13 +161,7 @@ def init(support_host, support_refined, config: StreamConfig | None = None) -> S
     config = StreamConfig() if config is None else config
     if not isinstance(config, StreamConfig):
         raise ValueError(f"config must be a StreamConfig, got {type(config).__name__}.")
-    host = _scores(support_host, "support_host")
-    refined = _scores(support_refined, "support_refined")
-    if host.shape != refined.shape:
-        raise ValueError(
-            f"support_host and support_refined must hold the same patches, got "
-            f"{host.size} and {refined.size} scores."
-        )
+    host, refined = _pair(support_host, support_refined, "support_host", "support_refined")
     empty = lambda: _frozen(np.zeros(config.capacity, np.float64))
     return StreamState(
         config=config,
@@ -212,13 +217,7 @@ def update(state: StreamState, host_patches, refined_patches) -> StreamState:
     Raises:
       ValueError: empty, non-finite or mismatched patch scores.
     """
-    host = _scores(host_patches, "host_patches")
-    refined = _scores(refined_patches, "refined_patches")
-    if host.shape != refined.shape:
-        raise ValueError(
-            f"host_patches and refined_patches must hold the same patches, got "
-            f"{host.size} and {refined.size} scores."
-        )
+    host, refined = _pair(host_patches, refined_patches, "host_patches", "refined_patches")
     config, m = state.config, host.size
     positions = state.seen + np.arange(m)
     # Draws only matter past the fill; `integers(0, p + 1)` is uniform on [0, p].
@@ -368,3 +367,22 @@ def fuse_next(
         if gate is None or float(fused[t].max()) <= gate:
             state = update(state, host[t], refined[t])
     return state, fused, calibrations
+
+
+def in_order(calibrations: list[ScoreCalibration], order: np.ndarray) -> ScoreCalibration:
+    """The calibration each image was scored with, back in the images' own order.
+
+    Args:
+      calibrations: `calibrate_stream`'s list, in stream order.
+      order: `order[t]` is the index of the `t`-th image of the stream.
+
+    Returns:
+      One `ScoreCalibration` of `[T, 1]` float64 columns (broadcasts against
+      `[T, m]` patch scores in `calibration.standardise`).
+    """
+    per_image: list = [None] * len(calibrations)
+    for t, i in enumerate(np.asarray(order)):
+        per_image[int(i)] = calibrations[t]
+    return ScoreCalibration(
+        *(np.asarray(f, np.float64)[:, None] for f in zip(*per_image, strict=True))
+    )

@@ -74,3 +74,13 @@ def test_patch_scores_equal_brute_force_nearest_prototype(rng, distance, bank_mo
         protos = np.concatenate([protos, b])
     np.testing.assert_allclose(got, brute_force(query, protos, distance), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(base, brute_force(query, bank, distance), rtol=1e-9, atol=1e-12)
+
+
+def test_host_maps_of_grids_are_the_compiled_anomaly_maps():
+    rng = np.random.default_rng(5)
+    cfg = RefineConfig(grid_shape=(4, 6), image_size=(32, 48), blur_sigma=2.0)
+    grids = rng.random((3, 24)).astype(np.float32)
+    got = scoring.maps_of_grids(grids, cfg.grid_shape, cfg.image_size, cfg.blur_sigma)
+    want = np.stack([np.asarray(scoring.anomaly_map(jnp.asarray(g), cfg)) for g in grids])
+    assert got.shape == (3, 32, 48) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -348,3 +348,17 @@ def test_gate_keeps_images_judged_anomalous_out_of_the_statistics():
     # With it, the third image is calibrated as if the defect had never been seen.
     _, skipped = sc.calibrate_stream(sup_h, sup_r, host[[0, 2]], refined[[0, 2]], cfg, gate=5.0)
     np.testing.assert_allclose(np.asarray(gated[2]), np.asarray(skipped[1]))
+
+
+def test_in_order_puts_each_images_calibration_back_in_place():
+    rng = np.random.default_rng(7)
+    sup_h, sup_r = rng.gamma(2.0, size=(2, 300))
+    host, refined = rng.gamma(2.0, size=(2, 12, 20))
+    order = rng.permutation(12)
+    cfg = sc.StreamConfig(warmup=2)
+    _, cals = sc.calibrate_stream(sup_h, sup_r, host[order], refined[order], cfg)
+    stacked = sc.in_order(cals, order)
+    assert np.shape(stacked.host_loc) == (12, 1)
+    for t, i in enumerate(order):
+        for got, want in zip(stacked, cals[t], strict=True):
+            assert float(np.asarray(got)[i, 0]) == pytest.approx(float(want))
