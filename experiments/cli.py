@@ -10,11 +10,17 @@ traceback.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
+import re
 import sys
-from collections.abc import Callable
+import textwrap
+from collections.abc import Callable, Sequence
 
 from absl import flags
 
+from protorefine_jax.config import RefineConfig
 from protorefine_jax.data.errors import DatasetError
 from protorefine_jax.io.errors import CheckpointError
 
@@ -33,20 +39,24 @@ def report_errors(fn: Callable[[], object]) -> int:
     return 0
 
 
-def parse(flag_values: flags.FlagValues, argv: list[str], doc: str) -> int | None:
+def parse(
+    flag_values: flags.FlagValues, argv: list[str], doc: str, essential: Sequence[str] = ()
+) -> int | None:
     """Parses `argv` into `flag_values`.
 
     Args:
       flag_values: the tool's flag registry.
       argv: `sys.argv`-style list (program name first).
       doc: the tool's module docstring, printed above the flags for `--help`.
+      essential: the flags `--help` lists first (`help_text`).
 
     Returns:
       None when the tool should run; else its exit status (0 after printing
       help, 2 after printing a flag error or unexpected arguments).
     """
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(doc + "\n" + flag_values.get_help())
+        full = "--helpfull" in argv[1:]
+        print(help_text(flag_values, doc, essential, full=full))
         return 0
     try:
         rest = flag_values(argv)
@@ -57,3 +67,153 @@ def parse(flag_values: flags.FlagValues, argv: list[str], doc: str) -> int | Non
         print(f"error: unexpected arguments: {rest[1:]}", file=sys.stderr)
         return 2
     return None
+
+
+# --------------------------------------------------------------------------- start-up noise
+
+# JAX logs "Unable to initialize backend 'tpu': ..." at INFO from this logger on every
+# start without a TPU; absl's app.run (eval) shows INFO by default.
+_JAX_BACKEND_LOGGER = "jax._src.xla_bridge"
+
+
+def quiet_jax_startup(verbose: bool = False) -> None:
+    """Hides JAX's INFO lines about platforms it did not find (e.g. no TPU); keeps warnings.
+
+    Only the log level of JAX's backend-discovery logger is raised, to
+    WARNING: which platform JAX picks is not touched (`JAX_PLATFORMS` stays the
+    user's; CUDA is used when installed), and its warnings (a GPU seen but no
+    CUDA jaxlib, a CUDA start-up failure) still show. Nothing is changed with
+    `verbose`, when the user set `JAX_LOGGING_LEVEL`, or when the logger
+    already has a level of its own.
+    """
+    logger = logging.getLogger(_JAX_BACKEND_LOGGER)
+    if verbose or os.environ.get("JAX_LOGGING_LEVEL") or logger.level != logging.NOTSET:
+        return
+    logger.setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------- --help
+
+_FIELD_LINE = re.compile(r"^ {6}(\w+): (.*)$")
+
+
+def refine_field_docs() -> dict[str, str]:
+    """`{field: text}`: the field entries of `RefineConfig`'s docstring, joined to one line."""
+    docs: dict[str, list[str]] = {}
+    current = None
+    for line in (RefineConfig.__doc__ or "").splitlines():
+        m = _FIELD_LINE.match(line)
+        if m:
+            current = m.group(1)
+            docs[current] = [m.group(2)]
+        elif current and line.startswith(" " * 8) and line.strip():
+            docs[current].append(line.strip())
+        else:
+            current = None
+    return {k: " ".join(v).replace("`", "") for k, v in docs.items()}
+
+
+def first_sentence(text: str) -> str:
+    """`text` up to its first full stop outside brackets (and not in a number or "e.g.")."""
+    depth = 0
+    for i, ch in enumerate(text):
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth = max(0, depth - 1)
+        elif ch == "." and depth == 0 and (i + 1 == len(text) or text[i + 1] == " "):
+            if not text[max(0, i - 3) : i + 1].endswith(("e.g.", "i.e.")):
+                return text[: i + 1]
+    return text
+
+
+def refine_help(name: str, prefix: str = "") -> str:
+    """One help line of a refinement flag, from `RefineConfig`'s docstring (its first sentence)."""
+    text = first_sentence(refine_field_docs().get(name, "")).rstrip(".")
+    field = next(f for f in dataclasses.fields(RefineConfig) if f.name == name)
+    text = text[:1].upper() + text[1:]
+    return f"{prefix}{text}. [RefineConfig.{name}; its default: {field.default}]"
+
+
+def _choices(flag) -> list[str] | None:
+    values = getattr(flag.parser, "enum_values", None)
+    if values:
+        return list(values)
+    from experiments import schema
+
+    field = schema.FLAGS.get(flag.name)
+    return list(field.choices) if getattr(field, "choices", None) else None
+
+
+def _usage(flag) -> str:
+    if flag.boolean:
+        return f"--[no]{flag.name}"
+    choices = _choices(flag)
+    if choices:
+        return f"--{flag.name}={'|'.join(choices)}"
+    return f"--{flag.name}"
+
+
+def _default(flag) -> str:
+    empty = isinstance(flag.default, str | list | tuple) and not flag.default
+    if flag.default is None or empty:
+        return ""
+    value = str(flag.default).lower() if flag.boolean else flag.default_as_str.strip("'")
+    return f" [default: {value}]"
+
+
+def _own_flags(flag_values: flags.FlagValues) -> list[str]:
+    """The tool's flags: every registered flag but absl's own (logging, flagfile, ...)."""
+    names = set()
+    for module, module_flags in flag_values.flags_by_module_dict().items():
+        if "absl" in module:
+            continue
+        names.update(f.name for f in module_flags)
+    return sorted(names)
+
+
+def help_text(
+    flag_values: flags.FlagValues,
+    doc: str,
+    essential: Sequence[str] = (),
+    full: bool = False,
+    special: dict[str, str] | None = None,
+) -> str:
+    """`--help`: the docstring, the essential flags first (one line each), then the others.
+
+    Refinement flags (`schema.REFINE_FLAGS`) come last, under their own
+    heading. `full` (`--helpfull`) appends absl's complete listing.
+    `special`: help of essential names absl handles itself (`--flagfile`).
+    """
+    from experiments import schema
+
+    def line(name: str, wrap: bool) -> str:
+        if special and name in special:
+            return f"  --{name}  {special[name]}"
+        flag = flag_values[name]
+        head = f"  {_usage(flag)}"
+        text = re.sub(r"^<[^>]*>: ", "", flag.help) + _default(flag)  # absl's enum prefix
+        if not wrap:
+            return f"{head}  {text}"
+        return "\n".join(
+            [head, *textwrap.wrap(text, 94, initial_indent=" " * 6, subsequent_indent=" " * 6)]
+        )
+
+    own = _own_flags(flag_values)
+    refine = [n for n in schema.REFINE_FLAGS if n in own and n not in essential]
+    others = [n for n in own if n not in essential and n not in refine]
+    out = [doc.rstrip(), ""]
+    if essential:
+        out += ["Essential flags:"] + [line(n, wrap=False) for n in essential]
+        out += ["", "Other flags:"]
+    else:
+        out += ["Flags:"]
+    out += [line(n, wrap=True) for n in others]
+    if refine:
+        out += ["", "Refinement flags (PatchCore+; unset: the shipped default; docs/method.md):"]
+        out += [line(n, wrap=True) for n in refine]
+    if full:
+        out += ["", "All flags, absl's own included:", flag_values.get_help()]
+    else:
+        out += ["", "--helpfull also lists absl's own flags (--flagfile, logging)."]
+    return "\n".join(out) + "\n"

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from experiments import html_report, runner, schema
+from experiments import advice, html_report, runner, schema
 from experiments.report import overlay
 from protorefine_jax import threshold as threshold_lib
 from protorefine_jax.data.errors import DatasetError
@@ -86,6 +86,7 @@ class FitSettings:
     export: bool = False
     batch_size: int = 8
     progress: bool = True
+    verbose: bool = False
     refine: tuple[tuple[str, Any], ...] = ()
 
 
@@ -344,10 +345,8 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
     if detector.views:
         views = np.stack([detector.view_features(params, support[i : i + 1])[0] for i in range(k)])
     state = detector.fit_features(feats, views=views, config=config)
-    log(
-        f"fitted {s.method} on {k} image(s) from {root}: "
-        + "; ".join(b.describe() for b in state.banks)
-    )
+    log(f"fitted {s.method} on {k} image(s) from {root}")
+    advice.show_banks(state.banks, config, s.verbose, log)  # plain advice; ranks with --verbose
 
     def score_state(st, images):
         out = [detector.score(params, st, b, config) for b in _pad_chunks(images, s.batch_size)]

@@ -98,7 +98,19 @@ HELP = {
     "progress": "Show a progress bar.",
 }
 for _name in runner.REFINE_FIELDS:
-    HELP[_name] = f"RefineConfig.{_name} (unset: the shipped default; see its docstring)."
+    HELP[_name] = cli.refine_help(_name)
+# What --help lists first, in this order.
+ESSENTIAL = (
+    "flagfile",
+    "dataset",
+    "data_dir",
+    "workdir",
+    "methods",
+    "categories",
+    "shots",
+    "seeds",
+    "image_size",
+)
 
 
 _MAX_IMAGE_PIXELS = flags.DEFINE_integer(
@@ -162,6 +174,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
 
+    cli.quiet_jax_startup(flags.FLAGS["verbosity"].present)  # JAX's "no TPU" line, unless asked
+
     def evaluate() -> None:
         imageio.set_max_image_pixels(_MAX_IMAGE_PIXELS.value)
         settings = settings_from_flags()
@@ -175,6 +189,8 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     if any(a in ("-h", "--help", "--helpfull") for a in sys.argv[1:]):  # help is no error: exit 0
-        print(__doc__ + "\n" + flags.FLAGS.get_help())
+        full = "--helpfull" in sys.argv
+        flagfile = {"flagfile": "File of flags, one per line (a bare name: experiments/flags/)."}
+        print(cli.help_text(flags.FLAGS, __doc__, ESSENTIAL, full=full, special=flagfile))
         sys.exit(0)
     app.run(main, argv=resolve_flagfiles(sys.argv))

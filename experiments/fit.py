@@ -26,7 +26,7 @@ import sys
 
 from absl import flags
 
-from experiments import cli, deploy, schema
+from experiments import cli, deploy, image_check, schema
 from protorefine_jax.data import imageio
 
 # Own flag registry: fit, predict and eval define flags of the same names and
@@ -38,25 +38,32 @@ _define_integer = functools.partial(flags.DEFINE_integer, flag_values=FLAGS)
 _define_float = functools.partial(flags.DEFINE_float, flag_values=FLAGS)
 _define_enum = functools.partial(flags.DEFINE_enum, flag_values=FLAGS)
 
-_define_string("support_dir", "", "Folder (searched recursively) or glob of good images.")
-_define_string("out", "", "Model directory to write (must be new or empty).")
+_define_string("support_dir", "", "Folder (searched recursively) or glob of good images. Required.")
+_define_string("out", "", "Model directory to write (new or empty). Required.")
 _define_bool(
     "overwrite",
     False,
     "Allow a non-empty --out: the files of an earlier fit (model.json, state.safetensors, "
     "detector.jaxexport) are replaced; other files are kept and listed.",
 )
-_define_enum("method", "patchcore+", sorted(deploy.METHODS), "Detector.")
-_define_string(
-    "backbone", "efficientnet_lite0", "efficientnet_lite0 | efficientnet_lite2 | wide_resnet50_2."
+_define_enum(
+    "method", "patchcore+", sorted(deploy.METHODS), "Detector: patchcore+ (refined) or patchcore."
 )
-_define_string("aggregation", None, "official | simple (default per backbone).")
+_define_enum(
+    "backbone",
+    "efficientnet_lite0",
+    ["efficientnet_lite0", "efficientnet_lite2", "wide_resnet50_2"],
+    "Feature backbone (wide_resnet50_2 needs --weights).",
+)
+_define_enum(
+    "aggregation", None, ["official", "simple"], "Feature aggregation (default per backbone)."
+)
 _define_string("weights", "", "Backbone weights file ('' = shipped Lite weights; 'random').")
 _define_string(
     "image_size",
     "256",
-    "Input size: one side (square, e.g. 256) or HEIGHTxWIDTH (e.g. 224x544, multiples of 16) "
-    "so that elongated parts are not squashed.",
+    "Input size, HEIGHTxWIDTH (multiples of 16, e.g. 224x544) or one side; fit suggests one "
+    "that keeps the shape of non-square images.",
 )
 _define_float("alpha", None, "Coreset ratio (default 0.05).")
 _define_integer("shots", 0, "Support images to draw (seeded); 0 = every image given.")
@@ -64,8 +71,7 @@ _define_integer("seed", 0, "Seed of the --shots draw.")
 _define_float(
     "false_alarm_rate",
     0.05,
-    "Target false-alarm rate of the normal-only "
-    "threshold (the achievable bound is 1/(n+1) with n calibration scores).",
+    "Share of good parts the threshold may flag (reachable with at least 1/rate - 1 good images).",
 )
 _define_float("margin", 0.0, "Relative margin added to the normal-only threshold.")
 _define_integer(
@@ -87,15 +93,20 @@ _define_integer(
     "Largest image (width x height) decoded; larger files are refused before decoding.",
 )
 _define_bool("progress", True, "Log progress.")
+_define_bool("verbose", False, "Also print diagnostics (memory bank size and ranks) and JAX logs.")
 for _name in deploy.REFINE_FIELDS:
+    _help = cli.refine_help(_name)
     if _name in ("warm_start",):
-        _define_bool(_name, None, f"RefineConfig.{_name} (unset: default).")
+        _define_bool(_name, None, _help)
     elif _name in ("num_iters", "sinkhorn_iters", "inner_steps"):
-        _define_integer(_name, None, f"RefineConfig.{_name} (unset: default).")
+        _define_integer(_name, None, _help)
     elif _name in ("sinkhorn_mode", "m_step", "optimizer", "bank", "precision"):
-        _define_string(_name, None, f"RefineConfig.{_name} (unset: default).")
+        _define_string(_name, None, _help)
     else:
-        _define_float(_name, None, f"RefineConfig.{_name} (unset: default).")
+        _define_float(_name, None, _help)
+
+# What --help lists first, in this order.
+ESSENTIAL = ("support_dir", "out", "method", "image_size", "backbone", "shots", "false_alarm_rate")
 
 
 def settings_from_flags() -> deploy.FitSettings:
@@ -104,19 +115,29 @@ def settings_from_flags() -> deploy.FitSettings:
     refine = tuple((n, FLAGS[n].value) for n in deploy.REFINE_FIELDS if FLAGS[n].value is not None)
     values = {n: FLAGS[n].value for n in names}
     values["image_size"] = deploy.parse_image_size(values["image_size"])
+    image_check.check_multiple(values["image_size"])  # names the nearest valid size
     return deploy.FitSettings(**values, refine=refine)
 
 
 def run(argv: list[str]) -> int:
     """Parses `argv` into this module's flags and fits; returns the exit status."""
-    status = cli.parse(FLAGS, argv, __doc__)
+    status = cli.parse(FLAGS, argv, __doc__, ESSENTIAL)
     if status is not None:
         return status
+    cli.quiet_jax_startup(FLAGS.verbose)
 
     def fit() -> None:
         schema.check_flags({"max_image_pixels": FLAGS.max_image_pixels})
         imageio.set_max_image_pixels(FLAGS.max_image_pixels)
-        deploy.fit_model(settings_from_flags())
+        settings = settings_from_flags()
+        if settings.support_dir:  # the images first: their sizes against --image_size
+            root, files = deploy.list_images(settings.support_dir)
+            explicit = FLAGS["image_size"].present
+            notes = image_check.check_images(
+                files, settings.image_size, explicit=explicit, for_fit=True, root=root
+            )
+            image_check.show(notes)
+        deploy.fit_model(settings)
 
     return cli.report_errors(fit)
 

@@ -25,7 +25,7 @@ import sys
 
 from absl import flags
 
-from experiments import cli, deploy, schema
+from experiments import cli, deploy, image_check, schema
 from protorefine_jax.data import imageio
 
 # Own flag registry: fit, predict and eval define flags of the same names and
@@ -37,9 +37,9 @@ _define_integer = functools.partial(flags.DEFINE_integer, flag_values=FLAGS)
 _define_float = functools.partial(flags.DEFINE_float, flag_values=FLAGS)
 _define_enum = functools.partial(flags.DEFINE_enum, flag_values=FLAGS)
 
-_define_string("model", "", "Model directory written by experiments.fit.")
-_define_string("images", "", "Folder (searched recursively) or glob of images to score.")
-_define_string("out", "", "Output folder (must be new or empty).")
+_define_string("model", "", "Model directory written by experiments.fit. Required.")
+_define_string("images", "", "Folder (searched recursively) or glob of images. Required.")
+_define_string("out", "", "Output folder (new or empty). Required.")
 _define_bool(
     "overwrite",
     False,
@@ -47,10 +47,16 @@ _define_bool(
     "summary.json, overlays/*.png) are removed first; other files are kept and listed.",
 )
 _define_integer("batch_size", 8, "Images per compiled batch.")
-_define_enum("runtime", "auto", ["auto", "library", "export"], "How to run the model.")
+_define_enum(
+    "runtime",
+    "auto",
+    ["auto", "library", "export"],
+    "How to run the model: the package (library), the exported program alone (export), or "
+    "auto (library when importable).",
+)
 _define_string("weights", None, "Backbone weights file on this machine (default: as fitted).")
 _define_bool("strict", False, "Fail on the first unreadable image instead of listing it.")
-_define_float("threshold", None, "Override the model's decision threshold.")
+_define_float("threshold", None, "Decision threshold instead of the model's.")
 _define_enum("overlays", "all", ["all", "anomalous", "none"], "Which overlay PNGs to write.")
 _define_integer(
     "max_image_pixels",
@@ -69,16 +75,20 @@ _define_string("method", None, "Checked against the model.")
 _define_string("backbone", None, "Checked against the model.")
 _define_string("aggregation", None, "Checked against the model.")
 _define_string("image_size", None, "Checked against the model (256 or HEIGHTxWIDTH).")
+_define_bool("verbose", False, "Also print JAX's start-up logs.")
 for _name in deploy.REFINE_FIELDS:
+    _help = cli.refine_help(_name, prefix="Checked against the model. ")
     if _name == "warm_start":
-        _define_bool(_name, None, "Checked against the model.")
+        _define_bool(_name, None, _help)
     elif _name in ("num_iters", "sinkhorn_iters", "inner_steps"):
-        _define_integer(_name, None, "Checked against the model.")
+        _define_integer(_name, None, _help)
     elif _name in ("sinkhorn_mode", "m_step", "optimizer", "bank", "precision"):
-        _define_string(_name, None, "Checked against the model.")
+        _define_string(_name, None, _help)
     else:
-        _define_float(_name, None, "Checked against the model.")
+        _define_float(_name, None, _help)
 
+# What --help lists first, in this order.
+ESSENTIAL = ("model", "images", "out", "threshold", "overlays", "runtime")
 CHECKED = ("method", "backbone", "aggregation", "image_size", *deploy.REFINE_FIELDS)
 
 
@@ -90,11 +100,29 @@ def settings_from_flags() -> deploy.PredictSettings:
     return deploy.PredictSettings(**values, requested=requested)
 
 
+def check_images(s: deploy.PredictSettings) -> None:
+    """Prints notes on the images' sizes against the model's (`image_check`).
+
+    A model it cannot read is left to `deploy.predict`, which says what is wrong.
+    """
+    from protorefine_jax.io import model_dir
+
+    root, files = deploy.list_images(s.images)
+    try:
+        size = model_dir.read_manifest(s.model)["metadata"]["image_size"]
+        size = deploy.parse_image_size(size)
+    except (*cli.INPUT_ERRORS, KeyError, TypeError):
+        return
+    notes = image_check.check_images(files, size, explicit=True, for_fit=False, root=root)
+    image_check.show(notes)
+
+
 def run(argv: list[str]) -> int:
     """Parses `argv` into this module's flags and predicts; returns the exit status."""
-    status = cli.parse(FLAGS, argv, __doc__)
+    status = cli.parse(FLAGS, argv, __doc__, ESSENTIAL)
     if status is not None:
         return status
+    cli.quiet_jax_startup(FLAGS.verbose)
 
     def predict() -> None:
         s = settings_from_flags()
@@ -102,6 +130,9 @@ def run(argv: list[str]) -> int:
             raise ValueError("--model, --images and --out are required.")
         schema.check_flags({"max_image_pixels": FLAGS.max_image_pixels})
         imageio.set_max_image_pixels(FLAGS.max_image_pixels)
+        if FLAGS.image_size is not None:  # checked against the model; a bad one names the fix
+            image_check.check_multiple(deploy.parse_image_size(FLAGS.image_size))
+        check_images(s)
         deploy.predict(s)
 
     return cli.report_errors(predict)

@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from experiments import html_report, report, schema
+from experiments import advice, html_report, report, schema
 from experiments.hosts import Host, device_mesh, stack, take
 from experiments.methods import Method, get_method
 from experiments.prefetch import prefetch
@@ -425,6 +425,7 @@ def score_row(
         "support": list(support.names),
         "bank_size": bank_size(state),
         "bank_degenerate": bank_degenerate(state),
+        "banks": describe_banks(state),
         "score_seconds": seconds,
         **{f"{name}_max": float(np.max(v)) for name, v in result.diagnostics.items()},
         **calibration_error(result, labels),
@@ -536,8 +537,11 @@ def run_category(s, dataset, root, category, family, host, methods, out: Outputs
                 state = host.fit(support_features(support.paths), views, score_support=True)
             else:
                 state = host.fit(support_features(support.paths))
-            if bank_degenerate(state) and seed == s.seeds[0]:
-                logging.warning("%s, %d-shot: %s", category, k, describe_banks(state))
+            if bank_degenerate(state) and seed == s.seeds[0]:  # advice; the ranks: rows' "banks"
+                configs = [host.config(refine_fields(s), m) for m in methods]
+                refined = [c for c in configs if getattr(c, "use_refinement", False)]
+                for line in advice.bank_advice(state.banks, (refined or configs)[0]):
+                    logging.info("%s, %d-shot: %s", category, k, line)
             for method in methods:
                 bar.set_postfix_str(f"{category} {k}-shot seed {seed} {method.name}")
                 config = host.config(refine_fields(s), method)
