@@ -192,9 +192,10 @@ def get_extractor(
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
     h, w = image_hw(image_size)
     if min(h, w) <= 0 or h % 16 or w % 16:
+        near = [max(16, round(v / 16) * 16) for v in (h, w)]
         raise ValueError(
             f"image_size must be a positive multiple of 16 (or (height, width) of such), "
-            f"got {image_size}"
+            f"got {image_size}; nearest valid: {near[0]}x{near[1]} (height x width)"
         )
     spec = SPECS[name]
     if aggregation == "official":
