@@ -74,21 +74,88 @@ def _category_means(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
-    """The summary as a markdown table, `mean +- std` per metric (percent)."""
-    head = ["dataset", "category", "shots", "method", "seeds"] + list(METRICS)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    order = sorted(
+def _fmt(value: float | None, signed: bool = False) -> str:
+    """A percentage for people: one decimal (results.json keeps full precision)."""
+    if value is None:
+        return "-"
+    return f"{value:+.1f}" if signed else f"{value:.1f}"
+
+
+def _ordered(summary: Sequence[dict[str, Any]], methods: Sequence[str] | None):
+    """Summary rows by (dataset, category ("mean" last), shots, method order)."""
+    order = list(methods or [])
+    for s in summary:
+        if s["method"] not in order:
+            order.append(s["method"])
+    return sorted(
         summary,
-        key=lambda s: (s["dataset"], s["category"] == "mean", s["category"], s["shots"]),
+        key=lambda s: (
+            s["dataset"],
+            s["category"] == "mean",
+            s["category"],
+            s["shots"],
+            order.index(s["method"]),
+        ),
     )
-    for s in order:
+
+
+def _references(rows: Sequence[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """The first method's row of each (dataset, category, shots) group (rows in table order)."""
+    refs: dict[tuple, dict[str, Any]] = {}
+    for s in rows:
+        refs.setdefault((s["dataset"], s["category"], s["shots"]), s)
+    return refs
+
+
+def _delta(s: dict[str, Any], ref: dict[str, Any], metric: str) -> str:
+    a, b = s.get(f"{metric}_mean"), ref.get(f"{metric}_mean")
+    if s is ref:
+        return "ref"
+    return "-" if a is None or b is None else _fmt(a - b, signed=True)
+
+
+def markdown_table(summary: Sequence[dict[str, Any]], methods: Sequence[str] | None = None) -> str:
+    """The summary as markdown, for people: `mean ± std` (percent, one decimal) per metric.
+
+    The last column is the image AUROC difference against the first method
+    of the run (`methods` order) on the same data and shots (`ref` on its own
+    row); a second table gives that difference for every metric. Means and
+    differences are rounded here only: results.json keeps full precision.
+    """
+    rows = _ordered(summary, methods)
+    refs = _references(rows)
+    first = {r["method"] for r in refs.values()}
+    against = f"vs {next(iter(first))}" if len(first) == 1 else "vs first method"
+    head = ["dataset", "category", "shots", "method", "seeds", *METRICS, f"Δ image_auroc {against}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in rows:
+        ref = refs[(s["dataset"], s["category"], s["shots"])]
         cells = [s["dataset"], s["category"], str(s["shots"]), s["method"], str(s["num_seeds"])]
         for metric in METRICS:
             mean = s.get(f"{metric}_mean")
-            cells.append("-" if mean is None else f"{mean:.1f} ± {s[f'{metric}_std']:.1f}")
+            cells.append("-" if mean is None else f"{_fmt(mean)} ± {_fmt(s[f'{metric}_std'])}")
+        cells.append(_delta(s, ref, "image_auroc"))
         lines.append("| " + " | ".join(cells) + " |")
+    others = [s for s in rows if refs[(s["dataset"], s["category"], s["shots"])] is not s]
+    if others:
+        lines += [
+            "",
+            f"Difference {against} (percentage points; means over seeds, before rounding):",
+            "",
+            "| " + " | ".join(["dataset", "category", "shots", "method", *METRICS]) + " |",
+            "|" + "---|" * (4 + len(METRICS)),
+        ]
+        for s in others:
+            ref = refs[(s["dataset"], s["category"], s["shots"])]
+            cells = [s["dataset"], s["category"], str(s["shots"]), s["method"]]
+            cells += [_delta(s, ref, m) for m in METRICS]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def rounded_metrics(values: dict[str, Any], digits: int = 1) -> dict[str, Any]:
+    """Metric values for a page people read: floats rounded (results.json keeps them whole)."""
+    return {k: round(v, digits) if isinstance(v, float) else v for k, v in values.items()}
 
 
 def calibration_table(rows: Sequence[dict[str, Any]]) -> str:

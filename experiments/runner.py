@@ -505,7 +505,9 @@ class Outputs:
             scores=result.image_scores,
             maps=result.maps,
             load_images=lambda idx: data.load_images([data.test[i].path for i in idx]),
-            metrics={k: v for k, v in row.items() if k in report.METRICS or k.startswith("pixel_")}
+            metrics=report.rounded_metrics(
+                {k: v for k, v in row.items() if k in report.METRICS or k.startswith("pixel_")}
+            )
             | {k: row[k] for k in ("defective_images", "defective_with_mask") if k in row},
             settings={k: row[k] for k in keys},
             root=self.workdir,
@@ -650,7 +652,7 @@ def _run(s: Settings, methods, workdir: Path, resolved, out: Outputs) -> dict[st
                 partial = {"rows": out.rows, "config": resolved, "complete": False}
                 report.write_json(workdir / "results.json", partial)
     summary = report.summarize(out.rows)
-    table = report.markdown_table(summary)
+    table = report.markdown_table(summary, [m.name for m in methods])
     calibration_text = report.calibration_table(out.rows)
     if calibration_text:
         table += "\n" + calibration_text
