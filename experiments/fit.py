@@ -130,7 +130,9 @@ def run(argv: list[str]) -> int:
         schema.check_flags({"max_image_pixels": FLAGS.max_image_pixels})
         imageio.set_max_image_pixels(FLAGS.max_image_pixels)
         settings = settings_from_flags()
-        if settings.support_dir:  # the images first: their sizes against --image_size
+        # Flags first (their ranges), then the images: their sizes against --image_size.
+        schema.check_flags({**deploy.dataclasses.asdict(settings), **dict(settings.refine)})
+        if settings.support_dir:
             root, files = deploy.list_images(settings.support_dir)
             explicit = FLAGS["image_size"].present
             notes = image_check.check_images(
