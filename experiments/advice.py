@@ -23,6 +23,11 @@ from typing import Any
 SAFE_RIDGE = 1e-2
 
 
+def refine_config(config: Any) -> Any:
+    """The `RefineConfig` of a detector's config (`WinClipConfig` holds one as `refine`)."""
+    return getattr(config, "refine", config)
+
+
 def bank_diagnostics(banks: Sequence[Any]) -> str:
     """The researcher's line: every bank's size, ranks and degeneracy (`MemoryBank.describe`)."""
     return "; ".join(b.describe() for b in banks)
@@ -33,8 +38,10 @@ def bank_advice(banks: Sequence[Any], config: Any) -> list[str]:
 
     Args:
       banks: the state's `MemoryBank`s.
-      config: the `RefineConfig` the model scores with.
+      config: the `RefineConfig` the model scores with (or a config holding
+        one as `refine`, e.g. `WinClipConfig`).
     """
+    config = refine_config(config)
     if not getattr(config, "use_refinement", True):
         return []  # plain PatchCore: the bank's span does not matter
     lines = []

@@ -541,7 +541,7 @@ def run_category(s, dataset, root, category, family, host, methods, out: Outputs
                 state = host.fit(support_features(support.paths))
             if bank_degenerate(state) and seed == s.seeds[0]:  # advice; the ranks: rows' "banks"
                 configs = [host.config(refine_fields(s), m) for m in methods]
-                refined = [c for c in configs if getattr(c, "use_refinement", False)]
+                refined = [c for c in configs if advice.refine_config(c).use_refinement]
                 for line in advice.bank_advice(state.banks, (refined or configs)[0]):
                     logging.info("%s, %d-shot: %s", category, k, line)
             for method in methods:

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,11 @@ def test_degenerate_bank_is_advice_usable_and_what_to_do():
     assert low[0].startswith("warning: ") and "fit again without --ridge_wide" in low[0]
     narrow = advice.bank_advice([_bank(100, 152, True)], RefineConfig(ridge=1e-4))
     assert "--ridge=0.0001" in narrow[0]
+    # A detector config holding its RefineConfig (WinClipConfig.refine) is read through it.
+    wrapped = advice.bank_advice(
+        [_bank(204, 152, True)], types.SimpleNamespace(refine=RefineConfig())
+    )
+    assert wrapped == shipped
     # Nothing to say: a bank that does not span, or plain PatchCore.
     assert advice.bank_advice([_bank(204, 152, False)], RefineConfig()) == []
     assert advice.bank_advice([_bank(204, 152, True)], RefineConfig(use_refinement=False)) == []
