@@ -432,3 +432,19 @@ def test_predict_cli_labels_and_support_dir_flags():
         assert s.labels == "auto" and s.support_dir == "s"
     finally:
         predict_cli.FLAGS.unparse_flags()
+
+
+def test_label_folder_names_are_escaped_and_never_formulas(model, demo, tmp_path):
+    images = tmp_path / "imgs"
+    odd = "=1+1<i>"
+    for folder, src in (("good", "test/good/000.png"), (odd, "test/blob/000.png")):
+        (images / folder).mkdir(parents=True)
+        (images / folder / "a.png").write_bytes((demo / src).read_bytes())
+    out = tmp_path / "out"
+    _predict(model[0], images, out)
+    table = (out / "summary.csv").read_text()
+    assert "'" + odd in table and "\n" + odd not in table
+    assert "'" + odd + "/a.png" in (out / "predictions.csv").read_text()
+    page = (out / "report.html").read_text()
+    assert "=1+1&lt;i&gt;/" in page and odd not in page
+    json.loads((out / "summary.json").read_text(), parse_constant=pytest.fail)
