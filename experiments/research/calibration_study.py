@@ -15,9 +15,9 @@ of the fused score against PatchCore, and the calibration error on the normal
 test images (median of each half's z-scores, their IQR, and the share of
 normal images whose score each half supplies).
 
-    nice -n 5 python -m experiments.calibration_study --stage=score
-    python -m experiments.calibration_study --stage=analyse
-    python -m experiments.calibration_study --stage=stress
+    nice -n 5 python -m experiments.research.calibration_study --stage=score
+    python -m experiments.research.calibration_study --stage=analyse
+    python -m experiments.research.calibration_study --stage=stress
 
 Stage `stress` re-scores the stored cells after moving the normal-variation
 statistics of the TEST patches the way the held-out rings were diagnosed to
@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import study_cells
 from experiments.hosts import normal_gate, stream_order
+from experiments.research import study_cells
 from protorefine_jax import (
     RefineConfig,
     build_bank,
