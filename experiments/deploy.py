@@ -28,7 +28,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from experiments import advice, html_report, runner, schema
+from experiments import advice, html_report, predict_labels, runner, schema
+from experiments.overlays import thumbnail, with_key
 from experiments.report import overlay
 from protorefine_jax import threshold as threshold_lib
 from protorefine_jax.data.errors import DatasetError
@@ -43,6 +44,7 @@ from protorefine_jax.io.paths import (
     json_text,
     list_files,
     open_output_dir,
+    safe_child,
     safe_filename,
     write_output,
 )
@@ -55,6 +57,7 @@ PREDICT_OUTPUTS = (
     "predictions.jsonl",
     "report.html",
     "summary.json",
+    "summary.csv",
     "overlays/*.png",
 )
 METHODS = {"patchcore": False, "patchcore+": True}  # name -> use_refinement
@@ -718,6 +721,8 @@ class PredictSettings:
     progress: bool = True
     requested: tuple[tuple[str, Any], ...] = ()
     calibrate_on_stream: bool = False
+    labels: str = "auto"
+    support_dir: str | None = None
 
 
 def _safe_stem(index: int, name: str) -> str:
@@ -742,10 +747,18 @@ def predict(s: PredictSettings, log: Callable[[str], None] = print) -> dict[str,
         raise ValueError(f"--overlays must be all, anomalous or none; got {s.overlays!r}.")
     schema.check_flags({"batch_size": s.batch_size, "threshold": s.threshold, **dict(s.requested)})
     root, files = list_images(s.images)
+    # From the names alone, before any work: --labels=on without the layout is refused now.
+    names = [relative_name(root, f) for f in files]
+    labels = predict_labels.from_layout(root, names, s.labels, log)
+    if s.support_dir is not None and not Path(s.support_dir).is_dir():
+        raise FileNotFoundError(
+            f"--support_dir {s.support_dir!r} is not a folder; pass the folder of good images "
+            "the model was fitted on (its images are shown in the report), or drop the flag."
+        )
     out_dir = open_output_dir(s.out, "--out", s.overwrite, "predictions")
     progress = {"scored": 0}
     try:
-        return _predict(s, log, out_dir.path, root, files, progress)
+        return _predict(s, log, out_dir.path, root, files, progress, labels)
     except BaseException as err:
         overlays = out_dir.path / "overlays"
         own = overlays.is_dir() and not overlays.is_symlink()
@@ -762,7 +775,9 @@ def predict(s: PredictSettings, log: Callable[[str], None] = print) -> dict[str,
         raise
 
 
-def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -> dict[str, Any]:
+def _predict(
+    s, log, out: Path, root: Path, files: list[Path], progress: dict, labels=None
+) -> dict[str, Any]:
     scorer, manifest = open_model(
         s.model,
         runtime=s.runtime,
@@ -778,6 +793,8 @@ def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -
         else threshold_lib.Threshold.from_dict(meta["threshold"]).describe()
     )
     lo, hi = meta["map_scale"]
+    if s.threshold is not None and thr > lo:
+        hi = thr  # red is "at or above the threshold used", also for an override
     hi = max(hi, lo + 1e-6)
     fuse_stream = None
     if s.calibrate_on_stream:
@@ -796,6 +813,11 @@ def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -
     if s.overwrite:
         clear_earlier_outputs(out, PREDICT_OUTPUTS, log)
     names = [relative_name(root, f) for f in files]
+    if labels is not None:
+        log(
+            f"labels from the folders: {labels.labels.count(0)} good, "
+            f"{labels.labels.count(1)} defective image(s) (--labels=off ignores them)"
+        )
     rows: list[dict[str, Any]] = []
     items: list[html_report.ReportItem] = []
     size = scorer.image_size
@@ -835,8 +857,16 @@ def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -
                 if s.overlays == "all" or (s.overlays == "anomalous" and anomalous):
                     link = f"overlays/{_safe_stem(index, names[index])}.png"
                     empty = np.zeros(maps[j].shape, bool)
+                    picture = with_key(
+                        overlay(pixels[j], maps[j], empty, lo, hi),
+                        lo,
+                        hi,
+                        thr,
+                        score,
+                        _decision(anomalous),
+                    )
                     png = io.BytesIO()
-                    Image.fromarray(overlay(pixels[j], maps[j], empty, lo, hi)).save(png, "PNG")
+                    Image.fromarray(picture).save(png, "PNG")
                     write_output(out, link, png.getvalue())
                 rows.append(
                     {
@@ -845,6 +875,7 @@ def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -
                         "decision": _decision(anomalous),
                         "threshold": thr,
                         "error": "",
+                        **_label_cells(labels, index, anomalous),
                     }
                 )
                 items.append(
@@ -854,6 +885,7 @@ def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -
                         anomalous=anomalous,
                         link=link,
                         thumbnail=html_report.make_thumbnail(pixels[j], maps[j], lo, hi),
+                        **_label_item(labels, index),
                     )
                 )
             for i, err in errors.items():
@@ -864,9 +896,14 @@ def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -
                         "decision": "unreadable" if i not in ok else "unscored",
                         "threshold": thr,
                         "error": err,
+                        **_label_cells(labels, start + i, None),
                     }
                 )
-                items.append(html_report.ReportItem(name=names[start + i], error=err))
+                items.append(
+                    html_report.ReportItem(
+                        name=names[start + i], error=err, **_label_item(labels, start + i)
+                    )
+                )
             scored += ok_scored
             progress["scored"] = scored
             bar.update(len(part))
@@ -876,6 +913,16 @@ def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -
     steady = (scored - first[1]) / max(seconds - first[0], 1e-9) if scored > first[1] else None
     rows.sort(key=lambda r: r["file"])
     fields = ["file", "score", "decision", "threshold", "error"]
+    labelled = None
+    if labels is not None:
+        fields += list(LABEL_FIELDS)
+        labelled = predict_labels.summarise(rows, thr)
+        write_output(
+            out,
+            "summary.csv",
+            csv_text(predict_labels.SUMMARY_FIELDS, predict_labels.summary_rows(labelled)),
+        )
+        log("with the labels from the folders:\n" + predict_labels.describe(labelled))
     write_output(out, "predictions.csv", csv_text(fields, rows))
     write_output(out, "predictions.jsonl", "".join(json_text(r) + "\n" for r in rows))
     flagged = sum(r["decision"] == "anomalous" for r in rows)
@@ -896,6 +943,16 @@ def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -
     other = meta.get("thresholds", {})
     if "f1" in other and s.threshold is None:
         thresholds.append(("normal-only", float(other["normal_only"]["value"])))
+    metrics = None
+    if labelled is not None:
+        auc = labelled["image_auroc"]
+        metrics = {"image_auroc (%)": labelled["auroc_note"] if auc is None else round(auc, 2)}
+        for label, what in (("good", "false alarms"), ("defective", "detected")):
+            t = labelled[label]
+            if t["scored"]:
+                metrics[f"{label} images flagged ({what})"] = (
+                    f"{t['flagged']} of {t['scored']} ({100 * t['flagged_rate']:.1f} %)"
+                )
     html_report.write_report(
         out / "report.html",
         items,
@@ -903,7 +960,12 @@ def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -
         settings=settings,
         thresholds=thresholds,
         threshold_note=thr_note,
+        metrics=metrics,
         notes=[_speed_line(scored, seconds, steady)],
+        legend=html_report.Legend(lo=lo, hi=hi, threshold=thr),
+        per_folder=None if labelled is None else labelled["per_folder"],
+        support=support_items(meta, s.support_dir, scorer.image_size, log),
+        support_dir_given=s.support_dir is not None,
     )
     summary = {
         "images": len(files),
@@ -917,13 +979,84 @@ def _predict(s, log, out: Path, root: Path, files: list[Path], progress: dict) -
         "runtime": scorer.runtime,
         "complete": True,
     }
+    if labelled is not None:
+        summary["labels"] = labelled
     write_output(out, "summary.json", json_text(summary, indent=1) + "\n")
     log(
         f"{scored} images scored, {flagged} anomalous, {len(files) - scored} unreadable; "
         f"{_speed_line(scored, seconds, steady)} ({scorer.runtime}); results in {out}/ "
-        "(predictions.csv, predictions.jsonl, overlays/, report.html)"
+        "(predictions.csv, predictions.jsonl, overlays/, report.html"
+        + (", summary.csv)" if labelled is not None else ")")
     )
     return summary
+
+
+LABEL_FIELDS = ("folder", "label", "wrong")
+
+
+def _label_cells(labels, index: int, anomalous: bool | None) -> dict[str, Any]:
+    """The label columns of one prediction row (none without labels)."""
+    if labels is None:
+        return {}
+    truth = labels.labels[index]
+    wrong = "" if anomalous is None else ("yes" if anomalous != bool(truth) else "no")
+    return {
+        "folder": labels.folders[index],
+        "label": "defective" if truth else "good",
+        "wrong": wrong,
+    }
+
+
+def _label_item(labels, index: int) -> dict[str, Any]:
+    if labels is None:
+        return {}
+    return {"label": labels.labels[index], "group": labels.folders[index]}
+
+
+def support_items(
+    meta: dict[str, Any],
+    support_dir: str | None,
+    image_size,
+    log: Callable[[str], None],
+) -> list[html_report.SupportItem]:
+    """The good images the model was fitted on, with their held-out scores, for the report.
+
+    Names and scores come from `model.json`; a folder recorded there is never
+    opened. With `--support_dir` (the user's folder on this machine), each
+    recorded name is looked up in it (a name that would leave the folder is
+    refused) and shown as a thumbnail when its SHA-256 matches the fitted file.
+    """
+    names = meta["support"]["files"]
+    hashes = meta["support"].get("sha256") or [None] * len(names)
+    cal = meta.get("threshold_calibration") or {}
+    scores = cal.get("scores") or []
+    outliers = set(cal.get("outliers") or [])
+    if len(scores) != len(names):
+        scores = [None] * len(names)
+    items = []
+    missing = 0
+    for name, digest, score in zip(names, hashes, scores, strict=True):
+        thumb, note = None, None
+        if support_dir is not None:
+            try:
+                path = safe_child(support_dir, name, "support file name in model.json")
+                if not path.is_file():
+                    note = "not found in --support_dir"
+                elif digest is not None and model_dir.file_sha256(path) != digest:
+                    note = "differs from the file fitted on (SHA-256)"
+                else:
+                    thumb = thumbnail(read_image(path, image_size), html_report.THUMB_SIZE)
+            except (*IMAGE_ERRORS, model_dir.ModelFormatError) as e:
+                note = f"not shown: {type(e).__name__}: {e}"
+            missing += note is not None
+        items.append(
+            html_report.SupportItem(
+                name=name, score=score, outlier=name in outliers, thumbnail=thumb, note=note
+            )
+        )
+    if missing:
+        log(f"--support_dir: {missing} of {len(names)} support image(s) not shown (see report)")
+    return items
 
 
 def _speed_line(scored: int, seconds: float, steady: float | None) -> str:

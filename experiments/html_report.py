@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from experiments.report import _jet
+from experiments.overlays import colour_map, legend_svg, normalise
 from protorefine_jax.io.paths import write_output
 
 THUMB_SIZE = 160
@@ -62,6 +62,34 @@ class ReportItem:
     error: str | None = None
 
 
+@dataclasses.dataclass
+class SupportItem:
+    """One good image the model was fitted on.
+
+    Attributes:
+      name: its file name as fit recorded it.
+      score: its held-out score (the model's units), None when not recorded.
+      outlier: fit found it far above the others and left it out of the threshold.
+      thumbnail: `[h, w, 3]` uint8 or None (no `--support_dir`, or not found there).
+      note: why no thumbnail is shown, or None.
+    """
+
+    name: str
+    score: float | None = None
+    outlier: bool = False
+    thumbnail: np.ndarray | None = None
+    note: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Legend:
+    """What the map colours mean: `lo` is drawn blue, `hi` red; `threshold` the decisions'."""
+
+    lo: float
+    hi: float
+    threshold: float | None = None
+
+
 def make_thumbnail(
     image: np.ndarray, amap: np.ndarray, lo: float, hi: float, size: int = THUMB_SIZE
 ) -> np.ndarray:
@@ -77,10 +105,9 @@ def make_thumbnail(
     Returns:
       `[h, w, 3]` uint8.
     """
-    norm = np.clip((np.asarray(amap, np.float64) - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
     # The map's opacity grows with its value: normal regions show the image.
-    alpha = (0.15 + 0.6 * norm)[..., None]
-    blend = (1 - alpha) * np.asarray(image, np.float64) / 255.0 + alpha * _jet(norm)
+    alpha = (0.15 + 0.6 * normalise(amap, lo, hi))[..., None]
+    blend = (1 - alpha) * np.asarray(image, np.float64) / 255.0 + alpha * colour_map(amap, lo, hi)
     pil = Image.fromarray((np.clip(blend, 0, 1) * 255).astype(np.uint8))
     pil.thumbnail((size, size), Image.Resampling.BILINEAR)
     return np.asarray(pil)
@@ -181,8 +208,11 @@ def histogram_svg(
             f'<line class="threshold" x1="{x(value):.1f}" x2="{x(value):.1f}" y1="{upper - 4}" '
             f'y2="{upper + ph}" stroke="{colour}" stroke-width="2" stroke-dasharray="5,3"/>'
         )
+        # Near the right edge the label goes to the left of its line (else it is cut off).
+        right_side = x(value) > left + 0.7 * pw
+        tx, anchor = (x(value) - 4, "end") if right_side else (x(value) + 4, "start")
         parts.append(
-            f'<text x="{x(value) + 4:.1f}" y="{upper - 8 + 12 * i}" font-size="11" '
+            f'<text x="{tx:.1f}" y="{upper - 8 + 12 * i}" font-size="11" text-anchor="{anchor}" '
             f'fill="{colour}">{html.escape(name)} = {value:.4g}</text>'
         )
     legend_x = left + pw - 8
@@ -215,6 +245,13 @@ vertical-align:top} table.kv td:first-child{color:#555;white-space:nowrap}
 .b-anom{background:#c8413b} .b-good{background:#3b8f4f} .b-err{background:#777}
 .wrong{color:#c8413b;font-weight:600} .right{color:#3b8f4f}
 .hidden{display:none}
+table.folders{border-collapse:collapse;font-size:13px;margin:4px 0}
+table.folders td,table.folders th{border:1px solid #ddd;padding:2px 8px;text-align:right}
+table.folders td:first-child,table.folders th:first-child{text-align:left}
+.legend{font-size:13px;color:#333;max-width:760px} .legend svg{display:block;margin:4px 0}
+#support{display:grid;grid-template-columns:repeat(auto-fill,minmax(132px,1fr));gap:6px}
+#support .card img{max-width:120px;max-height:120px}
+.outlier{border-color:#d2691e}
 """
 
 JS = """
@@ -233,6 +270,9 @@ window.addEventListener('load',function(){
   var imgs=document.querySelectorAll('#grid img');
   var ok=0; imgs.forEach(function(i){ if(i.complete&&i.naturalWidth>0) ok++; });
   document.body.setAttribute('data-thumbs-decoded',ok);
+  var sup=0; document.querySelectorAll('#support img').forEach(function(i){
+    if(i.complete&&i.naturalWidth>0) sup++; });
+  document.body.setAttribute('data-support-decoded',sup);
   document.querySelectorAll('.controls input').forEach(function(e){
     e.addEventListener('input',applyFilter); e.addEventListener('change',applyFilter);});
 });
@@ -286,6 +326,64 @@ def _card(item: ReportItem) -> str:
     )
 
 
+def _legend_html(legend: Legend) -> str:
+    thr = "" if legend.threshold is None else f" The decision threshold is {legend.threshold:.4g}."
+    return (
+        '<div class="legend" id="legend">'
+        + legend_svg(legend.lo, legend.hi, legend.threshold)
+        + "<p>Colours show the anomaly-map value of each region, in the model's own score "
+        f"units: <b>blue</b> ({legend.lo:.4g} and below) is what the good images the model was "
+        f"fitted on typically show; green and yellow are in between; <b>red</b> ({legend.hi:.4g} "
+        f"and above) reaches the decision threshold.{html.escape(thr)} An image's score is its "
+        "highest region score; the image is flagged anomalous when its score is above the "
+        "threshold. In the thumbnails the colour is stronger where the value is higher; the "
+        "overlay files carry this colour bar with the image's score marked.</p></div>"
+    )
+
+
+def _per_folder_html(rows: Sequence[dict[str, Any]]) -> str:
+    head = "<tr><th>folder</th><th>label</th><th>images</th><th>scored</th><th>flagged</th>"
+    head += "<th>flagged rate</th></tr>"
+    body = []
+    for r in rows:
+        rate = "-" if r.get("flagged_rate") is None else f"{100 * r['flagged_rate']:.1f} %"
+        body.append(
+            f"<tr><td>{html.escape(str(r['folder']))}/</td><td>{html.escape(str(r['label']))}</td>"
+            f"<td>{int(r['images'])}</td><td>{int(r['scored'])}</td><td>{int(r['flagged'])}</td>"
+            f"<td>{rate}</td></tr>"
+        )
+    return '<table class="folders" id="per-folder">' + head + "".join(body) + "</table>"
+
+
+def _support_html(support: Sequence[SupportItem], given: bool) -> str:
+    cards = []
+    for it in support:
+        img = ""
+        if it.thumbnail is not None:
+            h, w = it.thumbnail.shape[:2]
+            img = (
+                f'<img src="{_data_uri(it.thumbnail)}" width="{w}" height="{h}" '
+                f'alt="{html.escape(it.name)}">'
+            )
+        lines = [f'<div class="name">{html.escape(it.name)}</div>']
+        lines.append(f"<div>held-out score <b>{_fmt(it.score)}</b></div>")
+        if it.outlier:
+            lines.append("<div>far above the others: left out of the threshold</div>")
+        if it.note:
+            lines.append(f"<div>{html.escape(it.note)}</div>")
+        cls = "card outlier" if it.outlier else "card"
+        cards.append(
+            f'<figure class="{cls}">{img}<figcaption>{"".join(lines)}</figcaption></figure>'
+        )
+    intro = (
+        "Each was scored with its own regions held out of the model (the model's units, as "
+        "the scores above); the threshold is derived from these scores."
+    )
+    if not given:
+        intro += " Pass --support_dir=&lt;the folder fitted on&gt; to see them as thumbnails."
+    return f'<p class="legend">{intro}</p><div id="support">' + "".join(cards) + "</div>"
+
+
 def render_report(
     items: Sequence[ReportItem],
     *,
@@ -295,6 +393,10 @@ def render_report(
     threshold_note: str = "",
     metrics: dict[str, Any] | None = None,
     notes: Sequence[str] = (),
+    legend: Legend | None = None,
+    per_folder: Sequence[dict[str, Any]] | None = None,
+    support: Sequence[SupportItem] | None = None,
+    support_dir_given: bool = False,
 ) -> str:
     """The page as a string (see the module docstring).
 
@@ -306,6 +408,10 @@ def render_report(
       threshold_note: one line on where the threshold comes from.
       metrics: labelled runs: metric name -> value.
       notes: extra lines shown under the summary.
+      legend: what the map colours mean (a colour bar and the words), or None.
+      per_folder: labelled predict runs: rows of `predict_labels.summarise`.
+      support: the good images the model was fitted on, or None.
+      support_dir_given: whether their folder was given (else the page says how).
 
     Returns:
       The HTML document.
@@ -320,6 +426,13 @@ def render_report(
     summary = f"{len(scored)} images scored, {flagged} anomalous, {len(scored) - flagged} good" + (
         f", {len(failed)} not readable" if failed else ""
     )
+    if labelled:
+        good_flagged = sum(bool(it.anomalous) and it.label == 0 for it in scored)
+        defect_passed = sum(it.anomalous is False and it.label == 1 for it in scored)
+        summary += (
+            f"; wrong decisions: {good_flagged + defect_passed} ({good_flagged} good flagged, "
+            f"{defect_passed} defective passed)"
+        )
     wrong_radio = (
         '<label><input type="radio" name="show" value="wrong"> wrong decisions</label>'
         if labelled
@@ -334,9 +447,15 @@ def render_report(
     body += [f'<div class="summary">{html.escape(n)}</div>' for n in notes]
     if metrics:
         body += ["<h2>Metrics</h2>", _kv_table(metrics)]
+    if per_folder:
+        body += ["<h2>Per folder (labels from the folder names)</h2>", _per_folder_html(per_folder)]
     body += [
         "<h2>Scores</h2>",
         histogram_svg(scores, labels, thresholds) if scores.size else "<p>no scores</p>",
+    ]
+    if legend is not None:
+        body += ["<h2>How to read the colours</h2>", _legend_html(legend)]
+    body += [
         "<details><summary>Settings</summary>",
         _kv_table(settings),
         "</details>",
@@ -361,6 +480,11 @@ def render_report(
                 for it in failed
             ),
             "</table>",
+        ]
+    if support is not None:
+        body += [
+            f"<h2>The good images the model was fitted on ({len(support)})</h2>",
+            _support_html(support, support_dir_given),
         ]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -8,7 +8,16 @@ and `predictions.jsonl` (file, image score, decision, the threshold used,
 and the reason for images that could not be read), `overlays/*.png`
 (image | anomaly map), `report.html` (open it in a browser; works offline)
 and `summary.json`. Unreadable images are listed and skipped
-(`--strict` makes them fatal).
+(`--strict` makes them fatal). Each overlay carries a key: the colour bar in
+the model's score units (blue: typical of the good images, red: at or above
+the threshold) with the threshold and the image's score marked.
+
+When `--images` is a folder with `good/` beside a folder per defect type
+(MVTec layout, `--labels`), the folder names are the labels: `summary.csv`
+(flagged rate per folder), `summary.json` (also AUROC and the wrong
+decisions) and the report (two-colour histogram, a wrong-decisions filter)
+say how the decisions fared. `--support_dir` shows the good images the model
+was fitted on in the report.
 
 The model's own settings are used. Settings given here (`--backbone`,
 `--image_size`, `--lam`, ...) are checked against the model, and any
@@ -70,6 +79,22 @@ _define_bool(
     "Opt-in (calibrated PatchCore+, library runtime): the score statistics also learn from the "
     "images scored so far, in file order, after 8 images; images above the normal-only "
     "threshold are not learnt from. Scores then depend on the images before them.",
+)
+_define_enum(
+    "labels",
+    "auto",
+    ["auto", "on", "off"],
+    "Labels from the folders: good/ is good, every folder beside it (one per defect type, the "
+    "MVTec test layout; also <category>/test/good) defective. With labels: the flagged rate "
+    "per folder, AUROC and the wrong decisions (summary.csv, summary.json, report.html). "
+    "auto: when every image lies in such a folder; on: required (error otherwise); off: never.",
+)
+_define_string(
+    "support_dir",
+    None,
+    "The folder of good images the model was fitted on: report.html shows them as thumbnails "
+    "with their held-out scores (files matched by the names and SHA-256 in model.json). "
+    "Without it, the report lists their names and scores.",
 )
 _define_string("method", None, "Checked against the model.")
 _define_string("backbone", None, "Checked against the model.")

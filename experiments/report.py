@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from experiments.overlays import colour_map
 from protorefine_jax.data import aggregate_seeds
 from protorefine_jax.io.paths import json_text, safe_filename, write_output
 
@@ -209,14 +210,6 @@ def _to_builtin(x: Any) -> Any:
     raise TypeError(f"cannot serialise {type(x).__name__}")
 
 
-def _jet(x: np.ndarray) -> np.ndarray:
-    """Jet colormap of values in [0, 1], `[..., 3]` float in [0, 1]."""
-    r = np.clip(1.5 - np.abs(4 * x - 3), 0, 1)
-    g = np.clip(1.5 - np.abs(4 * x - 2), 0, 1)
-    b = np.clip(1.5 - np.abs(4 * x - 1), 0, 1)
-    return np.stack([r, g, b], axis=-1)
-
-
 def overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, lo: float, hi: float):
     """Image | map overlay side by side, ground-truth outline in white.
 
@@ -230,8 +223,7 @@ def overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, lo: float, hi
     Returns:
       `[S, 2S, 3]` uint8.
     """
-    norm = np.clip((amap - lo) / max(hi - lo, 1e-12), 0, 1)
-    blend = 0.5 * image / 255.0 + 0.5 * _jet(norm)
+    blend = 0.5 * image / 255.0 + 0.5 * colour_map(amap, lo, hi)
     edge = mask & ~(
         np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1)
     )

@@ -52,6 +52,11 @@ class MemoryBank(NamedTuple):
         return line
 
 
+def prototypes_of(bank: MemoryBank | Float[Array, "n c"]) -> Float[Array, "n c"]:
+    """The `[n, c]` prototypes of a bank given as a `MemoryBank` or as the array itself."""
+    return bank.prototypes if isinstance(bank, MemoryBank) else bank
+
+
 def uses_wide_ridge(rows, feature_dim):
     """The ridge rule: does a bank of `rows` prototypes take `RefineConfig.ridge_wide`?
 

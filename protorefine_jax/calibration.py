@@ -547,21 +547,42 @@ def calibration_error(
     return out
 
 
+DEFAULT_ALPHA = 0.05
+"""The coreset ratio `calibrate` assumes when not told (PatchCore's default)."""
+
+
 def calibrate(
     support: Float[Array, "k m c"],
-    alpha: float,
     config: RefineConfig,
-    grid_shape: tuple[int, int],
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    grid_shape: tuple[int, int] | None = None,
 ) -> ScoreCalibration:
     """The calibration of a support set: statistics of its held-out scores.
 
     Args:
       support: `[k, m, c]` support patch features (k >= 1).
-      alpha: coreset ratio of the real bank.
-      config: the scoring config.
-      grid_shape: patch grid of one image.
+      config: the scoring config; its `grid_shape` is the patch grid unless
+        `grid_shape` is given.
+      alpha: coreset ratio of the real bank (`build_bank(support, alpha)`).
+      grid_shape: patch grid `(h, w)` of one image, when `config` has none.
 
     Returns:
-      The `ScoreCalibration` that `fuse` applies.
+      The `ScoreCalibration` that `fuse` applies (pass it to
+      `refine_and_score` / `score_query`).
+
+    Example:
+      >>> config = RefineConfig(grid_shape=(32, 32), image_size=(256, 256))
+      >>> calib = calibrate(support, config, alpha=0.05)
     """
-    return statistics(*held_out_scores(support, alpha, config, grid_shape))
+    if not isinstance(config, RefineConfig):
+        raise TypeError(
+            f"calibrate(support, config, *, alpha=..., grid_shape=...) takes a RefineConfig "
+            f"second, got {type(config).__name__}; alpha and grid_shape are keywords."
+        )
+    grid = grid_shape if grid_shape is not None else config.grid_shape
+    if grid is None:
+        raise ValueError(
+            "calibrate needs the patch grid: set RefineConfig.grid_shape or pass grid_shape=(h, w)."
+        )
+    return statistics(*held_out_scores(support, alpha, config, tuple(grid)))

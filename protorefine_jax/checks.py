@@ -134,11 +134,6 @@ def check_finite(x, name: str) -> None:
         )
 
 
-def prototypes_of(bank):
-    """The `[n, c]` array of a bank given as an array or a `MemoryBank`."""
-    return bank.prototypes if hasattr(bank, "prototypes") else bank
-
-
 def check_dtype(x, name: str) -> None:
     """Real floating or integer features only (float16/bfloat16 are upcast)."""
     dtype = np.dtype(x.dtype)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from protorefine_jax import checks
+from protorefine_jax.bank import MemoryBank, prototypes_of
 from protorefine_jax.calibration import ScoreCalibration, fuse
 from protorefine_jax.config import RefineConfig
 from protorefine_jax.coreset import greedy_coreset_indices, projection_matrix
@@ -101,7 +102,7 @@ def _score(
 
 
 def score_query(
-    bank: Float[Array, "n c"],
+    bank: MemoryBank | Float[Array, "n c"],
     query: Float[Array, "m c"],
     config: RefineConfig,
     calibration: ScoreCalibration | None = None,
@@ -111,7 +112,7 @@ def score_query(
     Pure and unbatched: compose it with your own `jit`/`vmap`/`scan`.
 
     Args:
-      bank: `[n, c]` prototypes `M`.
+      bank: `[n, c]` prototypes `M`, or the `MemoryBank` holding them.
       query: `[m, c]` patch features `F`.
       config: refinement and scoring settings.
       calibration: support-set statistics (`calibration.calibrate`); with
@@ -122,11 +123,11 @@ def score_query(
     Returns:
       `RefineOutput` with scalar image score, `[H, W]` map, `[m]` patch scores.
     """
-    return _score(bank, query, config, calibration=calibration)[0]
+    return _score(prototypes_of(bank), query, config, calibration=calibration)[0]
 
 
 def score_batch(
-    bank: Float[Array, "n c"],
+    bank: MemoryBank | Float[Array, "n c"],
     queries: Float[Array, "B m c"],
     config: RefineConfig,
     calibration: ScoreCalibration | None = None,
@@ -138,6 +139,7 @@ def score_batch(
     program with a batch axis of size 1 took 2.5x the unbatched time
     (docs/method.md, "Batching").
     """
+    bank = prototypes_of(bank)
     if queries.shape[0] == 1:
         out = score_query(bank, queries[0], config, calibration)
         return jax.tree.map(lambda x: x[None], out)
@@ -151,7 +153,7 @@ def _refine_and_score_batch(bank, queries, config, calibration=None):
 
 
 def refine_and_score(
-    bank: Float[Array, "n c"],
+    bank: MemoryBank | Float[Array, "n c"],
     queries: Float[Array, "B m c"],
     config: RefineConfig,
     calibration: ScoreCalibration | None = None,
@@ -187,7 +189,7 @@ def refine_and_score(
       >>> out.image_scores.shape, out.maps.shape
       ((16,), (16, 256, 256))
     """
-    bank = checks.prototypes_of(bank)
+    bank = prototypes_of(bank)
     checks.check_bank_and_queries(bank, queries, config)
     out = _refine_and_score_batch(bank, queries, config, calibration)
     if sync_check:
@@ -204,15 +206,16 @@ def make_detect(
       extract: pure `extract(params, images) -> [B, m, c]`.
 
     Returns:
-      `detect(params, bank, images, config, calibration=None) -> RefineOutput`,
-      jitted once; backbone, refinement and scoring compile into a single XLA
-      program (`calibration` as in `score_query`).
+      `detect(params, bank, images, config, calibration=None) -> RefineOutput`
+      (`bank` an array or a `MemoryBank`), jitted once; backbone, refinement
+      and scoring compile into a single XLA program (`calibration` as in
+      `score_query`).
     """
 
     @jax.jit
     def detect(params, bank, images, config: RefineConfig, calibration=None) -> RefineOutput:
         feats = extract(params, images)
-        return score_batch(bank, feats, config, calibration)
+        return score_batch(prototypes_of(bank), feats, config, calibration)
 
     return detect
 
@@ -310,7 +313,7 @@ def online_refine_and_score(
     Returns:
       `RefineOutput` with leading axis `T`, in stream order.
     """
-    bank = checks.prototypes_of(bank)
+    bank = prototypes_of(bank)
     checks.check_bank_and_queries(bank, queries, config)
     if not config.use_refinement:
         raise ValueError("the online variant refines by definition; set use_refinement=True.")

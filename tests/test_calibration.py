@@ -130,7 +130,7 @@ def test_calibrate_is_the_median_and_iqr_of_float64_held_out_scores(rng, c):
     """
     sup = support(rng, k=2, grid=(4, 4), c=c).astype(np.float64)
     with jax.enable_x64(True):  # float64 throughout: no float32 cancellation to allow for
-        got = cal.calibrate(sup, 1.0, W_ONLY.replace(precision="float64"), (4, 4))
+        got = cal.calibrate(sup, W_ONLY.replace(precision="float64"), alpha=1.0, grid_shape=(4, 4))
     host, refined = _numpy_reference(sup, W_ONLY, (4, 4))
     want = []
     for x in (host, refined):
@@ -218,7 +218,7 @@ def test_patchcore_detector_fits_and_applies_its_calibration(rng):
     queries = lowrank_features(rng, (2, m, c), basis)
     cfg = det.config(num_iters=2, sinkhorn_iters=10)
     state = det.fit_features(sup, config=cfg)
-    want = cal.calibrate(sup, det.alpha, cfg, det.extractor.grid)
+    want = cal.calibrate(sup, cfg, alpha=det.alpha, grid_shape=det.extractor.grid)
     for g, w in zip(state.calibration, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-6)
     out = det.score_features(state, queries, cfg)

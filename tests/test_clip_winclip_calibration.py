@@ -38,7 +38,7 @@ def data():
     queries = _one_window_size(random_features(rng, 3, base=_as_list(full_support), noise=0.7))
     text = jnp.asarray(rng.standard_normal((2, SPEC.embed_dim)), jnp.float32)
     banks = winclip.build_banks(support, alpha=1.0)
-    cals = winclip.calibrate(support, 1.0, CFG)
+    cals = winclip.calibrate(support, CFG, alpha=1.0)
     return support, queries, text, banks, cals
 
 
@@ -208,7 +208,7 @@ def test_eval_recalibrates_winclip_plus_ablations_only(data):
     assert host.calibrated_state(state, det.config(calibrated=False)) is state
     assert host.calibrated_state(state, det.config(use_refinement=False)) is state
     other = host.calibrated_state(state, det.config(ridge=0.05))  # a traced float: no recompile
-    want = winclip.calibrate(support, 1.0, CFG.replace(refine=CFG.refine.replace(ridge=0.05)))
+    want = winclip.calibrate(support, CFG.replace(refine=CFG.refine.replace(ridge=0.05)), alpha=1.0)
     for got, w in zip(jax.tree.leaves(other.calibration), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(got, w, rtol=1e-6)
     assert not np.allclose(other.calibration[1].refined_loc, cals[1].refined_loc)
@@ -244,10 +244,10 @@ def test_calibration_errors_name_the_problem(data):
         winclip.score(queries, banks, text, CFG, cals[:1])
     whole = winclip.winclip_config(clip=SPEC, window_sizes=(4,))  # one window: a 1 x 1 grid
     with pytest.raises(ValueError, match=r"4x4 windows form a \(1, 1\) grid .* calibrate=False"):
-        winclip.calibrate(support, 1.0, whole)
+        winclip.calibrate(support, whole, alpha=1.0)
     two = winclip.winclip_config(clip=SPEC, window_sizes=(2, 3))
     with pytest.raises(ValueError, match="features hold 2 scales but the config names 3"):
-        winclip.calibrate(support, 1.0, two)
+        winclip.calibrate(support, two, alpha=1.0)
 
 
 # --- end to end, shipped refinement (slow) -------------------------------------------

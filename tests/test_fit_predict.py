@@ -339,3 +339,112 @@ def test_predict_calibrate_on_stream_learns_from_past_images_only(model, demo, t
     # The export runtime has no raw halves: refused with the fix.
     with pytest.raises(ValueError, match="--calibrate_on_stream needs"):
         _predict(model[0], folder, tmp_path / "x", calibrate_on_stream=True, runtime="export")
+
+
+def _pairs_auroc(good, bad):
+    wins = sum((b > g) + 0.5 * (b == g) for g in good for b in bad)
+    return 100.0 * wins / (len(good) * len(bad))
+
+
+def test_predict_reads_labels_from_the_folders(model, demo, tmp_path):
+    """`good/` beside a folder per defect type: rates, AUROC, wrong decisions; keyed overlays."""
+    from experiments import overlays
+
+    out = tmp_path / "out"
+    summary = _predict(model[0], demo / "test", out, support_dir=str(demo / "train/good"))
+    assert json.loads((out / "summary.json").read_text())["labels"] == json.loads(
+        json.dumps(summary["labels"])
+    )
+    lab = summary["labels"]
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert {r["folder"] for r in rows} == {"good", "blob", "scratch", "spot"}
+    thr = model[1]["threshold"]["value"]
+    for r in rows:
+        truth = r["folder"] != "good"
+        assert r["label"] == ("defective" if truth else "good")
+        assert r["wrong"] == ("yes" if (float(r["score"]) > thr) != truth else "no")
+    # The rates and the AUROC, recomputed from predictions.csv.
+    for f in lab["per_folder"]:
+        mine = [r for r in rows if r["folder"] == f["folder"]]
+        flagged = sum(r["decision"] == "anomalous" for r in mine)
+        assert (f["images"], f["flagged"]) == (len(mine), flagged)
+        assert f["flagged_rate"] == pytest.approx(flagged / len(mine))
+    good = [float(r["score"]) for r in rows if r["label"] == "good"]
+    bad = [float(r["score"]) for r in rows if r["label"] == "defective"]
+    assert lab["image_auroc"] == pytest.approx(_pairs_auroc(good, bad))
+    wrong = lab["wrong_decisions"]
+    listed = {w["file"] for w in wrong["good_flagged"] + wrong["defective_passed"]}
+    assert listed == {r["file"] for r in rows if r["wrong"] == "yes"}
+    table = list(csv.DictReader((out / "summary.csv").open()))
+    assert [t["folder"] for t in table] == [
+        "good",
+        "blob",
+        "scratch",
+        "spot",
+        "all good",
+        "all defective",
+    ]
+    page = (out / "report.html").read_text()
+    assert 'id="per-folder"' in page and 'value="wrong"' in page and 'class="bar good"' in page
+    assert 'id="legend-bar"' in page and "wrong decisions:" in page
+    assert page.split('id="support"', 1)[1].count("data:image/jpeg;base64,") == 3
+    # Each overlay: image | map, and under it the key (colour bar blue to red).
+    png = np.asarray(Image.open(sorted((out / "overlays").glob("*.png"))[0]).convert("RGB"))
+    assert png.shape == (64 + overlays.KEY_HEIGHT, overlays.KEY_MIN_WIDTH, 3)
+    bar = png[64 + 25].astype(int)
+    assert bar[overlays.BAR_LEFT + 1][2] > 100 and bar[overlays.BAR_LEFT + 1][0] == 0
+    assert bar[-overlays.BAR_LEFT - 2][0] > 100 and bar[-overlays.BAR_LEFT - 2][2] == 0
+
+
+def test_predict_labels_off_and_on(model, demo, tmp_path):
+    from experiments.predict_labels import LabelLayoutError
+
+    out = tmp_path / "off"
+    summary = _predict(model[0], demo / "test", out, labels="off")
+    assert "labels" not in summary and not (out / "summary.csv").exists()
+    header = (out / "predictions.csv").read_text().splitlines()[0]
+    assert header == "file,score,decision,threshold,error"
+    page = (out / "report.html").read_text()
+    assert 'value="wrong"' not in page and 'id="per-folder"' not in page
+    assert 'id="legend-bar"' in page  # the legend is there with or without labels
+    assert "Pass --support_dir=" in page  # names and scores, and how to see the images
+    # `on` without good/ beside the defect folders: refused before anything is written.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted((demo / "test").rglob("*.png"))[:2]:
+        (flat / f"{p.parent.name}_{p.name}").write_bytes(p.read_bytes())
+    with pytest.raises(LabelLayoutError, match="needs a good/ folder"):
+        _predict(model[0], flat, tmp_path / "on", labels="on")
+    assert not (tmp_path / "on").exists()
+    with pytest.raises(FileNotFoundError, match="--support_dir"):
+        _predict(model[0], flat, tmp_path / "on", support_dir=str(tmp_path / "nope"))
+
+
+def test_predict_cli_labels_and_support_dir_flags():
+    from experiments import predict as predict_cli
+
+    try:
+        predict_cli.FLAGS(["predict", "--model=m", "--images=i", "--out=o", "--labels=off"])
+        assert predict_cli.settings_from_flags().labels == "off"
+        predict_cli.FLAGS.unparse_flags()
+        predict_cli.FLAGS(["predict", "--support_dir=s"])
+        s = predict_cli.settings_from_flags()
+        assert s.labels == "auto" and s.support_dir == "s"
+    finally:
+        predict_cli.FLAGS.unparse_flags()
+
+
+def test_label_folder_names_are_escaped_and_never_formulas(model, demo, tmp_path):
+    images = tmp_path / "imgs"
+    odd = "=1+1<i>"
+    for folder, src in (("good", "test/good/000.png"), (odd, "test/blob/000.png")):
+        (images / folder).mkdir(parents=True)
+        (images / folder / "a.png").write_bytes((demo / src).read_bytes())
+    out = tmp_path / "out"
+    _predict(model[0], images, out)
+    table = (out / "summary.csv").read_text()
+    assert "'" + odd in table and "\n" + odd not in table
+    assert "'" + odd + "/a.png" in (out / "predictions.csv").read_text()
+    page = (out / "report.html").read_text()
+    assert "=1+1&lt;i&gt;/" in page and odd not in page
+    json.loads((out / "summary.json").read_text(), parse_constant=pytest.fail)

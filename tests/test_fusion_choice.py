@@ -1,9 +1,9 @@
-"""experiments.fusion_choice on a hand-computed tiny cell (no real data)."""
+"""experiments.research.fusion_choice on a hand-computed tiny cell (no real data)."""
 
 import numpy as np
 import pytest
 
-from experiments import fusion_choice as fc
+from experiments.research import fusion_choice as fc
 from protorefine_jax import calibration
 
 # Held-out support quadrants (rows). Host: median 2, IQR 3 - 1 = 2, ceiling

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments.html_report import ReportItem, histogram_svg, make_thumbnail, write_report
+from experiments.html_report import (
+    Legend,
+    ReportItem,
+    SupportItem,
+    histogram_svg,
+    make_thumbnail,
+    write_report,
+)
 from protorefine_jax.data.synthetic import render
 
 
@@ -103,6 +110,77 @@ def test_labelled_page_shows_labels_metrics_and_wrong_decisions(tmp_path):
     assert 'class="bar defective"' in page
 
 
+def _support(n=3):
+    items = []
+    for i in range(n):
+        image = render("fabric", "train", i, image_size=96).image
+        items.append(SupportItem(name=f"sup_{i}.png", score=1.0 + 0.1 * i, thumbnail=image))
+    items.append(SupportItem(name="<gone>.png", score=2.5, outlier=True, note="not found"))
+    return items
+
+
+def _per_folder():
+    return [
+        {
+            "folder": "good",
+            "label": "good",
+            "images": 8,
+            "scored": 8,
+            "flagged": 1,
+            "flagged_rate": 0.125,
+        },
+        {
+            "folder": "<pit>",
+            "label": "defective",
+            "images": 4,
+            "scored": 4,
+            "flagged": 3,
+            "flagged_rate": 0.75,
+        },
+    ]
+
+
+def _keyed(tmp_path, items):
+    return _write(
+        tmp_path,
+        items,
+        legend=Legend(lo=0.2, hi=0.6, threshold=0.6),
+        per_folder=_per_folder(),
+        support=_support(),
+        support_dir_given=True,
+    )
+
+
+def test_labelled_predict_page_has_folders_legend_and_support(tmp_path):
+    items = _items(labelled=True)
+    page = _keyed(tmp_path, items).read_text()
+    # Per-folder rates, names escaped.
+    assert 'id="per-folder"' in page and "&lt;pit&gt;/" in page and "75.0 %" in page
+    assert "<pit>" not in page
+    # Wrong decisions: counted in the summary, and a filter.
+    good_flagged = sum(it.anomalous and not it.label for it in items)
+    passed = sum(not it.anomalous and it.label for it in items)
+    assert f"wrong decisions: {good_flagged + passed} ({good_flagged} good flagged, " in page
+    assert 'value="wrong"' in page and 'class="bar good"' in page
+    # The legend: a colour bar with the threshold, and what blue and red mean.
+    assert 'id="legend-bar"' in page and 'class="legend-threshold"' in page
+    assert "<b>blue</b> (0.2 and below)" in page and "<b>red</b> (0.6" in page
+    # The support images: thumbnails with held-out scores; the outlier said; names escaped.
+    support = page.split('id="support"', 1)[1]
+    assert support.count("data:image/jpeg;base64,") == 3
+    assert "held-out score <b>1.1</b>" in support and "&lt;gone&gt;.png" in support
+    assert "left out of the threshold" in support and "not found" in support
+    # An unlabelled page without these arguments is as before.
+    plain = _write(tmp_path, _items()).read_text()
+    assert 'id="legend-bar"' not in plain and 'id="support"' not in plain
+    assert "wrong decisions:" not in plain and 'value="wrong"' not in plain
+
+
+def test_threshold_label_at_the_right_edge_is_not_cut_off():
+    svg = histogram_svg(np.array([0.0, 0.1, 0.2]), None, [("threshold", 0.2)])
+    assert 'text-anchor="end" fill="#111111">threshold = 0.2<' in svg
+
+
 def test_thumbnail_is_small_and_coloured():
     image = np.full((300, 200, 3), 128, np.uint8)
     amap = np.zeros((300, 200))
@@ -139,6 +217,10 @@ def test_report_renders_in_headless_chromium(tmp_path, request):
         metrics={"image_auroc": 90.0},
         thresholds=[("normal-only", 0.6), ("F1", 0.7)],
         threshold_note="normal-only threshold from 2 leave-one-out scores",
+        legend=Legend(lo=0.2, hi=0.6, threshold=0.6),
+        per_folder=_per_folder(),
+        support=_support(),
+        support_dir_given=True,
     )
     flags = [
         "--headless",
@@ -157,21 +239,27 @@ def test_report_renders_in_headless_chromium(tmp_path, request):
     decoded = re.search(r'data-thumbs-decoded="(\d+)"', dom.stdout)
     assert decoded and int(decoded.group(1)) == 30, dom.stdout[:500]
     assert dom.stdout.count('class="bar ') > 5 and 'id="histogram"' in dom.stdout
+    support = re.search(r'data-support-decoded="(\d+)"', dom.stdout)
+    assert support and int(support.group(1)) == 3
+    assert 'id="legend-bar"' in dom.stdout and 'id="per-folder"' in dom.stdout
     shot = tmp_path / "report.png"
     proc = subprocess.run(
-        [exe, *flags, "--window-size=1280,1400", f"--screenshot={shot}", url],
+        [exe, *flags, "--window-size=1280,2400", f"--screenshot={shot}", url],
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
-    assert pixels.shape[:2] == (1400, 1280)
+    assert pixels.shape[:2] == (2400, 1280)
     r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
     # Histogram bars: the good / defective fills (#3b8f4f, #c8413b) cover many pixels.
     green = (abs(r - 0x3B) < 12) & (abs(g - 0x8F) < 12) & (abs(b - 0x4F) < 12)
     red = (abs(r - 0xC8) < 12) & (abs(g - 0x41) < 12) & (abs(b - 0x3B) < 12)
     assert green.sum() > 300 and red.sum() > 100, (green.sum(), red.sum())
+    # The legend's colour bar: the jet's dark red past the threshold (rgb(128, 0, 0)).
+    dark_red = (abs(r - 128) < 10) & (g < 10) & (b < 10)
+    assert dark_red.sum() > 50, dark_red.sum()
     # Thumbnails: many distinct colours (textures blended with the jet map).
     assert len(np.unique(pixels.reshape(-1, 3)[::7], axis=0)) > 2000
     keep = os.environ.get("PROTOREFINE_TEST_OUTPUT")

@@ -32,7 +32,7 @@ def imports(path: Path) -> set[str]:
 
 
 def graph() -> dict[str, set[str]]:
-    files = [*REPO.glob("protorefine_jax/**/*.py"), *REPO.glob("experiments/*.py")]
+    files = [*REPO.glob("protorefine_jax/**/*.py"), *REPO.glob("experiments/**/*.py")]
     names = {module_name(f): f for f in files}
     # An import of `pkg.name` counts as an edge to the module `pkg.name` if it is one.
     return {n: {m for m in imports(f) if m in names and m != n} for n, f in names.items()}
@@ -86,3 +86,14 @@ def test_no_import_circle():
     for node in g:
         if not state.get(node):
             visit(node, [])
+
+
+def test_the_engine_never_imports_research():
+    """eval, fit, predict and the bench import nothing under experiments/research/."""
+    g = graph()
+    engine = [n for n in g if n.startswith("experiments.") and ".research" not in n]
+    assert "experiments.eval" in engine and "experiments.deploy" in engine
+    for name in engine:
+        bad = sorted(m for m in g[name] if m.startswith("experiments.research"))
+        assert not bad, f"{name} imports research code {bad}"
+    assert any(n.startswith("experiments.research.") for n in g)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import SHARED_DATA
 
-from experiments import study_cells as sc
-from experiments import study_report
+from experiments.research import study_cells as sc
+from experiments.research import study_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_quick_study_runs_end_to_end(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "experiments.study",
+        "experiments.research.study",
         "--quick",
         "--seeds=0",
         f"--data_root={SHARED_DATA}",

@@ -6,7 +6,7 @@ Example:
   >>> support = extract_multiscale(bundle.params, support_images, config)
   >>> banks = build_banks(support, CORESET_ALPHA["mvtec"])  # coresets + full memory
   >>> text = class_text_features(bundle.spec, bundle.params, bundle.tokenizer, "bottle")
-  >>> cal = calibrate(support, CORESET_ALPHA["mvtec"], config)  # optional: calibrated WinCLIP+
+  >>> cal = calibrate(support, config, alpha=CORESET_ALPHA["mvtec"])  # optional calibration
   >>> out = detect(bundle.params, banks, text, query_images, config, cal)
   >>> out.image_scores.shape, out.maps.shape
   ((B,), (B, 240, 240))

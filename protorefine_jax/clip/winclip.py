@@ -340,7 +340,7 @@ def scale_grids(config: WinClipConfig) -> tuple[tuple[int, int], ...]:
 
 
 def calibrate(
-    support: MultiscaleFeatures, alpha: float, config: WinClipConfig
+    support: MultiscaleFeatures, config: WinClipConfig, *, alpha: float
 ) -> tuple[ScoreCalibration, ...]:
     """Per-scale support-set calibration of WinCLIP+ (`calibration.calibrate` per scale).
 
@@ -353,8 +353,8 @@ def calibrate(
 
     Args:
       support: features of the `k >= 1` support images (`extract_multiscale`).
-      alpha: coreset ratio of the banks (`build_banks`'s).
       config: the WinCLIP+ config (refinement settings, window sizes).
+      alpha: coreset ratio of the banks (`build_banks`'s).
 
     Returns:
       One `ScoreCalibration` per scale, in `scale_features` order (the
@@ -383,7 +383,7 @@ def calibrate(
     for shape, feats in zip(grids, scales, strict=True):
         k, m, c = feats.shape
         rows = normalize_rows(jnp.asarray(feats).reshape(k * m, c)).reshape(k, m, c)
-        out.append(calib.calibrate(rows, alpha, config.refine, shape))
+        out.append(calib.calibrate(rows, config.refine, alpha=alpha, grid_shape=shape))
     return tuple(out)
 
 

@@ -171,7 +171,7 @@ class PatchCore:
             return DetectorState(banks=(bank,))
         grid = self.extractor.grid
         if not score_support:
-            cal = calibration.calibrate(features, alpha, config, grid)
+            cal = calibration.calibrate(features, config, alpha=alpha, grid_shape=grid)
             return DetectorState(banks=(bank,), calibration=cal, calibrated_under=config)
         k = np.shape(features)[0]
         held = calibration.held_out(features, alpha, config, grid, views, cross=k >= 3)
@@ -189,9 +189,9 @@ class PatchCore:
         """The support-set calibration of `[k, m, c]` features under `config`'s refinement."""
         return calibration.calibrate(
             features,
-            self.alpha if alpha is None else alpha,
             self.config() if config is None else config,
-            self.extractor.grid,
+            alpha=self.alpha if alpha is None else alpha,
+            grid_shape=self.extractor.grid,
         )
 
     def view_features(self, params: Any, support_images: Array) -> Array | None:

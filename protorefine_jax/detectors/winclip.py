@@ -141,8 +141,8 @@ class WinClip:
         """Per-scale support-set calibration of the support `MultiscaleFeatures` under `config`."""
         return winclip_lib.calibrate(
             features,
-            self.alpha if alpha is None else alpha,
             self.config() if config is None else config,
+            alpha=self.alpha if alpha is None else alpha,
         )
 
     def fit(

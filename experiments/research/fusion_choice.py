@@ -18,7 +18,7 @@ optimum between PatchCore (`host05`) alone and the refined score (`ref`) alone
   own normal spread leaves more room for a defect; support patches only;
 - the calibrated max against the oracle better-of-two per cell-seed.
 
-    nice -n 10 python -m experiments.fusion_choice --cells_dir=runs/fusion_cells \
+    nice -n 10 python -m experiments.research.fusion_choice --cells_dir=runs/fusion_cells \
         --json_out=runs/fusion_choice.json
 """
 
@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from experiments import fusion_analyse as fa
-from experiments.fusion_report import SHIPPED
+from experiments.research import fusion_analyse as fa
+from experiments.research.fusion_report import SHIPPED
 from protorefine_jax import calibration
 from protorefine_jax.metrics import auroc
 

@@ -1,6 +1,6 @@
 """Study stage 3: RESULTS.md from the stored cells and the narrative template.
 
-The template (`experiments/results_template.md`) holds the reading of the
+The template (`experiments/research/results_template.md`) holds the reading of the
 numbers; `{{name}}` placeholders are replaced by tables and figures computed
 here from the cells, so the numbers in RESULTS.md always come from the store.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import study_cells as sc
+from experiments.research import study_cells as sc
 
 TEMPLATE = Path(__file__).resolve().parent / "results_template.md"
 METRICS = ("image_auroc", "pixel_auroc", "image_f1_max", "pixel_f1_max", "aupro")

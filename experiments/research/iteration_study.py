@@ -10,11 +10,11 @@ calibrated PatchCore+ (shipped) and the refined-only (paper) image AUROC, as
 the 5-seed mean per cell, beside the baseline (the first variant), and how
 far the last EM iteration still moved `W` (`Diagnostics.w_rel_change`).
 
-    python -m experiments.iteration_study --variants=10x30,5x10,3x10 \
+    python -m experiments.research.iteration_study --variants=10x30,5x10,3x10 \
         --json_out=runs/iteration_study.json
 
 Cells already in `--json_out` are kept (resumable). Features come from the
-fusion study's cache (`experiments.fusion_study`, `--cache_dir`).
+fusion study's cache (`experiments.research.fusion_study`, `--cache_dir`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import study_cells
 from experiments.hosts import batched
+from experiments.research import study_cells
 from protorefine_jax import RefineConfig, build_bank, refine_and_score
 from protorefine_jax import calibration as cal
 from protorefine_jax.data import sample_support

@@ -15,8 +15,16 @@ of the fused score against PatchCore, and the calibration error on the normal
 test images (median of each half's z-scores, their IQR, and the share of
 normal images whose score each half supplies).
 
-    nice -n 5 python -m experiments.calibration_study --stage=score
-    python -m experiments.calibration_study --stage=analyse
+    nice -n 5 python -m experiments.research.calibration_study --stage=score
+    python -m experiments.research.calibration_study --stage=analyse
+    python -m experiments.research.calibration_study --stage=stress
+
+Stage `stress` re-scores the stored cells after moving the normal-variation
+statistics of the TEST patches the way the held-out rings were diagnosed to
+move (the refined z-scores of new normal parts shifted up and widened more
+than the host's), and compares fusion rules that decide per query image or
+from the test set: does a rule keep its dev gain when its statistics are
+wrong in that direction?
 """
 
 from __future__ import annotations
@@ -30,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import study_cells
 from experiments.hosts import normal_gate, stream_order
+from experiments.research import study_cells
 from protorefine_jax import (
     RefineConfig,
     build_bank,
@@ -47,7 +55,9 @@ from protorefine_jax.scoring import maps_of_grids
 
 study_cells.DATA.setdefault("ball_screw", ("folder", "bsdata", "ball_screw"))
 
-_STAGE = flags.DEFINE_enum("stage", "score", ["score", "analyse"], "What to run.")
+_STAGE = flags.DEFINE_enum(
+    "stage", "score", ["score", "analyse", "stress"], "What to run (stress: see `stress`)."
+)
 _DATA_ROOT = flags.DEFINE_string("data_root", "../shared/data", "Dev data root.")
 _CACHE = flags.DEFINE_string("cache_dir", "runs/fusion_cache", "Feature cache (not committed).")
 _OUT = flags.DEFINE_string("out_dir", "runs/calib_cells", "Stored cells.")
@@ -363,11 +373,92 @@ def summarise(rows: list[dict], rules) -> dict:
     return out
 
 
+# ------------------------------------------------------------------ stress
+
+STRESS = {
+    "as measured": ((0.0, 1.0), (0.0, 1.0)),
+    "refined +0.8 IQR": ((0.0, 1.0), (0.8, 1.0)),
+    "refined +0.8 x1.7, host +0.4 x1.15": ((0.4, 1.15), (0.8, 1.7)),
+    "refined +0.4 x1.3, host +0.2 x0.9": ((0.2, 0.9), (0.4, 1.3)),
+}
+"""Distortions `(host, refined)`, each `(shift, widening)` of the test patches' z-scores
+around their median: the held-out rings' diagnosis (issue 26: refined +0.4 to +1.2 IQRs and
+1.3-2.1x as wide on normal test images, host +0.2 to +0.6 and 0.9-1.4x)."""
+
+STRESS_RULES = ("shipped", "query-aligned", "test-set statistics", "frozen after 16")
+
+
+def _distort(scores: np.ndarray, loc: float, scale: float, shift: float, widen: float):
+    z = (np.asarray(scores, np.float64) - loc) / scale
+    med = np.median(z)
+    return ((z - med) * widen + med + shift) * scale + loc
+
+
+def stress_scores(cell: dict, rule: str) -> np.ndarray:
+    """`[T, m]` fused patch scores of one rule (see `stress_stage`)."""
+    cal = calibration.statistics(cell["unit_host"][:, 0], cell["unit_ref"][:, 0])
+    z_h, z_r = (
+        np.asarray(z) for z in calibration.standardise(cell["test_host"], cell["test_ref"], cal)
+    )
+    if rule == "shipped":
+        return np.maximum(z_h, z_r)
+    if rule == "query-aligned":  # refined's per-image median moved onto the host's
+        med = functools.partial(np.median, axis=1, keepdims=True)
+        return np.maximum(z_h, z_r - med(z_r) + med(z_h))
+    if rule == "test-set statistics":  # transductive reference, not shippable
+        test = calibration.statistics(cell["test_host"], cell["test_ref"])
+        return np.maximum(*calibration.standardise(cell["test_host"], cell["test_ref"], test))
+    if rule == "frozen after 16":  # first 16 of the stream: support statistics; then theirs
+        first = stream_order(len(z_h))[:16]
+        test = calibration.statistics(cell["test_host"][first], cell["test_ref"][first])
+        out = np.asarray(
+            np.maximum(*calibration.standardise(cell["test_host"], cell["test_ref"], test))
+        )
+        out[first] = np.maximum(z_h, z_r)[first]
+        return out
+    raise KeyError(rule)
+
+
+def stress_stage(out_dir: Path) -> dict:
+    """Image AUROC gain against PatchCore of `STRESS_RULES` under every `STRESS` distortion."""
+    gains: dict = {}
+    for path in sorted(out_dir.glob("*_k*_s*.npz")):
+        data_feat, ks, _ = path.stem.rsplit("_", 2)
+        if int(ks[1:]) > 4:
+            continue
+        labels = np.load(out_dir / f"{data_feat}_truth.npz")["labels"]
+        cell = dict(np.load(path))
+        cal = calibration.statistics(cell["unit_host"][:, 0], cell["unit_ref"][:, 0])
+        for name, ((hs, hw), (rs, rw)) in STRESS.items():
+            moved = dict(cell)
+            moved["test_host"] = _distort(cell["test_host"], cal.host_loc, cal.host_scale, hs, hw)
+            moved["test_ref"] = _distort(
+                cell["test_ref"], cal.refined_loc, cal.refined_scale, rs, rw
+            )
+            host = auroc(labels, moved["test_host"].max(axis=1))
+            for rule in STRESS_RULES:
+                gain = auroc(labels, stress_scores(moved, rule).max(axis=1)) - host
+                gains.setdefault((name, rule), {}).setdefault((data_feat, ks), []).append(gain)
+    out = {}
+    for (name, rule), cells in gains.items():
+        per_cell = [float(np.mean(v)) for v in cells.values()]
+        out.setdefault(name, {})[rule] = {"worst": min(per_cell), "mean": float(np.mean(per_cell))}
+    return out
+
+
 def main(argv):
     """Runs the requested stage."""
     del argv
     if _STAGE.value == "score":
         score_stage()
+        return
+    if _STAGE.value == "stress":
+        res = stress_stage(Path(_OUT.value))
+        print("| test statistics | " + " | ".join(STRESS_RULES) + " |")
+        print("|---|" + "---|" * len(STRESS_RULES))
+        for name, rules in res.items():
+            cells = [f"{rules[r]['worst']:+.2f} / {rules[r]['mean']:+.2f}" for r in STRESS_RULES]
+            print(f"| {name} | " + " | ".join(cells) + " |")
         return
     res = analyse(Path(_OUT.value), pixel=_PIXEL.value)
     Path(_JSON.value).parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ calibrated from the support set as the shipped detector does, and writes the
 image AUROC per cell next to the stored host / refined cells of
 `fusion_study` (same support sets).
 
-    nice -n 5 python -m experiments.fusion_online --data=metal_plate,bottle --shots=1,2,4
+    nice -n 5 python -m experiments.research.fusion_online --data=metal_plate,bottle --shots=1,2,4
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from experiments import study_cells
 from experiments.hosts import score_features
+from experiments.research import study_cells
 from protorefine_jax.data import sample_support
 from protorefine_jax.metrics import auroc
 

@@ -1,6 +1,6 @@
 """Issue 14 tables from `fusion_study`'s stored grids (markdown on stdout).
 
-python -m experiments.fusion_report --out_dir=runs/fusion_cells [--pixel]
+python -m experiments.research.fusion_report --out_dir=runs/fusion_cells [--pixel]
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from experiments import fusion_analyse as fa
+from experiments.research import fusion_analyse as fa
 
 _OUT = flags.DEFINE_string("out_dir", "runs/fusion_cells", "Stored patch-score cells.")
 _PIXEL = flags.DEFINE_bool("pixel", False, "Also pixel AUROC of the main rows (slow).")

@@ -2,7 +2,7 @@ r"""The reproduction study behind RESULTS.md: does refinement help, when, and wh
 
 One command regenerates every table and figure of RESULTS.md:
 
-  python -m experiments.study --data_root=../shared/data
+  python -m experiments.research.study --data_root=../shared/data
 
 Stages (each resumable; nothing is recomputed that is already stored):
   1. features: patch features of every support image any seed draws and of
@@ -11,7 +11,7 @@ Stages (each resumable; nothing is recomputed that is already stored):
   2. cells: one "cell" = metrics of one (dataset, features, shots, seed,
      method config). Stored in --cells (JSON, committed) under a key that
      holds the full resolved config, so a changed default recomputes.
-  3. report: RESULTS.md from experiments/results_template.md plus the tables
+  3. report: RESULTS.md from experiments/research/results_template.md plus the tables
      and figures (PNG, --figures_dir) computed from the cells.
 
 `--report_only` redoes stage 3 from the committed cells, in seconds.
@@ -32,7 +32,7 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from experiments import study_cells, study_report
+from experiments.research import study_cells, study_report
 
 _DATA_ROOT = flags.DEFINE_string("data_root", "../shared/data", "Folder with mpdd/ and mvtec/.")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", "runs/study_cache", "Feature cache (not committed).")

@@ -10,7 +10,7 @@ current one (the support bank's ridge), fused offline under the shipped
 calibration and one measured under ridge_wide. The buffer dynamics do not
 depend on the calibration, so one scan serves every fusion.
 
-    nice -n 5 python -m experiments.online_diagnose --data=bottle,metal_plate,ball_screw \
+    nice -n 5 python -m experiments.research.online_diagnose --data=bottle,metal_plate,ball_screw \
         --seeds=0,1,2
 """
 
@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import study_cells
 from experiments.hosts import stream_order
+from experiments.research import study_cells
 from protorefine_jax.coreset import greedy_coreset_indices, projection_matrix
 from protorefine_jax.data import sample_support
 from protorefine_jax.gram import gram_system, matmul_precision

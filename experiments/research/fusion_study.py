@@ -17,8 +17,8 @@ bilinear upsample + blur, image score = max of the map).
 
 Run (CPU, about 25 min for 2 feature sets x 3 data x 3 shots x 5 seeds):
 
-    nice -n 5 python -m experiments.fusion_study --stage=score
-    python -m experiments.fusion_study --stage=analyse
+    nice -n 5 python -m experiments.research.fusion_study --stage=score
+    python -m experiments.research.fusion_study --stage=analyse
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import study_cells
 from experiments.hosts import batched
+from experiments.research import study_cells
 from protorefine_jax import RefineConfig, build_bank, refine_and_score
 from protorefine_jax.data import sample_support
 
@@ -165,7 +165,7 @@ def main(argv):
     if _STAGE.value == "score":
         score_stage()
     else:
-        from experiments import fusion_analyse
+        from experiments.research import fusion_analyse
 
         print(json.dumps(fusion_analyse.run(Path(_OUT.value)), indent=1)[:2000])
 

@@ -6,7 +6,7 @@ with SPEC 8's settings (`study_cells.SPEC8`), metal_plate, EfficientNet-Lite0
 `precision="float32"` (the study's) and `"float64"`. Features are extracted
 once into --cache_dir (the study's `FeatureCache`).
 
-  python -m experiments.precision_check --data_root=../shared/data \
+  python -m experiments.research.precision_check --data_root=../shared/data \
       --cache_dir=/tmp/num_cache --out=precision_check.json
 """
 
@@ -22,8 +22,8 @@ jax.config.update("jax_enable_x64", True)
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import study_cells  # noqa: E402
 from experiments.hosts import score_features  # noqa: E402
+from experiments.research import study_cells  # noqa: E402
 from protorefine_jax import RefineConfig  # noqa: E402
 from protorefine_jax.data import sample_support  # noqa: E402
 from protorefine_jax.metrics import evaluate  # noqa: E402
