@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import deploy, runner
+from experiments import deploy, overlays, runner
 from protorefine_jax.data.imageio import read_image, read_mask
 from protorefine_jax.detectors import PatchCore
 from protorefine_jax.features import get_extractor
@@ -87,7 +87,10 @@ def test_fit_predict_and_eval_with_a_wide_size(tmp_path):
     )
     assert summary["scored"] == 5
     overlay = np.asarray(Image.open(next((tmp_path / "p/overlays").glob("*.png"))))
-    assert overlay.shape == (32, 128, 3)  # image | map, each 32 x 64
+    # image | map, each 32 x 64, on top of the key strip (padded white to the strip's width)
+    assert overlay.shape[0] > 32 and overlay.shape[1] == max(128, overlays.KEY_MIN_WIDTH)
+    assert np.all(overlay[:32, 128:] == 255)
+    assert not np.all(overlay[:32, :64] == 255)
     res = runner.run(
         runner.Settings(
             dataset="folder",
