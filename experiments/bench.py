@@ -59,8 +59,8 @@ from experiments.bench_analyses import bench_precision, bench_profile, bench_sha
 from experiments.bench_report import markdown, ratios
 from experiments.bench_sections import bench_detect, bench_extract, bench_refine, bench_winclip
 from experiments.bench_settings import BenchSettings
-from experiments.hosts import HOST_DEVICES_FLAG
-from experiments.runner import machine_info
+from protorefine_jax.app.batching import HOST_DEVICES_FLAG
+from protorefine_jax.app.runner import machine_info
 
 PAPER_SECONDS_PER_IMAGE = {"patchcore": 0.21, "patchcore+": 0.49, "winclip": 0.50, "winclip+": 0.81}
 """Paper Table 3 (MVTec, RTX 3090), seconds per image."""

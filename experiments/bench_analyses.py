@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from experiments import runner
 from experiments.bench_lib import Case, measure, time_calls
 from experiments.bench_sections import (
     detect_setup,
@@ -28,9 +27,10 @@ from experiments.bench_sections import (
     winclip_refine_configs,
 )
 from experiments.bench_settings import BenchSettings
-from experiments.hosts import Host
-from experiments.methods import get_method
 from protorefine_jax import RefineConfig, make_detect, refine_and_score
+from protorefine_jax.app import runner
+from protorefine_jax.app.batching import BatchedDetector
+from protorefine_jax.app.methods import get_method
 from protorefine_jax.data import load_dataset_category, make_synthetic_dataset, sample_support
 from protorefine_jax.detectors import PatchCore, bank_size
 from protorefine_jax.metrics import evaluate
@@ -236,7 +236,7 @@ def bench_precision(s: BenchSettings) -> dict[str, Any]:
     range) and image / pixel AUROC per precision.
     """
     detector = PatchCore.create(s.precision_backbone, s.aggregation, s.image_size)
-    host = Host(detector, detector.load_params(s.precision_weights), batch_size=8)
+    host = BatchedDetector(detector, detector.load_params(s.precision_weights), batch_size=8)
     rows = []
     with tempfile.TemporaryDirectory(prefix="protorefine_bench_") as tmp:
         root = make_synthetic_dataset(
@@ -249,7 +249,7 @@ def bench_precision(s: BenchSettings) -> dict[str, Any]:
             support_features = host.features(data.load_images(support.paths))
             host.alpha = s.alpha  # the bench's coreset ratio
             # Through the host: it keeps the support features, which the tf32 and
-            # bfloat16 configs recalibrate from (`Host.calibrated_state`).
+            # bfloat16 configs recalibrate from (`BatchedDetector.calibrated_state`).
             state = host.fit(support_features)
             for name in ("patchcore", "patchcore+"):
                 method = get_method(name)

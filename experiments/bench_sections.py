@@ -17,8 +17,8 @@ import numpy as np
 
 from experiments.bench_lib import Case, measure, measure_api
 from experiments.bench_settings import BenchSettings
-from experiments.hosts import Host
 from protorefine_jax import RefineConfig, make_detect, refine_and_score
+from protorefine_jax.app.batching import BatchedDetector
 from protorefine_jax.detectors import PatchCore
 
 # --------------------------------------------------------------------------- inputs
@@ -82,13 +82,13 @@ def winclip_inputs(s: BenchSettings, batch: int) -> tuple[tuple, tuple]:
     return tuple(banks), tuple(queries)
 
 
-def random_host(name: str, aggregation: str, image_size: int) -> Host:
+def random_host(name: str, aggregation: str, image_size: int) -> BatchedDetector:
     """The eval's PatchCore host with random backbone weights (`init_params(PRNGKey(0))`)."""
     detector = PatchCore.create(name, aggregation, image_size)
-    return Host(detector, detector.load_params("random"), batch_size=1)
+    return BatchedDetector(detector, detector.load_params("random"), batch_size=1)
 
 
-def detect_setup(s: BenchSettings) -> tuple[Host, jax.Array]:
+def detect_setup(s: BenchSettings) -> tuple[BatchedDetector, jax.Array]:
     """`--detect_backbone` host with random weights and a k-shot coreset bank `[n, c]`."""
     host = random_host(s.detect_backbone, s.aggregation, s.image_size)
     support = host.detector.features(host.params, images(s.shots, s.image_size, seed=3))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from absl import flags
 
-from experiments import cli
+from protorefine_jax.cli import common as cli
 from protorefine_jax.data import make_synthetic_dataset
 
 FLAGS = flags.FlagValues()  # own registry: eval defines --categories too

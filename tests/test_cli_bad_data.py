@@ -19,8 +19,8 @@ from absl import flags
 from absl.testing import flagsaver
 from PIL import Image
 
-from experiments import deploy, runner
-from experiments import eval as eval_cli
+from protorefine_jax.app import deploy, runner
+from protorefine_jax.cli import eval as eval_cli
 from protorefine_jax.data import imageio, load_category, make_synthetic_dataset
 from protorefine_jax.data.errors import (
     EmptyMaskError,

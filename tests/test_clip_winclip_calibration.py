@@ -198,11 +198,11 @@ def test_detector_state_round_trips_through_a_model_dir(data, tmp_path):
 
 
 def test_eval_recalibrates_winclip_plus_ablations_only(data):
-    from experiments.hosts import Host
+    from protorefine_jax.app.batching import BatchedDetector
 
     support, _, _, _, cals = data
     det = _detector()
-    host = Host(det, params=None, batch_size=2)
+    host = BatchedDetector(det, params=None, batch_size=2)
     state = host.fit(support)
     assert host.calibrated_state(state, det.config()) is state  # the fitted config
     assert host.calibrated_state(state, det.config(calibrated=False)) is state

@@ -9,8 +9,8 @@ from absl import flags
 from absl.testing import flagsaver
 from conftest import SHARED_DATA
 
-from experiments import eval as eval_cli
-from experiments import runner
+from protorefine_jax.app import runner
+from protorefine_jax.cli import eval as eval_cli
 
 FLAGS = flags.FLAGS
 REPO = Path(__file__).resolve().parents[1]
@@ -102,12 +102,15 @@ def test_missing_data_dir_exits_with_a_message(tmp_path, capsys):
 
 def test_bare_flagfile_names_resolve_to_experiments_flags():
     argv = eval_cli.resolve_flagfiles(["eval", "--flagfile=mpdd_2shot.flags", "--shots=1"])
-    assert argv[1] == f"--flagfile={REPO / 'experiments' / 'flags' / 'mpdd_2shot.flags'}"
+    assert (
+        argv[1] == f"--flagfile={REPO / 'protorefine_jax' / 'cli' / 'flags' / 'mpdd_2shot.flags'}"
+    )
     assert argv[2] == "--shots=1"
 
 
 @pytest.mark.parametrize(
-    "path", sorted((REPO / "experiments" / "flags").glob("*.flags")) + [REPO / "demo.flags"]
+    "path",
+    sorted((REPO / "protorefine_jax" / "cli" / "flags").glob("*.flags")) + [REPO / "demo.flags"],
 )
 def test_every_flagfile_parses(path):
     with flagsaver.flagsaver():
@@ -196,7 +199,7 @@ def test_too_few_good_images_fail_before_any_extraction(tmp_path, capsys):
 
 
 def test_category_mean_row_is_the_std_over_seeds_of_category_means():
-    from experiments import report
+    from protorefine_jax.app import report
 
     rows = []
     for cat, vals in (("a", (80.0, 90.0)), ("b", (60.0, 100.0))):

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from experiments import runner
+from protorefine_jax.app import runner
 from protorefine_jax.data import MissingMaskError, make_synthetic_dataset
 
 TINY = dict(

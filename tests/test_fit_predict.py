@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import deploy
+from protorefine_jax.app import deploy
 from protorefine_jax.data import make_synthetic_dataset
 from protorefine_jax.io.model_dir import ModelFormatError, ModelMismatchError
 
@@ -207,7 +207,10 @@ def _run(cmd, cwd, subprocess_run):
         assert proc.returncode == 0, proc.stderr[-3000:]
         return
     # In this process (one jax start-up instead of three): the modules' own entry points.
-    module = importlib.import_module(argv[2])
+    shim = argv[2] in ("experiments.fit", "experiments.predict", "experiments.eval")
+    module = importlib.import_module(
+        argv[2].replace("experiments.", "protorefine_jax.cli.") if shim else argv[2]
+    )
     old = os.getcwd()
     os.chdir(cwd)
     try:
@@ -255,8 +258,8 @@ def test_readme_commands_as_written(tmp_path):
 
 
 def test_cli_flags_reach_the_settings_and_bad_input_exits_2(tmp_path, capsys):
-    from experiments import fit as fit_cli
-    from experiments import predict as predict_cli
+    from protorefine_jax.cli import fit as fit_cli
+    from protorefine_jax.cli import predict as predict_cli
 
     try:
         fit_cli.FLAGS(
@@ -348,7 +351,7 @@ def _pairs_auroc(good, bad):
 
 def test_predict_reads_labels_from_the_folders(model, demo, tmp_path):
     """`good/` beside a folder per defect type: rates, AUROC, wrong decisions; keyed overlays."""
-    from experiments import overlays
+    from protorefine_jax.app import overlays
 
     out = tmp_path / "out"
     summary = _predict(model[0], demo / "test", out, support_dir=str(demo / "train/good"))
@@ -397,7 +400,7 @@ def test_predict_reads_labels_from_the_folders(model, demo, tmp_path):
 
 
 def test_predict_labels_off_and_on(model, demo, tmp_path):
-    from experiments.predict_labels import LabelLayoutError
+    from protorefine_jax.app.predict_labels import LabelLayoutError
 
     out = tmp_path / "off"
     summary = _predict(model[0], demo / "test", out, labels="off")
@@ -421,7 +424,7 @@ def test_predict_labels_off_and_on(model, demo, tmp_path):
 
 
 def test_predict_cli_labels_and_support_dir_flags():
-    from experiments import predict as predict_cli
+    from protorefine_jax.cli import predict as predict_cli
 
     try:
         predict_cli.FLAGS(["predict", "--model=m", "--images=i", "--out=o", "--labels=off"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments.html_report import (
+from protorefine_jax.app.html_report import (
     Legend,
     ReportItem,
     SupportItem,

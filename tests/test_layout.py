@@ -8,7 +8,7 @@ PACKAGE = REPO / "protorefine_jax"
 # The core: every module at the package's top level (a new one is core from
 # its first commit). The upper layers: its subpackages, and the experiments.
 CORE = tuple(sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"))
-UPPER = ("features", "clip", "data", "detectors", "io", "experiments")
+UPPER = ("features", "clip", "data", "detectors", "io", "app", "cli", "experiments")
 
 
 def module_name(path: Path) -> str:
@@ -91,9 +91,36 @@ def test_no_import_circle():
 def test_the_engine_never_imports_research():
     """eval, fit, predict and the bench import nothing under experiments/research/."""
     g = graph()
-    engine = [n for n in g if n.startswith("experiments.") and ".research" not in n]
-    assert "experiments.eval" in engine and "experiments.deploy" in engine
+    engine = [
+        n for n in g if n.startswith(("experiments.", "protorefine_jax")) and ".research" not in n
+    ]
+    assert "protorefine_jax.app.deploy" in engine and "protorefine_jax.cli.eval" in engine
     for name in engine:
         bad = sorted(m for m in g[name] if m.startswith("experiments.research"))
         assert not bad, f"{name} imports research code {bad}"
     assert any(n.startswith("experiments.research.") for n in g)
+
+
+def test_the_app_layer_sits_between_the_library_and_the_command_lines():
+    """Library -> app -> cli, never back; experiments' eval, fit and predict are thin shims."""
+    g = graph()
+
+    def layer(name: str) -> str | None:
+        parts = name.split(".")
+        return (
+            parts[1] if parts[0] == "protorefine_jax" and parts[1:2] in (["app"], ["cli"]) else None
+        )
+
+    for name, deps in g.items():
+        if name.startswith("protorefine_jax") and layer(name) is None:
+            assert not [m for m in deps if layer(m)], name
+        if layer(name) == "app":
+            assert not [m for m in deps if layer(m) == "cli" or m.startswith("experiments")], name
+            path = REPO / name.replace(".", "/")
+            text = (path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).read_text()
+            assert "DEFINE_" not in text, (
+                f"{name} defines flags; they belong to protorefine_jax.cli"
+            )
+    for tool in ("eval", "fit", "predict"):
+        text = (REPO / "experiments" / f"{tool}.py").read_text()
+        assert len(text.splitlines()) <= 20 and f"protorefine_jax.cli.{tool} import run" in text

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import deploy, overlays, runner
+from protorefine_jax.app import deploy, overlays, runner
 from protorefine_jax.data.imageio import read_image, read_mask
 from protorefine_jax.detectors import PatchCore
 from protorefine_jax.features import get_extractor

@@ -6,8 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
-from experiments import html_report, overlays, predict_labels, report
-from experiments.predict_labels import LabelLayoutError, from_layout, summarise
+from protorefine_jax.app import html_report, overlays, predict_labels, report
+from protorefine_jax.app.predict_labels import LabelLayoutError, from_layout, summarise
 
 
 def _tree(root, names):

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from experiments.prefetch import prefetch
+from protorefine_jax.app.prefetch import prefetch
 
 
 def test_yields_every_item_in_order():

@@ -109,7 +109,7 @@ def _mutate_json(rng: random.Random, node, depth: int = 0):
 
 def test_fuzzed_model_directories_open_or_raise_the_package_errors(tmp_path):
     """Random changes to a valid model.json: a successful open or the model errors, no other."""
-    from experiments import deploy
+    from protorefine_jax.app import deploy
     from protorefine_jax.data import make_synthetic_dataset
     from protorefine_jax.io.errors import CheckpointError
     from protorefine_jax.io.model_dir import ModelFormatError, ModelMismatchError

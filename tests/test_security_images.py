@@ -96,7 +96,7 @@ def test_pixel_limit_flag_raises_and_lowers_the_limit(tmp_path, monkeypatch):
 
 
 def test_eval_flag_is_defined():
-    from experiments import eval as eval_cli
+    from protorefine_jax.cli import eval as eval_cli
 
     assert eval_cli._MAX_IMAGE_PIXELS.default == imageio.DEFAULT_MAX_IMAGE_PIXELS
 

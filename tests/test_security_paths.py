@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from crafted import Evil
 
-from experiments import runner
+from protorefine_jax.app import runner
 from protorefine_jax.data.errors import UnsafeNameError
 from protorefine_jax.data.folder import load_category
 from protorefine_jax.data.synthetic import make_synthetic_dataset

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import deploy, html_report, report
-from experiments import fit as fit_cli
-from experiments import predict as predict_cli
+from protorefine_jax.app import deploy, html_report, report
+from protorefine_jax.cli import fit as fit_cli
+from protorefine_jax.cli import predict as predict_cli
 from protorefine_jax.data import make_synthetic_dataset
 from protorefine_jax.io import model_dir, paths
 from protorefine_jax.io.model_dir import ModelFormatError, ModelMismatchError

@@ -48,15 +48,15 @@ SHARDED = textwrap.dedent(
 
     # The eval's --devices: Host features and offline scores split over the mesh.
     import pytest
-    from experiments.hosts import Host, device_mesh, score_features
+    from protorefine_jax.app.batching import BatchedDetector, device_mesh, score_features
     from protorefine_jax.detectors import PatchCore
     det = PatchCore.create("efficientnet_lite0", "simple", 64)
     params = det.load_params("random")
     pics = (rng.random((7, 64, 64, 3)) * 255).astype(np.uint8)
     mesh = device_mesh(4, 4)
     assert mesh.size == 4 and device_mesh(1, 4) is None and device_mesh(0, 8).size == 4
-    f1 = Host(det, params, 4).features(pics)
-    f4 = Host(det, params, 4, mesh).features(pics)  # 7 images: batches of 4, the last padded
+    f1 = BatchedDetector(det, params, 4).features(pics)
+    f4 = BatchedDetector(det, params, 4, mesh).features(pics)  # 7 images: the last batch padded
     assert isinstance(f4, np.ndarray) and f4.shape == f1.shape, f4.shape
     np.testing.assert_allclose(f4, f1, rtol=1e-4, atol=1e-4 * np.abs(f1).max())
     cfg = det.config(num_iters=2)

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import deploy, report, schema
-from experiments import fit as fit_cli
-from experiments import predict as predict_cli
 from protorefine_jax import RefineConfig
+from protorefine_jax.app import deploy, report, schema
 from protorefine_jax.bank import MemoryBank
+from protorefine_jax.cli import fit as fit_cli
+from protorefine_jax.cli import predict as predict_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,12 @@ def _run_fit(argv, capsys):
 
 def _module(name: str):
     """A module new with issue 27 (imported per test: the other tests run without it)."""
-    return importlib.import_module(f"experiments.{name}")
+    package = (
+        "protorefine_jax.cli"
+        if name in ("fit", "predict", "eval", "common")
+        else "protorefine_jax.app"
+    )
+    return importlib.import_module(f"{package}.{name}")
 
 
 def _bank(n: int, c: int, degenerate: bool) -> MemoryBank:
@@ -321,7 +326,7 @@ def test_rounded_metrics_for_pages():
 
 def test_readme_timing_note_matches_the_flagfile_seeds():
     readme = (REPO / "README.md").read_text()
-    flagfile = (REPO / "experiments/flags/mpdd_2shot.flags").read_text()
+    flagfile = (REPO / "protorefine_jax/cli/flags/mpdd_2shot.flags").read_text()
     seeds = re.search(r"^--seeds=(.*)$", flagfile, re.MULTILINE).group(1).split(",")
     assert "run above with 3 seeds" not in readme
     m = re.search(r"(\d) of the flagfile's (\d) seeds", readme)

@@ -38,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.hosts import normal_gate, stream_order
 from experiments.research import study_cells
 from protorefine_jax import (
     RefineConfig,
@@ -48,6 +47,7 @@ from protorefine_jax import (
     stream_calibration,
     threshold,
 )
+from protorefine_jax.app.batching import normal_gate, stream_order
 from protorefine_jax.coreset import coreset_size
 from protorefine_jax.data import load_dataset_category, sample_support
 from protorefine_jax.metrics import auroc

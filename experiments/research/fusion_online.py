@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from experiments.hosts import score_features
 from experiments.research import study_cells
+from protorefine_jax.app.batching import score_features
 from protorefine_jax.data import sample_support
 from protorefine_jax.metrics import auroc
 

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.hosts import batched
 from experiments.research import study_cells
 from protorefine_jax import RefineConfig, build_bank, refine_and_score
 from protorefine_jax import calibration as cal
+from protorefine_jax.app.batching import batched
 from protorefine_jax.data import sample_support
 from protorefine_jax.metrics import auroc
 

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.hosts import stream_order
 from experiments.research import study_cells
+from protorefine_jax.app.batching import stream_order
 from protorefine_jax.coreset import greedy_coreset_indices, projection_matrix
 from protorefine_jax.data import sample_support
 from protorefine_jax.gram import gram_system, matmul_precision

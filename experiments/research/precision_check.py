@@ -22,9 +22,9 @@ jax.config.update("jax_enable_x64", True)
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments.hosts import score_features  # noqa: E402
 from experiments.research import study_cells  # noqa: E402
 from protorefine_jax import RefineConfig  # noqa: E402
+from protorefine_jax.app.batching import score_features  # noqa: E402
 from protorefine_jax.data import sample_support  # noqa: E402
 from protorefine_jax.metrics import evaluate  # noqa: E402
 

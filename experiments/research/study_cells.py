@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from experiments import runner
-from experiments.hosts import Host, score_features
-from experiments.methods import METHODS, PAPER, SPEC8, STUDY_MAIN
 from protorefine_jax import RefineConfig
 from protorefine_jax import refine as refine_lib
+from protorefine_jax.app import runner
+from protorefine_jax.app.batching import BatchedDetector, score_features
+from protorefine_jax.app.methods import METHODS, PAPER, SPEC8, STUDY_MAIN
 from protorefine_jax.bank import uses_wide_ridge
 from protorefine_jax.coreset import coreset_size
 from protorefine_jax.data import load_dataset_category, sample_support
@@ -260,7 +260,7 @@ def image_key(path) -> str:
 class FeatureCache:
     """Patch features per (data, features), extracted once and kept as .npz.
 
-    Extraction is the eval's: the PatchCore detector in a `hosts.Host`, the
+    Extraction is the eval's: the PatchCore detector in a `batching.BatchedDetector`, the
     test set through `runner.load_test_set`, the support images through
     `runner.SupportCache`; this class only keeps the result on disk.
     """
@@ -295,7 +295,7 @@ class FeatureCache:
             z = np.load(path)
             cached = {image_key(n): i for i, n in enumerate(z["train_names"].tolist())}
         if not path.exists() or any(image_key(p) not in cached for p in wanted):
-            host = Host(det, det.load_params(None), batch_size=8)
+            host = BatchedDetector(det, det.load_params(None), batch_size=8)
             names = sorted(wanted)
             if quick:
                 cat = dataclasses.replace(cat, test=cat.test[:: max(1, len(cat.test) // 8)][:8])

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from experiments.overlays import colour_map, legend_svg, normalise
+from protorefine_jax.app.overlays import colour_map, legend_svg, normalise
 from protorefine_jax.io.paths import write_output
 
 THUMB_SIZE = 160

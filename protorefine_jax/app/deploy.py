@@ -28,10 +28,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from experiments import advice, html_report, predict_labels, runner, schema
-from experiments.overlays import thumbnail, with_key
-from experiments.report import overlay
 from protorefine_jax import threshold as threshold_lib
+from protorefine_jax.app import advice, html_report, predict_labels, runner, schema
+from protorefine_jax.app.overlays import thumbnail, with_key
+from protorefine_jax.app.report import overlay
 from protorefine_jax.data.errors import DatasetError
 from protorefine_jax.data.imageio import is_image_file, read_image
 from protorefine_jax.features.preprocess import image_hw

@@ -1,6 +1,6 @@
 """A library detector in fixed-size batches: what eval, study and bench run.
 
-`Host` holds one detector of `protorefine_jax.detectors` (PatchCore(+) or
+`BatchedDetector` holds one detector of `protorefine_jax.detectors` (PatchCore(+) or
 WinCLIP(+)) with its parameters and a compiled batch size; it pads batches to
 that size so every batch reuses one compiled program. Nothing here knows
 which detector it holds. With a device mesh (`device_mesh`, the eval's
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from experiments.methods import Method
 from protorefine_jax import calibration, stream_calibration, threshold
+from protorefine_jax.app.methods import Method
 from protorefine_jax.detectors import Detector, DetectorState
 from protorefine_jax.scoring import maps_of_grids
 from protorefine_jax.sharding import batch_mesh, replicate, shard_batch
@@ -211,7 +211,7 @@ class ScoreResult:
       diagnostics: name -> `[T]` per-image numerical diagnostics.
       metrics: the protocol's metrics, filled in by the runner.
       halves: calibrated PatchCore+ only: the host and refined patch scores
-        and the calibration that fused them (`Host.halves`).
+        and the calibration that fused them (`BatchedDetector.halves`).
     """
 
     image_scores: np.ndarray
@@ -221,7 +221,7 @@ class ScoreResult:
     halves: dict[str, Any] | None = None
 
 
-class Host:
+class BatchedDetector:
     """One detector, its parameters and a compiled batch size.
 
     Attributes:
@@ -295,7 +295,8 @@ class Host:
         if self.support is None:
             raise ValueError(
                 "this config needs its own calibration, from the support features: "
-                "fit the state with Host.fit (it keeps them), not with the detector directly."
+                "fit the state with BatchedDetector.fit (it keeps them), not with the "
+                "detector directly."
             )
         cal = self.detector.calibrate(self.support, config, alpha=self.alpha)
         return state._replace(calibration=cal, calibrated_under=config)
@@ -375,7 +376,7 @@ class Host:
         if not self._fuses(state, config) or state.support_scores is None:
             raise ValueError(
                 "stream calibration is a PatchCore+ method with a calibrated state from "
-                "Host.fit(..., score_support=True)."
+                "BatchedDetector.fit(..., score_support=True)."
             )
         halves = self.halves(state, test_features, config)
         support_host, support_refined = calibration.held_out_scores(

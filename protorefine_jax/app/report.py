@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from experiments.overlays import colour_map
+from protorefine_jax.app.overlays import colour_map
 from protorefine_jax.data import aggregate_seeds
 from protorefine_jax.io.paths import json_text, safe_filename, write_output
 

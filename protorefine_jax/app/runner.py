@@ -22,11 +22,11 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from experiments import advice, html_report, report, schema
-from experiments.hosts import Host, device_mesh, stack, take
-from experiments.methods import Method, get_method
-from experiments.prefetch import prefetch
 from protorefine_jax import calibration as calibration_lib
+from protorefine_jax.app import advice, html_report, report, schema
+from protorefine_jax.app.batching import BatchedDetector, device_mesh, stack, take
+from protorefine_jax.app.methods import Method, get_method
+from protorefine_jax.app.prefetch import prefetch
 from protorefine_jax.data import load_dataset_category, make_synthetic_dataset, sample_support
 from protorefine_jax.data.errors import EmptyMaskError
 from protorefine_jax.data.registry import list_categories
@@ -206,7 +206,7 @@ def refine_fields(s: Settings) -> dict[str, Any]:
     return {name: getattr(s, name) for name in names if getattr(s, name) is not None}
 
 
-def make_host(s: Settings, family: str) -> Host:
+def make_host(s: Settings, family: str) -> BatchedDetector:
     """The library detector of a method family, with its parameters, in batches."""
     if family == "patchcore":
         detector = PatchCore.create(
@@ -218,7 +218,7 @@ def make_host(s: Settings, family: str) -> Host:
             target_dim=s.target_dim,
         )
         mesh = device_mesh(s.devices, s.batch_size)  # before the weights: fails fast
-        return Host(detector, detector.load_params(s.weights), s.batch_size, mesh)
+        return BatchedDetector(detector, detector.load_params(s.weights), s.batch_size, mesh)
     from protorefine_jax.detectors.winclip import WinClip  # imports transformers: only here
 
     # Names the missing files if the folder is incomplete.
@@ -228,7 +228,7 @@ def make_host(s: Settings, family: str) -> Host:
             f"--image_size={s.image_size} but the CLIP model in {s.clip_dir} takes "
             f"{detector.image_size} px; pass --image_size={detector.image_size}."
         )
-    return Host(detector, params, s.batch_size, device_mesh(s.devices, s.batch_size))
+    return BatchedDetector(detector, params, s.batch_size, device_mesh(s.devices, s.batch_size))
 
 
 def _cpu_model() -> str | None:

@@ -139,7 +139,7 @@ def _choices(flag) -> list[str] | None:
     values = getattr(flag.parser, "enum_values", None)
     if values:
         return list(values)
-    from experiments import schema
+    from protorefine_jax.app import schema
 
     field = schema.FLAGS.get(flag.name)
     return list(field.choices) if getattr(field, "choices", None) else None
@@ -185,7 +185,7 @@ def help_text(
     heading. `full` (`--helpfull`) appends absl's complete listing.
     `special`: help of essential names absl handles itself (`--flagfile`).
     """
-    from experiments import schema
+    from protorefine_jax.app import schema
 
     def line(name: str, wrap: bool) -> str:
         if special and name in special:

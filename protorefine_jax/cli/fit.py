@@ -1,0 +1,149 @@
+r"""Fit a detector on a folder of good images and write a model directory.
+
+  python -m experiments.fit --support_dir=parts/good --out=models/parts
+  python -m experiments.fit --support_dir=parts/good --out=models/parts --shots=2 \
+      --calibration_dir=parts/val --export
+
+Writes `--out` (new or empty; `--overwrite` to replace): `model.json` (the
+resolved configuration, backbone and weights SHA-256, image size, package
+version, support files, the decision threshold and how it was derived),
+`state.safetensors` (every array of the detector's state) and, with
+`--export`, `detector.jaxexport` (the compiled detector, bank baked in).
+
+The threshold: with only good images, each good image's held-out score in
+the model's own units (its quadrants against a bank without them, also for
+nuisance views of it: `protorefine_jax.calibration.support_image_scores`), an image
+far above the others named and left out (`threshold.outlying`), and the
+split-conformal order statistic for `--false_alarm_rate`
+(`protorefine_jax.threshold`); with `--calibration_dir` (MVTec test layout:
+good/ and defect folders), the F1-optimal threshold on those images instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+from absl import flags
+
+from protorefine_jax.app import deploy, image_check, schema
+from protorefine_jax.cli import common as cli
+from protorefine_jax.data import imageio
+
+# Own flag registry: fit, predict and eval define flags of the same names and
+# may be imported together (tests, notebooks).
+FLAGS = flags.FlagValues()
+_define_string = functools.partial(flags.DEFINE_string, flag_values=FLAGS)
+_define_bool = functools.partial(flags.DEFINE_bool, flag_values=FLAGS)
+_define_integer = functools.partial(flags.DEFINE_integer, flag_values=FLAGS)
+_define_float = functools.partial(flags.DEFINE_float, flag_values=FLAGS)
+_define_enum = functools.partial(flags.DEFINE_enum, flag_values=FLAGS)
+
+_define_string("support_dir", "", "Folder (searched recursively) or glob of good images. Required.")
+_define_string("out", "", "Model directory to write (new or empty). Required.")
+_define_bool(
+    "overwrite",
+    False,
+    "Allow a non-empty --out: the files of an earlier fit (model.json, state.safetensors, "
+    "detector.jaxexport) are replaced; other files are kept and listed.",
+)
+_define_enum(
+    "method", "patchcore+", sorted(deploy.METHODS), "Detector: patchcore+ (refined) or patchcore."
+)
+_define_enum(
+    "backbone",
+    "efficientnet_lite0",
+    ["efficientnet_lite0", "efficientnet_lite2", "wide_resnet50_2"],
+    "Feature backbone (wide_resnet50_2 needs --weights).",
+)
+_define_enum(
+    "aggregation", None, ["official", "simple"], "Feature aggregation (default per backbone)."
+)
+_define_string("weights", "", "Backbone weights file ('' = shipped Lite weights; 'random').")
+_define_string(
+    "image_size",
+    "256",
+    "Input size, HEIGHTxWIDTH (multiples of 16, e.g. 224x544) or one side; fit suggests one "
+    "that keeps the shape of non-square images.",
+)
+_define_float("alpha", None, "Coreset ratio (default 0.05).")
+_define_integer("shots", 0, "Support images to draw (seeded); 0 = every image given.")
+_define_integer("seed", 0, "Seed of the --shots draw.")
+_define_float(
+    "false_alarm_rate",
+    0.05,
+    "Share of good parts the threshold may flag (reachable with at least 1/rate - 1 good images).",
+)
+_define_float("margin", 0.0, "Relative margin added to the normal-only threshold.")
+_define_integer(
+    "views",
+    4,
+    "Nuisance views of each good image (small shift, rotation, light change) scored in the "
+    "calibration and threshold hold-outs; 0: the good images' quadrants only.",
+)
+_define_string(
+    "calibration_dir",
+    None,
+    "Labelled images (good/ + defect folders): use the F1-optimal threshold on them.",
+)
+_define_bool("export", False, "Also write the jax.export artifact (detector.jaxexport).")
+_define_integer("batch_size", 8, "Images per compiled batch.")
+_define_integer(
+    "max_image_pixels",
+    imageio.DEFAULT_MAX_IMAGE_PIXELS,
+    "Largest image (width x height) decoded; larger files are refused before decoding.",
+)
+_define_bool("progress", True, "Log progress.")
+_define_bool("verbose", False, "Also print diagnostics (memory bank size and ranks) and JAX logs.")
+for _name in deploy.REFINE_FIELDS:
+    _help = cli.refine_help(_name)
+    if _name in ("warm_start",):
+        _define_bool(_name, None, _help)
+    elif _name in ("num_iters", "sinkhorn_iters", "inner_steps"):
+        _define_integer(_name, None, _help)
+    elif _name in ("sinkhorn_mode", "m_step", "optimizer", "bank", "precision"):
+        _define_string(_name, None, _help)
+    else:
+        _define_float(_name, None, _help)
+
+# What --help lists first, in this order.
+ESSENTIAL = ("support_dir", "out", "method", "image_size", "backbone", "shots", "false_alarm_rate")
+
+
+def settings_from_flags() -> deploy.FitSettings:
+    """`FitSettings` of the parsed flags."""
+    names = [f.name for f in deploy.dataclasses.fields(deploy.FitSettings) if f.name != "refine"]
+    refine = tuple((n, FLAGS[n].value) for n in deploy.REFINE_FIELDS if FLAGS[n].value is not None)
+    values = {n: FLAGS[n].value for n in names}
+    values["image_size"] = deploy.parse_image_size(values["image_size"])
+    image_check.check_multiple(values["image_size"])  # names the nearest valid size
+    return deploy.FitSettings(**values, refine=refine)
+
+
+def run(argv: list[str]) -> int:
+    """Parses `argv` into this module's flags and fits; returns the exit status."""
+    status = cli.parse(FLAGS, argv, __doc__, ESSENTIAL)
+    if status is not None:
+        return status
+    cli.quiet_jax_startup(FLAGS.verbose)
+
+    def fit() -> None:
+        schema.check_flags({"max_image_pixels": FLAGS.max_image_pixels})
+        imageio.set_max_image_pixels(FLAGS.max_image_pixels)
+        settings = settings_from_flags()
+        # Flags first (their ranges), then the images: their sizes against --image_size.
+        schema.check_flags({**deploy.dataclasses.asdict(settings), **dict(settings.refine)})
+        if settings.support_dir:
+            root, files = deploy.list_images(settings.support_dir)
+            explicit = FLAGS["image_size"].present
+            notes = image_check.check_images(
+                files, settings.image_size, explicit=explicit, for_fit=True, root=root
+            )
+            image_check.show(notes)
+        deploy.fit_model(settings)
+
+    return cli.report_errors(fit)
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv))
