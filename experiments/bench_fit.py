@@ -27,6 +27,8 @@ twice):
   # 200 good images: metal_plate has 54, so the pool is repeated (copies
   # named apart in a temporary folder; identical images, the same cost)
   python -m experiments.bench_fit --shots=200 --repeat_pool
+  # the fastest-growing parts alone, at 200 images (features repeated)
+  python -m experiments.bench_fit --probe=200
 
 The support folder defaults to metal_plate's good training images
 (`/work/shared/data/mpdd/metal_plate/train/good`).
@@ -73,6 +75,14 @@ flags.DEFINE_bool(
 flags.DEFINE_string("image_size", "256", "Input size.", flag_values=FLAGS)
 flags.DEFINE_string("out", "", "Optional JSON of every row.", flag_values=FLAGS)
 flags.DEFINE_integer("child", 0, "Internal: fit this k in this process.", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "probe",
+    0,
+    "Instead of fits: time the parts of a fit of this many images that grow fastest (the "
+    "deployed bank's coreset, the cover, the quadrant banks, one refined quadrant), on the "
+    "folder's features repeated (with a 1e-3 jitter, so the greedy loop meets no duplicates).",
+    flag_values=FLAGS,
+)
 
 
 class StageTimer:
@@ -187,6 +197,52 @@ def fit_once(k: int, support_dir: str, image_size: str) -> dict[str, Any]:
     }
 
 
+def probe(k: int, support_dir: str) -> dict[str, Any]:
+    """Seconds of the fastest-growing parts of a fit of `k` images (`--probe`)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments import deploy
+    from protorefine_jax import calibration
+    from protorefine_jax.coreset import greedy_coreset
+
+    s = deploy.FitSettings(support_dir=support_dir, progress=False)
+    _, files = deploy.list_images(support_dir)
+    images, _, _ = deploy.read_batch(files, s.image_size, strict=True)
+    detector, params, config = deploy.build_detector(s)
+    feats = np.concatenate(
+        [np.asarray(detector.features(params, b)) for b in deploy._pad_chunks(images, 8)]
+    )[: len(files)]
+    feats = np.concatenate([feats] * -(-k // len(feats)))[:k]
+    feats = feats + 1e-3 * np.random.default_rng(0).standard_normal(feats.shape, np.float32)
+    m, c = feats.shape[1:]
+    flat = jnp.asarray(feats.reshape(-1, c))
+    out: dict[str, Any] = {"k": k, "load_before": os.getloadavg()[0]}
+    t0 = time.perf_counter()
+    centres = np.asarray(greedy_coreset(flat, detector.alpha))
+    out["bank_coreset_s"] = time.perf_counter() - t0
+    out["bank_rows"] = int(centres.size)
+    t0 = time.perf_counter()
+    cov = calibration.cover(flat, detector.alpha, centres)
+    out["cover_s"] = time.perf_counter() - t0
+    quads = calibration.quadrant_rows(detector.extractor.grid)
+    t0 = time.perf_counter()
+    banks = calibration.shared_banks([i * m + quads[0] for i in range(k)], detector.alpha, cov)
+    out["quadrant_banks_s_per_quadrant_position"] = time.perf_counter() - t0
+    cfg = calibration._holdout_config(k * m, c, detector.alpha, config)
+    query = jnp.asarray(feats[:1, quads[0]])
+    for name in ("refined_quadrant_first_s", "refined_quadrant_s"):
+        t0 = time.perf_counter()
+        jax.block_until_ready(
+            calibration._refined_against(flat, banks.rows[:1], banks.used[:1], query, cfg)
+        )
+        out[name] = time.perf_counter() - t0
+    out["budget_units"] = calibration.budget_units(16, centres.size)
+    out["load_after"] = os.getloadavg()[0]
+    return {key: round(v, 2) if isinstance(v, float) else v for key, v in out.items()}
+
+
 def pool_folder(support_dir: str, k: int, tmp: str) -> str:
     """A folder of `k` images: `support_dir`'s, repeated (copies named apart) when fewer."""
     from experiments import deploy
@@ -215,6 +271,9 @@ def markdown_rows(rows: Sequence[dict[str, Any]]) -> str:
 def main(argv: Sequence[str]) -> None:
     """Fits each `--shots` in a child process and prints the split."""
     FLAGS(list(argv))
+    if FLAGS.probe:
+        print(json.dumps(probe(FLAGS.probe, FLAGS.support_dir)))
+        return
     if FLAGS.child:
         print("ROW " + json.dumps(fit_once(FLAGS.child, FLAGS.support_dir, FLAGS.image_size)))
         return

@@ -94,6 +94,9 @@ class HoldoutBudget:
         where it was refined: the host half supplied the held-out image
         score of 7 of 8 metal_plate images in the exact computation, the
         refined one at most 2 % more in the 8th (BENCHMARKS.md, "Issue 28").
+        Scoring with the refined half alone (`calibrated=False`) keeps the
+        exact hold-outs at every `k`: its image score has no host half to
+        stand in where nothing was refined.
     """
 
     exact_max: int = 8
@@ -491,7 +494,9 @@ def held_out(
     support, if already built (the approximation starts from them).
     """
     budget = HoldoutBudget() if budget is None else budget
-    if not budget.exact(np.shape(support)[0]):
+    # Refined-alone scoring has no host half to stand in where nothing was refined.
+    refined_alone = config.use_refinement and not config.calibrated
+    if not budget.exact(np.shape(support)[0]) and not refined_alone:
         return shared_held_out(
             support, alpha, config, grid_shape, views, cross, budget.refined_units, bank_indices
         )

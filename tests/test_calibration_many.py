@@ -160,3 +160,22 @@ def test_holdout_budget_refuses_bad_counts(bad):
 def test_map_scale_uses_every_image_up_to_eight_then_four():
     np.testing.assert_array_equal(deploy.map_scale_images(8), np.arange(8))
     np.testing.assert_array_equal(deploy.map_scale_images(50), [0, 16, 33, 49])
+
+
+def test_shared_hold_outs_on_an_odd_grid_fill_every_quadrant(rng):
+    grid = (5, 3)  # quadrants of 2, 1, 6 and 6 patches
+    sup = lowrank_features(rng, (6, 15, 8), subspace(rng, 4, 8))
+    budget = cal.HoldoutBudget(exact_max=2, refined_units=24)
+    held = cal.held_out(sup, 0.5, CFG, grid, sup[:, None], cross=True, budget=budget)
+    assert held.host.shape == held.refined.shape == (6, 2, 15)
+    assert np.isfinite(held.host).all() and np.isfinite(held.refined[:, 0]).all()
+    assert np.isnan(held.refined[:, 1]).all()  # views: host half only
+    assert np.isfinite(held.cross_host).all() and np.isnan(held.cross_refined).all()
+
+
+def test_refined_alone_scoring_keeps_the_exact_hold_outs(rng, monkeypatch):
+    sup = lowrank_features(rng, (3, 16, 8), subspace(rng, 4, 8))
+    calls = _count_selections(monkeypatch)
+    budget = cal.HoldoutBudget(exact_max=1)
+    held = cal.held_out(sup, 0.5, CFG.replace(calibrated=False), (4, 4), budget=budget)
+    assert len(calls) == 4 * 3 and np.isfinite(held.refined).all()
