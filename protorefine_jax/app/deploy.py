@@ -351,8 +351,8 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
     log(f"fitted {s.method} on {k} image(s) from {root}")
     advice.show_banks(state.banks, config, s.verbose, log)  # plain advice; ranks with --verbose
 
-    def score_state(st, images):
-        out = [detector.score(params, st, b, config) for b in _pad_chunks(images, s.batch_size)]
+    def score_state(st, images, batch_size=s.batch_size):
+        out = [detector.score(params, st, b, config) for b in _pad_chunks(images, batch_size)]
         scores = np.concatenate([np.asarray(o.image_scores) for o in out])[: len(images)]
         maps = np.concatenate([np.asarray(o.maps) for o in out])[: len(images)]
         return scores, maps
@@ -372,7 +372,10 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
             f"them (median {np.median(others):.3g}). It may be a defective, stray or badly lit "
             "image: check it, or remove it and fit again. It is left out of the threshold."
         )
-    _, cal_maps = score_state(state, support)
+    shown = map_scale_images(k)
+    # Every image at the compiled batch; a few, at their own batch (no padding to score).
+    batch = s.batch_size if len(shown) == k else len(shown)
+    _, cal_maps = score_state(state, support[shown], batch)
     log(normal.describe())
     thresholds = {"normal_only": normal.to_dict()}
     active = normal
@@ -435,6 +438,24 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
     model_dir.save_model(out, saved, meta, extra_files=extra, overwrite=s.overwrite)
     log(f"model written to {s.out}/ ({', '.join([model_dir.MANIFEST, model_dir.ARRAYS, *extra])})")
     return meta
+
+
+MAP_SCALE_IMAGES = (8, 4)
+"""Support images whose maps set the map colours: all up to the first, else the second many."""
+
+
+def map_scale_images(k: int) -> np.ndarray:
+    """Which of `k` support images' maps set the map colour scale (their median is blue).
+
+    Every image up to `MAP_SCALE_IMAGES[0]`; above, `MAP_SCALE_IMAGES[1]`
+    evenly spaced ones: each is a full PatchCore+ scoring against the bank,
+    whose cost grows with the bank (~n^2 per patch), and a median of the
+    maps of a few normal images is a colour scale as good as of all.
+    """
+    upto, many = MAP_SCALE_IMAGES
+    if k <= upto:
+        return np.arange(k)
+    return np.unique(np.linspace(0, k - 1, many).round().astype(int))
 
 
 def _chunks(x: np.ndarray, n: int) -> Iterator[np.ndarray]:

@@ -73,11 +73,15 @@ class PatchCore:
       alpha: coreset ratio of the bank.
       views: nuisance views per support image in the hold-outs of the
         support scores (`calibration.VIEWS`; 0: the originals only).
+      holdouts: how the support hold-outs are computed: exactly up to
+        `holdouts.exact_max` support images, approximated above
+        (`calibration.HoldoutBudget`).
     """
 
     extractor: Extractor
     alpha: float = ALPHA
     views: int = calibration.VIEWS
+    holdouts: calibration.HoldoutBudget = calibration.HoldoutBudget()
 
     family = "patchcore"
 
@@ -157,7 +161,10 @@ class PatchCore:
         (`calibration.SupportScores`: over its quadrant hold-outs and those
         of its nuisance `views`, `[k, V, m, c]` features when given, what a
         normal-only threshold is derived from; with `k >= 3` also against
-        the other images, which names outliers). The views widen the
+        the other images, which names outliers). Above
+        `holdouts.exact_max` images the hold-outs are cut from the bank's
+        coreset and refined on a budget (`calibration.shared_held_out`).
+        The views widen the
         threshold's hold-outs only: fusion statistics pooled with them were
         no closer to new normal images (RESULTS.md, "Calibration that sees
         new parts"). `calibrate=False` keeps the bank only (PatchCore+ then
@@ -174,8 +181,17 @@ class PatchCore:
             cal = calibration.calibrate(features, config, alpha=alpha, grid_shape=grid)
             return DetectorState(banks=(bank,), calibration=cal, calibrated_under=config)
         k = np.shape(features)[0]
-        held = calibration.held_out(features, alpha, config, grid, views, cross=k >= 3)
-        cal = calibration.statistics(held.host[:, 0], held.refined[:, 0])  # the originals'
+        held = calibration.held_out(
+            features,
+            alpha,
+            config,
+            grid,
+            views,
+            cross=k >= 3,
+            budget=self.holdouts,
+            bank_indices=bank.indices,
+        )
+        cal = calibration.statistics(*calibration.paired_originals(held))  # the originals'
         return DetectorState(
             banks=(bank,),
             calibration=cal,
