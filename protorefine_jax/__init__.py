@@ -15,7 +15,8 @@ The building blocks a researcher swaps, in the order a query meets them:
 - `gram_system` / `GramSystem` (gram): the inner products the EM loop runs on.
 - `sinkhorn_plan` (transport, ott-jax) and `sinkhorn_t` (the transposed,
   fixed-iteration E-step the loop uses).
-- `refine` / `Refinement` (refine): the EM loop, E-step and optax M-step.
+- `refine.refine` / `Refinement` (the `refine` module: the EM loop, E-step and
+  optax M-step; the module keeps its name, so the function is not re-exported).
 - `base_patch_scores`, `refined_patch_scores`, `anomaly_map` (scoring).
 - `fuse` (calibration): the calibrated max of host and refined z-scores.
 """
@@ -33,7 +34,7 @@ from protorefine_jax.pipeline import (
     refine_and_score,
     score_query,
 )
-from protorefine_jax.refine import Refinement, refine
+from protorefine_jax.refine import Refinement
 from protorefine_jax.scoring import anomaly_map, base_patch_scores, refined_patch_scores
 from protorefine_jax.transport import sinkhorn_plan, sinkhorn_t
 
@@ -55,7 +56,6 @@ __all__ = [
     "greedy_coreset",
     "make_detect",
     "online_refine_and_score",
-    "refine",
     "refine_and_score",
     "refined_patch_scores",
     "score_query",

@@ -73,7 +73,7 @@ def test_building_blocks_compose_to_score_query(parts):
     def by_hand(m, f):
         with prj.gram.matmul_precision(CFG):
             system = prj.gram_system(m, f, CFG)
-            ref = prj.refine(system, CFG)
+            ref = prj.refine.refine(system, CFG)
             refined = prj.refined_patch_scores(system, ref.w, CFG, ref.refined_sq)
             fused = prj.fuse(prj.base_patch_scores(system, CFG), refined, cal)
         return fused, prj.anomaly_map(fused, CFG)
@@ -82,3 +82,15 @@ def test_building_blocks_compose_to_score_query(parts):
     want = jax.jit(prj.score_query)(bank.prototypes, q, CFG, cal)
     np.testing.assert_allclose(fused, want.patch_scores, rtol=1e-4, atol=1e-4)  # float32 rounding
     np.testing.assert_allclose(amap, want.maps, rtol=1e-4, atol=1e-4)
+
+
+def test_exports_never_shadow_a_module_of_the_package():
+    import importlib
+    import inspect
+
+    for name in ("bank", "calibration", "config", "coreset", "gram", "pipeline", "refine"):
+        importlib.import_module(f"protorefine_jax.{name}")
+        assert inspect.ismodule(getattr(prj, name)), name
+    for name in ("scoring", "transport", "threshold", "metrics"):
+        importlib.import_module(f"protorefine_jax.{name}")
+        assert inspect.ismodule(getattr(prj, name)), name
