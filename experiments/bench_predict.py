@@ -30,8 +30,10 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -40,7 +42,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from experiments import deploy
+from experiments import deploy, html_report
 from experiments.prefetch import Stages
 
 # --------------------------------------------------------------------------- detector
@@ -111,7 +113,10 @@ def profile_predict(
     t0 = time.perf_counter()
     with sequential_predict() if sequential else contextlib.nullcontext():
         summary = deploy.predict(settings, log=lambda _: None, profile=stages)
-    return {"summary": summary, "stages": stages.report(), "wall_s": time.perf_counter() - t0}
+    wall = time.perf_counter() - t0
+    # Linux reports kilobytes: the process's peak, the model and compilation included.
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"summary": summary, "stages": stages.report(), "wall_s": wall, "peak_rss_mb": peak_mb}
 
 
 def stage_table(stages: dict[str, dict[str, float]], images: int, wall: float) -> str:
@@ -171,6 +176,7 @@ def bench_predict(
         "ratio": None if rate is None or steady is None else steady / rate,
         "ratio_to_model_detector": None if steady is None else steady / own,
         "stages": run["stages"],
+        "peak_rss_mb_after_predict": run["peak_rss_mb"],
         "load_average_1min": load,
     }
 
@@ -188,7 +194,8 @@ def predict_text(r: dict[str, Any]) -> str:
         f"detector {fmt(r['model_detector_images_per_s'])} img/s",
         f"ratio predict / bench detect PatchCore+: {fmt(r['ratio'])} (target >= 0.7); "
         f"predict / the model's detector: {fmt(r['ratio_to_model_detector'])}",
-        f"load average (1 min) before, between, after: {r['load_average_1min']}",
+        f"load average (1 min) before, between, after: {r['load_average_1min']}; peak RSS "
+        f"after predict {r['peak_rss_mb_after_predict']:.0f} MB",
         "",
         stage_table(r["stages"], r["images"], r["predict_wall_s_with_report"]),
     ]
@@ -211,6 +218,7 @@ def bench_eval_loop(
     from experiments.methods import get_method
 
     s = runner.Settings(
+        dataset="folder",
         data_dir=data_dir,
         categories=(category,),
         backbone=backbone,
@@ -219,7 +227,7 @@ def bench_eval_loop(
         progress=False,
     )
     host = runner.make_host(s, "patchcore")
-    data = runner.load_data(s, "mvtec", deploy.Path(data_dir), category, host.image_size)
+    data = runner.load_data(s, "folder", deploy.Path(data_dir), category, host.image_size)
     n = len(data.test)
     load = [os.getloadavg()[0]]
     stages = Stages()
@@ -240,20 +248,47 @@ def bench_eval_loop(
     online = {"capacity": 256, "add_per_query": 16}
     host.score(state, test["features"], method, config, online)  # compiles
     with stages("refinement + scoring (PatchCore+)", n):
-        host.score(state, test["features"], method, config, online)
+        result = host.score(state, test["features"], method, config, online)
     loop = time.perf_counter() - t0
+    # Of which the calibration diagnostic (`Host.halves`: the host and refined patch scores
+    # again, for `calibration_error`).
+    calibrated = host.calibrated_state(state, config)
+    if host._fuses(calibrated, config):
+        with stages("  of which Host.halves (calibration_error)", n):
+            host.halves(calibrated, test["features"], config)
+    # The report page of one run: test images decoded again (before issue 28) or reused.
+    with tempfile.TemporaryDirectory() as tmp:
+        for what, loader in (
+            (
+                "report page, images decoded again",
+                lambda idx: data.load_images([data.test[i].path for i in idx]),
+            ),
+            ("report page, decoded images reused", lambda idx: test["images"][idx]),
+        ):
+            with stages(what, n):
+                html_report.write_eval_report(
+                    deploy.Path(tmp) / "page.html",
+                    title="t",
+                    names=test["names"],
+                    labels=test["labels"],
+                    scores=result.image_scores,
+                    maps=result.maps,
+                    load_images=loader,
+                    metrics={},
+                    settings={},
+                )
     load.append(os.getloadavg()[0])
     rates = detect_rate(backbone, aggregation, host.image_size, batch, 2, repeats)
     load.append(os.getloadavg()[0])
     # Compilation of the scoring is outside the loop figure (as predict's first chunk).
     score_compile = stages.report()
-    seconds = (
-        score_compile["test loop: decode + extraction (prefetched)"]["seconds"]
-        + score_compile["refinement + scoring (PatchCore+)"]["seconds"]
-    )
+    extract = score_compile["test loop: decode + extraction (prefetched)"]["seconds"]
+    seconds = extract + score_compile["refinement + scoring (PatchCore+)"]["seconds"]
     return {
         "images": n,
         "stages": stages.report(),
+        "test_loop_images_per_s": n / extract,
+        "test_loop_ratio": n / extract / rates["patchcore+"],
         "loop_images_per_s": n / seconds,
         "loop_wall_s_with_compilation": loop,
         "bench_detect": rates,
@@ -272,6 +307,8 @@ def eval_text(r: dict[str, Any]) -> str:
             f"eval test loop: {r['images']} images, {r['loop_images_per_s']:.2f} img/s (decode + "
             f"extraction + PatchCore+ scoring); bench detect {r['bench_detect']}",
             f"ratio eval loop / bench detect PatchCore+: {r['ratio']:.2f} (target >= 0.7); "
+            f"the test loop alone (decode + extraction, load_test_set) "
+            f"{r['test_loop_images_per_s']:.2f} img/s, ratio {r['test_loop_ratio']:.2f}; "
             f"load average (1 min): {r['load_average_1min']}",
             "",
             *rows,
