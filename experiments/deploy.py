@@ -956,7 +956,9 @@ def _predict(
     first = (0.0, 0)
     chunk = max(s.batch_size * 4, 1)
     stages = NO_STAGES if profile is None else profile
-    writer = _OutputWriter(out, lo, hi, thr, PREDICT_WORKERS, stages)
+    # Up to a chunk of images waits for its outputs: the loop goes on to start the detector
+    # on the next chunk instead of waiting for the writers.
+    writer = _OutputWriter(out, lo, hi, thr, PREDICT_WORKERS, stages, limit=chunk)
 
     def finish(start, n_part, pixels, ok, errors, wait) -> None:
         """Outputs of one chunk, once its scores are back (the next chunk is on the detector)."""
@@ -1172,18 +1174,18 @@ class _OutputWriter:
     """Writes each scored image's overlay and makes its report thumbnail, in worker threads.
 
     `submit` returns a future of the image's `EncodedThumbnail`; at most
-    `4 * workers` images wait at once (the caller blocks beyond), so memory
-    stays flat in the number of images. Leaving the `with` block waits for
+    `limit` images wait at once (the caller blocks beyond), so memory stays
+    flat in the number of images. Leaving the `with` block waits for
     every submitted image (its overlay is on disk) and re-raises the first
     error (e.g. a full disk) unless another error is on its way already.
     """
 
-    def __init__(self, out: Path, lo, hi, thr, workers: int, stages: Stages):
+    def __init__(self, out: Path, lo, hi, thr, workers: int, stages: Stages, limit: int):
         self.out, self.lo, self.hi, self.thr, self.stages = out, lo, hi, thr, stages
         # workers=0: each image's outputs are written by `submit` itself, in the caller's thread.
         self.pool = _InlineExecutor() if workers == 0 else ThreadPoolExecutor(workers)
         self.inflight: collections.deque = collections.deque()
-        self.limit = 4 * max(workers, 1)
+        self.limit = max(limit, 1)
 
     def __enter__(self) -> _OutputWriter:
         return self

@@ -341,6 +341,7 @@ window.addEventListener('load',function(){
   var sup=0; document.querySelectorAll('#support img').forEach(function(i){
     if(i.complete&&i.naturalWidth>0) sup++; });
   document.body.setAttribute('data-support-decoded',sup);
+  document.body.setAttribute('data-load-ms',Math.round(performance.now()));
 });
 """
 # Thumbnails per page of the report's grid: the page stays responsive with 10,000 images.
