@@ -15,12 +15,16 @@ Nothing here parses flags; the two CLIs are thin wrappers.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import io
+import itertools
 import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +34,17 @@ from tqdm import tqdm
 
 from protorefine_jax import threshold as threshold_lib
 from protorefine_jax.app import advice, html_report, predict_labels, runner, schema
-from protorefine_jax.app.overlays import thumbnail, with_key
-from protorefine_jax.app.report import overlay
+from protorefine_jax.app.overlays import (
+    encode_png,
+    jet,
+    normalise,
+    side_by_side,
+    thumbnail,
+    with_key,
+)
+from protorefine_jax.app.prefetch import NO_STAGES, Stages, ordered_map
 from protorefine_jax.data.errors import DatasetError
-from protorefine_jax.data.imageio import is_image_file, read_image
+from protorefine_jax.data.imageio import decode_image, is_image_file, read_image, resize_decoded
 from protorefine_jax.features.preprocess import image_hw
 from protorefine_jax.io import model_dir
 from protorefine_jax.io.paths import (
@@ -155,21 +166,81 @@ def relative_name(root: Path, file: Path) -> str:
         return json_safe_text(file.name)
 
 
+def read_one(
+    file: Path, image_size: int | tuple[int, int], stages: Stages = NO_STAGES
+) -> np.ndarray:
+    """One image at the model's size (`imageio.read_image`), its decode and resize timed."""
+    with stages("decode"):
+        arr = decode_image(file)
+    with stages("resize"):
+        return resize_decoded(arr, image_size, path=file)
+
+
+def _try_read(file: Path, image_size, stages: Stages) -> tuple[np.ndarray | None, Any]:
+    """`(pixels, None)`, or `(None, the error)` of a file `IMAGE_ERRORS` rejects."""
+    try:
+        return read_one(file, image_size, stages), None
+    except IMAGE_ERRORS as e:
+        return None, e
+
+
 def read_batch(
-    files: Sequence[Path], image_size: int | tuple[int, int], strict: bool
+    files: Sequence[Path],
+    image_size: int | tuple[int, int],
+    strict: bool,
+    *,
+    workers: int = 0,
+    stages: Stages = NO_STAGES,
 ) -> tuple[np.ndarray, list[int], dict[int, str]]:
-    """Reads images; returns `(pixels [n_ok, H, W, 3], ok indices, {index: error})`."""
+    """Reads images; returns `(pixels [n_ok, H, W, 3], ok indices, {index: error})`.
+
+    `workers` threads decode (0: in this thread); the result does not depend on it.
+    """
+    reads = ordered_map(lambda f: _try_read(f, image_size, stages), files, workers)
+    return _collect(reads, image_size, strict)
+
+
+def _collect(reads, image_size, strict: bool) -> tuple[np.ndarray, list[int], dict[int, str]]:
     ok, images, errors = [], [], {}
-    for i, f in enumerate(files):
-        try:
-            images.append(read_image(f, image_size))
+    for i, (image, err) in enumerate(reads):
+        if err is None:
+            images.append(image)
             ok.append(i)
-        except IMAGE_ERRORS as e:
-            if strict:
-                raise
-            errors[i] = f"{type(e).__name__}: {e}"
+        elif strict:
+            raise err
+        else:
+            errors[i] = f"{type(err).__name__}: {err}"
     pixels = np.stack(images) if images else np.zeros((0, *image_hw(image_size), 3), np.uint8)
     return pixels, ok, errors
+
+
+def read_chunks(
+    files: Sequence[Path],
+    image_size: int | tuple[int, int],
+    strict: bool,
+    chunk: int,
+    *,
+    workers: int = 2,
+    stages: Stages = NO_STAGES,
+) -> Iterator[tuple[int, np.ndarray, list[int], dict[int, str]]]:
+    """`(start, pixels, ok, errors)` of `files[start : start + chunk]`, in order, read ahead.
+
+    The pipelined reader of `predict`: `workers` threads decode and resize
+    up to two chunks ahead of the consumer (PIL releases the GIL while
+    decoding), so the images of the next chunk are ready while the detector
+    runs on this one. Each chunk is `read_batch(files[start : start + chunk])`:
+    with `strict`, the first unreadable file (in file order) raises its error,
+    which names the file.
+    """
+    reads = ordered_map(
+        lambda f: _try_read(f, image_size, stages), files, workers, depth=max(2 * chunk, 1)
+    )
+    try:
+        for start in range(0, len(files), chunk):
+            part = itertools.islice(reads, min(chunk, len(files) - start))
+            yield (start, *_collect(part, image_size, strict))
+    finally:
+        reads.close()  # stops the workers (a strict error, or the consumer stopped early)
 
 
 def calibration_set(folder: str | os.PathLike) -> tuple[list[Path], np.ndarray]:
@@ -206,13 +277,18 @@ def calibration_set(folder: str | os.PathLike) -> tuple[list[Path], np.ndarray]:
 
 def padded(fn: Callable[[np.ndarray], Any], images: np.ndarray, batch_size: int) -> Iterator[Any]:
     """`fn` over `images` in batches of exactly `batch_size` (last padded); yields outputs cut."""
+    for chunk, n in _padded_batches(images, batch_size):
+        scores, maps = fn(chunk)
+        yield np.asarray(scores)[:n], np.asarray(maps)[:n]
+
+
+def _padded_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         n = len(chunk)
         if n < batch_size:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-        scores, maps = fn(chunk)
-        yield np.asarray(scores)[:n], np.asarray(maps)[:n]
+        yield chunk, n
 
 
 @dataclasses.dataclass
@@ -224,12 +300,50 @@ class Scorer:
       runtime: `"library"` or `"export"`.
       image_size: `S`, or `(H, W)`.
       stream: what `--calibrate_on_stream` needs (`StreamSetup`), or None.
+      submit: `score` without reading the outputs back (device arrays, computed
+        asynchronously), or None where the runtime has none.
+      place: host images -> device (`jax.device_put`), what `submit` takes.
     """
 
     score: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
     runtime: str
     image_size: int | tuple[int, int]
     stream: Any = None  # StreamSetup of a calibrated PatchCore+ library model, else None
+    submit: Callable[[Any], tuple[Any, Any]] | None = None
+    place: Callable[[np.ndarray], Any] = np.asarray
+
+
+def submit_padded(
+    scorer: Scorer, images: np.ndarray, batch_size: int, stages: Stages = NO_STAGES
+) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+    """Starts `scorer` on `images` (padded batches) and returns `wait() -> (scores, maps)`.
+
+    With a library scorer the detector runs asynchronously (JAX dispatch):
+    the caller does other work (the previous images' overlays) until it calls
+    `wait`, which reads the outputs back to the host. The outputs are `padded`'s.
+    """
+    pending = []
+    for chunk, n in _padded_batches(images, batch_size):
+        if scorer.submit is None:
+            with stages("detector (synchronous)", n):
+                pending.append((scorer.score(chunk), n))
+            continue
+        with stages("transfer", n):
+            placed = scorer.place(chunk)
+        with stages("dispatch", n):
+            pending.append((scorer.submit(placed), n))
+
+    def wait() -> tuple[np.ndarray, np.ndarray]:
+        if not pending:
+            return np.zeros(0), np.zeros((0, *image_hw(scorer.image_size)))
+        scores, maps = [], []
+        for (s_, m_), n in pending:
+            with stages("wait for detector", n):
+                scores.append(np.asarray(s_)[:n])
+                maps.append(np.asarray(m_)[:n])
+        return np.concatenate(scores), np.concatenate(maps)
+
+    return wait
 
 
 def weights_identity(detector, weights: str) -> dict[str, Any]:
@@ -581,14 +695,20 @@ def _export_scorer(path, manifest, size: int) -> Scorer:
     except ImportError:
         call = export.deserialize(bytearray(blob)).call
 
-    def score(images):
+    def submit(images):
         scores, maps, _ = call(np.asarray(images, np.float32))
+        return scores, maps
+
+    def score(images):
+        scores, maps = submit(images)
         return np.asarray(scores), np.asarray(maps)
 
-    return Scorer(score=score, runtime="export", image_size=size)
+    return Scorer(score=score, runtime="export", image_size=size, submit=submit)
 
 
 def _library_scorer(path, meta, size: int, weights: str | None) -> Scorer:
+    import jax
+
     from protorefine_jax.detectors import PatchCore
 
     loaded = model_dir.load_model(path)
@@ -623,9 +743,13 @@ def _library_scorer(path, meta, size: int, weights: str | None) -> Scorer:
     # The calibration in the state was measured under the config fit recorded.
     state = loaded.state._replace(calibrated_under=config)
 
-    def score(images):
+    def submit(images):
         out = detector.score(params, state, images, config)
-        return np.asarray(out.image_scores), np.asarray(out.maps)
+        return out.image_scores, out.maps  # device arrays: not waited for here
+
+    def score(images):
+        scores, maps = submit(images)
+        return np.asarray(scores), np.asarray(maps)
 
     def halves(images):
         feats = detector.features(params, images)
@@ -637,7 +761,14 @@ def _library_scorer(path, meta, size: int, weights: str | None) -> Scorer:
     stream = None
     if fuses and state.support_scores is not None:
         stream = StreamSetup(halves, state.support_scores, config)
-    return Scorer(score=score, runtime="library", image_size=size, stream=stream)
+    return Scorer(
+        score=score,
+        runtime="library",
+        image_size=size,
+        stream=stream,
+        submit=submit,
+        place=jax.device_put,
+    )
 
 
 @dataclasses.dataclass
@@ -751,8 +882,13 @@ def _safe_stem(index: int, name: str) -> str:
     return f"{index:05d}_{safe_filename(name.rsplit('.', 1)[0].replace('/', '_'), 80)}"
 
 
-def predict(s: PredictSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
+def predict(
+    s: PredictSettings, log: Callable[[str], None] = print, profile: Stages | None = None
+) -> dict[str, Any]:
     """Scores every image of `s.images` and writes predictions, overlays and report.html.
+
+    `profile`: a `prefetch.Stages` that records where the time goes (decode,
+    resize, transfer, detector, overlays, report; `experiments.bench_predict`).
 
     Returns:
       A summary: counts, images/s, threshold, files written.
@@ -779,7 +915,7 @@ def predict(s: PredictSettings, log: Callable[[str], None] = print) -> dict[str,
     out_dir = open_output_dir(s.out, "--out", s.overwrite, "predictions")
     progress = {"scored": 0}
     try:
-        return _predict(s, log, out_dir.path, root, files, progress, labels)
+        return _predict(s, log, out_dir.path, root, files, progress, labels, profile)
     except BaseException as err:
         overlays = out_dir.path / "overlays"
         own = overlays.is_dir() and not overlays.is_symlink()
@@ -797,7 +933,7 @@ def predict(s: PredictSettings, log: Callable[[str], None] = print) -> dict[str,
 
 
 def _predict(
-    s, log, out: Path, root: Path, files: list[Path], progress: dict, labels=None
+    s, log, out: Path, root: Path, files: list[Path], progress: dict, labels=None, profile=None
 ) -> dict[str, Any]:
     scorer, manifest = open_model(
         s.model,
@@ -840,96 +976,102 @@ def _predict(
             f"{labels.labels.count(1)} defective image(s) (--labels=off ignores them)"
         )
     rows: list[dict[str, Any]] = []
-    items: list[html_report.ReportItem] = []
+    items: list[tuple[dict[str, Any], Any]] = []  # (ReportItem fields, its thumbnail's future)
     size = scorer.image_size
     t0 = time.time()
     scored = 0
     first = (0.0, 0)
     chunk = max(s.batch_size * 4, 1)
-    with tqdm(total=len(files), disable=not s.progress, desc="predict", unit="img") as bar:
-        for start in range(0, len(files), chunk):
-            part = files[start : start + chunk]
-            pixels, ok, errors = read_batch(part, size, s.strict)
-            if fuse_stream is None:
-                results = list(padded(scorer.score, pixels, s.batch_size))
-            else:  # padded to the compiled batch, then in file order, each image once
-                results = [
-                    fuse_stream(*h) for h in padded(scorer.stream.halves, pixels, s.batch_size)
-                ]
-            scores = np.concatenate([r[0] for r in results]) if results else np.zeros(0)
-            maps = (
-                np.concatenate([r[1] for r in results])
-                if results
-                else np.zeros((0, *image_hw(size)))
+    stages = NO_STAGES if profile is None else profile
+    # Up to a chunk of images waits for its outputs: the loop goes on to start the detector
+    # on the next chunk instead of waiting for the writers.
+    writer = _OutputWriter(out, lo, hi, thr, PREDICT_WORKERS, stages, limit=chunk)
+
+    def finish(start, n_part, pixels, ok, errors, wait) -> None:
+        """Outputs of one chunk, once its scores are back (the next chunk is on the detector)."""
+        nonlocal scored, first
+        scores, maps = wait()
+        ok_scored = len(ok)
+        for j, i in enumerate(ok):
+            index = start + i
+            score = float(scores[j])
+            if not math.isfinite(score):  # recorded with its reason, never as NaN / Infinity
+                errors[i] = (
+                    "the model gave a non-finite score "
+                    f"({score}); its state is degenerate: refit the model"
+                )
+                ok_scored -= 1
+                continue
+            anomalous = score > thr
+            link = None
+            if s.overlays == "all" or (s.overlays == "anomalous" and anomalous):
+                link = f"overlays/{_safe_stem(index, names[index])}.png"
+            rows.append(
+                {
+                    "file": names[index],
+                    "score": score,
+                    "decision": _decision(anomalous),
+                    "threshold": thr,
+                    "error": "",
+                    **_label_cells(labels, index, anomalous),
+                }
             )
-            ok_scored = len(ok)
-            for j, i in enumerate(ok):
-                index = start + i
-                score = float(scores[j])
-                if not math.isfinite(score):  # recorded with its reason, never as NaN / Infinity
-                    errors[i] = (
-                        f"the model gave a non-finite score ({score}); its state is degenerate: "
-                        "refit the model"
-                    )
-                    ok_scored -= 1
-                    continue
-                anomalous = score > thr
-                link = None
-                if s.overlays == "all" or (s.overlays == "anomalous" and anomalous):
-                    link = f"overlays/{_safe_stem(index, names[index])}.png"
-                    empty = np.zeros(maps[j].shape, bool)
-                    picture = with_key(
-                        overlay(pixels[j], maps[j], empty, lo, hi),
-                        lo,
-                        hi,
-                        thr,
-                        score,
-                        _decision(anomalous),
-                    )
-                    png = io.BytesIO()
-                    Image.fromarray(picture).save(png, "PNG")
-                    write_output(out, link, png.getvalue())
-                rows.append(
-                    {
-                        "file": names[index],
-                        "score": score,
-                        "decision": _decision(anomalous),
-                        "threshold": thr,
-                        "error": "",
-                        **_label_cells(labels, index, anomalous),
-                    }
-                )
-                items.append(
-                    html_report.ReportItem(
-                        name=names[index],
-                        score=score,
-                        anomalous=anomalous,
-                        link=link,
-                        thumbnail=html_report.make_thumbnail(pixels[j], maps[j], lo, hi),
-                        **_label_item(labels, index),
-                    )
-                )
-            for i, err in errors.items():
-                rows.append(
-                    {
-                        "file": names[start + i],
-                        "score": None,
-                        "decision": "unreadable" if i not in ok else "unscored",
-                        "threshold": thr,
-                        "error": err,
-                        **_label_cells(labels, start + i, None),
-                    }
-                )
-                items.append(
-                    html_report.ReportItem(
-                        name=names[start + i], error=err, **_label_item(labels, start + i)
-                    )
-                )
-            scored += ok_scored
-            progress["scored"] = scored
-            bar.update(len(part))
-            if start == 0:  # the first chunk pays for compilation
-                first = (time.time() - t0, scored)
+            fields = dict(name=names[index], score=score, anomalous=anomalous, link=link)
+            job = writer.submit(pixels[j], maps[j], link, score, anomalous)
+            items.append(({**fields, **_label_item(labels, index)}, job))
+        for i, err in errors.items():
+            rows.append(
+                {
+                    "file": names[start + i],
+                    "score": None,
+                    "decision": "unreadable" if i not in ok else "unscored",
+                    "threshold": thr,
+                    "error": err,
+                    **_label_cells(labels, start + i, None),
+                }
+            )
+            fields = dict(name=names[start + i], error=err, **_label_item(labels, start + i))
+            items.append((fields, None))
+        scored += ok_scored
+        progress["scored"] = scored
+        bar.update(n_part)
+        if start == 0:  # the first chunk pays for compilation
+            first = (time.time() - t0, scored)
+
+    with (
+        tqdm(total=len(files), disable=not s.progress, desc="predict", unit="img") as bar,
+        writer,
+    ):
+        reader = read_chunks(files, size, s.strict, chunk, workers=PREDICT_WORKERS, stages=stages)
+        pending = None
+        while True:
+            try:
+                with stages("wait for images"):
+                    got = next(reader, None)
+            except BaseException:  # --strict: the images before the bad one keep their outputs
+                if pending is not None:
+                    finish(*pending)
+                raise
+            if got is None:
+                break
+            start, pixels, ok, errors = got
+            if fuse_stream is None:  # the detector starts on this chunk and runs on ...
+                wait = submit_padded(scorer, pixels, s.batch_size, stages)
+            else:  # padded to the compiled batch, then in file order, each image once
+                with stages("detector (synchronous)", len(pixels)):
+                    halves = padded(scorer.stream.halves, pixels, s.batch_size)
+                    fused = [fuse_stream(*h) for h in halves]
+                wait = functools.partial(_joined, fused, size)
+            if pending is not None:  # ... while the previous chunk's outputs are written
+                finish(*pending)
+            pending = (start, len(ok) + len(errors), pixels, ok, errors, wait)
+        if pending is not None:
+            finish(*pending)
+        with stages("wait for overlays"):
+            report_items = [
+                html_report.ReportItem(**f, thumbnail=None if job is None else job.result())
+                for f, job in items
+            ]
     seconds = time.time() - t0
     steady = (scored - first[1]) / max(seconds - first[0], 1e-9) if scored > first[1] else None
     rows.sort(key=lambda r: r["file"])
@@ -944,8 +1086,9 @@ def _predict(
             csv_text(predict_labels.SUMMARY_FIELDS, predict_labels.summary_rows(labelled)),
         )
         log("with the labels from the folders:\n" + predict_labels.describe(labelled))
-    write_output(out, "predictions.csv", csv_text(fields, rows))
-    write_output(out, "predictions.jsonl", "".join(json_text(r) + "\n" for r in rows))
+    with stages("CSV and JSONL writing"):
+        write_output(out, "predictions.csv", csv_text(fields, rows))
+        write_output(out, "predictions.jsonl", "".join(json_text(r) + "\n" for r in rows))
     flagged = sum(r["decision"] == "anomalous" for r in rows)
     settings = {
         "model": str(s.model),
@@ -974,20 +1117,21 @@ def _predict(
                 metrics[f"{label} images flagged ({what})"] = (
                     f"{t['flagged']} of {t['scored']} ({100 * t['flagged_rate']:.1f} %)"
                 )
-    html_report.write_report(
-        out / "report.html",
-        items,
-        title=f"predict: {s.images}",
-        settings=settings,
-        thresholds=thresholds,
-        threshold_note=thr_note,
-        metrics=metrics,
-        notes=[_speed_line(scored, seconds, steady)],
-        legend=html_report.Legend(lo=lo, hi=hi, threshold=thr),
-        per_folder=None if labelled is None else labelled["per_folder"],
-        support=support_items(meta, s.support_dir, scorer.image_size, log),
-        support_dir_given=s.support_dir is not None,
-    )
+    with stages("report writing"):
+        html_report.write_report(
+            out / "report.html",
+            report_items,
+            title=f"predict: {s.images}",
+            settings=settings,
+            thresholds=thresholds,
+            threshold_note=thr_note,
+            metrics=metrics,
+            notes=[_speed_line(scored, seconds, steady)],
+            legend=html_report.Legend(lo=lo, hi=hi, threshold=thr),
+            per_folder=None if labelled is None else labelled["per_folder"],
+            support=support_items(meta, s.support_dir, scorer.image_size, log),
+            support_dir_given=s.support_dir is not None,
+        )
     summary = {
         "images": len(files),
         "scored": scored,
@@ -1010,6 +1154,102 @@ def _predict(
         + (", summary.csv)" if labelled is not None else ")")
     )
     return summary
+
+
+# Threads that decode images ahead of the detector, and threads that encode its outputs.
+PREDICT_WORKERS = 2
+# zlib level of the overlay PNGs (`overlays.encode_png`): lossless at any level (the same
+# pixels); level 1 encodes 5-8x faster than Pillow's default (BENCHMARKS.md, issue 28).
+OVERLAY_PNG_LEVEL = 1
+
+
+def _joined(results, size) -> tuple[np.ndarray, np.ndarray]:
+    if not results:
+        return np.zeros(0), np.zeros((0, *image_hw(size)))
+    return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+
+def encode_overlay(picture: np.ndarray) -> bytes:
+    """An overlay as PNG bytes (lossless): `overlays.encode_png` at `OVERLAY_PNG_LEVEL`.
+
+    Level 6 (`bench_predict --sequential`) uses Pillow's encoder at its
+    default, as predict did before issue 28.
+    """
+    if OVERLAY_PNG_LEVEL == 6:
+        buf = io.BytesIO()
+        Image.fromarray(picture).save(buf, "PNG")
+        return buf.getvalue()
+    return encode_png(picture, OVERLAY_PNG_LEVEL)
+
+
+class _InlineExecutor:
+    """`ThreadPoolExecutor`'s `submit` and `shutdown`, running each call at once."""
+
+    def submit(self, fn, *args) -> Future:
+        job: Future = Future()
+        try:
+            job.set_result(fn(*args))
+        except Exception as err:  # noqa: BLE001 - handed over as the pool would
+            job.set_exception(err)
+        return job
+
+    def shutdown(self, wait: bool = True) -> None:
+        del wait
+
+
+class _OutputWriter:
+    """Writes each scored image's overlay and makes its report thumbnail, in worker threads.
+
+    `submit` returns a future of the image's `EncodedThumbnail`; at most
+    `limit` images wait at once (the caller blocks beyond), so memory stays
+    flat in the number of images. Leaving the `with` block waits for
+    every submitted image (its overlay is on disk) and re-raises the first
+    error (e.g. a full disk) unless another error is on its way already.
+    """
+
+    def __init__(self, out: Path, lo, hi, thr, workers: int, stages: Stages, limit: int):
+        self.out, self.lo, self.hi, self.thr, self.stages = out, lo, hi, thr, stages
+        # workers=0: each image's outputs are written by `submit` itself, in the caller's thread.
+        self.pool = _InlineExecutor() if workers == 0 else ThreadPoolExecutor(workers)
+        self.inflight: collections.deque = collections.deque()
+        self.limit = max(limit, 1)
+
+    def __enter__(self) -> _OutputWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.pool.shutdown(wait=True)
+        if exc_type is None:
+            for job in self.inflight:
+                job.result()
+
+    def submit(self, image, amap, link, score, anomalous):
+        """Starts one image's outputs; returns the future of its thumbnail."""
+        while len(self.inflight) >= self.limit:
+            with self.stages("wait for overlays"):
+                self.inflight.popleft().result()
+        job = self.pool.submit(self._write, image, amap, link, score, anomalous)
+        self.inflight.append(job)
+        return job
+
+    def _write(self, image, amap, link, score, anomalous) -> html_report.EncodedThumbnail:
+        lo, hi, st = self.lo, self.hi, self.stages
+        with st("colouring"):  # once for the overlay and the thumbnail
+            norm = normalise(amap, lo, hi)
+            colours = jet(norm)
+        if link is not None:
+            with st("overlay drawing"):
+                picture = side_by_side(image, colours)  # = report.overlay without a mask
+                picture = with_key(picture, lo, hi, self.thr, score, _decision(anomalous))
+            with st("overlay encoding"):
+                png = encode_overlay(picture)
+            with st("overlay writing"):
+                write_output(self.out, link, png)
+        with st("thumbnail"):
+            thumb = html_report.make_thumbnail(
+                image, amap, lo, hi, normalised=norm, colours=colours
+            )
+            return html_report.encode_thumbnail(thumb)
 
 
 LABEL_FIELDS = ("folder", "label", "wrong")

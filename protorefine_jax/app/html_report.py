@@ -10,7 +10,10 @@ Everything is inline (CSS, a few lines of JavaScript for filtering, JPEG
 thumbnails as data URIs, ~4 KB each), so the file works offline and alone;
 links to full-size overlays beside it work when the run folder is kept
 together. Thumbnails, not full images, keep a few thousand images at a few
-megabytes. Without JavaScript every card is shown.
+megabytes. The grid is paginated (`PAGE_SIZE` cards a page, the filters
+applied first): the thumbnails of other pages are neither decoded nor laid
+out until their page is shown, so a run of 10,000 images stays responsive.
+Without JavaScript every card is shown, with the first page's thumbnails.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from protorefine_jax.app.overlays import colour_map, legend_svg, normalise
+from protorefine_jax.app.overlays import jet, legend_svg, normalise
 from protorefine_jax.io.paths import write_output
 
 THUMB_SIZE = 160
@@ -45,7 +48,8 @@ class ReportItem:
       name: file name (or path relative to the input folder).
       score: image score; None when the image could not be scored.
       anomalous: the decision (`score > threshold`); None without a score.
-      thumbnail: `[h, w, 3]` uint8 overlay thumbnail (see `make_thumbnail`).
+      thumbnail: `[h, w, 3]` uint8 overlay thumbnail (see `make_thumbnail`), or
+        that thumbnail already encoded (`encode_thumbnail`: what a long run keeps).
       link: relative path of a full-size overlay, or None.
       label: 0 good / 1 defective for labelled runs, None otherwise.
       group: e.g. the defect type folder (shown under the name).
@@ -55,7 +59,7 @@ class ReportItem:
     name: str
     score: float | None = None
     anomalous: bool | None = None
-    thumbnail: np.ndarray | None = None
+    thumbnail: np.ndarray | EncodedThumbnail | None = None
     link: str | None = None
     label: int | None = None
     group: str | None = None
@@ -91,7 +95,14 @@ class Legend:
 
 
 def make_thumbnail(
-    image: np.ndarray, amap: np.ndarray, lo: float, hi: float, size: int = THUMB_SIZE
+    image: np.ndarray,
+    amap: np.ndarray,
+    lo: float,
+    hi: float,
+    size: int = THUMB_SIZE,
+    *,
+    normalised: np.ndarray | None = None,
+    colours: np.ndarray | None = None,
 ) -> np.ndarray:
     """Image blended with its jet-coloured map, longest side `size`.
 
@@ -101,22 +112,56 @@ def make_thumbnail(
       lo: map value drawn blue (one scale for the whole page).
       hi: map value drawn red.
       size: longest side of the thumbnail in pixels.
+      normalised: `overlays.normalise(amap, lo, hi)` when the caller has it already.
+      colours: `overlays.colour_map(amap, lo, hi)` when the caller has it already.
 
     Returns:
       `[h, w, 3]` uint8.
     """
+    norm = normalise(amap, lo, hi) if normalised is None else normalised
     # The map's opacity grows with its value: normal regions show the image.
-    alpha = (0.15 + 0.6 * normalise(amap, lo, hi))[..., None]
-    blend = (1 - alpha) * np.asarray(image, np.float64) / 255.0 + alpha * colour_map(amap, lo, hi)
+    alpha = (0.15 + 0.6 * norm)[..., None]
+    colours = jet(norm) if colours is None else colours  # = colour_map(amap, lo, hi)
+    blend = (1 - alpha) * np.asarray(image, np.float64) / 255.0 + alpha * colours
     pil = Image.fromarray((np.clip(blend, 0, 1) * 255).astype(np.uint8))
     pil.thumbnail((size, size), Image.Resampling.BILINEAR)
     return np.asarray(pil)
 
 
-def _data_uri(thumb: np.ndarray) -> str:
+@dataclasses.dataclass(frozen=True)
+class EncodedThumbnail:
+    """A thumbnail already encoded for the page (`encode_thumbnail`): ~5 KB, not ~60 KB of pixels.
+
+    Attributes:
+      uri: the JPEG as a `data:` URI.
+      width: pixels.
+      height: pixels.
+    """
+
+    uri: str
+    width: int
+    height: int
+
+
+def encode_thumbnail(thumb: np.ndarray) -> EncodedThumbnail:
+    """`[h, w, 3]` uint8 -> the `EncodedThumbnail` the page shows (the same bytes as an array)."""
+    h, w = np.shape(thumb)[:2]
+    return EncodedThumbnail(_data_uri(thumb), int(w), int(h))
+
+
+def _data_uri(thumb: np.ndarray | EncodedThumbnail) -> str:
+    if isinstance(thumb, EncodedThumbnail):
+        return thumb.uri
     buf = io.BytesIO()
     Image.fromarray(np.asarray(thumb, np.uint8)).save(buf, format="JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _thumb_size(thumb: np.ndarray | EncodedThumbnail) -> tuple[int, int]:
+    """`(height, width)`."""
+    if isinstance(thumb, EncodedThumbnail):
+        return thumb.height, thumb.width
+    return tuple(np.shape(thumb)[:2])
 
 
 def _fmt(x: float | None) -> str:
@@ -255,17 +300,40 @@ table.folders td:first-child,table.folders th:first-child{text-align:left}
 """
 
 JS = """
+var PAGE_SIZE=%(page_size)d, page=0;
+function showThumb(c){
+  var i=c.querySelector('img[data-src]');
+  if(i){ i.src=i.getAttribute('data-src'); i.removeAttribute('data-src'); }
+}
 function applyFilter(){
   var mode=document.querySelector('input[name=show]:checked').value;
   var text=document.getElementById('q').value.toLowerCase();
-  var shown=0;
+  var match=[];
   document.querySelectorAll('#grid .card').forEach(function(c){
     var ok=(mode==='all'||c.dataset.decision===mode||(mode==='wrong'&&c.dataset.wrong==='1'))
       &&(!text||c.dataset.name.toLowerCase().indexOf(text)>=0);
-    c.classList.toggle('hidden',!ok); if(ok) shown++;
+    c.classList.add('hidden'); if(ok) match.push(c);
   });
-  document.getElementById('shown').textContent=shown;
+  var pages=Math.max(1,Math.ceil(match.length/PAGE_SIZE));
+  page=Math.min(Math.max(page,0),pages-1);
+  match.slice(page*PAGE_SIZE,(page+1)*PAGE_SIZE).forEach(function(c){
+    c.classList.remove('hidden'); showThumb(c);});
+  document.getElementById('shown').textContent=match.length;
+  document.getElementById('page').textContent=(page+1)+' of '+pages;
+  document.getElementById('prev').disabled=page===0;
+  document.getElementById('next').disabled=page>=pages-1;
 }
+function turn(step){ page+=step; applyFilter(); window.scrollTo(0,
+  document.getElementById('grid').offsetTop-80); }
+window.addEventListener('DOMContentLoaded',function(){
+  document.getElementById('pager').classList.remove('hidden');
+  document.getElementById('prev').addEventListener('click',function(){turn(-1);});
+  document.getElementById('next').addEventListener('click',function(){turn(1);});
+  document.querySelectorAll('.controls input').forEach(function(e){
+    function reset(){ page=0; applyFilter(); }
+    e.addEventListener('input',reset); e.addEventListener('change',reset);});
+  applyFilter();
+});
 window.addEventListener('load',function(){
   var imgs=document.querySelectorAll('#grid img');
   var ok=0; imgs.forEach(function(i){ if(i.complete&&i.naturalWidth>0) ok++; });
@@ -273,10 +341,14 @@ window.addEventListener('load',function(){
   var sup=0; document.querySelectorAll('#support img').forEach(function(i){
     if(i.complete&&i.naturalWidth>0) sup++; });
   document.body.setAttribute('data-support-decoded',sup);
-  document.querySelectorAll('.controls input').forEach(function(e){
-    e.addEventListener('input',applyFilter); e.addEventListener('change',applyFilter);});
+  document.body.setAttribute('data-load-ms',Math.round(performance.now()));
 });
 """
+# Thumbnails per page of the report's grid: the page stays responsive with 10,000 images.
+# Cards past the first page carry their thumbnail in `data-src` (not decoded, not laid
+# out) until their page is shown; without JavaScript every card is listed, the
+# thumbnails of the first page only.
+PAGE_SIZE = 200
 
 
 def _kv_table(d: dict[str, Any]) -> str:
@@ -287,7 +359,7 @@ def _kv_table(d: dict[str, Any]) -> str:
     return '<table class="kv">' + "".join(rows) + "</table>"
 
 
-def _card(item: ReportItem) -> str:
+def _card(item: ReportItem, first_page: bool = True) -> str:
     if item.anomalous is None and item.score is not None:
         decision, badge = "scored", ""  # no threshold to decide with
     elif item.anomalous is None:
@@ -301,10 +373,11 @@ def _card(item: ReportItem) -> str:
     )
     img = ""
     if item.thumbnail is not None:
-        h, w = item.thumbnail.shape[:2]
+        h, w = _thumb_size(item.thumbnail)
+        src = "src" if first_page else "data-src"  # later pages: set by the page's script
         img = (
-            f'<img src="{_data_uri(item.thumbnail)}" width="{w}" height="{h}" '
-            f'alt="{html.escape(item.name)}" decoding="async">'
+            f'<img {src}="{_data_uri(item.thumbnail)}" width="{w}" height="{h}" '
+            f'alt="{html.escape(item.name)}" loading="lazy" decoding="async">'
         )
         if item.link:
             img = f'<a href="{html.escape(item.link)}">{img}</a>'
@@ -319,6 +392,7 @@ def _card(item: ReportItem) -> str:
     if item.error:
         lines.append(f"<div>{html.escape(item.error)}</div>")
     cls = "card anom" if item.anomalous else "card"
+    cls += "" if first_page else " hidden"
     return (
         f'<figure class="{cls}" data-decision="{decision}" data-wrong="{int(wrong)}" '
         f'data-name="{html.escape(item.name)}">{img}<figcaption>{"".join(lines)}</figcaption>'
@@ -466,9 +540,12 @@ def render_report(
         '<label><input type="radio" name="show" value="good"> good</label>'
         f"{wrong_radio}"
         '<label>name contains <input id="q" type="search" size="16"></label>'
-        f'<span id="shown">{len(scored)}</span> shown</div>',
+        f'<span id="shown">{len(scored)}</span> shown '
+        f'<span id="pager" class="hidden">({PAGE_SIZE} per page: <button id="prev" '
+        'type="button">previous</button> page <span id="page">1</span> <button id="next" '
+        'type="button">next</button>)</span></div>',
         '<div id="grid">',
-        *(_card(it) for it in scored),
+        *(_card(it, i < PAGE_SIZE) for i, it in enumerate(scored)),
         "</div>",
     ]
     if failed:
@@ -490,9 +567,9 @@ def render_report(
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title>"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<style>{CSS}</style><script>{JS}</script></head>\n<body>\n"
-        + "\n".join(body)
-        + "\n</body></html>\n"
+        f"<style>{CSS}</style><script>{JS % {'page_size': PAGE_SIZE}}</script>"
+        "<noscript><style>#grid .card.hidden{display:block}</style></noscript>"
+        "</head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
 
 

@@ -262,7 +262,28 @@ def read_image(
         or its float values are outside [0, 1] (the message names it).
       ImageTooLargeError: more pixels than `max_pixels`, or too many bytes to decode.
     """
-    arr = _decode(Path(path), "Image", max_pixels)
+    return resize_decoded(decode_image(path, max_pixels=max_pixels), image_size, resample, path)
+
+
+def decode_image(path: str | Path, *, max_pixels: int | None = None) -> np.ndarray:
+    """The first half of :func:`read_image`: the decoded file as an array, not resized.
+
+    Every check of :func:`read_image` (allowed formats, pixel and byte
+    budgets, permissions) applies; the array is what `pil_to_array` gives.
+    """
+    return _decode(Path(path), "Image", max_pixels)
+
+
+def resize_decoded(
+    arr: np.ndarray,
+    image_size: int | tuple[int, int],
+    resample: str = "bilinear",
+    path: str | Path = "",
+) -> np.ndarray:
+    """The second half of :func:`read_image`: `decode_image`'s array -> `[H, W, 3]` uint8.
+
+    `path` only names the file in the error.
+    """
     try:
         out = resize_rgb(arr, image_size, resample=resample)
     except ValueError as e:
