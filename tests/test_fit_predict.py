@@ -451,3 +451,69 @@ def test_label_folder_names_are_escaped_and_never_formulas(model, demo, tmp_path
     page = (out / "report.html").read_text()
     assert "=1+1&lt;i&gt;/" in page and odd not in page
     json.loads((out / "summary.json").read_text(), parse_constant=pytest.fail)
+
+
+@pytest.fixture(scope="module")
+def stray_folder(tmp_path_factory):
+    """Five good fabric images and one image of something else (a stray in the good folder)."""
+    root = make_synthetic_dataset(
+        tmp_path_factory.mktemp("stray"), ["fabric"], 5, 1, 1, image_size=64, seed=1
+    )
+    good = root / "fabric/train/good"
+    rng = np.random.default_rng(0)
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[:, ::8] = 255  # hard vertical bars: nothing like the fabric
+    stripes[..., 1] = rng.integers(0, 255, (64, 64), dtype=np.uint8)
+    Image.fromarray(stripes).save(good / "zz_stray.png")
+    return good
+
+
+def test_fit_leaves_a_named_stray_image_out_of_the_model(stray_folder, tmp_path):
+    """The model fitted with the stray present equals the model fitted without it."""
+    lines = []
+    meta = deploy.fit_model(
+        deploy.FitSettings(
+            support_dir=str(stray_folder), out=str(tmp_path / "auto"), refine=FAST_REFINE, **FAST
+        ),
+        log=lines.append,
+    )
+    assert meta["support"]["left_out"] == ["zz_stray.png"], "\n".join(lines)
+    assert "zz_stray.png" not in meta["support"]["files"] and len(meta["support"]["files"]) == 5
+    assert meta["support"]["left_out_scores"][0] > max(meta["threshold_calibration"]["scores"])
+    said = "\n".join(lines)
+    assert "zz_stray.png" in said and "left out of the model" in said and "--keep_outliers" in said
+    # The same five images without the stray in the folder: the same threshold and statistics.
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    for f in sorted(stray_folder.glob("0*.png")):
+        (clean / f.name).write_bytes(f.read_bytes())
+    want = deploy.fit_model(
+        deploy.FitSettings(
+            support_dir=str(clean), out=str(tmp_path / "m_clean"), refine=FAST_REFINE, **FAST
+        ),
+        log=lambda _: None,
+    )
+    assert meta["threshold"]["value"] == want["threshold"]["value"]
+    assert meta["threshold_calibration"]["scores"] == want["threshold_calibration"]["scores"]
+    # --keep_outliers: in the bank and the calibration, named, out of the threshold only.
+    kept = deploy.fit_model(
+        deploy.FitSettings(
+            support_dir=str(stray_folder),
+            out=str(tmp_path / "kept"),
+            keep_outliers=True,
+            refine=FAST_REFINE,
+            **FAST,
+        ),
+        log=lambda _: None,
+    )
+    assert kept["support"]["left_out"] == [] and "zz_stray.png" in kept["support"]["files"]
+    assert kept["threshold_calibration"]["outliers"] == ["zz_stray.png"]
+    # predict's report lists the left-out image with why.
+    items = deploy.support_items(
+        json.loads((tmp_path / "auto/model.json").read_text())["metadata"],
+        None,
+        (64, 64),
+        lambda _: None,
+    )
+    left = [i for i in items if i.name == "zz_stray.png"]
+    assert len(left) == 1 and left[0].outlier and "left out of the model" in left[0].note

@@ -101,6 +101,7 @@ class FitSettings:
     batch_size: int = 8
     progress: bool = True
     verbose: bool = False
+    keep_outliers: bool = False
     refine: tuple[tuple[str, Any], ...] = ()
 
 
@@ -476,16 +477,52 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
     normal, outliers = threshold_lib.from_support_scores(
         support_scores, s.false_alarm_rate, s.margin
     )
-    held_out = np.asarray(support_scores.held_out, np.float64)
     names = [relative_name(root, f) for f in files]
-    for i in np.flatnonzero(outliers):
-        others = np.delete(np.asarray(support_scores.against_others), i)
-        log(
-            f"warning: support image {names[i]} scores "
-            f"{support_scores.against_others[i]:.3g} against the other good images, far above "
-            f"them (median {np.median(others):.3g}). It may be a defective, stray or badly lit "
-            "image: check it, or remove it and fit again. It is left out of the threshold."
+    left_out: list[dict[str, Any]] = []
+    if outliers.any():
+        what = "the threshold" if s.keep_outliers else "the model (bank, calibration, threshold)"
+        for i in np.flatnonzero(outliers):
+            others = np.delete(np.asarray(support_scores.against_others), i)
+            log(
+                f"warning: support image {names[i]} scores "
+                f"{support_scores.against_others[i]:.3g} against the other good images, far "
+                f"above them (median {np.median(others):.3g}). It may be a defective, stray or "
+                f"badly lit image: check it. It is left out of {what}"
+                + (
+                    "."
+                    if s.keep_outliers
+                    else "; if it is a good part the model should know, fit with --keep_outliers."
+                )
+            )
+    if outliers.any() and not s.keep_outliers:
+        # An image unlike the others would define "normal" for every score: fit without it.
+        keep = ~outliers
+        left_out = [
+            {
+                "file": names[i],
+                "sha256": model_dir.file_sha256(files[i]),
+                "against_others": float(support_scores.against_others[i]),
+            }
+            for i in np.flatnonzero(outliers)
+        ]
+        files = [f for f, kept in zip(files, keep, strict=True) if kept]
+        names = [n for n, kept in zip(names, keep, strict=True) if kept]
+        support, feats = support[keep], feats[keep]
+        views = None if views is None else views[keep]
+        k = len(files)
+        state = detector.fit_features(feats, views=views, config=config)
+        log(f"fitted {s.method} again on the other {k} image(s)")
+        support_scores = state.support_scores
+        normal, outliers = threshold_lib.from_support_scores(
+            support_scores, s.false_alarm_rate, s.margin
         )
+        for i in np.flatnonzero(outliers):  # a second round: named, kept out of the threshold
+            log(
+                f"warning: support image {names[i]} also scores far above the others "
+                f"({support_scores.against_others[i]:.3g}); check it. It is left out of the "
+                "threshold."
+            )
+    held_out = np.asarray(support_scores.held_out, np.float64)
     shown = map_scale_images(k)
     # Every image at the compiled batch; a few, at their own batch (no padding to score).
     batch = s.batch_size if len(shown) == k else len(shown)
@@ -523,6 +560,9 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
             "dir": json_safe_text(str(s.support_dir)),
             "files": [relative_name(root, f) for f in files],
             "sha256": [model_dir.file_sha256(f) for f in files],
+            "left_out": [o["file"] for o in left_out],
+            "left_out_sha256": [o["sha256"] for o in left_out],
+            "left_out_scores": [o["against_others"] for o in left_out],
         },
         "threshold": active.to_dict(),
         "thresholds": thresholds,
@@ -1294,10 +1334,22 @@ def support_items(
     outliers = set(cal.get("outliers") or [])
     if len(scores) != len(names):
         scores = [None] * len(names)
+    # Images fit named as unlike the others and left out of the model.
+    left = meta["support"].get("left_out") or []
+    left_hashes = meta["support"].get("left_out_sha256") or [None] * len(left)
+    left_scores = meta["support"].get("left_out_scores") or [None] * len(left)
+    if not len(left) == len(left_hashes) == len(left_scores):
+        left_hashes, left_scores = [None] * len(left), [None] * len(left)
+    rows = [(n, d, sc, None) for n, d, sc in zip(names, hashes, scores, strict=True)]
+    for name, digest, against in zip(left, left_hashes, left_scores, strict=True):
+        why = "left out of the model: unlike the other good images"
+        if against is not None:
+            why += f" (scored {against:.3g} against them)"
+        rows.append((name, digest, None, why))
     items = []
     missing = 0
-    for name, digest, score in zip(names, hashes, scores, strict=True):
-        thumb, note = None, None
+    for name, digest, score, left_note in rows:
+        thumb, note = None, left_note
         if support_dir is not None:
             try:
                 path = safe_child(support_dir, name, "support file name in model.json")
@@ -1309,10 +1361,14 @@ def support_items(
                     thumb = thumbnail(read_image(path, image_size), html_report.THUMB_SIZE)
             except (*IMAGE_ERRORS, model_dir.ModelFormatError) as e:
                 note = f"not shown: {type(e).__name__}: {e}"
-            missing += note is not None
+            missing += note is not None and note != left_note
         items.append(
             html_report.SupportItem(
-                name=name, score=score, outlier=name in outliers, thumbnail=thumb, note=note
+                name=name,
+                score=score,
+                outlier=name in outliers or left_note is not None,
+                thumbnail=thumb,
+                note=note if note == left_note or left_note is None else f"{left_note}; {note}",
             )
         )
     if missing:

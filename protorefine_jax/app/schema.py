@@ -306,7 +306,17 @@ METADATA = Dict(
         "image_size": List(IMAGE_SIDE, length=2),
         "alpha": FLAGS["alpha"],
         "config": CONFIG,
-        "support": Dict({"dir": Text(), "files": _FILES, "sha256": List(SHA256, max_len=100_000)}),
+        "support": Dict(
+            {
+                "dir": Text(),
+                "files": _FILES,
+                "sha256": List(SHA256, max_len=100_000),
+                "left_out": _FILES,
+                "left_out_sha256": List(SHA256, max_len=100_000),
+                "left_out_scores": List(SCORE, max_len=100_000),
+            },
+            optional=("left_out", "left_out_sha256", "left_out_scores"),
+        ),
         "threshold": _THRESHOLD,
         "thresholds": Dict({"normal_only": _THRESHOLD, "f1": _THRESHOLD}, optional=("f1",)),
         "threshold_calibration": Dict(

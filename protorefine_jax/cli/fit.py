@@ -10,6 +10,11 @@ version, support files, the decision threshold and how it was derived),
 `state.safetensors` (every array of the detector's state) and, with
 `--export`, `detector.jaxexport` (the compiled detector, bank baked in).
 
+An image far above the others when scored against them (three or more good
+images; `threshold.outlying`) is named and left out of the model: the bank,
+the calibration and the threshold are fitted on the other images
+(`--keep_outliers` keeps it in the bank and calibration, out of the threshold).
+
 The threshold: with only good images, each good image's held-out score in
 the model's own units (its quadrants against a bank without them, also for
 nuisance views of it: `protorefine_jax.calibration.support_image_scores`), an image
@@ -85,6 +90,12 @@ _define_string(
     "calibration_dir",
     None,
     "Labelled images (good/ + defect folders): use the F1-optimal threshold on them.",
+)
+_define_bool(
+    "keep_outliers",
+    False,
+    "Keep a good image that fit names as unlike the others in the model (default: it is left "
+    "out of the bank, the calibration and the threshold, and named).",
 )
 _define_bool("export", False, "Also write the jax.export artifact (detector.jaxexport).")
 _define_integer("batch_size", 8, "Images per compiled batch.")
