@@ -56,7 +56,10 @@ from protorefine_jax.scoring import maps_of_grids
 study_cells.DATA.setdefault("ball_screw", ("folder", "bsdata", "ball_screw"))
 
 _STAGE = flags.DEFINE_enum(
-    "stage", "score", ["score", "analyse", "stress"], "What to run (stress: see `stress`)."
+    "stage",
+    "score",
+    ["score", "analyse", "stress", "drop"],
+    "What to run (stress: see `stress_stage`; drop: see `drop_stage`).",
 )
 _DATA_ROOT = flags.DEFINE_string("data_root", "../shared/data", "Dev data root.")
 _CACHE = flags.DEFINE_string("cache_dir", "runs/fusion_cache", "Feature cache (not committed).")
@@ -446,11 +449,100 @@ def stress_stage(out_dir: Path) -> dict:
     return out
 
 
+# -------------------------------------------------------------------- drop
+
+
+def _fit_rates(sup, views, test, labels):
+    """The fit's model on `sup` (the shipped rule): its threshold and rates on the test set."""
+    cfg = RefineConfig(grid_shape=None, image_size=None)
+    k = len(sup)
+    bank = build_bank(jnp.asarray(sup), ALPHA).prototypes
+    host = np.asarray(refine_and_score(bank, test, cfg.replace(use_refinement=False)).patch_scores)
+    ref = np.asarray(refine_and_score(bank, test, cfg).patch_scores)
+    uh, ur = calibration.held_out_units(sup, ALPHA, cfg, GRID, views=views)
+    cal = calibration.statistics(uh[:, :1], ur[:, :1])
+    cross = (None, None)
+    if k >= 3:
+        n_real = coreset_size(k * sup.shape[1], ALPHA)
+        ch, cr = cross_units(sup, views, cfg, n_real)
+        cross = (ch[:, :1], cr[:, :1])
+    held = calibration.HeldOut(uh, ur, *cross)
+    t, named = threshold.from_support_scores(calibration.support_image_scores(held, FIT, cal))
+    scores = np.asarray(np.maximum(*calibration.standardise(host, ref, cal))).max(axis=1)
+    return {
+        "false_alarms": float(np.mean(scores[labels == 0] > t.value)),
+        "misses": float(np.mean(scores[labels == 1] <= t.value)),
+        "named": named,
+        "auroc": auroc(labels, scores),
+    }
+
+
+def drop_stage(out_dir: Path) -> list[dict]:
+    """Clean dev fits (k >= 3) where `fit` names a good image: rates with it and without it.
+
+    `fit` leaves a named image out of the model; on the injected cells the
+    fit without the stray IS the clean fit, so this stage measures what the
+    rule costs where it names a genuine good image.
+    """
+    shots = [int(k) for k in _SHOTS.value]
+    cache = study_cells.FeatureCache(
+        Path(_DATA_ROOT.value), Path(_CACHE.value), (0, 1, 2, 3, 4), max(4, *shots)
+    )
+    rows = []
+    for data in _DATA.value:
+        for feat in _FEATS.value:
+            feats = cache.get(data, feat)
+            vf = view_features(data, feat, feats, _VIEWS.value, cache.cache_dir)
+            test = jnp.asarray(feats["test"])
+            labels = np.asarray(feats["labels"])
+            for k in shots:
+                if k < 3 or k > len(feats["pool"]):
+                    continue
+                for seed in map(int, _SEEDS.value):
+                    path = out_dir / f"{data}_{feat}_k{k}_s{seed}.npz"
+                    if not path.exists():
+                        continue
+                    cell = dict(np.load(path))
+                    cal = calibration.statistics(cell["unit_host"][:, :1], cell["unit_ref"][:, :1])
+                    test_scores = np.asarray(
+                        np.maximum(
+                            *calibration.standardise(cell["test_host"], cell["test_ref"], cal)
+                        )
+                    ).max(axis=1)
+                    rates = threshold_rates(cell, cal, labels, k, test_scores, True)
+                    if not rates["named"]:
+                        continue
+                    support = sample_support(feats["pool"], k, seed)
+                    names = [study_cells.image_key(p) for p in support.paths]
+                    sup = np.stack([feats["train"][n] for n in names])
+                    views = np.stack([vf[n] for n in names])
+                    first = _fit_rates(sup, views, test, labels)
+                    keep = ~first["named"]
+                    after = _fit_rates(sup[keep], views[keep], test, labels)
+                    row = {
+                        "data": data,
+                        "feat": feat,
+                        "k": k,
+                        "seed": seed,
+                        "named": int((~keep).sum()),
+                        "with": {key: first[key] for key in ("false_alarms", "misses", "auroc")},
+                        "without": {key: after[key] for key in ("false_alarms", "misses", "auroc")},
+                    }
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    return rows
+
+
 def main(argv):
     """Runs the requested stage."""
     del argv
     if _STAGE.value == "score":
         score_stage()
+        return
+    if _STAGE.value == "drop":
+        rows = drop_stage(Path(_OUT.value))
+        Path(_JSON.value).parent.mkdir(parents=True, exist_ok=True)
+        Path(_JSON.value).write_text(json.dumps(rows, indent=1))
         return
     if _STAGE.value == "stress":
         res = stress_stage(Path(_OUT.value))
