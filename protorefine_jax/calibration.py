@@ -281,6 +281,33 @@ def ridge_in_force(bank_rows: int, feature_dim: int, config: RefineConfig) -> Re
     return config.replace(ridge=rel, ridge_wide=rel)
 
 
+def _support_and_views(support, grid_shape, views):
+    """Checked `[k, m, c]` support and the `[k, 1 + V, m, c]` queries of its hold-outs.
+
+    The original of each image first, then its nuisance `views` (`[k, V, m, c]`, or None).
+    """
+    support = jnp.asarray(support)
+    if support.ndim != 3:
+        raise ValueError(
+            f"support must be [k, m, c] patch features of k images, got shape {support.shape}."
+        )
+    k, m, c = support.shape
+    if grid_shape[0] * grid_shape[1] != m:
+        raise ValueError(f"grid_shape {grid_shape} does not hold m={m} patches per image.")
+    checks.check_finite(support, "support")
+    sources = support[:, None]
+    if views is not None:
+        views = jnp.asarray(views)
+        if views.ndim != 4 or views.shape[0] != k or views.shape[2:] != (m, c):
+            raise ValueError(
+                f"views must be [k, V, m, c] = [{k}, V, {m}, {c}] features of the support "
+                f"images' views, got shape {tuple(views.shape)}."
+            )
+        checks.check_finite(views, "views")
+        sources = jnp.concatenate([sources, views], axis=1)
+    return support, sources
+
+
 def holdouts(
     support: Float[Array, "k m c"],
     alpha: float,
@@ -303,25 +330,8 @@ def holdouts(
       patch and the held-out quadrant's `[1 + V, m', c]` patches (the
       original's first, then its views').
     """
-    support = jnp.asarray(support)
-    if support.ndim != 3:
-        raise ValueError(
-            f"support must be [k, m, c] patch features of k images, got shape {support.shape}."
-        )
+    support, sources = _support_and_views(support, grid_shape, views)
     k, m, c = support.shape
-    if grid_shape[0] * grid_shape[1] != m:
-        raise ValueError(f"grid_shape {grid_shape} does not hold m={m} patches per image.")
-    checks.check_finite(support, "support")
-    sources = support[:, None]
-    if views is not None:
-        views = jnp.asarray(views)
-        if views.ndim != 4 or views.shape[0] != k or views.shape[2:] != (m, c):
-            raise ValueError(
-                f"views must be [k, V, m, c] = [{k}, V, {m}, {c}] features of the support "
-                f"images' views, got shape {tuple(views.shape)}."
-            )
-        checks.check_finite(views, "views")
-        sources = jnp.concatenate([sources, views], axis=1)
     flat = support.reshape(k * m, c)
     banks, queries = [], []
     for bank_rows, held in holdout_splits(k, tuple(grid_shape)):
@@ -880,26 +890,9 @@ def shared_held_out(
     Returns:
       `HeldOut`, the layout of `held_out`'s.
     """
-    support = jnp.asarray(support)
-    if support.ndim != 3:
-        raise ValueError(
-            f"support must be [k, m, c] patch features of k images, got shape {support.shape}."
-        )
+    support, sources = _support_and_views(support, grid_shape, views)
     k, m, c = support.shape
-    if grid_shape[0] * grid_shape[1] != m:
-        raise ValueError(f"grid_shape {grid_shape} does not hold m={m} patches per image.")
     holdout_splits(1, tuple(grid_shape))  # the grid check
-    checks.check_finite(support, "support")
-    sources = support[:, None]
-    if views is not None:
-        views = jnp.asarray(views)
-        if views.ndim != 4 or views.shape[0] != k or views.shape[2:] != (m, c):
-            raise ValueError(
-                f"views must be [k, V, m, c] = [{k}, V, {m}, {c}] features of the support "
-                f"images' views, got shape {tuple(views.shape)}."
-            )
-        checks.check_finite(views, "views")
-        sources = jnp.concatenate([sources, views], axis=1)
     flat = support.reshape(k * m, c)
     cov = cover(flat, alpha, bank_indices)
     cfg = _holdout_config(k * m, c, alpha, config)
