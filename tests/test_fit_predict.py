@@ -473,7 +473,11 @@ def test_fit_leaves_a_named_stray_image_out_of_the_model(stray_folder, tmp_path)
     lines = []
     meta = deploy.fit_model(
         deploy.FitSettings(
-            support_dir=str(stray_folder), out=str(tmp_path / "auto"), refine=FAST_REFINE, **FAST
+            support_dir=str(stray_folder),
+            out=str(tmp_path / "auto"),
+            drop_outliers=True,
+            refine=FAST_REFINE,
+            **FAST,
         ),
         log=lines.append,
     )
@@ -481,7 +485,7 @@ def test_fit_leaves_a_named_stray_image_out_of_the_model(stray_folder, tmp_path)
     assert "zz_stray.png" not in meta["support"]["files"] and len(meta["support"]["files"]) == 5
     assert meta["support"]["left_out_scores"][0] > max(meta["threshold_calibration"]["scores"])
     said = "\n".join(lines)
-    assert "zz_stray.png" in said and "left out of the model" in said and "--keep_outliers" in said
+    assert "zz_stray.png" in said and "left out of the model" in said
     # The same five images without the stray in the folder: the same threshold and statistics.
     clean = tmp_path / "clean"
     clean.mkdir()
@@ -495,12 +499,11 @@ def test_fit_leaves_a_named_stray_image_out_of_the_model(stray_folder, tmp_path)
     )
     assert meta["threshold"]["value"] == want["threshold"]["value"]
     assert meta["threshold_calibration"]["scores"] == want["threshold_calibration"]["scores"]
-    # --keep_outliers: in the bank and the calibration, named, out of the threshold only.
+    # The default: in the bank and the calibration, named, out of the threshold only.
     kept = deploy.fit_model(
         deploy.FitSettings(
             support_dir=str(stray_folder),
             out=str(tmp_path / "kept"),
-            keep_outliers=True,
             refine=FAST_REFINE,
             **FAST,
         ),

@@ -101,7 +101,7 @@ class FitSettings:
     batch_size: int = 8
     progress: bool = True
     verbose: bool = False
-    keep_outliers: bool = False
+    drop_outliers: bool = False
     refine: tuple[tuple[str, Any], ...] = ()
 
 
@@ -480,7 +480,7 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
     names = [relative_name(root, f) for f in files]
     left_out: list[dict[str, Any]] = []
     if outliers.any():
-        what = "the threshold" if s.keep_outliers else "the model (bank, calibration, threshold)"
+        what = "the model (bank, calibration, threshold)" if s.drop_outliers else "the threshold"
         for i in np.flatnonzero(outliers):
             others = np.delete(np.asarray(support_scores.against_others), i)
             log(
@@ -490,11 +490,11 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
                 f"badly lit image: check it. It is left out of {what}"
                 + (
                     "."
-                    if s.keep_outliers
-                    else "; if it is a good part the model should know, fit with --keep_outliers."
+                    if s.drop_outliers
+                    else "; if it is not a good part, remove it (or fit with --drop_outliers)."
                 )
             )
-    if outliers.any() and not s.keep_outliers:
+    if outliers.any() and s.drop_outliers:
         # An image unlike the others would define "normal" for every score: fit without it.
         keep = ~outliers
         left_out = [

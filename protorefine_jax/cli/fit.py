@@ -11,9 +11,11 @@ version, support files, the decision threshold and how it was derived),
 `--export`, `detector.jaxexport` (the compiled detector, bank baked in).
 
 An image far above the others when scored against them (three or more good
-images; `threshold.outlying`) is named and left out of the model: the bank,
-the calibration and the threshold are fitted on the other images
-(`--keep_outliers` keeps it in the bank and calibration, out of the threshold).
+images; `threshold.outlying`) is named and left out of the threshold; with
+`--drop_outliers` it is left out of the model too (bank, calibration and
+threshold fitted on the other images). Not the default: on dev fits where a
+genuine good image was named, dropping it cost 8-10 AUROC points on 2 of 3
+(RESULTS.md, "Calibration that sees new parts").
 
 The threshold: with only good images, each good image's held-out score in
 the model's own units (its quadrants against a bank without them, also for
@@ -92,10 +94,10 @@ _define_string(
     "Labelled images (good/ + defect folders): use the F1-optimal threshold on them.",
 )
 _define_bool(
-    "keep_outliers",
+    "drop_outliers",
     False,
-    "Keep a good image that fit names as unlike the others in the model (default: it is left "
-    "out of the bank, the calibration and the threshold, and named).",
+    "Leave a good image that fit names as unlike the others out of the model (bank, calibration "
+    "and threshold); default: named and left out of the threshold only.",
 )
 _define_bool("export", False, "Also write the jax.export artifact (detector.jaxexport).")
 _define_integer("batch_size", 8, "Images per compiled batch.")
