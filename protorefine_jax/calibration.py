@@ -93,7 +93,7 @@ class HoldoutBudget:
         scores), and an image's held-out score takes its refined half only
         where it was refined: the host half supplied the held-out image
         score of 7 of 8 metal_plate images in the exact computation, the
-        refined one at most 2 % more in the 8th (BENCHMARKS.md, "Issue 28").
+        refined one at most 2 % more in the 8th (docs/method.md, "Scoring").
         Scoring with the refined half alone (`calibrated=False`) keeps the
         exact hold-outs at every `k`: its image score has no host half to
         stand in where nothing was refined.

@@ -33,3 +33,18 @@ class TraceCounter:
     def __call__(self, *args, **kwargs):
         self.count += 1
         return self.fn(*args, **kwargs)
+
+
+# fit / predict on synthetic images with a random tiny backbone.
+FAST_FIT = dict(image_size=64, weights="random", batch_size=4, progress=False)
+FAST_REFINE = (("num_iters", 2), ("sinkhorn_iters", 10))
+
+
+def demo_category(tmp_path_factory):
+    """The synthetic `fabric` category: 3 good train images, 3 good and 3 defective test ones."""
+    from protorefine_jax.data import make_synthetic_dataset
+
+    root = make_synthetic_dataset(
+        tmp_path_factory.mktemp("demo"), ["fabric"], 3, 3, 3, image_size=64, seed=0
+    )
+    return root / "fabric"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FAST_FIT, FAST_REFINE, demo_category
 from PIL import Image
 
 from protorefine_jax.app import deploy
@@ -19,16 +20,12 @@ from protorefine_jax.data import make_synthetic_dataset
 from protorefine_jax.io.model_dir import ModelFormatError, ModelMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = dict(image_size=64, weights="random", batch_size=4, progress=False)
-FAST_REFINE = (("num_iters", 2), ("sinkhorn_iters", 10))
+FAST = FAST_FIT
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    root = make_synthetic_dataset(
-        tmp_path_factory.mktemp("demo"), ["fabric"], 3, 3, 3, image_size=64, seed=0
-    )
-    return root / "fabric"
+    return demo_category(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

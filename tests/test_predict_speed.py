@@ -11,25 +11,21 @@ import time
 
 import numpy as np
 import pytest
+from helpers import FAST_FIT, FAST_REFINE, demo_category
 from PIL import Image
 
 from experiments.bench_predict import sequential_predict
 from protorefine_jax.app import deploy, html_report, report
 from protorefine_jax.app.overlays import colour_map, encode_png, side_by_side
 from protorefine_jax.app.prefetch import NO_STAGES, Stages, ordered_map
-from protorefine_jax.data import make_synthetic_dataset
 from protorefine_jax.data.errors import CorruptImageError
 
-FAST = dict(image_size=64, weights="random", batch_size=4, progress=False)
-FAST_REFINE = (("num_iters", 2), ("sinkhorn_iters", 10))
+FAST = FAST_FIT
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    root = make_synthetic_dataset(
-        tmp_path_factory.mktemp("demo"), ["fabric"], 3, 3, 3, image_size=64, seed=0
-    )
-    return root / "fabric"
+    return demo_category(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

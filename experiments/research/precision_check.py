@@ -1,7 +1,7 @@
 """float32 vs float64 refinement on the SPEC 8 reproduction cells (issue 13 item 4).
 
 RESULTS.md section 1 / 2 cells that use ridge 1e-4: PatchCore+ and "W only"
-with SPEC 8's settings (`study_cells.SPEC8`), metal_plate, EfficientNet-Lite0
+with SPEC 8's settings (`methods.REPRODUCTION`), metal_plate, EfficientNet-Lite0
 "simple" features (152-d), 1/2/4 shots, 5 seeds; each cell is run with
 `precision="float32"` (the study's) and `"float64"`. Features are extracted
 once into --cache_dir (the study's `FeatureCache`).
@@ -39,8 +39,8 @@ _METHODS = flags.DEFINE_list(
 )
 
 METHODS = {
-    "patchcore+ (SPEC 8, ridge 1e-4)": study_cells.SPEC8,
-    "W only (SPEC 8, ridge 1e-4)": {**study_cells.SPEC8, "use_transport": False},
+    "patchcore+ (SPEC 8, ridge 1e-4)": study_cells.REPRODUCTION,
+    "W only (SPEC 8, ridge 1e-4)": {**study_cells.REPRODUCTION, "use_transport": False},
 }
 
 

@@ -24,7 +24,7 @@ from protorefine_jax import RefineConfig
 from protorefine_jax import refine as refine_lib
 from protorefine_jax.app import runner
 from protorefine_jax.app.batching import BatchedDetector, score_features
-from protorefine_jax.app.methods import METHODS, PAPER, SPEC8, STUDY_MAIN
+from protorefine_jax.app.methods import METHODS, PAPER, REPRODUCTION, STUDY_MAIN
 from protorefine_jax.bank import uses_wide_ridge
 from protorefine_jax.coreset import coreset_size
 from protorefine_jax.data import load_dataset_category, sample_support
@@ -175,8 +175,8 @@ def plan(parts: Iterable[str], seeds: tuple[int, ...], quick: bool = False) -> l
                     for label in labels:
                         fields = {
                             "patchcore": {"use_refinement": False},
-                            "patchcore+": SPEC8,
-                            "W only": {**SPEC8, "use_transport": False},
+                            "patchcore+": REPRODUCTION,
+                            "W only": {**REPRODUCTION, "use_transport": False},
                         }[label]
                         add("spec8", "metal_plate", feat, k, label, fields)
         elif part == "sweeps":

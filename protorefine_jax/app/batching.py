@@ -35,9 +35,9 @@ def request_host_devices(count: int) -> None:
     """Asks XLA for `count` CPU host devices (0: one per core) if JAX has not started.
 
     XLA:CPU runs most of a program's operations on one thread; split into
-    host devices, a sharded batch keeps every core busy (BENCHMARKS.md,
-    "Issue 15, stop 22": PatchCore and PatchCore+ end to end about 1.4x
-    faster on 2 cores). Only the CPU platform reads the option, so it changes
+    host devices, a sharded batch keeps every core busy (docs/method.md,
+    "Batching": PatchCore and PatchCore+ end to end about 1.4x faster on 2
+    cores). Only the CPU platform reads the option, so it changes
     nothing where the devices are GPUs. Once JAX has started it cannot take
     effect, and `device_mesh` names the fix if too few devices exist.
     """

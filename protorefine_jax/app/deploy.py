@@ -1199,7 +1199,7 @@ def _predict(
 # Threads that decode images ahead of the detector, and threads that encode its outputs.
 PREDICT_WORKERS = 2
 # zlib level of the overlay PNGs (`overlays.encode_png`): lossless at any level (the same
-# pixels); level 1 encodes 5-8x faster than Pillow's default (BENCHMARKS.md, issue 28).
+# pixels); level 1 encodes 5-8x faster than Pillow's default (BENCHMARKS.md, predict).
 OVERLAY_PNG_LEVEL = 1
 
 
@@ -1213,7 +1213,7 @@ def encode_overlay(picture: np.ndarray) -> bytes:
     """An overlay as PNG bytes (lossless): `overlays.encode_png` at `OVERLAY_PNG_LEVEL`.
 
     Level 6 (`bench_predict --sequential`) uses Pillow's encoder at its
-    default, as predict did before issue 28.
+    default (the sequential loop `bench_predict` compares with).
     """
     if OVERLAY_PNG_LEVEL == 6:
         buf = io.BytesIO()

@@ -42,8 +42,9 @@ class Method:
 
 
 # The paper's settings as explicit fields (its single ridge 1e-4, closed-form
-# M-step, refined scores alone). `SPEC8` adds the solver of RESULTS.md section 1 (100 cold
-# log-domain Sinkhorn iterations), the setting that section reproduces.
+# M-step, refined scores alone). `REPRODUCTION` adds the solver of the study's
+# reproduction (RESULTS.md, "Reproducing SPEC section 8 first"): 100 cold
+# log-domain Sinkhorn iterations.
 PAPER = dict(
     lam=0.3,
     epsilon=0.05,
@@ -53,7 +54,7 @@ PAPER = dict(
     m_step="closed_form",
     calibrated=False,
 )
-SPEC8 = dict(PAPER, sinkhorn_iters=100, warm_start=False, sinkhorn_mode="log")
+REPRODUCTION = dict(PAPER, sinkhorn_iters=100, warm_start=False, sinkhorn_mode="log")
 
 
 def _methods() -> dict[str, Method]:

@@ -11,6 +11,7 @@ traceback.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -27,6 +28,37 @@ from protorefine_jax.io.errors import CheckpointError
 # Bad input of every kind: flags, files, folders, model directories (ModelFormatError and
 # ModelMismatchError are ValueErrors; UnsafePathError too), checkpoints, datasets.
 INPUT_ERRORS = (ValueError, OSError, DatasetError, CheckpointError)
+
+
+class Definers:
+    """absl's `DEFINE_*` bound to one tool's flag registry (`fit`, `predict`) and module.
+
+    `module_name` (the tool's `__name__`) is where `--helpfull` lists the flags
+    (absl names a module run as a program by `sys.argv[0]`, as here).
+    """
+
+    def __init__(self, flag_values: flags.FlagValues, module_name: str):
+        module_name = sys.argv[0] if module_name == "__main__" else module_name
+        bind = functools.partial(
+            functools.partial, flag_values=flag_values, module_name=module_name
+        )
+        self.string = bind(flags.DEFINE_string)
+        self.bool = bind(flags.DEFINE_bool)
+        self.integer = bind(flags.DEFINE_integer)
+        self.float = bind(flags.DEFINE_float)
+        self.enum = bind(flags.DEFINE_enum)
+
+    def refine_flags(self, names: Sequence[str], prefix: str = "") -> None:
+        """One flag per `RefineConfig` field in `names`, unset by default.
+
+        Its type is the field's default's (bool, int, str or float) and its
+        help the field's docstring entry (`refine_help`, after `prefix`).
+        """
+        defaults = RefineConfig()
+        for name in names:
+            kind = type(getattr(defaults, name))
+            define = {bool: self.bool, int: self.integer, str: self.string}.get(kind, self.float)
+            define(name, None, refine_help(name, prefix=prefix))
 
 
 def report_errors(fn: Callable[[], object]) -> int:

@@ -28,7 +28,6 @@ good/ and defect folders), the F1-optimal threshold on those images instead.
 
 from __future__ import annotations
 
-import functools
 import sys
 
 from absl import flags
@@ -40,11 +39,9 @@ from protorefine_jax.data import imageio
 # Own flag registry: fit, predict and eval define flags of the same names and
 # may be imported together (tests, notebooks).
 FLAGS = flags.FlagValues()
-_define_string = functools.partial(flags.DEFINE_string, flag_values=FLAGS)
-_define_bool = functools.partial(flags.DEFINE_bool, flag_values=FLAGS)
-_define_integer = functools.partial(flags.DEFINE_integer, flag_values=FLAGS)
-_define_float = functools.partial(flags.DEFINE_float, flag_values=FLAGS)
-_define_enum = functools.partial(flags.DEFINE_enum, flag_values=FLAGS)
+_define = cli.Definers(FLAGS, __name__)
+_define_string, _define_bool, _define_integer = _define.string, _define.bool, _define.integer
+_define_float, _define_enum = _define.float, _define.enum
 
 _define_string("support_dir", "", "Folder (searched recursively) or glob of good images. Required.")
 _define_string("out", "", "Model directory to write (new or empty). Required.")
@@ -108,16 +105,7 @@ _define_integer(
 )
 _define_bool("progress", True, "Log progress.")
 _define_bool("verbose", False, "Also print diagnostics (memory bank size and ranks) and JAX logs.")
-for _name in deploy.REFINE_FIELDS:
-    _help = cli.refine_help(_name)
-    if _name in ("warm_start",):
-        _define_bool(_name, None, _help)
-    elif _name in ("num_iters", "sinkhorn_iters", "inner_steps"):
-        _define_integer(_name, None, _help)
-    elif _name in ("sinkhorn_mode", "m_step", "optimizer", "bank", "precision"):
-        _define_string(_name, None, _help)
-    else:
-        _define_float(_name, None, _help)
+_define.refine_flags(deploy.REFINE_FIELDS)
 
 # What --help lists first, in this order.
 ESSENTIAL = ("support_dir", "out", "method", "image_size", "backbone", "shots", "false_alarm_rate")

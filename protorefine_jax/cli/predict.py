@@ -29,7 +29,6 @@ code cannot be imported.
 
 from __future__ import annotations
 
-import functools
 import sys
 
 from absl import flags
@@ -41,11 +40,9 @@ from protorefine_jax.data import imageio
 # Own flag registry: fit, predict and eval define flags of the same names and
 # may be imported together (tests, notebooks).
 FLAGS = flags.FlagValues()
-_define_string = functools.partial(flags.DEFINE_string, flag_values=FLAGS)
-_define_bool = functools.partial(flags.DEFINE_bool, flag_values=FLAGS)
-_define_integer = functools.partial(flags.DEFINE_integer, flag_values=FLAGS)
-_define_float = functools.partial(flags.DEFINE_float, flag_values=FLAGS)
-_define_enum = functools.partial(flags.DEFINE_enum, flag_values=FLAGS)
+_define = cli.Definers(FLAGS, __name__)
+_define_string, _define_bool, _define_integer = _define.string, _define.bool, _define.integer
+_define_float, _define_enum = _define.float, _define.enum
 
 _define_string("model", "", "Model directory written by experiments.fit. Required.")
 _define_string("images", "", "Folder (searched recursively) or glob of images. Required.")
@@ -102,16 +99,7 @@ _define_string("backbone", None, "Checked against the model.")
 _define_string("aggregation", None, "Checked against the model.")
 _define_string("image_size", None, "Checked against the model (256 or HEIGHTxWIDTH).")
 _define_bool("verbose", False, "Also print JAX's start-up logs.")
-for _name in deploy.REFINE_FIELDS:
-    _help = cli.refine_help(_name, prefix="Checked against the model. ")
-    if _name == "warm_start":
-        _define_bool(_name, None, _help)
-    elif _name in ("num_iters", "sinkhorn_iters", "inner_steps"):
-        _define_integer(_name, None, _help)
-    elif _name in ("sinkhorn_mode", "m_step", "optimizer", "bank", "precision"):
-        _define_string(_name, None, _help)
-    else:
-        _define_float(_name, None, _help)
+_define.refine_flags(deploy.REFINE_FIELDS, prefix="Checked against the model. ")
 
 # What --help lists first, in this order.
 ESSENTIAL = ("model", "images", "out", "threshold", "overlays", "runtime")
