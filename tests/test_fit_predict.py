@@ -147,6 +147,8 @@ def test_fit_errors(demo, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist; check the path"):
         deploy.fit_model(deploy.FitSettings(**{**base, "support_dir": str(tmp_path / "goood")}))
     with pytest.raises(ValueError, match="unknown --method"):
+        deploy.fit_model(deploy.FitSettings(**base, method="patchcore++"))
+    with pytest.raises(ValueError, match="--method=winclip needs --clip_dir"):
         deploy.fit_model(deploy.FitSettings(**base, method="winclip"))
     with pytest.raises(ValueError, match=r"--shots must be an integer in \[0,"):
         deploy.fit_model(deploy.FitSettings(**base, shots=-1))

@@ -238,7 +238,7 @@ def test_help_puts_essentials_first_and_explains_refinement_flags(tool, capsys):
         module.ESSENTIAL
     )  # in order, one line each
     if tool == "fit":
-        assert "--method=patchcore|patchcore+" in essential
+        assert "--method=patchcore|patchcore+|winclip|winclip+" in essential
         assert "--backbone=efficientnet_lite0|efficientnet_lite2|wide_resnet50_2" in essential
     else:
         assert "--overlays=all|anomalous|none" in essential

@@ -28,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -71,7 +72,9 @@ PREDICT_OUTPUTS = (
     "summary.csv",
     "overlays/*.png",
 )
-METHODS = {"patchcore": False, "patchcore+": True}  # name -> use_refinement
+METHODS = {"patchcore": False, "patchcore+": True}  # PatchCore family: name -> use_refinement
+WINCLIP_METHODS = {"winclip": False, "winclip+": True}  # on a CLIP folder (--clip_dir)
+FIT_METHODS = {**METHODS, **WINCLIP_METHODS}
 # RefineConfig fields fit and predict take as flags: the eval's, and lam.
 REFINE_FIELDS = ("lam", *runner.REFINE_FIELDS)
 # Errors reading one image that predict records and skips (a flag makes them fatal).
@@ -89,7 +92,8 @@ class FitSettings:
     backbone: str = "efficientnet_lite0"
     aggregation: str | None = None
     weights: str = ""
-    image_size: int | tuple[int, int] = 256
+    # None: the method's own (PatchCore 256; WinCLIP the CLIP model's square input).
+    image_size: int | tuple[int, int] | None = 256
     alpha: float | None = None
     shots: int = 0
     seed: int = 0
@@ -102,6 +106,8 @@ class FitSettings:
     progress: bool = True
     verbose: bool = False
     drop_outliers: bool = False
+    clip_dir: str = ""
+    object_name: str = "object"
     refine: tuple[tuple[str, Any], ...] = ()
 
 
@@ -168,19 +174,27 @@ def relative_name(root: Path, file: Path) -> str:
 
 
 def read_one(
-    file: Path, image_size: int | tuple[int, int], stages: Stages = NO_STAGES
+    file: Path,
+    image_size: int | tuple[int, int],
+    stages: Stages = NO_STAGES,
+    resample: str = "bilinear",
 ) -> np.ndarray:
-    """One image at the model's size (`imageio.read_image`), its decode and resize timed."""
+    """One image at the model's size (`imageio.read_image`), its decode and resize timed.
+
+    `resample`: the detector's filter (PatchCore bilinear, WinCLIP bicubic).
+    """
     with stages("decode"):
         arr = decode_image(file)
     with stages("resize"):
-        return resize_decoded(arr, image_size, path=file)
+        return resize_decoded(arr, image_size, resample, path=file)
 
 
-def _try_read(file: Path, image_size, stages: Stages) -> tuple[np.ndarray | None, Any]:
+def _try_read(
+    file: Path, image_size, stages: Stages, resample: str = "bilinear"
+) -> tuple[np.ndarray | None, Any]:
     """`(pixels, None)`, or `(None, the error)` of a file `IMAGE_ERRORS` rejects."""
     try:
-        return read_one(file, image_size, stages), None
+        return read_one(file, image_size, stages, resample), None
     except IMAGE_ERRORS as e:
         return None, e
 
@@ -192,12 +206,13 @@ def read_batch(
     *,
     workers: int = 0,
     stages: Stages = NO_STAGES,
+    resample: str = "bilinear",
 ) -> tuple[np.ndarray, list[int], dict[int, str]]:
     """Reads images; returns `(pixels [n_ok, H, W, 3], ok indices, {index: error})`.
 
     `workers` threads decode (0: in this thread); the result does not depend on it.
     """
-    reads = ordered_map(lambda f: _try_read(f, image_size, stages), files, workers)
+    reads = ordered_map(lambda f: _try_read(f, image_size, stages, resample), files, workers)
     return _collect(reads, image_size, strict)
 
 
@@ -223,6 +238,7 @@ def read_chunks(
     *,
     workers: int = 2,
     stages: Stages = NO_STAGES,
+    resample: str = "bilinear",
 ) -> Iterator[tuple[int, np.ndarray, list[int], dict[int, str]]]:
     """`(start, pixels, ok, errors)` of `files[start : start + chunk]`, in order, read ahead.
 
@@ -234,7 +250,10 @@ def read_chunks(
     which names the file.
     """
     reads = ordered_map(
-        lambda f: _try_read(f, image_size, stages), files, workers, depth=max(2 * chunk, 1)
+        lambda f: _try_read(f, image_size, stages, resample),
+        files,
+        workers,
+        depth=max(2 * chunk, 1),
     )
     try:
         for start in range(0, len(files), chunk):
@@ -304,6 +323,7 @@ class Scorer:
       submit: `score` without reading the outputs back (device arrays, computed
         asynchronously), or None where the runtime has none.
       place: host images -> device (`jax.device_put`), what `submit` takes.
+      resample: the resize filter of the detector's inputs (WinCLIP: bicubic).
     """
 
     score: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -312,6 +332,7 @@ class Scorer:
     stream: Any = None  # StreamSetup of a calibrated PatchCore+ library model, else None
     submit: Callable[[Any], tuple[Any, Any]] | None = None
     place: Callable[[np.ndarray], Any] = np.asarray
+    resample: str = "bilinear"
 
 
 def submit_padded(
@@ -365,12 +386,121 @@ def weights_identity(detector, weights: str) -> dict[str, Any]:
     }
 
 
-def build_detector(s: FitSettings):
-    """`(detector, params, config)` of the settings (PatchCore family)."""
+def resolve_settings(s: FitSettings) -> FitSettings:
+    """`s` with the method's image size; refuses what the method cannot honour.
+
+    PatchCore: `image_size` None is 256. WinCLIP needs `clip_dir` (a local
+    Hugging Face CLIP folder, complete) and takes the CLIP model's square
+    input: `image_size` None or that size; `--export` and `--weights` are
+    the PatchCore family's and are refused. Reads only the folder's listing
+    and `config.json`, no weights.
+    """
+    if s.method not in FIT_METHODS:
+        raise ValueError(f"unknown --method {s.method!r}; fit supports {sorted(FIT_METHODS)}.")
+    if s.method in METHODS:
+        return s if s.image_size is not None else dataclasses.replace(s, image_size=256)
+    if not s.clip_dir:
+        raise ValueError(
+            f"--method={s.method} needs --clip_dir: a local Hugging Face CLIP folder "
+            "(config.json, model.safetensors, vocab.json, merges.txt; README, WinCLIP). "
+            f"Fix: --method={s.method} --clip_dir=<that folder>, or --method=patchcore+."
+        )
+    if s.export:
+        raise ValueError(
+            "--export writes the compiled program of the PatchCore family; a WinCLIP model "
+            "is run by the package (predict --model=... --clip_dir=...). Drop --export."
+        )
+    if s.weights:
+        raise ValueError(
+            "--weights is the PatchCore backbone's file; WinCLIP's weights are those of "
+            "--clip_dir. Drop --weights."
+        )
+    from protorefine_jax.io import clip_folder  # imports transformers: only for WinCLIP
+
+    clip_folder.check_clip_folder(s.clip_dir)  # names the missing files
+    side = clip_folder.read_config(s.clip_dir).image_size
+    if s.image_size is not None and tuple(image_hw(s.image_size)) != (side, side):
+        h, w = image_hw(s.image_size)
+        raise ValueError(
+            f"--image_size={h}x{w} but the CLIP model in {s.clip_dir} takes {side}x{side} px "
+            f"(square; other images are resized to it). Fix: drop --image_size, or pass "
+            f"--image_size={side}."
+        )
+    return dataclasses.replace(s, image_size=side)
+
+
+def clip_identity(clip_dir: str | os.PathLike) -> dict[str, Any]:
+    """What a model records of a CLIP folder: its architecture and its weights' SHA-256.
+
+    `spec`: the `ClipSpec` the folder's `config.json` and
+    `preprocessor_config.json` give (what `load_clip` builds); `weights_sha256`:
+    the SHA-256 of the weight file, or for a sharded checkpoint of the lines
+    `<name> <sha256>` of its index and shards. The tokenizer files are not part
+    of it: the class text embeddings are computed at fit and kept in the state.
+    `clip_dir` is the user's own flag, never a path read from `model.json`.
+    """
+    import hashlib
+
+    from protorefine_jax.io import clip_folder
+
+    clip_folder.check_clip_folder(clip_dir)
+    spec = clip_folder.read_spec(clip_dir)
+    files = clip_folder.weight_files(clip_dir)
+    digests = [model_dir.file_sha256(f) for f in files]
+    if len(files) == 1:
+        weights = digests[0]
+    else:
+        lines = "".join(f"{f.name} {d}\n" for f, d in zip(files, digests, strict=True))
+        weights = hashlib.sha256(lines.encode()).hexdigest()
+    spec_dict = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()
+    }
+    return {
+        "spec": spec_dict,
+        "weights_files": [f.name for f in files],
+        "weights_sha256": weights,
+    }
+
+
+def clip_differences(recorded: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    """Lines naming each field where a CLIP folder differs from the one recorded."""
+    lines = [
+        f"clip.spec.{k}: model has {recorded['spec'].get(k)!r}, --clip_dir has {v!r}"
+        for k, v in found["spec"].items()
+        if recorded["spec"].get(k) != v
+    ]
+    if recorded["weights_sha256"] != found["weights_sha256"]:
+        lines.append(
+            f"clip.weights_sha256: model has {recorded['weights_sha256']!r} "
+            f"({', '.join(recorded['weights_files'])}), --clip_dir has "
+            f"{found['weights_sha256']!r} ({', '.join(found['weights_files'])})"
+        )
+    return lines
+
+
+def method_resample(method: str) -> str:
+    """The resize filter of a fit method's inputs (the detector's `resample`)."""
+    if method in WINCLIP_METHODS:
+        from protorefine_jax.detectors.winclip import WinClip
+
+        return WinClip.resample
     from protorefine_jax.detectors import PatchCore
 
-    if s.method not in METHODS:
-        raise ValueError(f"unknown --method {s.method!r}; fit supports {sorted(METHODS)}.")
+    return PatchCore.resample
+
+
+def build_detector(s: FitSettings):
+    """`(detector, params, config)` of resolved settings (`resolve_settings`)."""
+    from protorefine_jax.detectors import PatchCore
+
+    if s.method not in FIT_METHODS:
+        raise ValueError(f"unknown --method {s.method!r}; fit supports {sorted(FIT_METHODS)}.")
+    if s.method in WINCLIP_METHODS:
+        from protorefine_jax.detectors.winclip import WinClip
+
+        detector, params = WinClip.from_folder(s.clip_dir, alpha=s.alpha)
+        config = detector.config(use_refinement=WINCLIP_METHODS[s.method], **dict(s.refine))
+        return detector, params, config
     detector = PatchCore.create(
         s.backbone, s.aggregation, s.image_size, alpha=s.alpha, views=s.views
     )
@@ -433,6 +563,7 @@ def fit_model(s: FitSettings, log: Callable[[str], None] = print) -> dict[str, A
     `model.json` is written last, so a fit that dies while writing leaves no
     loadable half-model.
     """
+    s = resolve_settings(s)
     out_dir = _check_fit(s)
     try:
         return _fit_model(s, out_dir.path, log)
@@ -442,7 +573,6 @@ def fit_model(s: FitSettings, log: Callable[[str], None] = print) -> dict[str, A
 
 
 def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    import jax
 
     from protorefine_jax.data.fewshot import sample_support
 
@@ -451,19 +581,38 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
         files = list(sample_support(files, s.shots, s.seed).paths)
     # Listing only, before the backbone: a one-class calibration folder is refused now.
     calibration_files = calibration_set(s.calibration_dir) if s.calibration_dir else None
-    support, _, errors = read_batch(files, s.image_size, strict=True)
+    winclip = s.method in WINCLIP_METHODS
+    if winclip and len(files) < 2:
+        raise ValueError(
+            f"--method={s.method} needs at least 2 good images: its threshold comes from each "
+            f"image scored by a model of the others; {s.support_dir} gives {len(files)}. Fix: "
+            "add good images (or --shots=0 for all of them)."
+        )
+    resample = method_resample(s.method)
+    support, _, errors = read_batch(files, s.image_size, strict=True, resample=resample)
     del errors  # strict: unreadable support images are fatal
     k = len(files)
     detector, params, config = build_detector(s)
+    context = detector.prepare(params, s.object_name) if winclip else None
     t0 = time.time()
-    feats = np.concatenate(
-        [np.asarray(detector.features(params, b)) for b in _pad_chunks(support, s.batch_size)]
-    )[:k]
+    chunks = [detector.features(params, b) for b in _pad_chunks(support, s.batch_size)]
+    # An array (PatchCore) or a pytree of arrays (WinCLIP's scales), leading axis k.
+    feats = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs])[:k], *chunks)
     views = None
-    if detector.views:
+    if getattr(detector, "views", 0):
         views = np.stack([detector.view_features(params, support[i : i + 1])[0] for i in range(k)])
-    state = detector.fit_features(feats, views=views, config=config)
-    log(f"fitted {s.method} on {k} image(s) from {root}")
+
+    def fit_state(feats, views):
+        """The state and the support images' held-out scores (what the threshold is of)."""
+        if not winclip:
+            st = detector.fit_features(feats, views=views, config=config)
+            return st, st.support_scores
+        st = fit_winclip(detector, feats, context, config)
+        return st, winclip_support_scores(detector, feats, context, config)
+
+    state, support_scores = fit_state(feats, views)
+    prompt = f' (prompts of "{s.object_name}")' if winclip else ""
+    log(f"fitted {s.method} on {k} image(s) from {root}{prompt}")
     advice.show_banks(state.banks, config, s.verbose, log)  # plain advice; ranks with --verbose
 
     def score_state(st, images, batch_size=s.batch_size):
@@ -473,7 +622,6 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
         return scores, maps
 
     # Each support image's held-out scores, in the deployed detector's units.
-    support_scores = state.support_scores
     normal, outliers = threshold_lib.from_support_scores(
         support_scores, s.false_alarm_rate, s.margin
     )
@@ -507,12 +655,12 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
         ]
         files = [f for f, kept in zip(files, keep, strict=True) if kept]
         names = [n for n, kept in zip(names, keep, strict=True) if kept]
-        support, feats = support[keep], feats[keep]
+        support = support[keep]
+        feats = jax.tree.map(lambda x: x[keep], feats)
         views = None if views is None else views[keep]
         k = len(files)
-        state = detector.fit_features(feats, views=views, config=config)
+        state, support_scores = fit_state(feats, views)
         log(f"fitted {s.method} again on the other {k} image(s)")
-        support_scores = state.support_scores
         normal, outliers = threshold_lib.from_support_scores(
             support_scores, s.false_alarm_rate, s.margin
         )
@@ -552,10 +700,14 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
             "method": s.method,
             **{k: list(v) if isinstance(v, tuple) else v for k, v in detector.describe().items()},
         },
-        "backbone": {"name": s.backbone, **weights_identity(detector, s.weights)},
+        "backbone": (
+            {"name": "clip", "weights": json_safe_text(str(s.clip_dir))}
+            if winclip
+            else {"name": s.backbone, **weights_identity(detector, s.weights)}
+        ),
         "image_size": list(image_hw(s.image_size)),
         "alpha": detector.alpha if s.alpha is None else s.alpha,
-        "config": config_dict(config),
+        "config": config_dict(detector.refinement(config) if winclip else config),
         "support": {
             "dir": json_safe_text(str(s.support_dir)),
             "files": [relative_name(root, f) for f in files],
@@ -580,6 +732,15 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
         "fit_seconds": round(time.time() - t0, 3),
         "jax": jax.__version__,
     }
+    if winclip:
+        ident = clip_identity(s.clip_dir)
+        meta["backbone"]["weights_sha256"] = ident["weights_sha256"]
+        meta["clip"] = {
+            "dir": json_safe_text(str(s.clip_dir)),
+            **ident,
+            "object_name": s.object_name,
+            "scoring": winclip_scoring(config),
+        }
     extra = {}
     if s.export:
         extra[EXPORT_FILE] = export_artifact(detector, params, state, config, s.image_size)
@@ -592,6 +753,62 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
     model_dir.save_model(out, saved, meta, extra_files=extra, overwrite=s.overwrite)
     log(f"model written to {s.out}/ ({', '.join([model_dir.MANIFEST, model_dir.ARRAYS, *extra])})")
     return meta
+
+
+def fit_winclip(detector, feats, context, config):
+    """A WinCLIP state of support features: banks, and the calibration WinCLIP+ fuses with."""
+    refine = detector.refinement(config)
+    calibrate = bool(refine.use_refinement and refine.calibrated)
+    return detector.fit_features(feats, context=context, config=config, calibrate=calibrate)
+
+
+def winclip_support_scores(detector, feats, context, config):
+    """Each support image's score by a WinCLIP(+) model of the OTHER images (leave-one-out).
+
+    WinCLIP's state has no held-out image scores of its own (its calibration
+    holds out quadrants of each scale, not images, and gives no image
+    scores), so fit refits the banks and the calibration on the other
+    `k - 1` images for each image and scores it with the deployed scoring:
+    the scores PatchCore+'s threshold is derived from, here from whole images
+    held out. A model of `k - 1` images scores a new good image a little
+    higher than the model of `k`, so the threshold errs on the side of fewer
+    false alarms. Also what names an outlier (`against_others`).
+
+    Args:
+      detector: a `WinClip`.
+      feats: the `k >= 2` support images' `MultiscaleFeatures`.
+      context: the `[2, E]` class text embeddings.
+      config: the scoring `WinClipConfig`.
+
+    Returns:
+      `calibration.SupportScores(held_out=[k], against_others=[k])`, the same scores.
+    """
+    from protorefine_jax.calibration import SupportScores
+
+    k = int(jax.tree.leaves(feats)[0].shape[0])
+    if k < 2:
+        raise ValueError(f"leave-one-out scores need at least 2 support images, got {k}.")
+    scores = []
+    for i in range(k):
+        others = jax.tree.map(lambda x, i=i: np.delete(np.asarray(x), i, axis=0), feats)
+        one = jax.tree.map(lambda x, i=i: np.asarray(x)[i : i + 1], feats)
+        st = fit_winclip(detector, others, context, config)
+        scores.append(float(np.asarray(detector.score_features(st, one, config).image_scores)[0]))
+    held = np.asarray(scores, np.float64)
+    return SupportScores(held_out=held, against_others=held)
+
+
+def winclip_scoring(config) -> dict[str, Any]:
+    """The `WinClipConfig` fields beside `refine` and `clip`, JSON-ready (`model.json` "clip")."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.name in ("refine", "clip"):
+            continue
+        v = getattr(config, f.name)
+        if hasattr(v, "item") and np.ndim(v) == 0:
+            v = v.item()
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
 
 
 MAP_SCALE_IMAGES = (8, 4)
@@ -671,6 +888,7 @@ def open_model(
     weights: str | None = None,
     requested: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
+    clip_dir: str | None = None,
 ) -> tuple[Scorer, dict[str, Any]]:
     """Loads a model directory as a `Scorer` (see the module docstring).
 
@@ -683,6 +901,8 @@ def open_model(
       requested: settings the caller asks for (`requested_settings`); any
         that differ from the model's raise `ModelMismatchError`.
       log: where notes go.
+      clip_dir: WinCLIP models: the CLIP folder on this machine (required);
+        its architecture and weights' SHA-256 must match the model's.
 
     Returns:
       `(scorer, manifest)`.
@@ -698,6 +918,19 @@ def open_model(
         ) from e
     if requested:
         model_dir.check_matches(manifest, requested)
+    family = meta["detector"]["family"]
+    if family != "winclip" and clip_dir is not None:
+        raise ValueError(
+            f"--clip_dir is for WinCLIP models; {path} is a {meta['detector']['method']} model. "
+            "Drop --clip_dir."
+        )
+    if family == "winclip":
+        if runtime == "export":
+            raise ValueError(
+                f"{path} is a WinCLIP model, which has no exported program (fit --export is for "
+                "the PatchCore family): use --runtime=library (or auto)."
+            )
+        return _winclip_scorer(path, meta, clip_dir), manifest
     if runtime not in ("auto", "library", "export"):
         raise ValueError(f"unknown runtime {runtime!r}; choose auto, library or export.")
     if runtime == "auto":
@@ -811,6 +1044,59 @@ def _library_scorer(path, meta, size: int, weights: str | None) -> Scorer:
     )
 
 
+def _winclip_scorer(path, meta, clip_dir: str | None) -> Scorer:
+    """The library scorer of a WinCLIP model on the user's `clip_dir` (checked against it)."""
+    from protorefine_jax.clip.winclip import WinClipConfig
+    from protorefine_jax.config import RefineConfig
+    from protorefine_jax.detectors.winclip import WinClip
+    from protorefine_jax.io.clip_folder import load_clip
+
+    recorded = meta["clip"]
+    if not clip_dir:
+        raise ValueError(
+            f"{path} is a {meta['detector']['method']} model fitted on the CLIP folder "
+            f"{recorded['dir']!r}; a path recorded in a model directory is never opened. Fix: "
+            "pass --clip_dir=<that CLIP folder on this machine> (its config and weights' "
+            "SHA-256 are checked)."
+        )
+    differences = clip_differences(recorded, clip_identity(clip_dir))
+    if differences:
+        raise model_dir.ModelMismatchError(
+            f"the model was fitted on another CLIP model than --clip_dir={clip_dir}:\n  "
+            + "\n  ".join(differences)
+            + "\nPass --clip_dir=<the CLIP folder the model was fitted on>, or fit a new model."
+        )
+    loaded = model_dir.load_model(path)
+    if loaded.version_note:
+        print(f"note: {loaded.version_note}")
+    spec, params, tokenizer = load_clip(clip_dir)
+    detector = WinClip(spec, tokenizer, alpha=meta["alpha"])
+    scoring = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded["scoring"].items()}
+    refine = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["config"].items()}
+    config = WinClipConfig(refine=RefineConfig(**refine), clip=spec, **scoring)
+    check_winclip_state(loaded.state, config, path)
+    has_cal = loaded.state.calibration is not None
+    state = loaded.state._replace(calibrated_under=config if has_cal else None)
+
+    def submit(images):
+        out = detector.score(params, state, images, config)
+        return out.image_scores, out.maps
+
+    def score(images):
+        scores, maps = submit(images)
+        return np.asarray(scores), np.asarray(maps)
+
+    size = parse_image_size(meta["image_size"])
+    return Scorer(
+        score=score,
+        runtime="library",
+        image_size=size,
+        submit=submit,
+        place=jax.device_put,
+        resample=detector.resample,
+    )
+
+
 @dataclasses.dataclass
 class StreamSetup:
     """What `predict --calibrate_on_stream` needs of a library model (calibrated PatchCore+).
@@ -854,7 +1140,6 @@ def check_state(state: Any, feature_dim: int, path) -> None:
     positive scales (a zero scale would turn every score into infinity).
     """
     from protorefine_jax.bank import MemoryBank
-    from protorefine_jax.calibration import ScoreCalibration
     from protorefine_jax.detectors.base import DetectorState
 
     def bad(what: str) -> model_dir.ModelFormatError:
@@ -873,12 +1158,7 @@ def check_state(state: Any, feature_dim: int, path) -> None:
             raise bad("a memory bank holds non-finite values")
     cal = state.calibration
     if cal is not None:
-        if not isinstance(cal, ScoreCalibration):
-            raise bad("the calibration is not a ScoreCalibration")
-        for name, value in cal._asdict().items():
-            v = np.asarray(value)
-            if v.shape != () or not np.isfinite(v) or (name.endswith("scale") and not v > 0):
-                raise bad(f"calibration {name} must be a finite scalar (scales > 0), got {v!r}")
+        _check_calibration(cal, bad)
     scores = state.support_scores
     if scores is not None:
         from protorefine_jax.calibration import SupportScores
@@ -891,6 +1171,61 @@ def check_state(state: Any, feature_dim: int, path) -> None:
             v = np.asarray(value)
             if v.ndim != 1 or v.size == 0 or v.size > 10_000_000 or not np.all(np.isfinite(v)):
                 raise bad(f"support scores {name} must be a non-empty finite 1-D array")
+
+
+def _check_calibration(cal: Any, bad: Callable[[str], Exception]) -> None:
+    from protorefine_jax.calibration import ScoreCalibration
+
+    if not isinstance(cal, ScoreCalibration):
+        raise bad("the calibration is not a ScoreCalibration")
+    for name, value in cal._asdict().items():
+        v = np.asarray(value)
+        if v.shape != () or not np.isfinite(v) or (name.endswith("scale") and not v > 0):
+            raise bad(f"calibration {name} must be a finite scalar (scales > 0), got {v!r}")
+
+
+def check_winclip_state(state: Any, config: Any, path) -> None:
+    """Raises `ModelFormatError` unless `state` is a WinCLIP state scoring under `config`.
+
+    One coreset bank and one full memory per scale (patches, then each window
+    size), finite rows of the scale's width; the `[2, E]` class text
+    embeddings; no calibration, or one finite `ScoreCalibration` per scale.
+    """
+    from protorefine_jax.bank import MemoryBank
+    from protorefine_jax.clip.winclip import WinClipBanks
+    from protorefine_jax.detectors.base import DetectorState
+
+    def bad(what: str) -> model_dir.ModelFormatError:
+        return model_dir.ModelFormatError(
+            f"{Path(path) / model_dir.ARRAYS}: {what}; the model directory was changed or "
+            "written by another version. Refit the model."
+        )
+
+    spec = config.clip
+    patch_width = spec.embed_dim if config.project_patches else spec.vision_width
+    widths = [patch_width] + [spec.embed_dim] * len(config.window_sizes)
+    banks = getattr(state, "banks", None)
+    if not isinstance(state, DetectorState) or not isinstance(banks, WinClipBanks):
+        raise bad("the state is not a WinCLIP state")
+    if len(banks.coreset) != len(widths) or len(banks.full) != len(widths):
+        raise bad(f"the state holds {len(banks.coreset)} scales, the config {len(widths)}")
+    for bank, full, width in zip(banks.coreset, banks.full, widths, strict=True):
+        for rows in (getattr(bank, "prototypes", None), full):
+            if np.ndim(rows) != 2 or np.shape(rows)[1] != width:
+                raise bad(f"a memory bank is not [n, {width}] rows")
+            if not np.all(np.isfinite(rows)):
+                raise bad("a memory bank holds non-finite values")
+        if not isinstance(bank, MemoryBank):
+            raise bad("a coreset bank is not a MemoryBank")
+    text = state.context
+    if np.shape(text) != (2, spec.embed_dim) or not np.all(np.isfinite(text)):
+        raise bad(f"the class text embeddings are not finite [2, {spec.embed_dim}]")
+    if state.calibration is not None:
+        cal = state.calibration
+        if not isinstance(cal, tuple | list) or len(cal) != len(widths):
+            raise bad(f"the calibration is not one ScoreCalibration per scale ({len(widths)})")
+        for c in cal:
+            _check_calibration(c, bad)
 
 
 # --------------------------------------------------------------------------- predict
@@ -915,6 +1250,7 @@ class PredictSettings:
     calibrate_on_stream: bool = False
     labels: str = "auto"
     support_dir: str | None = None
+    clip_dir: str | None = None
 
 
 def _safe_stem(index: int, name: str) -> str:
@@ -981,6 +1317,7 @@ def _predict(
         weights=s.weights,
         requested=requested_settings(dict(s.requested)),
         log=log,
+        clip_dir=s.clip_dir,
     )
     meta = manifest["metadata"]
     thr = float(meta["threshold"]["value"]) if s.threshold is None else float(s.threshold)
@@ -1082,7 +1419,15 @@ def _predict(
         tqdm(total=len(files), disable=not s.progress, desc="predict", unit="img") as bar,
         writer,
     ):
-        reader = read_chunks(files, size, s.strict, chunk, workers=PREDICT_WORKERS, stages=stages)
+        reader = read_chunks(
+            files,
+            size,
+            s.strict,
+            chunk,
+            workers=PREDICT_WORKERS,
+            stages=stages,
+            resample=scorer.resample,
+        )
         pending = None
         while True:
             try:

@@ -223,6 +223,33 @@ def check_images(
     return notes
 
 
+def check_square_input(files: Sequence[Path], side: int, root: Path | None = None) -> list[str]:
+    """Notes about these images for a detector with a fixed square input (WinCLIP's CLIP).
+
+    No size can be chosen (the CLIP model's input is `side` x `side`), so a
+    non-square folder gets a note that it is resized out of shape, and mixed
+    sizes are listed; nothing is refused.
+    """
+    sizes = survey(files)
+    if not sizes:
+        return []
+    (w, h), _ = next(iter(sizes.items()))
+    notes = []
+    d = distortion(w, h, (side, side))
+    if d >= DISTORTION:
+        notes.append(
+            f"note: the images are {w} wide x {h} high ({_shape(w, h)}); the CLIP model takes "
+            f"{side}x{side}, so they are resized {d:.1f}:1 out of shape. The model works this "
+            "way (every image is resized alike), but detail along the long side is squeezed; "
+            "for elongated parts a PatchCore model (--method=patchcore+ --image_size=HxW) "
+            "keeps the shape."
+        )
+    mixed = mixed_sizes_note(sizes, (side, side), root)
+    if mixed:
+        notes.append(mixed)
+    return notes
+
+
 def show(notes: Sequence[str], log: Callable[[str], None] = print) -> None:
     """Prints each note (one paragraph each)."""
     for line in notes:

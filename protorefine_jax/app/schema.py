@@ -213,6 +213,8 @@ FLAGS: dict[str, Field] = {
     "optimizer": _choices(config_lib.Optimizer),
     "bank": _choices(config_lib.BankMode),
     "precision": _choices(config_lib.Precision),
+    # WinCLIP's category text: the prompts say "a photo of a flawless <object_name>", ...
+    "object_name": Text(pattern=r".{1,100}", max_len=100),
 }
 
 
@@ -278,24 +280,86 @@ CONFIG = Dict(
     }
 )
 _FILES = List(Text(), max_len=100_000)
+_WIDTH = Int(1, 65_536)
+_RGB = List(Float(-10.0, 10.0), length=3)
+# The CLIP folder a WinCLIP model was fitted on: its architecture (`ClipSpec`, the fields
+# of config.json and preprocessor_config.json used), its weights' SHA-256 and the scoring
+# settings outside `RefineConfig` (`WinClipConfig`).
+CLIP = Dict(
+    {
+        "dir": Text(),
+        "spec": Dict(
+            {
+                "image_size": IMAGE_SIDE,
+                "patch_size": Int(1, 1024),
+                "vision_width": _WIDTH,
+                "vision_layers": Int(1, 1024),
+                "vision_heads": Int(1, 1024),
+                "vision_mlp": _WIDTH,
+                "text_width": _WIDTH,
+                "text_layers": Int(1, 1024),
+                "text_heads": Int(1, 1024),
+                "text_mlp": _WIDTH,
+                "context_length": Int(1, 65_536),
+                "vocab_size": Int(1, 10_000_000),
+                "embed_dim": _WIDTH,
+                "hidden_act": Text(choices=("gelu", "quick_gelu")),
+                "layer_norm_eps": Float(0.0, 1.0),
+                "image_mean": _RGB,
+                "image_std": _RGB,
+            }
+        ),
+        "weights_files": List(NAME, max_len=1000),
+        "weights_sha256": SHA256,
+        "object_name": FLAGS["object_name"],
+        "scoring": Dict(
+            {
+                "temperature": Float(1e-6, 100.0),
+                "window_sizes": List(Int(1, 64), max_len=8),
+                "project_patches": Bool(),
+                "plain_memory": Text(choices=("full", "coreset")),
+                "window_aggregation": Text(choices=("harmonic", "mean")),
+                "zero_shot_fusion": Text(choices=("harmonic", "mean")),
+                "image_size": List(IMAGE_SIDE, length=2),
+                "blur_sigma": Float(0.0, 64.0),
+            }
+        ),
+    }
+)
+# Methods of each detector family fit writes.
+FAMILY_METHODS = {"patchcore": ("patchcore", "patchcore+"), "winclip": ("winclip", "winclip+")}
 # `metadata` of model.json as fit writes it; predict reads nothing else.
 METADATA = Dict(
     {
         "detector": Dict(
             {
-                "family": Text(choices=("patchcore",)),
-                "method": Text(choices=("patchcore", "patchcore+")),
+                "family": Text(choices=tuple(FAMILY_METHODS)),
+                "method": Text(choices=sum(FAMILY_METHODS.values(), ())),
                 "backbone": NAME,
                 "aggregation": NAME,
-                "feature_dim": Int(1, 65_536),
+                "feature_dim": _WIDTH,
+                "vision_width": _WIDTH,
+                "embed_dim": _WIDTH,
                 "grid": List(Int(1, 1024), length=2),
                 "image_size": AnyOf(IMAGE_SIDE, List(IMAGE_SIDE, length=2)),
                 "views": Int(0, 64),
             },
-            optional=("image_size", "views"),
+            # PatchCore: backbone, aggregation, feature_dim; WinCLIP: the CLIP widths.
+            optional=(
+                "backbone",
+                "aggregation",
+                "feature_dim",
+                "vision_width",
+                "embed_dim",
+                "image_size",
+                "views",
+            ),
         ),
+        # WinCLIP models only: the CLIP folder (predict takes it again and compares).
+        "clip": CLIP,
         # weights: "random", "shipped" or the file fit was given (a label only:
-        # predict never opens a path read from model.json).
+        # predict never opens a path read from model.json); WinCLIP: name "clip", the
+        # --clip_dir fit was given and the SHA-256 of its weights (as in "clip").
         "backbone": Dict(
             {
                 "name": NAME,
@@ -342,10 +406,24 @@ METADATA = Dict(
         "jax": Text(max_len=64),
         "export": Dict({"file": Text(choices=("detector.jaxexport",)), "platforms": List(NAME)}),
     },
-    optional=("export",),
+    optional=("export", "clip"),
 )
 
 
 def check_metadata(meta: Any) -> None:
     """Raises ValueError (naming the field and its range) unless `meta` follows `METADATA`."""
     METADATA.check(meta, "model.json: metadata")
+    det = meta["detector"]
+    where = "model.json: metadata.detector"
+    if det["method"] not in FAMILY_METHODS[det["family"]]:
+        raise ValueError(f"{where}.method {det['method']!r} is not a {det['family']} method")
+    needed = ("backbone", "aggregation", "feature_dim")
+    if det["family"] == "winclip":
+        needed = ("vision_width", "embed_dim")
+        if "clip" not in meta:
+            raise ValueError("model.json: metadata lacks 'clip' (a WinCLIP model's CLIP folder)")
+    elif "clip" in meta:
+        raise ValueError("model.json: metadata.clip belongs to WinCLIP models only")
+    for key in needed:
+        if key not in det:
+            raise ValueError(f"{where} lacks {key!r}")

@@ -90,6 +90,9 @@ def parse(
         full = "--helpfull" in argv[1:]
         print(help_text(flag_values, doc, essential, full=full))
         return 0
+    # Every run starts from the defaults: a flag of an earlier run in this process
+    # (a notebook, a test) must not carry over to a run that does not give it.
+    flag_values.unparse_flags()
     try:
         rest = flag_values(argv)
     except flags.Error as err:

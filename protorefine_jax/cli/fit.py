@@ -17,6 +17,15 @@ threshold fitted on the other images). Not the default: on dev fits where a
 genuine good image was named, dropping it cost 8-10 AUROC points on 2 of 3
 (RESULTS.md, "Calibration that sees new parts").
 
+WinCLIP / WinCLIP+ (`--method=winclip+ --clip_dir=<Hugging Face CLIP folder>
+--object_name=<what the parts are>`): the CLIP model's square input; its
+architecture and its weights' SHA-256 go into `model.json` (predict takes
+`--clip_dir` again and refuses another model, naming the difference). The
+normal-only threshold is of each good image scored by a model of the others
+(leave-one-out: at least 2 images), the per-scale calibration of WinCLIP+
+from the support images as PatchCore+'s. `--views`, `--backbone`,
+`--weights` and `--export` are the PatchCore family's.
+
 The threshold: with only good images, each good image's held-out score in
 the model's own units (its quadrants against a bank without them, also for
 nuisance views of it: `protorefine_jax.calibration.support_image_scores`), an image
@@ -52,7 +61,23 @@ _define_bool(
     "detector.jaxexport) are replaced; other files are kept and listed.",
 )
 _define_enum(
-    "method", "patchcore+", sorted(deploy.METHODS), "Detector: patchcore+ (refined) or patchcore."
+    "method",
+    "patchcore+",
+    sorted(deploy.FIT_METHODS),
+    "Detector: patchcore+ (refined) or patchcore; winclip+ or winclip on a CLIP model "
+    "(--clip_dir).",
+)
+_define_string(
+    "clip_dir",
+    "",
+    "WinCLIP methods: a local Hugging Face CLIP folder (config.json, model.safetensors, "
+    "vocab.json, merges.txt). Required for winclip / winclip+; nothing is downloaded.",
+)
+_define_string(
+    "object_name",
+    "object",
+    "WinCLIP methods: what the parts are, in the text prompts ('a photo of a flawless "
+    "<object_name>', ...), e.g. ball_screw or 'metal nut'.",
 )
 _define_enum(
     "backbone",
@@ -68,7 +93,7 @@ _define_string(
     "image_size",
     "256",
     "Input size, HEIGHTxWIDTH (multiples of 16, e.g. 224x544) or one side; fit suggests one "
-    "that keeps the shape of non-square images.",
+    "that keeps the shape of non-square images. WinCLIP: the CLIP model's (square) size.",
 )
 _define_float("alpha", None, "Coreset ratio (default 0.05).")
 _define_integer("shots", 0, "Support images to draw (seeded); 0 = every image given.")
@@ -108,7 +133,16 @@ _define_bool("verbose", False, "Also print diagnostics (memory bank size and ran
 _define.refine_flags(deploy.REFINE_FIELDS)
 
 # What --help lists first, in this order.
-ESSENTIAL = ("support_dir", "out", "method", "image_size", "backbone", "shots", "false_alarm_rate")
+ESSENTIAL = (
+    "support_dir",
+    "out",
+    "method",
+    "image_size",
+    "backbone",
+    "clip_dir",
+    "shots",
+    "false_alarm_rate",
+)
 
 
 def settings_from_flags() -> deploy.FitSettings:
@@ -116,8 +150,12 @@ def settings_from_flags() -> deploy.FitSettings:
     names = [f.name for f in deploy.dataclasses.fields(deploy.FitSettings) if f.name != "refine"]
     refine = tuple((n, FLAGS[n].value) for n in deploy.REFINE_FIELDS if FLAGS[n].value is not None)
     values = {n: FLAGS[n].value for n in names}
-    values["image_size"] = deploy.parse_image_size(values["image_size"])
-    image_check.check_multiple(values["image_size"])  # names the nearest valid size
+    if values["method"] in deploy.WINCLIP_METHODS and not FLAGS["image_size"].present:
+        values["image_size"] = None  # the CLIP model's input size
+    else:
+        values["image_size"] = deploy.parse_image_size(values["image_size"])
+    if values["method"] in deploy.METHODS:
+        image_check.check_multiple(values["image_size"])  # names the nearest valid size
     return deploy.FitSettings(**values, refine=refine)
 
 
@@ -134,12 +172,16 @@ def run(argv: list[str]) -> int:
         settings = settings_from_flags()
         # Flags first (their ranges), then the images: their sizes against --image_size.
         schema.check_flags({**deploy.dataclasses.asdict(settings), **dict(settings.refine)})
+        settings = deploy.resolve_settings(settings)  # WinCLIP: --clip_dir and its size
         if settings.support_dir:
             root, files = deploy.list_images(settings.support_dir)
-            explicit = FLAGS["image_size"].present
-            notes = image_check.check_images(
-                files, settings.image_size, explicit=explicit, for_fit=True, root=root
-            )
+            if settings.method in deploy.WINCLIP_METHODS:
+                notes = image_check.check_square_input(files, settings.image_size, root=root)
+            else:
+                explicit = FLAGS["image_size"].present
+                notes = image_check.check_images(
+                    files, settings.image_size, explicit=explicit, for_fit=True, root=root
+                )
             image_check.show(notes)
         deploy.fit_model(settings)
 

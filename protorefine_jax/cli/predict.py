@@ -24,7 +24,10 @@ The model's own settings are used. Settings given here (`--backbone`,
 difference is an error naming it; `--weights` says where this machine keeps
 the backbone weights (their SHA-256 must match). `--runtime=export` runs the
 exported program alone (`fit --export`); `auto` does so when the detector
-code cannot be imported.
+code cannot be imported. A WinCLIP model (`fit --method=winclip+`) needs
+`--clip_dir`, the CLIP folder on this machine: its architecture and its
+weights' SHA-256 must be those the model was fitted on (a path recorded in
+the model is never opened); it runs through the package only.
 """
 
 from __future__ import annotations
@@ -62,6 +65,12 @@ _define_enum(
     "auto (library when importable).",
 )
 _define_string("weights", None, "Backbone weights file on this machine (default: as fitted).")
+_define_string(
+    "clip_dir",
+    None,
+    "WinCLIP models: the CLIP folder on this machine the model was fitted on (required; its "
+    "config and weights' SHA-256 are checked against the model).",
+)
 _define_bool("strict", False, "Fail on the first unreadable image instead of listing it.")
 _define_float("threshold", None, "Decision threshold instead of the model's.")
 _define_enum("overlays", "all", ["all", "anomalous", "none"], "Which overlay PNGs to write.")
@@ -102,7 +111,7 @@ _define_bool("verbose", False, "Also print JAX's start-up logs.")
 _define.refine_flags(deploy.REFINE_FIELDS, prefix="Checked against the model. ")
 
 # What --help lists first, in this order.
-ESSENTIAL = ("model", "images", "out", "threshold", "overlays", "runtime")
+ESSENTIAL = ("model", "images", "out", "clip_dir", "threshold", "overlays", "runtime")
 CHECKED = ("method", "backbone", "aggregation", "image_size", *deploy.REFINE_FIELDS)
 
 
@@ -123,11 +132,15 @@ def check_images(s: deploy.PredictSettings) -> None:
 
     root, files = deploy.list_images(s.images)
     try:
-        size = model_dir.read_manifest(s.model)["metadata"]["image_size"]
-        size = deploy.parse_image_size(size)
+        meta = model_dir.read_manifest(s.model)["metadata"]
+        size = deploy.parse_image_size(meta["image_size"])
+        square = meta["detector"]["family"] == "winclip"
     except (*cli.INPUT_ERRORS, KeyError, TypeError):
         return
-    notes = image_check.check_images(files, size, explicit=True, for_fit=False, root=root)
+    if square:  # the CLIP model's input: no size to choose
+        notes = image_check.check_square_input(files, image_check.image_hw(size)[0], root=root)
+    else:
+        notes = image_check.check_images(files, size, explicit=True, for_fit=False, root=root)
     image_check.show(notes)
 
 

@@ -321,11 +321,34 @@ def load_clip(folder: str | pathlib.Path) -> ClipBundle:
     """
     check_clip_folder(folder)
     folder = pathlib.Path(folder)
-    spec = read_config(folder)
-    mean, std = read_normalization(folder)
-    spec = dataclasses.replace(spec, image_mean=mean, image_std=std)
+    spec = read_spec(folder)
     params = jax.tree.map(jax.numpy.asarray, _read_hf_weights(folder, spec))
     return ClipBundle(spec, params, load_tokenizer(folder))
+
+
+def read_spec(folder: str | pathlib.Path) -> ClipSpec:
+    """The folder's `ClipSpec` as `load_clip` builds it: `config.json` plus the normalisation."""
+    spec = read_config(folder)
+    mean, std = read_normalization(folder)
+    return dataclasses.replace(spec, image_mean=mean, image_std=std)
+
+
+def weight_files(folder: str | pathlib.Path) -> list[pathlib.Path]:
+    """The files `load_clip` reads the weights from (the first kind of `WEIGHT_FILES` present).
+
+    A sharded checkpoint is its index followed by its shards (`shard_files`).
+
+    Raises:
+      FileNotFoundError: the folder holds no weight file (`check_clip_folder`'s message).
+    """
+    folder = pathlib.Path(folder)
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            if name == INDEX_FILE:
+                return [folder / name, *shard_files(folder)]
+            return [folder / name]
+    check_clip_folder(folder)
+    raise FileNotFoundError(f"CLIP folder {folder} holds no weight file.")  # unreachable
 
 
 def write_clip_folder(
