@@ -598,9 +598,9 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
     chunks = [detector.features(params, b) for b in _pad_chunks(support, s.batch_size)]
     # An array (PatchCore) or a pytree of arrays (WinCLIP's scales), leading axis k.
     feats = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs])[:k], *chunks)
-    views = None
-    if getattr(detector, "views", 0):
-        views = np.stack([detector.view_features(params, support[i : i + 1])[0] for i in range(k)])
+    # One image's views per call (memory of V images); None where the detector has none.
+    per_image = [detector.view_features(params, support[i : i + 1]) for i in range(k)]
+    views = None if per_image[0] is None else np.stack([v[0] for v in per_image])
 
     def fit_state(feats, views):
         """The state and the support images' held-out scores (what the threshold is of)."""
