@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from protorefine_jax import calibration, stream_calibration, threshold
 from protorefine_jax.app.methods import Method
 from protorefine_jax.detectors import Detector, DetectorState
+from protorefine_jax.padding import fixed_batches
 from protorefine_jax.scoring import maps_of_grids
 from protorefine_jax.sharding import batch_mesh, replicate, shard_batch
 
@@ -110,7 +111,7 @@ def stack(trees: list[Any]) -> Any:
 
 
 def batched(fn: Callable[[Any], Any], items: Any, batch_size: int, mesh: Mesh | None = None) -> Any:
-    """`fn` over `items` in fixed-size batches (last one padded), outputs concatenated.
+    """`fn` over `items` in fixed-size batches (`padding.fixed_batches`), outputs concatenated.
 
     Args:
       fn: maps a `[batch_size, ...]` pytree to a pytree of arrays with a
@@ -123,12 +124,7 @@ def batched(fn: Callable[[Any], Any], items: Any, batch_size: int, mesh: Mesh | 
       `fn`'s pytree with leading axis `N`, as numpy arrays.
     """
     outs = []
-    total = batch_size_of(items)
-    for start in range(0, total, batch_size):
-        size = min(batch_size, total - start)
-        # Pad by repeating the last item: every call sees the compiled shape.
-        index = np.minimum(np.arange(start, start + batch_size), start + size - 1)
-        chunk = take(items, index)
+    for chunk, size in fixed_batches(items, batch_size):
         if mesh is not None:
             chunk = jax.tree_util.tree_map(lambda x: shard_batch(x, mesh), chunk)
         out = fn(chunk)
