@@ -12,7 +12,6 @@ the same compiled programs, data parallel.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -28,29 +27,9 @@ from protorefine_jax.padding import fixed_batches
 from protorefine_jax.scoring import maps_of_grids
 from protorefine_jax.sharding import batch_mesh, replicate, shard_batch
 
-# XLA's option that splits the CPU into this many host devices (read when JAX starts).
+# XLA's option that splits the CPU into this many host devices (read when JAX starts). The
+# command line sets it (`cli.common.request_host_devices`); this layer only names it.
 HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
-
-
-def request_host_devices(count: int) -> None:
-    """Asks XLA for `count` CPU host devices (0: one per core) if JAX has not started.
-
-    XLA:CPU runs most of a program's operations on one thread; split into
-    host devices, a sharded batch keeps every core busy (docs/method.md,
-    "Batching": PatchCore and PatchCore+ end to end about 1.4x faster on 2
-    cores). Only the CPU platform reads the option, so it changes
-    nothing where the devices are GPUs. Once JAX has started it cannot take
-    effect, and `device_mesh` names the fix if too few devices exist.
-    """
-    count = (os.cpu_count() or 1) if count == 0 else count
-    flags = os.environ.get("XLA_FLAGS", "")
-    if count <= 1 or HOST_DEVICES_FLAG in flags:
-        return
-    from jax._src import xla_bridge  # no public "has JAX started" query
-
-    # A JAX without the query: assume it started (device_mesh then names the fix).
-    if not getattr(xla_bridge, "backends_are_initialized", lambda: True)():
-        os.environ["XLA_FLAGS"] = f"{flags} {HOST_DEVICES_FLAG}={count}".strip()
 
 
 def device_mesh(count: int, batch_size: int) -> Mesh | None:
@@ -71,7 +50,7 @@ def device_mesh(count: int, batch_size: int) -> Mesh | None:
         raise ValueError(
             f"--devices={count} but JAX sees {len(devices)} local {jax.default_backend()} "
             f"device(s). On CPU, start the process with XLA_FLAGS={HOST_DEVICES_FLAG}={count} "
-            "(experiments.eval sets it itself when it is the first to start JAX)."
+            "(the eval command line sets it itself when it is the first to start JAX)."
         )
     if count == 1:
         return None

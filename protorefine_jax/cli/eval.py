@@ -183,7 +183,7 @@ def main(argv: list[str]) -> None:
     def evaluate() -> None:
         imageio.set_max_image_pixels(_MAX_IMAGE_PIXELS.value)
         settings = settings_from_flags()
-        batching.request_host_devices(settings.devices)  # before anything starts JAX
+        cli.request_host_devices(settings.devices)  # before anything starts JAX
         runner.run(settings)
 
     status = cli.report_errors(evaluate)  # bad input: one error line, no traceback
