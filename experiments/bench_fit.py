@@ -206,13 +206,14 @@ def probe(k: int, support_dir: str) -> dict[str, Any]:
     from protorefine_jax import calibration
     from protorefine_jax.app import deploy
     from protorefine_jax.coreset import greedy_coreset
+    from protorefine_jax.padding import fixed_batches
 
     s = deploy.FitSettings(support_dir=support_dir, progress=False)
     _, files = deploy.list_images(support_dir)
     images, _, _ = deploy.read_batch(files, s.image_size, strict=True)
     detector, params, config = deploy.build_detector(s)
     feats = np.concatenate(
-        [np.asarray(detector.features(params, b)) for b in deploy._pad_chunks(images, 8)]
+        [np.asarray(detector.features(params, b)) for b, _ in fixed_batches(images, 8)]
     )[: len(files)]
     feats = np.concatenate([feats] * -(-k // len(feats)))[:k]
     feats = feats + 1e-3 * np.random.default_rng(0).standard_normal(feats.shape, np.float32)

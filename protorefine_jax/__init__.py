@@ -17,13 +17,14 @@ The building blocks a researcher swaps, in the order a query meets them:
   fixed-iteration E-step the loop uses).
 - `refine.refine` / `Refinement` (the `refine` module: the EM loop, E-step and
   optax M-step; the module keeps its name, so the function is not re-exported).
-- `base_patch_scores`, `refined_patch_scores`, `anomaly_map` (scoring).
+- `base_patch_scores`, `refined_patch_scores`, `anomaly_map` (scoring); `MapConfig`
+  (config): the map rendering alone (`RefineConfig.map_config`).
 - `fuse` (calibration): the calibrated max of host and refined z-scores.
 """
 
 from protorefine_jax.bank import MemoryBank, build_bank
 from protorefine_jax.calibration import ScoreCalibration, calibrate, fuse
-from protorefine_jax.config import RefineConfig
+from protorefine_jax.config import MapConfig, RefineConfig
 from protorefine_jax.coreset import coreset_size, greedy_coreset
 from protorefine_jax.gram import GramSystem, gram_system
 from protorefine_jax.pipeline import (
@@ -41,6 +42,7 @@ from protorefine_jax.transport import sinkhorn_plan, sinkhorn_t
 __all__ = [
     "Diagnostics",
     "GramSystem",
+    "MapConfig",
     "MemoryBank",
     "RefineConfig",
     "RefineOutput",

@@ -60,7 +60,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from protorefine_jax import checks, gram
-from protorefine_jax.config import RefineConfig
+from protorefine_jax.config import MAP_FIELDS, RefineConfig
 from protorefine_jax.coreset import coreset_size, greedy_coreset, projection_matrix
 from protorefine_jax.gram import feature_products, gram_system, matmul_precision, normalize_rows
 from protorefine_jax.refine import refine
@@ -178,7 +178,7 @@ def in_host_units(fused: Float[Array, "*m"], calibration: ScoreCalibration) -> F
 
 # Settings that only render maps or switch the fusion on and off: a calibration
 # measured under one value of these serves every other.
-_NOT_CALIBRATED = ("image_size", "blur_sigma", "calibrated", "use_refinement", "grid_shape")
+_NOT_CALIBRATED = (*MAP_FIELDS, "calibrated", "use_refinement")
 
 
 def config_differences(measured: RefineConfig, scoring: RefineConfig) -> list[str]:

@@ -3,6 +3,14 @@
 `RefineConfig` is a pytree: fields that set shapes or pick code paths are
 static (pytree aux data, a change recompiles), continuous hyper-parameters are
 leaves (traced, so a sweep over them reuses one compiled program).
+
+Its fields are of three kinds: the refinement (lam, epsilon, ridges, EM and
+Sinkhorn settings, bank, precision), the method switches (`use_refinement`,
+`use_transport`, `calibrated`) and the map rendering (`MAP_FIELDS`:
+`grid_shape`, `image_size`, `blur_sigma`). The rendering is also a config of
+its own, `MapConfig` (`RefineConfig.map_config`, `RefineConfig.with_map`),
+for code that only turns patch scores into maps (`scoring.anomaly_map` takes
+either); every field stays on `RefineConfig`, so existing calls are unchanged.
 """
 
 from __future__ import annotations
@@ -42,6 +50,39 @@ RANGES = {
     "ridge_wide": (1e-6, True, 1e6),
     "lr": (0.0, False, 2.0),
 }
+
+# The map-rendering fields, shared by `RefineConfig` and `MapConfig`. They never
+# change a patch score (a calibration measured under one value serves all).
+MAP_FIELDS = ("grid_shape", "image_size", "blur_sigma")
+
+
+@struct.dataclass
+class MapConfig:
+    """How `[m]` patch scores become an `[H, W]` anomaly map (docs/method.md, "Scoring").
+
+    The rendering fields of `RefineConfig` on their own (same names, defaults
+    and checks; all static): `RefineConfig.map_config` gives a config's,
+    `RefineConfig.with_map` sets them, `scoring.anomaly_map` takes either.
+
+      >>> rendering = MapConfig(grid_shape=(28, 28), image_size=(224, 224))
+      >>> config = RefineConfig().with_map(rendering)
+      >>> config.map_config == rendering
+      True
+
+    Attributes:
+      grid_shape: patch grid `(h, w)` with `h * w = m`; None means square.
+      image_size: `(H, W)` of the map (bilinear upsample + blur); None: the
+        raw `[h, w]` patch grid.
+      blur_sigma: Gaussian blur sigma in map pixels, >= 0.
+    """
+
+    grid_shape: tuple[int, int] | None = struct.field(pytree_node=False, default=None)
+    image_size: tuple[int, int] | None = struct.field(pytree_node=False, default=(256, 256))
+    blur_sigma: float = struct.field(pytree_node=False, default=4.0)
+
+    def __post_init__(self):
+        _normalise_sizes(self)
+        _check_blur_sigma(self.blur_sigma)
 
 
 @struct.dataclass
@@ -157,12 +198,17 @@ class RefineConfig:
     blur_sigma: float = struct.field(pytree_node=False, default=4.0)
     precision: Precision = struct.field(pytree_node=False, default="float32")
 
+    @property
+    def map_config(self) -> MapConfig:
+        """The map-rendering fields (`MAP_FIELDS`) as a `MapConfig`."""
+        return MapConfig(**{name: getattr(self, name) for name in MAP_FIELDS})
+
+    def with_map(self, rendering: MapConfig) -> RefineConfig:
+        """This config with `rendering`'s map fields (the refinement untouched)."""
+        return self.replace(**{name: getattr(rendering, name) for name in MAP_FIELDS})
+
     def __post_init__(self):
-        # Lists from users or JSON would be unhashable static fields.
-        for name in ("grid_shape", "image_size"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, tuple(int(v) for v in value))
+        _normalise_sizes(self)
         _check_choice("distance", self.distance, _DISTANCES)
         _check_choice("m_step", self.m_step, _M_STEPS)
         _check_choice("optimizer", self.optimizer, _OPTIMIZERS)
@@ -184,9 +230,7 @@ class RefineConfig:
                 'jax.config.update("jax_enable_x64", True) at startup (or set '
                 "JAX_ENABLE_X64=1) before building the config."
             )
-        sigma = _concrete_number("blur_sigma", self.blur_sigma)
-        if sigma is not None and not (math.isfinite(sigma) and sigma >= 0):
-            raise ValueError(f"blur_sigma must be finite and >= 0, got {self.blur_sigma}.")
+        _check_blur_sigma(self.blur_sigma)
         # Traced fields arrive as tracers when jax rebuilds the config inside a
         # transformation; only concrete values (Python or numpy numbers,
         # concrete arrays) can be checked here.
@@ -220,6 +264,20 @@ def _concrete_number(name: str, value) -> float | None:
             raise ValueError(f"{name} must be a real scalar, got {value!r}.")
         return float(arr)
     return None
+
+
+def _normalise_sizes(config) -> None:
+    """`grid_shape` and `image_size` as tuples of ints (lists: unhashable static fields)."""
+    for name in ("grid_shape", "image_size"):
+        value = getattr(config, name)
+        if value is not None:
+            object.__setattr__(config, name, tuple(int(v) for v in value))
+
+
+def _check_blur_sigma(value) -> None:
+    sigma = _concrete_number("blur_sigma", value)
+    if sigma is not None and not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"blur_sigma must be finite and >= 0, got {value}.")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from protorefine_jax.config import RefineConfig
+from protorefine_jax.config import MapConfig, RefineConfig
 from protorefine_jax.gram import GramSystem, refined_sq_norms
 
 _EPS = 1e-12
@@ -188,12 +188,15 @@ def grid_shape_of(m: int, grid_shape: tuple[int, int] | None) -> tuple[int, int]
     return side, side
 
 
-def anomaly_map(scores: Float[Array, " m"], config: RefineConfig) -> Float[Array, "H W"]:
+def anomaly_map(
+    scores: Float[Array, " m"], config: RefineConfig | MapConfig
+) -> Float[Array, "H W"]:
     """Upsampled, blurred anomaly map of one query (docs/method.md, "Scoring").
 
     Args:
       scores: `[m]` patch scores, row-major over the grid.
-      config: `grid_shape`, `image_size`, `blur_sigma`.
+      config: the rendering: a `MapConfig`, or a `RefineConfig`'s map fields
+        (`grid_shape`, `image_size`, `blur_sigma`; the same map either way).
 
     Returns:
       `[H, W]` map, or the raw `[h, w]` grid when `config.image_size` is None.

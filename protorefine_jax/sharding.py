@@ -16,10 +16,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from protorefine_jax.padding import pad_to_multiple
 
 BATCH_AXIS = "batch"
 
@@ -28,24 +29,6 @@ def batch_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh named `"batch"` over `devices` (default: all local devices)."""
     devices = jax.local_devices() if devices is None else list(devices)
     return Mesh(np.asarray(devices), (BATCH_AXIS,))
-
-
-def pad_batch(x, multiple: int):
-    """Pad axis 0 of `x` to a multiple of `multiple` by repeating the last row.
-
-    Args:
-      x: array with a leading batch axis.
-      multiple: the device count.
-
-    Returns:
-      `(padded, original_size)`.
-    """
-    size = x.shape[0]
-    extra = (-size) % multiple
-    if extra == 0:
-        return x, size
-    xp = np if isinstance(x, np.ndarray) else jnp
-    return xp.concatenate([x, xp.repeat(x[-1:], extra, axis=0)], axis=0), size
 
 
 def shard_batch(x, mesh: Mesh):
@@ -81,7 +64,7 @@ def run_sharded(
     batch = args[batch_argnum]
     # Pad on the host when the batch is there: each device then receives only
     # its own slice, and nothing else carries a copy of the whole batch.
-    padded, size = pad_batch(
+    padded, size = pad_to_multiple(
         batch if isinstance(batch, jax.Array) else np.asarray(batch), mesh.size
     )
     rest = args[:batch_argnum] + args[batch_argnum + 1 :]

@@ -1,5 +1,6 @@
 """The eval CLI: smoke run on synthetic data with a random backbone, flags, errors."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,8 +10,11 @@ from absl import flags
 from absl.testing import flagsaver
 from conftest import SHARED_DATA
 
-from protorefine_jax.app import runner
+from protorefine_jax import RefineConfig
+from protorefine_jax.app import runner, schema
+from protorefine_jax.cli import common as cli_common
 from protorefine_jax.cli import eval as eval_cli
+from protorefine_jax.cli import fit as fit_cli
 
 FLAGS = flags.FLAGS
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +110,23 @@ def test_bare_flagfile_names_resolve_to_experiments_flags():
         argv[1] == f"--flagfile={REPO / 'protorefine_jax' / 'cli' / 'flags' / 'mpdd_2shot.flags'}"
     )
     assert argv[2] == "--shots=1"
+
+
+def test_refinement_flags_are_derived_from_refine_config():
+    """Eval's refinement flags (but --lam) typed and documented by RefineConfig, as fit's."""
+    defaults = RefineConfig()
+    kinds = {bool: "bool", int: "int", str: "string"}
+    assert set(runner.REFINE_FIELDS) == set(schema.REFINE_FLAGS) - {"lam"}
+    for name in runner.REFINE_FIELDS:
+        flag = FLAGS[name]
+        want = kinds.get(type(getattr(defaults, name)), "float")
+        assert (flag.flag_type(), flag.default) == (want, None), name
+        assert flag.help == cli_common.refine_help(name), name
+        assert flag.help == fit_cli.FLAGS[name].help, name  # one text for the same setting
+        # Settings carries the same field, of the config's type (None: the detector's default).
+        field = next(f for f in dataclasses.fields(runner.Settings) if f.name == name)
+        assert field.default is None, name
+        assert str(field.type) == f"{type(getattr(defaults, name)).__name__} | None", name
 
 
 @pytest.mark.parametrize(

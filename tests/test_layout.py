@@ -42,7 +42,8 @@ def test_layers_cover_the_package():
     """Every top-level module is core (none left out of the check), every subpackage upper."""
     named = {
         *("bank", "calibration", "checks", "config", "coreset", "export", "gram", "metrics"),
-        *("pipeline", "refine", "scoring", "sharding", "stream_calibration", "threshold"),
+        *("padding", "pipeline", "refine", "scoring", "sharding", "stream_calibration"),
+        *("threshold",),
         "transport",
     }
     assert named <= set(CORE), sorted(named - set(CORE))
@@ -124,3 +125,25 @@ def test_the_app_layer_sits_between_the_library_and_the_command_lines():
     for tool in ("eval", "fit", "predict"):
         text = (REPO / "experiments" / f"{tool}.py").read_text()
         assert len(text.splitlines()) <= 20 and f"protorefine_jax.cli.{tool} import run" in text
+
+
+def test_the_library_and_app_layers_set_no_process_wide_state():
+    """No `os.environ[...] =`, `os.putenv`, `environ.setdefault/update` or `jax.config.update`
+    below the command lines: what a process starts with is the CLI's (`cli.common`)."""
+    offenders = []
+    for path in REPO.glob("protorefine_jax/**/*.py"):
+        if "cli" in path.relative_to(PACKAGE).parts[:1]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            writes = any(
+                isinstance(t, ast.Subscript) and ast.unparse(t.value).endswith("environ")
+                for t in targets
+            )
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                owner, attr = ast.unparse(node.func.value), node.func.attr
+                writes |= owner.endswith("environ") and attr in ("setdefault", "update", "pop")
+                writes |= attr == "putenv" or (owner == "jax.config" and attr == "update")
+            if writes:
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, offenders

@@ -1,11 +1,14 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from protorefine_jax import RefineConfig, scoring
+from protorefine_jax import MapConfig, RefineConfig, scoring
 from protorefine_jax import refine as rf
+from protorefine_jax.config import MAP_FIELDS
 
 
 @pytest.mark.parametrize(("size", "sigma"), [(256, 4.0), (40, 4.0), (50, 1.5), (7, 4.0)])
@@ -33,6 +36,23 @@ def test_no_image_size_returns_the_raw_grid(rng):
     cfg = RefineConfig(grid_shape=(3, 4), image_size=None)
     out = scoring.anomaly_map(jnp.asarray(scores), cfg)
     np.testing.assert_array_equal(np.asarray(out), scores.reshape(3, 4))
+
+
+def test_map_config_renders_the_refine_config_map_alone(rng):
+    """MapConfig: a RefineConfig's rendering on its own, the same map, one program."""
+    cfg = RefineConfig(lam=0.5, grid_shape=[4, 6], image_size=[40, 48], blur_sigma=2.0)
+    rendering = cfg.map_config
+    assert rendering == MapConfig(grid_shape=(4, 6), image_size=(40, 48), blur_sigma=2.0)
+    assert set(MAP_FIELDS) == {f.name for f in dataclasses.fields(MapConfig)}
+    scores = jnp.asarray(rng.random(24).astype(np.float32))
+    want = np.asarray(scoring.anomaly_map(scores, cfg))
+    np.testing.assert_array_equal(np.asarray(scoring.anomaly_map(scores, rendering)), want)
+    np.testing.assert_array_equal(np.asarray(jax.jit(scoring.anomaly_map)(scores, rendering)), want)
+    other = cfg.with_map(MapConfig(grid_shape=(4, 6), image_size=None))
+    assert other.lam == cfg.lam and other.image_size is None and other.blur_sigma == 4.0
+    assert RefineConfig().map_config == MapConfig()  # the same defaults
+    with pytest.raises(ValueError, match="blur_sigma must be finite and >= 0, got -1.0"):
+        MapConfig(blur_sigma=-1.0)
 
 
 def test_non_square_patch_count_needs_a_grid_shape():

@@ -106,3 +106,23 @@ def test_exported_detect_reloads_and_reproduces_the_scores(rng, tmp_path):
     np.testing.assert_allclose(patch_scores, ref.patch_scores, rtol=1e-4, atol=1e-5 * feat_sq)
     # The batch axis is symbolic: another batch size runs from the same artifact.
     assert reloaded(images[:1])[1].shape == (1, 32, 32)
+
+
+def test_host_devices_are_requested_by_the_command_line_only_before_jax_starts(monkeypatch):
+    from jax._src import xla_bridge
+
+    from protorefine_jax.cli.common import request_host_devices
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    request_host_devices(1)  # one device: nothing to ask for
+    assert "XLA_FLAGS" not in os.environ
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1")
+    request_host_devices(3)
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_foo=1 --xla_force_host_platform_device_count=3"
+    request_host_devices(5)  # the user's (or an earlier) count stays
+    assert os.environ["XLA_FLAGS"].endswith("count=3")
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
+    request_host_devices(4)  # JAX has started: too late, left for device_mesh to name the fix
+    assert "XLA_FLAGS" not in os.environ

@@ -12,7 +12,6 @@ the same compiled programs, data parallel.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -24,32 +23,13 @@ from jax.sharding import Mesh
 from protorefine_jax import calibration, stream_calibration, threshold
 from protorefine_jax.app.methods import Method
 from protorefine_jax.detectors import Detector, DetectorState
+from protorefine_jax.padding import fixed_batches
 from protorefine_jax.scoring import maps_of_grids
 from protorefine_jax.sharding import batch_mesh, replicate, shard_batch
 
-# XLA's option that splits the CPU into this many host devices (read when JAX starts).
+# XLA's option that splits the CPU into this many host devices (read when JAX starts). The
+# command line sets it (`cli.common.request_host_devices`); this layer only names it.
 HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
-
-
-def request_host_devices(count: int) -> None:
-    """Asks XLA for `count` CPU host devices (0: one per core) if JAX has not started.
-
-    XLA:CPU runs most of a program's operations on one thread; split into
-    host devices, a sharded batch keeps every core busy (docs/method.md,
-    "Batching": PatchCore and PatchCore+ end to end about 1.4x faster on 2
-    cores). Only the CPU platform reads the option, so it changes
-    nothing where the devices are GPUs. Once JAX has started it cannot take
-    effect, and `device_mesh` names the fix if too few devices exist.
-    """
-    count = (os.cpu_count() or 1) if count == 0 else count
-    flags = os.environ.get("XLA_FLAGS", "")
-    if count <= 1 or HOST_DEVICES_FLAG in flags:
-        return
-    from jax._src import xla_bridge  # no public "has JAX started" query
-
-    # A JAX without the query: assume it started (device_mesh then names the fix).
-    if not getattr(xla_bridge, "backends_are_initialized", lambda: True)():
-        os.environ["XLA_FLAGS"] = f"{flags} {HOST_DEVICES_FLAG}={count}".strip()
 
 
 def device_mesh(count: int, batch_size: int) -> Mesh | None:
@@ -70,7 +50,7 @@ def device_mesh(count: int, batch_size: int) -> Mesh | None:
         raise ValueError(
             f"--devices={count} but JAX sees {len(devices)} local {jax.default_backend()} "
             f"device(s). On CPU, start the process with XLA_FLAGS={HOST_DEVICES_FLAG}={count} "
-            "(experiments.eval sets it itself when it is the first to start JAX)."
+            "(the eval command line sets it itself when it is the first to start JAX)."
         )
     if count == 1:
         return None
@@ -110,7 +90,7 @@ def stack(trees: list[Any]) -> Any:
 
 
 def batched(fn: Callable[[Any], Any], items: Any, batch_size: int, mesh: Mesh | None = None) -> Any:
-    """`fn` over `items` in fixed-size batches (last one padded), outputs concatenated.
+    """`fn` over `items` in fixed-size batches (`padding.fixed_batches`), outputs concatenated.
 
     Args:
       fn: maps a `[batch_size, ...]` pytree to a pytree of arrays with a
@@ -123,12 +103,7 @@ def batched(fn: Callable[[Any], Any], items: Any, batch_size: int, mesh: Mesh | 
       `fn`'s pytree with leading axis `N`, as numpy arrays.
     """
     outs = []
-    total = batch_size_of(items)
-    for start in range(0, total, batch_size):
-        size = min(batch_size, total - start)
-        # Pad by repeating the last item: every call sees the compiled shape.
-        index = np.minimum(np.arange(start, start + batch_size), start + size - 1)
-        chunk = take(items, index)
+    for chunk, size in fixed_batches(items, batch_size):
         if mesh is not None:
             chunk = jax.tree_util.tree_map(lambda x: shard_batch(x, mesh), chunk)
         out = fn(chunk)

@@ -60,6 +60,7 @@ from protorefine_jax.io.paths import (
     safe_filename,
     write_output,
 )
+from protorefine_jax.padding import fixed_batches
 
 EXPORT_FILE = "detector.jaxexport"
 # The files fit writes into --out, and predict; what --overwrite replaces (other files are kept).
@@ -297,18 +298,9 @@ def calibration_set(folder: str | os.PathLike) -> tuple[list[Path], np.ndarray]:
 
 def padded(fn: Callable[[np.ndarray], Any], images: np.ndarray, batch_size: int) -> Iterator[Any]:
     """`fn` over `images` in batches of exactly `batch_size` (last padded); yields outputs cut."""
-    for chunk, n in _padded_batches(images, batch_size):
+    for chunk, n in fixed_batches(images, batch_size):
         scores, maps = fn(chunk)
         yield np.asarray(scores)[:n], np.asarray(maps)[:n]
-
-
-def _padded_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        n = len(chunk)
-        if n < batch_size:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-        yield chunk, n
 
 
 @dataclasses.dataclass
@@ -345,7 +337,7 @@ def submit_padded(
     `wait`, which reads the outputs back to the host. The outputs are `padded`'s.
     """
     pending = []
-    for chunk, n in _padded_batches(images, batch_size):
+    for chunk, n in fixed_batches(images, batch_size):
         if scorer.submit is None:
             with stages("detector (synchronous)", n):
                 pending.append((scorer.score(chunk), n))
@@ -595,7 +587,7 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
     detector, params, config = build_detector(s)
     context = detector.prepare(params, s.object_name) if winclip else None
     t0 = time.time()
-    chunks = [detector.features(params, b) for b in _pad_chunks(support, s.batch_size)]
+    chunks = [detector.features(params, b) for b, _ in fixed_batches(support, s.batch_size)]
     # An array (PatchCore) or a pytree of arrays (WinCLIP's scales), leading axis k.
     feats = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs])[:k], *chunks)
     # One image's views per call (memory of V images); None where the detector has none.
@@ -616,7 +608,7 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
     advice.show_banks(state.banks, config, s.verbose, log)  # plain advice; ranks with --verbose
 
     def score_state(st, images, batch_size=s.batch_size):
-        out = [detector.score(params, st, b, config) for b in _pad_chunks(images, batch_size)]
+        out = [detector.score(params, st, b, config) for b, _ in fixed_batches(images, batch_size)]
         scores = np.concatenate([np.asarray(o.image_scores) for o in out])[: len(images)]
         maps = np.concatenate([np.asarray(o.maps) for o in out])[: len(images)]
         return scores, maps
@@ -827,18 +819,6 @@ def map_scale_images(k: int) -> np.ndarray:
     if k <= upto:
         return np.arange(k)
     return np.unique(np.linspace(0, k - 1, many).round().astype(int))
-
-
-def _chunks(x: np.ndarray, n: int) -> Iterator[np.ndarray]:
-    for i in range(0, len(x), n):
-        yield x[i : i + n]
-
-
-def _pad_chunks(x: np.ndarray, n: int) -> Iterator[np.ndarray]:
-    for chunk in _chunks(x, n):
-        if len(chunk) < n:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], n - len(chunk), axis=0)])
-        yield chunk
 
 
 def export_artifact(detector, params, state, config, image_size) -> bytes:

@@ -98,8 +98,6 @@ HELP = {
     "synthetic_counts": "Synthetic train-good, test-good, test-defect image counts.",
     "progress": "Show a progress bar.",
 }
-for _name in runner.REFINE_FIELDS:
-    HELP[_name] = cli.refine_help(_name)
 # What --help lists first, in this order.
 ESSENTIAL = (
     "flagfile",
@@ -123,7 +121,7 @@ _MAX_IMAGE_PIXELS = flags.DEFINE_integer(
 
 
 def _define(field: dataclasses.Field) -> None:
-    """One absl flag per `Settings` field, typed by its annotation."""
+    """One absl flag for a `Settings` field, typed by its annotation."""
     kind, default, helptext = str(field.type), field.default, HELP[field.name]
     if field.name == "image_size":  # "256" or "224x544"
         flags.DEFINE_string(field.name, default, helptext)
@@ -139,8 +137,13 @@ def _define(field: dataclasses.Field) -> None:
         flags.DEFINE_string(field.name, default, helptext)
 
 
+# Every `Settings` field is a flag. The refinement fields besides `lam` (whose
+# default is the method's) are typed and documented by `RefineConfig`, as in
+# fit and predict; the others by their annotation and `HELP`.
 for _field in dataclasses.fields(runner.Settings):
-    _define(_field)
+    if _field.name not in runner.REFINE_FIELDS:
+        _define(_field)
+cli.Definers(flags.FLAGS, __name__).refine_flags(runner.REFINE_FIELDS)
 
 
 def settings_from_flags() -> runner.Settings:
@@ -180,7 +183,7 @@ def main(argv: list[str]) -> None:
     def evaluate() -> None:
         imageio.set_max_image_pixels(_MAX_IMAGE_PIXELS.value)
         settings = settings_from_flags()
-        batching.request_host_devices(settings.devices)  # before anything starts JAX
+        cli.request_host_devices(settings.devices)  # before anything starts JAX
         runner.run(settings)
 
     status = cli.report_errors(evaluate)  # bad input: one error line, no traceback
