@@ -97,6 +97,9 @@ class StreamState(NamedTuple):
         patches (one sample of patches: both halves keep the same ones).
       seen: stream patches offered to the reservoir so far.
       images: stream images seen so far.
+      refined_on: the fit's refinement check (`ScoreCalibration.refined_on`):
+        1.0 fuses both halves, 0.0 scores with the host half alone; the
+        stream re-estimates the statistics, never this decision.
     """
 
     config: StreamConfig
@@ -106,6 +109,7 @@ class StreamState(NamedTuple):
     refined_reservoir: np.ndarray
     seen: int
     images: int
+    refined_on: float = 1.0
 
     @property
     def filled(self) -> int:
@@ -142,7 +146,12 @@ def _generator(config: StreamConfig, stream: int, images: int) -> np.random.Gene
     return np.random.default_rng(np.random.SeedSequence([config.seed, stream, images]))
 
 
-def init(support_host, support_refined, config: StreamConfig | None = None) -> StreamState:
+def init(
+    support_host,
+    support_refined,
+    config: StreamConfig | None = None,
+    refined_on: float = 1.0,
+) -> StreamState:
     """A stream calibration that has seen no image yet.
 
     Args:
@@ -150,6 +159,7 @@ def init(support_host, support_refined, config: StreamConfig | None = None) -> S
         flattened; e.g. `calibration.held_out_scores(...)[0]`).
       support_refined: their refined scores, same number.
       config: the settings (default `StreamConfig()`).
+      refined_on: the fit's refinement check (`StreamState.refined_on`).
 
     Returns:
       The initial `StreamState` (copies of the scores; empty reservoirs).
@@ -171,6 +181,7 @@ def init(support_host, support_refined, config: StreamConfig | None = None) -> S
         refined_reservoir=empty(),
         seen=0,
         images=0,
+        refined_on=float(refined_on),
     )
 
 
@@ -287,14 +298,17 @@ def current(state: StreamState) -> ScoreCalibration:
       exactly; from then on, `calibration.statistics` of `pool(state)`.
     """
     if state.images < state.config.warmup:
-        return calibration.statistics(state.support_host, state.support_refined)
-    return calibration.statistics(*pool(state))
+        cal = calibration.statistics(state.support_host, state.support_refined)
+    else:
+        cal = calibration.statistics(*pool(state))
+    return cal._replace(refined_on=np.float32(state.refined_on))
 
 
 def _fuse(host: np.ndarray, refined: np.ndarray, cal: ScoreCalibration) -> np.ndarray:
     """`calibration.fuse` in numpy float32 (the same IEEE operations, the same values)."""
     cal32 = ScoreCalibration(*(np.float32(v) for v in cal))
-    return np.maximum(*calibration.standardise(host, refined, cal32))
+    z_host, z_refined = calibration.standardise(host, refined, cal32)
+    return np.maximum(z_host, z_refined) if float(cal32.refined_on) > 0 else z_host
 
 
 def calibrate_stream(
@@ -304,6 +318,7 @@ def calibrate_stream(
     refined_grids,
     config: StreamConfig | None = None,
     gate: float | None = None,
+    refined_on: float = 1.0,
 ) -> tuple[np.ndarray, list[ScoreCalibration]]:
     """Fused patch scores of a stream of images, each calibrated by the images before it.
 
@@ -323,6 +338,7 @@ def calibrate_stream(
       config: the settings (default `StreamConfig()`).
       gate: image score above which an image is not added (None: every
         image is); e.g. the model's normal-only decision threshold.
+      refined_on: the fit's refinement check (`StreamState.refined_on`).
 
     Returns:
       `(fused, calibrations)`: `[T, ...]` float32 fused scores (as
@@ -332,7 +348,7 @@ def calibrate_stream(
     Raises:
       ValueError: mismatched shapes or non-finite scores.
     """
-    state = init(support_host, support_refined, config)
+    state = init(support_host, support_refined, config, refined_on)
     _, fused, calibrations = fuse_next(state, host_grids, refined_grids, gate)
     return fused, calibrations
 

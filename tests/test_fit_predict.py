@@ -519,3 +519,42 @@ def test_fit_leaves_a_named_stray_image_out_of_the_model(stray_folder, tmp_path)
     )
     left = [i for i in items if i.name == "zz_stray.png"]
     assert len(left) == 1 and left[0].outlier and "left out of the model" in left[0].note
+
+
+def test_fit_with_the_refinement_check_records_it_and_scores_in_its_units(demo, tmp_path):
+    """`fit --pseudo_anomalies=4`: the check's outcome is in model.json and the state, and
+    predict's scores follow it (host z-scores alone when the refinement is dropped)."""
+    s = deploy.FitSettings(
+        support_dir=str(demo / "train/good"),
+        out=str(tmp_path / "m"),
+        refine=FAST_REFINE,
+        pseudo_anomalies=4,
+        **FAST,
+    )
+    lines: list[str] = []
+    meta = deploy.fit_model(s, log=lines.append)
+    check = meta["refinement_check"]
+    assert check["pasted"] == 4 and check["images"] >= 1
+    assert check["refinement_kept"] == (check["fused_auroc"] > check["host_auroc"])
+    assert any(line.startswith("refinement check: ") for line in lines)
+    loaded = deploy.model_dir.load_model(tmp_path / "m").state
+    assert float(loaded.calibration.refined_on) == float(check["refinement_kept"])
+    assert float(loaded.refinement_check.fused_auroc) == pytest.approx(check["fused_auroc"], 1e-3)
+    # The library's own scores under the stored state equal what the opened model gives.
+    detector, params, config = deploy.build_detector(s)
+    files = sorted((demo / "train/good").glob("*.png"))
+    images, _, _ = deploy.read_batch(files, s.image_size, strict=True)
+    scorer, _ = deploy.open_model(tmp_path / "m")
+    got = np.asarray(scorer.score(images[:2])[0])
+    state = loaded._replace(calibrated_under=config)
+    want = np.asarray(detector.score(params, state, images[:2], config).image_scores)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # Forcing the refinement off gives the host z-score: the check's decision is honoured.
+    off = state._replace(calibration=state.calibration._replace(refined_on=np.float32(0.0)))
+    host = detector.score(params, state, images[:2], config.replace(use_refinement=False))
+    z = (np.asarray(host.image_scores) - float(off.calibration.host_loc)) / float(
+        off.calibration.host_scale
+    )
+    np.testing.assert_allclose(
+        np.asarray(detector.score(params, off, images[:2], config).image_scores), z, rtol=1e-4
+    )

@@ -78,3 +78,32 @@ def show_banks(banks: Sequence[Any], config: Any, verbose: bool, log) -> None:
         log(line)
     if verbose:
         log("diagnostics: " + bank_diagnostics(banks))
+
+
+def refinement_check_line(check: Any) -> str | None:
+    """One plain sentence on fit's refinement check (`calibration.RefinementCheck`), or None."""
+    if check is None:
+        return None
+    host, fused = float(check.host_auroc), float(check.fused_auroc)
+    n, p = int(check.images), int(check.pasted)
+    tested = (
+        f"on {n} good image(s) with {p} pasted defects each, held out as in the calibration, "
+        f"the refined score {{}} the plain PatchCore score at telling the defects from normal "
+        f"variation (AUROC {fused:.1f} against {host:.1f})"
+    )
+    if check.keep:
+        return "refinement check: " + tested.format("helps") + "; the model fuses both."
+    return (
+        "refinement check: "
+        + tested.format("does not help")
+        + "; this model scores with the PatchCore half alone (in PatchCore+'s units, so the "
+        "threshold and reports read as usual). Nothing to do; without --pseudo_anomalies both "
+        "halves are fused regardless."
+    )
+
+
+def show_refinement_check(check: Any, log) -> None:
+    """Logs `refinement_check_line` when a check ran."""
+    line = refinement_check_line(check)
+    if line:
+        log(line)

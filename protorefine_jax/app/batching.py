@@ -242,18 +242,31 @@ class BatchedDetector:
         """`[N, V, ...]` features of the images' nuisance views (None: the detector uses none)."""
         return self.detector.view_features(self._placed_params, images)
 
+    def pseudo_features(self, images: np.ndarray) -> Any:
+        """`[n, P, ...]` features of pasted-defect copies of the checked images (None: no check)."""
+        return self.detector.pseudo_features(self._placed_params, images)
+
     def fit(
-        self, support_features: Any, views: Any = None, score_support: bool = False
+        self,
+        support_features: Any,
+        views: Any = None,
+        score_support: bool = False,
+        pseudo: Any = None,
     ) -> DetectorState:
         """The detector's state from the support features (banks, calibration).
 
         `score_support` adds the held-out support scores (over the nuisance
         `views` too, when given): the stream method's gate needs them.
+        `pseudo`: pasted-defect features of the checked images, for the
+        refinement check (`calibration.refinement_check`). A config other
+        than the detector's default that needs its own calibration
+        (`calibrated_state`) is recalibrated without the check.
         """
         self.support = support_features  # a method with other settings recalibrates from these
         return self.detector.fit_features(
             support_features,
             views=views,
+            pseudo=pseudo,
             alpha=self.alpha,
             context=self.context,
             score_support=score_support,
@@ -364,6 +377,7 @@ class BatchedDetector:
             halves["host"][order],
             halves["refined"][order],
             gate=normal_gate(state.support_scores),
+            refined_on=float(state.calibration.refined_on),
         )
         grids = np.empty_like(fused)
         grids[order] = fused

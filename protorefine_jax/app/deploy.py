@@ -101,6 +101,7 @@ class FitSettings:
     false_alarm_rate: float = 0.05
     margin: float = 0.0
     views: int = 4
+    pseudo_anomalies: int = 0  # opt-in refinement check (calibration.refinement_check)
     calibration_dir: str | None = None
     export: bool = False
     batch_size: int = 8
@@ -470,6 +471,21 @@ def clip_differences(recorded: dict[str, Any], found: dict[str, Any]) -> list[st
     return lines
 
 
+def refinement_check_metadata(check: Any) -> dict[str, Any]:
+    """model.json's `refinement_check` entry (empty without a check)."""
+    if check is None:
+        return {}
+    return {
+        "refinement_check": {
+            "host_auroc": round(float(check.host_auroc), 4),
+            "fused_auroc": round(float(check.fused_auroc), 4),
+            "images": int(check.images),
+            "pasted": int(check.pasted),
+            "refinement_kept": check.keep,
+        }
+    }
+
+
 def method_resample(method: str) -> str:
     """The resize filter of a fit method's inputs (the detector's `resample`)."""
     if method in WINCLIP_METHODS:
@@ -494,7 +510,12 @@ def build_detector(s: FitSettings):
         config = detector.config(use_refinement=WINCLIP_METHODS[s.method], **dict(s.refine))
         return detector, params, config
     detector = PatchCore.create(
-        s.backbone, s.aggregation, s.image_size, alpha=s.alpha, views=s.views
+        s.backbone,
+        s.aggregation,
+        s.image_size,
+        alpha=s.alpha,
+        views=s.views,
+        pseudo=s.pseudo_anomalies,
     )
     params = detector.load_params(s.weights)
     config = detector.config(use_refinement=METHODS[s.method], **dict(s.refine))
@@ -594,17 +615,21 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
     per_image = [detector.view_features(params, support[i : i + 1]) for i in range(k)]
     views = None if per_image[0] is None else np.stack([v[0] for v in per_image])
 
-    def fit_state(feats, views):
+    def fit_state(feats, views, images):
         """The state and the support images' held-out scores (what the threshold is of)."""
         if not winclip:
-            st = detector.fit_features(feats, views=views, config=config)
+            refine = detector.refinement(config)
+            checked = refine.use_refinement and refine.calibrated
+            pseudo = detector.pseudo_features(params, images) if checked else None
+            st = detector.fit_features(feats, views=views, pseudo=pseudo, config=config)
             return st, st.support_scores
         st = fit_winclip(detector, feats, context, config)
         return st, winclip_support_scores(detector, feats, context, config)
 
-    state, support_scores = fit_state(feats, views)
+    state, support_scores = fit_state(feats, views, support)
     prompt = f' (prompts of "{s.object_name}")' if winclip else ""
     log(f"fitted {s.method} on {k} image(s) from {root}{prompt}")
+    advice.show_refinement_check(state.refinement_check, log)
     advice.show_banks(state.banks, config, s.verbose, log)  # plain advice; ranks with --verbose
 
     def score_state(st, images, batch_size=s.batch_size):
@@ -651,8 +676,9 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
         feats = jax.tree.map(lambda x: x[keep], feats)
         views = None if views is None else views[keep]
         k = len(files)
-        state, support_scores = fit_state(feats, views)
+        state, support_scores = fit_state(feats, views, support)
         log(f"fitted {s.method} again on the other {k} image(s)")
+        advice.show_refinement_check(state.refinement_check, log)
         normal, outliers = threshold_lib.from_support_scores(
             support_scores, s.false_alarm_rate, s.margin
         )
@@ -720,6 +746,7 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
             "outliers": [names[i] for i in np.flatnonzero(outliers)],
         },
         "calibration": calibration,
+        **refinement_check_metadata(state.refinement_check),
         "map_scale": map_scale,
         "fit_seconds": round(time.time() - t0, 3),
         "jax": jax.__version__,
@@ -1013,7 +1040,9 @@ def _library_scorer(path, meta, size: int, weights: str | None) -> Scorer:
     fuses = config.use_refinement and config.calibrated and state.calibration is not None
     stream = None
     if fuses and state.support_scores is not None:
-        stream = StreamSetup(halves, state.support_scores, config)
+        stream = StreamSetup(
+            halves, state.support_scores, config, float(state.calibration.refined_on)
+        )
     return Scorer(
         score=score,
         runtime="library",
@@ -1085,11 +1114,13 @@ class StreamSetup:
       halves: `images [B, H, W, 3] -> (host [B, m], refined [B, m])` raw patch scores.
       support_scores: the fit's `calibration.SupportScores` (held-out patches).
       config: the model's scoring config (grid, map size, blur).
+      refined_on: the fit's refinement check (`ScoreCalibration.refined_on`).
     """
 
     halves: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
     support_scores: Any
     config: Any
+    refined_on: float = 1.0
 
     def fuser(self, gate: float) -> Callable[[np.ndarray, np.ndarray], tuple]:
         """`(host, refined) -> (scores, maps)` of the next images, statistics learnt as they come.
@@ -1101,7 +1132,9 @@ class StreamSetup:
         from protorefine_jax.scoring import maps_of_grids
 
         scores = self.support_scores
-        state = stream_calibration.init(scores.host_patches, scores.refined_patches)
+        state = stream_calibration.init(
+            scores.host_patches, scores.refined_patches, refined_on=self.refined_on
+        )
         cfg = self.config
 
         def fuse(host, refined):
@@ -1151,6 +1184,16 @@ def check_state(state: Any, feature_dim: int, path) -> None:
             v = np.asarray(value)
             if v.ndim != 1 or v.size == 0 or v.size > 10_000_000 or not np.all(np.isfinite(v)):
                 raise bad(f"support scores {name} must be a non-empty finite 1-D array")
+    check = state.refinement_check
+    if check is not None:
+        from protorefine_jax.calibration import RefinementCheck
+
+        if not isinstance(check, RefinementCheck):
+            raise bad("the refinement check is not a RefinementCheck")
+        for name, value in check._asdict().items():
+            v = np.asarray(value)
+            if v.shape != () or not np.isfinite(v) or not 0 <= v <= 1e6:
+                raise bad(f"refinement check {name} must be a finite scalar in [0, 1e6]")
 
 
 def _check_calibration(cal: Any, bad: Callable[[str], Exception]) -> None:
@@ -1162,6 +1205,8 @@ def _check_calibration(cal: Any, bad: Callable[[str], Exception]) -> None:
         v = np.asarray(value)
         if v.shape != () or not np.isfinite(v) or (name.endswith("scale") and not v > 0):
             raise bad(f"calibration {name} must be a finite scalar (scales > 0), got {v!r}")
+    if float(cal.refined_on) not in (0.0, 1.0):
+        raise bad(f"calibration refined_on must be 0 or 1, got {cal.refined_on!r}")
 
 
 def check_winclip_state(state: Any, config: Any, path) -> None:

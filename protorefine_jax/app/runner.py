@@ -263,6 +263,7 @@ class SupportCache:
 
     def __init__(self, host, data):
         self.host, self.data, self.feats, self.view_feats = host, data, {}, {}
+        self.pseudo_feats: dict = {}
 
     def __call__(self, paths) -> Any:
         """`[k, ...]` features (a pytree for CLIP) of the support files `paths`."""
@@ -283,6 +284,22 @@ class SupportCache:
         if any(self.view_feats[p] is None for p in paths):
             return None
         return np.stack([np.asarray(self.view_feats[p]) for p in paths])
+
+    def pseudo(self, paths) -> Any:
+        """`[n, P, ...]` pasted-defect features of the checked files among `paths` (or None).
+
+        The checked files are `calibration.check_images(len(paths))` of the
+        detector's hold-out budget; each file's copies are extracted once.
+        """
+        budget = self.host.detector.holdouts  # PatchCore's (the only detector with a check)
+        chosen = [paths[i] for i in calibration_lib.check_images(len(paths), budget)]
+        todo = [p for p in chosen if p not in self.pseudo_feats]
+        for p in todo:
+            feats = self.host.pseudo_features(self.data.load_images([p]))
+            self.pseudo_feats[p] = None if feats is None else feats[0]
+        if any(self.pseudo_feats[p] is None for p in chosen):
+            return None
+        return np.stack([np.asarray(self.pseudo_feats[p]) for p in chosen])
 
 
 def load_data(s: Settings, dataset: str, root: Path, category: str, image_size: int = 256):
@@ -533,16 +550,18 @@ def run_category(s, dataset, root, category, family, host, methods, out: Outputs
     exclude_empty_masks(data, test, s.require_masks)
     support_features = SupportCache(host, data)
     streamed = any(m.stream_calibration for m in methods)  # needs the held-out support scores
+    checked = host.detector.family == "patchcore" and host.detector.pseudo > 0
     shown = heatmap_indices(test["labels"], s.num_heatmaps)
     online = {"capacity": s.online_capacity, "add_per_query": s.online_add}
     for k in s.shots:
         for seed in s.seeds:
             support = sample_support(data.train_good, k, seed, root=data.root)
-            if streamed:
-                views = support_features.views(support.paths)
-                state = host.fit(support_features(support.paths), views, score_support=True)
-            else:
-                state = host.fit(support_features(support.paths))
+            # PatchCore+'s refinement check: pasted defects against the views' variation.
+            pseudo = support_features.pseudo(support.paths) if checked else None
+            views = support_features.views(support.paths) if streamed or checked else None
+            state = host.fit(
+                support_features(support.paths), views, score_support=streamed, pseudo=pseudo
+            )
             if bank_degenerate(state) and seed == s.seeds[0]:  # advice; the ranks: rows' "banks"
                 configs = [host.config(refine_fields(s), m) for m in methods]
                 refined = [c for c in configs if advice.refine_config(c).use_refinement]

@@ -192,6 +192,7 @@ SHA256 = Text(pattern=r"[0-9a-f]{64}")
 FLAGS: dict[str, Field] = {
     "batch_size": Int(1, 1024),
     "views": Int(0, 64),
+    "pseudo_anomalies": Int(0, 64),
     "shots": Int(0, 100_000),
     "seed": Int(0, 2**31 - 1),
     "max_image_pixels": Int(1, 1_000_000_000),
@@ -343,6 +344,7 @@ METADATA = Dict(
                 "grid": List(Int(1, 1024), length=2),
                 "image_size": AnyOf(IMAGE_SIDE, List(IMAGE_SIDE, length=2)),
                 "views": Int(0, 64),
+                "pseudo_anomalies": Int(0, 64),
             },
             # PatchCore: backbone, aggregation, feature_dim; WinCLIP: the CLIP widths.
             optional=(
@@ -353,6 +355,7 @@ METADATA = Dict(
                 "embed_dim",
                 "image_size",
                 "views",
+                "pseudo_anomalies",
             ),
         ),
         # WinCLIP models only: the CLIP folder (predict takes it again and compares).
@@ -401,12 +404,22 @@ METADATA = Dict(
                 }
             )
         ),
+        # PatchCore+: whether fit kept the refined half (calibration.refinement_check).
+        "refinement_check": Dict(
+            {
+                "host_auroc": Float(0.0, 100.0),
+                "fused_auroc": Float(0.0, 100.0),
+                "images": Int(1, 1_000_000),
+                "pasted": Int(1, 64),
+                "refinement_kept": Bool(),
+            }
+        ),
         "map_scale": List(SCORE, length=2),
         "fit_seconds": Float(0.0, 1e9),
         "jax": Text(max_len=64),
         "export": Dict({"file": Text(choices=("detector.jaxexport",)), "platforms": List(NAME)}),
     },
-    optional=("export", "clip"),
+    optional=("export", "clip", "refinement_check"),
 )
 
 

@@ -110,6 +110,13 @@ _define_integer(
     "Nuisance views of each good image (small shift, rotation, light change) scored in the "
     "calibration and threshold hold-outs; 0: the good images' quadrants only.",
 )
+_define_integer(
+    "pseudo_anomalies",
+    0,
+    "PatchCore+, opt-in check: copies of (up to 8) good images with one pasted defect each "
+    "(16 is the measured setting); fit keeps the refined half only if it tells them from "
+    "normal variation better than PatchCore alone. 0: no check, both halves fused.",
+)
 _define_string(
     "calibration_dir",
     None,

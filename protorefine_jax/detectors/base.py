@@ -54,6 +54,9 @@ class DetectorState(NamedTuple):
         units of `calibrated_under`'s scoring (`calibration.SupportScores`):
         what a normal-only decision threshold is derived from, and what names
         outliers. None when not computed.
+      refinement_check: whether the fit kept the refined half in the fused
+        score, and why (`calibration.RefinementCheck`); None when no check
+        ran (WinCLIP+, `pseudo=0`, or no pasted copies given).
     """
 
     banks: tuple[MemoryBank, ...]
@@ -61,6 +64,7 @@ class DetectorState(NamedTuple):
     calibration: Any = None
     calibrated_under: Any = None
     support_scores: Any = None
+    refinement_check: Any = None
 
 
 class DetectorOutput(Protocol):
@@ -93,6 +97,7 @@ class Detector(Protocol):
         features: Any,
         *,
         views: Any = None,
+        pseudo: Any = None,
         alpha: float | None = None,
         context: Any = None,
         config: Any = None,
@@ -103,6 +108,9 @@ class Detector(Protocol):
 
     def view_features(self, params: Any, support_images: Array) -> Any:
         """Features of the support images' nuisance views (None: the detector uses none)."""
+
+    def pseudo_features(self, params: Any, support_images: Array) -> Any:
+        """Features of pasted-defect copies for the refinement check (None: no check)."""
 
     def calibrate(self, features: Any, config: Any = None, *, alpha: float | None = None) -> Any:
         """The support-set calibration of `features` under `config`'s refinement."""

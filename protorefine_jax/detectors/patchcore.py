@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from protorefine_jax import calibration
+from protorefine_jax import calibration, pseudo_anomalies
 from protorefine_jax.bank import build_bank
 from protorefine_jax.calibration import ScoreCalibration
 from protorefine_jax.config import RefineConfig
@@ -76,18 +76,25 @@ class PatchCore:
       holdouts: how the support hold-outs are computed: exactly up to
         `holdouts.exact_max` support images, approximated above
         (`calibration.HoldoutBudget`).
+      pseudo: pasted-defect copies per checked support image in the fit's
+        `calibration.refinement_check` (opt-in: 0, the default, runs no check
+        and always fuses the refined half; `calibration.PSEUDO_ANOMALIES`
+        (16) is the measured setting).
     """
 
     extractor: Extractor
     alpha: float = ALPHA
     views: int = calibration.VIEWS
     holdouts: calibration.HoldoutBudget = calibration.HoldoutBudget()
+    pseudo: int = 0
 
     family = "patchcore"
 
     def __post_init__(self):
-        if not isinstance(self.views, int) or isinstance(self.views, bool) or self.views < 0:
-            raise ValueError(f"views must be an int >= 0, got {self.views!r}.")
+        for name in ("views", "pseudo"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
 
     # Resize filter of the input images (data.imageio.resize_rgb).
     resample = "bilinear"
@@ -104,6 +111,7 @@ class PatchCore:
         target_dim: int | None = None,
         allow_repetition: bool = False,
         views: int | None = None,
+        pseudo: int | None = None,
     ) -> PatchCore:
         """The detector of a backbone, with this module's defaults for what is None."""
         extractor = get_extractor(
@@ -118,6 +126,7 @@ class PatchCore:
             extractor,
             ALPHA if alpha is None else alpha,
             calibration.VIEWS if views is None else views,
+            pseudo=0 if pseudo is None else pseudo,
         )
 
     @property
@@ -144,6 +153,7 @@ class PatchCore:
         features: Array,
         *,
         views: Array | None = None,
+        pseudo: Array | None = None,
         alpha: float | None = None,
         context: Any = None,
         config: RefineConfig | None = None,
@@ -151,6 +161,13 @@ class PatchCore:
         score_support: bool = True,
     ) -> DetectorState:
         """State from the `[k, m, c]` support features: the bank, its calibration, support scores.
+
+        With `pseudo` (`[n, P, m, c]` features of pasted-defect copies of the
+        checked images, `pseudo_features`) and a calibrated PatchCore+
+        `config`, the refinement check decides whether the refined half is
+        fused at all (`calibration.refinement_check`; recorded in
+        `DetectorState.refinement_check` and `ScoreCalibration.refined_on`,
+        and the support scores are in the units it decided).
 
         The calibration (`protorefine_jax.calibration`) scores held-out
         quadrants of the support images with the host and the refinement of
@@ -177,9 +194,22 @@ class PatchCore:
         if not calibrate:
             return DetectorState(banks=(bank,))
         grid = self.extractor.grid
+        check = None
+        if pseudo is not None and config.use_refinement and config.calibrated:
+            check = calibration.refinement_check(
+                features, alpha, config, grid, pseudo, views, self.holdouts
+            )
+
+        def decided(cal: ScoreCalibration) -> ScoreCalibration:
+            if check is None:
+                return cal
+            return cal._replace(refined_on=jnp.float32(check.keep))
+
         if not score_support:
-            cal = calibration.calibrate(features, config, alpha=alpha, grid_shape=grid)
-            return DetectorState(banks=(bank,), calibration=cal, calibrated_under=config)
+            cal = decided(calibration.calibrate(features, config, alpha=alpha, grid_shape=grid))
+            return DetectorState(
+                banks=(bank,), calibration=cal, calibrated_under=config, refinement_check=check
+            )
         k = np.shape(features)[0]
         held = calibration.held_out(
             features,
@@ -191,12 +221,13 @@ class PatchCore:
             budget=self.holdouts,
             bank_indices=bank.indices,
         )
-        cal = calibration.statistics(*calibration.paired_originals(held))  # the originals'
+        cal = decided(calibration.statistics(*calibration.paired_originals(held)))
         return DetectorState(
             banks=(bank,),
             calibration=cal,
             calibrated_under=config,
             support_scores=calibration.support_image_scores(held, config, cal),
+            refinement_check=check,
         )
 
     def calibrate(
@@ -218,6 +249,20 @@ class PatchCore:
         # One image's views per call: one compiled shape, memory of V images.
         return np.stack([np.asarray(self.features(params, v)) for v in views])
 
+    def pseudo_features(self, params: Any, support_images: Array) -> Array | None:
+        """`[n, P, m, c]` features of pasted-defect copies of the checked support images.
+
+        The images are `calibration.check_images(k, self.holdouts)`; None if
+        `pseudo` is 0 (no refinement check).
+        """
+        if not self.pseudo:
+            return None
+        images = np.asarray(support_images)
+        chosen = images[calibration.check_images(len(images), self.holdouts)]
+        copies, _ = pseudo_anomalies.support_pseudo_anomalies(chosen, self.pseudo)
+        # One image's copies per call: one compiled shape, memory of P images.
+        return np.stack([np.asarray(self.features(params, c)) for c in copies])
+
     def fit(
         self,
         params: Any,
@@ -230,8 +275,9 @@ class PatchCore:
         """State from the `[k, S, S, 3]` support images (see `fit_features`)."""
         feats = self.features(params, support_images)
         views = self.view_features(params, support_images) if calibrate else None
+        pseudo = self.pseudo_features(params, support_images) if calibrate else None
         return self.fit_features(
-            feats, views=views, alpha=alpha, config=config, calibrate=calibrate
+            feats, views=views, pseudo=pseudo, alpha=alpha, config=config, calibrate=calibrate
         )
 
     def refinement(self, config: RefineConfig) -> RefineConfig:
@@ -299,6 +345,7 @@ class PatchCore:
             "grid": list(ex.grid),
             "image_size": ex.image_size,
             "views": self.views,
+            "pseudo_anomalies": self.pseudo,
         }
         if state is not None:
             out["banks"] = [b.describe() for b in state.banks]

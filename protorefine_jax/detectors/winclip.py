@@ -98,6 +98,7 @@ class WinClip:
         features: Any,
         *,
         views: Any = None,
+        pseudo: Any = None,
         alpha: float | None = None,
         context: Array | None = None,
         config: winclip_lib.WinClipConfig | None = None,
@@ -117,8 +118,11 @@ class WinClip:
         WinCLIP+ has no held-out support scores (nothing here derives a
         threshold for it).
         """
-        if views is not None or score_support:
-            raise ValueError("WinCLIP+ has no held-out support scores: pass no views.")
+        if views is not None or pseudo is not None or score_support:
+            raise ValueError(
+                "WinCLIP+ has no held-out support scores and no refinement check: pass no "
+                "views or pseudo."
+            )
         alpha = self.alpha if alpha is None else alpha
         config = self.config() if config is None else config
         banks = winclip_lib.build_banks(features, alpha)
@@ -129,6 +133,10 @@ class WinClip:
 
     def view_features(self, params: Any, support_images: Array) -> None:
         """None: WinCLIP+ calibrates without nuisance views."""
+        del params, support_images
+
+    def pseudo_features(self, params: Any, support_images: Array) -> None:
+        """None: WinCLIP+ fuses every scale's refined half without a refinement check."""
         del params, support_images
 
     def calibrate(

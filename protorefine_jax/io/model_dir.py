@@ -55,6 +55,7 @@ ALLOWED_CLASSES = (
     "protorefine_jax.bank:MemoryBank",
     "protorefine_jax.calibration:ScoreCalibration",
     "protorefine_jax.calibration:SupportScores",
+    "protorefine_jax.calibration:RefinementCheck",
     "protorefine_jax.config:RefineConfig",
     "protorefine_jax.clip.winclip:WinClipConfig",
     "protorefine_jax.clip.winclip:WinClipBanks",
