@@ -140,6 +140,55 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return _auroc(_curve(labels, scores, "AUROC"))
 
 
+class PairedAuroc(NamedTuple):
+    """Two scorers' AUROC on the same samples and DeLong's test of their difference."""
+
+    first: float  # AUROC in percent
+    second: float
+    z: float  # (first - second) / its standard error; 0 where the error is 0
+
+
+def paired_auroc(labels: np.ndarray, first: np.ndarray, second: np.ndarray) -> PairedAuroc:
+    """AUROC of two scores of the same samples and DeLong's z of their difference.
+
+    DeLong, DeLong & Clarke-Pearson (1988): each AUROC is the mean of the
+    placement values `V10_i` (share of negatives a positive beats, ties
+    half) and `V01_j` (share of positives a negative loses to); the
+    variance of the difference comes from the covariances of those
+    placements across positives and across negatives. O(P N) memory: for
+    the small sample sizes of fit-time checks.
+
+    Args:
+      labels: `[n]` 0/1, both classes present.
+      first: `[n]` scores, higher = more anomalous.
+      second: `[n]` scores of the same samples.
+
+    Returns:
+      `PairedAuroc(first, second, z)`; `z > 0` when `first` separates better.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    scores = [np.asarray(x, np.float64).reshape(-1) for x in (first, second)]
+    for x, what in zip(scores, ("first", "second"), strict=True):
+        _check_labels(labels, x, what)
+    pos, neg = labels == 1, labels == 0
+    v10, v01 = [], []
+    for x in scores:
+        psi = (x[pos][:, None] > x[neg][None, :]) + 0.5 * (x[pos][:, None] == x[neg][None, :])
+        v10.append(psi.mean(axis=1))
+        v01.append(psi.mean(axis=0))
+    a, b = float(np.mean(v10[0])), float(np.mean(v10[1]))
+
+    def var_of_difference(v: list[np.ndarray]) -> float:
+        if len(v[0]) < 2:
+            return 0.0
+        c = np.cov(np.stack(v))
+        return float(c[0, 0] + c[1, 1] - 2 * c[0, 1]) / len(v[0])
+
+    var = var_of_difference(v10) + var_of_difference(v01)
+    z = (a - b) / np.sqrt(var) if var > 1e-18 else 0.0
+    return PairedAuroc(100.0 * a, 100.0 * b, float(z))
+
+
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
     """Best F1 over all thresholds, in percent (any shape; flattened).
 

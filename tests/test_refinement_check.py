@@ -7,7 +7,7 @@ import pytest
 from helpers import lowrank_features, subspace
 from sklearn.metrics import roc_auc_score
 
-from protorefine_jax import RefineConfig
+from protorefine_jax import RefineConfig, metrics
 from protorefine_jax import calibration as cal
 from protorefine_jax.io import model_dir
 from protorefine_jax.pseudo_anomalies import KINDS, pseudo_anomalies, support_pseudo_anomalies
@@ -87,14 +87,37 @@ def test_check_units_auroc_matches_sklearn_on_unit_maxima():
     assert got.keep
 
 
-def test_check_keeps_the_refinement_only_when_it_separates_strictly_better():
+def test_check_drops_the_refinement_only_when_the_host_is_significantly_better():
     rng = np.random.default_rng(1)
     host, refined = _units(rng, refined_helps=False)
-    assert not cal.check_units(host, refined, pasted=4).keep
-    # A tie keeps the host: identical halves separate equally.
-    assert not cal.check_units(host, host.copy(), pasted=4).keep
+    check = cal.check_units(host, refined, pasted=4)
+    assert float(check.host_better_z) >= cal.CHECK_Z and not check.keep
+    # Identical halves separate equally: nothing shows the refinement hurts, it stays.
+    same = cal.check_units(host, host.copy(), pasted=4)
+    assert float(same.host_better_z) == 0.0 and same.keep
     with pytest.raises(ValueError, match="need clean and pasted units"):
         cal.check_units(host, refined, pasted=0)
+
+
+def test_paired_auroc_matches_sklearn_and_a_bootstrap_of_its_difference():
+    rng = np.random.default_rng(5)
+    labels = np.r_[np.zeros(60), np.ones(40)]
+    a = rng.normal(size=100) + 1.2 * labels
+    b = 0.7 * a + rng.normal(size=100) * 0.8 + 0.3 * labels
+    b[:5] = a[:5]  # ties between samples too
+    got = metrics.paired_auroc(labels, a, b)
+    assert got.first == pytest.approx(100 * roc_auc_score(labels, a), abs=1e-9)
+    assert got.second == pytest.approx(100 * roc_auc_score(labels, b), abs=1e-9)
+    # The standard error of the difference against a stratified bootstrap (independent).
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    diffs = []
+    for _ in range(2000):
+        idx = np.r_[rng.choice(neg, neg.size), rng.choice(pos, pos.size)]
+        y = labels[idx]
+        diffs.append(roc_auc_score(y, a[idx]) - roc_auc_score(y, b[idx]))
+    se = (got.first - got.second) / 100 / got.z
+    assert se == pytest.approx(np.std(diffs), rel=0.15)
+    assert metrics.paired_auroc(labels, a, a).z == 0.0
 
 
 def test_fuse_with_the_refinement_off_is_the_host_z_score_and_does_not_recompile():

@@ -139,7 +139,10 @@ def probe(cell: dict, pseudo: dict) -> dict:
         np.concatenate([cell["unit_ref"], pseudo["ref"]], axis=1),
         pseudo["host"].shape[1],
     )
-    out = {"check_keep": check.keep}
+    out = {
+        "check_keep": check.keep,
+        "check_fused_higher": float(check.fused_auroc) > float(check.host_auroc),
+    }
     for name, f in HALVES.items():
         c, p = f(*clean), f(*pasted)
         neg = np.concatenate([c.ravel(), p[~mask]])
@@ -154,8 +157,11 @@ def probe(cell: dict, pseudo: dict) -> dict:
 
 RULES = {
     "fused always (before)": lambda pr: "shipped",
-    "refinement check (calibration.check_units)": lambda pr: (
+    "refinement check (shipped rule: drop if the host is significantly better)": lambda pr: (
         "shipped" if pr["check_keep"] else "host"
+    ),
+    "stricter: keep only if the fused AUROC is higher": lambda pr: (
+        "shipped" if pr["check_fused_higher"] else "host"
     ),
     "host or shipped (pixel)": lambda pr: max(("host", "shipped"), key=lambda h: pr[f"pixel_{h}"]),
     "host, shipped or refined (pixel)": lambda pr: max(

@@ -88,17 +88,17 @@ def refinement_check_line(check: Any) -> str | None:
     n, p = int(check.images), int(check.pasted)
     tested = (
         f"on {n} good image(s) with {p} pasted defects each, held out as in the calibration, "
-        f"the refined score {{}} the plain PatchCore score at telling the defects from normal "
-        f"variation (AUROC {fused:.1f} against {host:.1f})"
+        f"PatchCore+ tells the defects from normal variation with AUROC {fused:.1f}, "
+        f"PatchCore alone with {host:.1f}"
     )
     if check.keep:
-        return "refinement check: " + tested.format("helps") + "; the model fuses both."
+        return "refinement check: " + tested + "; the model fuses both halves."
     return (
         "refinement check: "
-        + tested.format("does not help")
-        + "; this model scores with the PatchCore half alone (in PatchCore+'s units, so the "
-        "threshold and reports read as usual). Nothing to do; without --pseudo_anomalies both "
-        "halves are fused regardless."
+        + tested
+        + " (significantly better), so this model scores with the PatchCore half alone, in "
+        "PatchCore+'s units (the threshold and reports read as usual). Nothing to do; "
+        "--pseudo_anomalies=0 fuses both halves regardless."
     )
 
 

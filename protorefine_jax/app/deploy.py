@@ -101,7 +101,7 @@ class FitSettings:
     false_alarm_rate: float = 0.05
     margin: float = 0.0
     views: int = 4
-    pseudo_anomalies: int = 0  # opt-in refinement check (calibration.refinement_check)
+    pseudo_anomalies: int = 16  # calibration.refinement_check (0: none)
     calibration_dir: str | None = None
     export: bool = False
     batch_size: int = 8
@@ -481,6 +481,7 @@ def refinement_check_metadata(check: Any) -> dict[str, Any]:
             "fused_auroc": round(float(check.fused_auroc), 4),
             "images": int(check.images),
             "pasted": int(check.pasted),
+            "host_better_z": round(float(check.host_better_z), 4),
             "refinement_kept": check.keep,
         }
     }

@@ -411,6 +411,7 @@ METADATA = Dict(
                 "fused_auroc": Float(0.0, 100.0),
                 "images": Int(1, 1_000_000),
                 "pasted": Int(1, 64),
+                "host_better_z": Float(-1e6, 1e6),
                 "refinement_kept": Bool(),
             }
         ),

@@ -112,10 +112,10 @@ _define_integer(
 )
 _define_integer(
     "pseudo_anomalies",
-    0,
-    "PatchCore+, opt-in check: copies of (up to 8) good images with one pasted defect each "
-    "(16 is the measured setting); fit keeps the refined half only if it tells them from "
-    "normal variation better than PatchCore alone. 0: no check, both halves fused.",
+    16,
+    "PatchCore+: copies of (up to 8) good images with one pasted defect each; fit drops the "
+    "refined half if PatchCore alone tells them from normal variation significantly better. "
+    "0: no check, both halves fused.",
 )
 _define_string(
     "calibration_dir",

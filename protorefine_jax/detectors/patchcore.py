@@ -77,16 +77,15 @@ class PatchCore:
         `holdouts.exact_max` support images, approximated above
         (`calibration.HoldoutBudget`).
       pseudo: pasted-defect copies per checked support image in the fit's
-        `calibration.refinement_check` (opt-in: 0, the default, runs no check
-        and always fuses the refined half; `calibration.PSEUDO_ANOMALIES`
-        (16) is the measured setting).
+        `calibration.refinement_check` (`calibration.PSEUDO_ANOMALIES`, 16;
+        0: no check, the refined half is always fused).
     """
 
     extractor: Extractor
     alpha: float = ALPHA
     views: int = calibration.VIEWS
     holdouts: calibration.HoldoutBudget = calibration.HoldoutBudget()
-    pseudo: int = 0
+    pseudo: int = calibration.PSEUDO_ANOMALIES
 
     family = "patchcore"
 
@@ -126,7 +125,7 @@ class PatchCore:
             extractor,
             ALPHA if alpha is None else alpha,
             calibration.VIEWS if views is None else views,
-            pseudo=0 if pseudo is None else pseudo,
+            pseudo=calibration.PSEUDO_ANOMALIES if pseudo is None else pseudo,
         )
 
     @property
