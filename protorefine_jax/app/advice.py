@@ -25,7 +25,11 @@ SAFE_RIDGE = 1e-2
 
 def refine_config(config: Any) -> Any:
     """The `RefineConfig` of a detector's config (`WinClipConfig` holds one as `refine`)."""
-    return getattr(config, "refine", config)
+    from protorefine_jax.config import RefineConfig
+
+    # The explicit union of the two detectors' configs: PatchCore's RefineConfig,
+    # WinCLIP's WinClipConfig (which holds one as `refine`).
+    return config if isinstance(config, RefineConfig) else config.refine
 
 
 def bank_diagnostics(banks: Sequence[Any]) -> str:
@@ -42,7 +46,7 @@ def bank_advice(banks: Sequence[Any], config: Any) -> list[str]:
         one as `refine`, e.g. `WinClipConfig`).
     """
     config = refine_config(config)
-    if not getattr(config, "use_refinement", True):
+    if not config.use_refinement:
         return []  # plain PatchCore: the bank's span does not matter
     lines = []
     for bank in banks:
