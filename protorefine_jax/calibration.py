@@ -758,19 +758,22 @@ def check_units(host: np.ndarray, refined: np.ndarray, pasted: int) -> Refinemen
       The `RefinementCheck`, in the statistics of the originals' units.
     """
     host, refined = np.asarray(host, np.float64), np.asarray(refined, np.float64)
-    n, units, _ = host.shape
-    clean = units - pasted
+    n, per_image, _ = host.shape
+    clean = per_image - pasted
     if pasted < 1 or clean < 1:
-        raise ValueError(f"need clean and pasted units, got {units} units with {pasted} pasted.")
+        raise ValueError(
+            f"need clean and pasted units, got {per_image} units with {pasted} pasted."
+        )
     cal = statistics(host[:, 0], refined[:, 0])
     z_host, z_refined = (np.asarray(z, np.float64) for z in standardise(host, refined, cal))
     labels = np.r_[np.zeros(n * clean), np.ones(n * pasted)]
 
-    def units(z):
+    def unit_scores(z):
         best = z.max(axis=-1)  # [n, 1+V+P] image score of each held-out unit
         return np.r_[best[:, :clean].ravel(), best[:, clean:].ravel()]
 
-    paired = paired_auroc(labels, units(z_host), units(np.maximum(z_host, z_refined)))
+    fused = np.maximum(z_host, z_refined)
+    paired = paired_auroc(labels, unit_scores(z_host), unit_scores(fused))
     return RefinementCheck(
         jnp.float32(paired.first),
         jnp.float32(paired.second),

@@ -370,7 +370,7 @@ class BatchedDetector:
         operations as the compiled detector's), its map `maps_of_grids` (the
         same operators as `anomaly_map`), so the refinement runs once per
         image instead of twice. Equal to the compiled fused scores up to
-        float32 rounding (tests/test_eval.py).
+        float32 rounding (tests/test_batching.py).
         """
         host, refined = self._half_outputs(state, test_features, config)
         cal = state.calibration

@@ -619,8 +619,7 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
     def fit_state(feats, views, images):
         """The state and the support images' held-out scores (what the threshold is of)."""
         if not winclip:
-            refine = detector.refinement(config)
-            checked = refine.use_refinement and refine.calibrated
+            checked = detector.checks_refinement(config)
             pseudo = detector.pseudo_features(params, images) if checked else None
             st = detector.fit_features(feats, views=views, pseudo=pseudo, config=config)
             return st, st.support_scores

@@ -550,7 +550,8 @@ def run_category(s, dataset, root, category, family, host, methods, out: Outputs
     exclude_empty_masks(data, test, s.require_masks)
     support_features = SupportCache(host, data)
     streamed = any(m.stream_calibration for m in methods)  # needs the held-out support scores
-    checked = host.detector.family == "patchcore" and host.detector.pseudo > 0
+    # The fit below is under the detector's default config.
+    checked = host.detector.checks_refinement(host.detector.config())
     shown = heatmap_indices(test["labels"], s.num_heatmaps)
     online = {"capacity": s.online_capacity, "add_per_query": s.online_add}
     for k in s.shots:

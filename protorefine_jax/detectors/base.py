@@ -112,6 +112,9 @@ class Detector(Protocol):
     def pseudo_features(self, params: Any, support_images: Array) -> Any:
         """Features of pasted-defect copies for the refinement check (None: no check)."""
 
+    def checks_refinement(self, config: Any) -> bool:
+        """Whether fitting under `config` runs the refinement check (`pseudo_features` needed)."""
+
     def calibrate(self, features: Any, config: Any = None, *, alpha: float | None = None) -> Any:
         """The support-set calibration of `features` under `config`'s refinement."""
 

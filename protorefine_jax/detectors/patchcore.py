@@ -194,7 +194,7 @@ class PatchCore:
             return DetectorState(banks=(bank,))
         grid = self.extractor.grid
         check = None
-        if pseudo is not None and config.use_refinement and config.calibrated:
+        if pseudo is not None and self.checks_refinement(config):
             check = calibration.refinement_check(
                 features, alpha, config, grid, pseudo, views, self.holdouts
             )
@@ -248,6 +248,10 @@ class PatchCore:
         # One image's views per call: one compiled shape, memory of V images.
         return np.stack([np.asarray(self.features(params, v)) for v in views])
 
+    def checks_refinement(self, config: RefineConfig) -> bool:
+        """Whether fitting under `config` runs the refinement check (calibrated PatchCore+)."""
+        return bool(self.pseudo) and config.use_refinement and config.calibrated
+
     def pseudo_features(self, params: Any, support_images: Array) -> Array | None:
         """`[n, P, m, c]` features of pasted-defect copies of the checked support images.
 
@@ -274,7 +278,8 @@ class PatchCore:
         """State from the `[k, S, S, 3]` support images (see `fit_features`)."""
         feats = self.features(params, support_images)
         views = self.view_features(params, support_images) if calibrate else None
-        pseudo = self.pseudo_features(params, support_images) if calibrate else None
+        checked = calibrate and self.checks_refinement(self.config() if config is None else config)
+        pseudo = self.pseudo_features(params, support_images) if checked else None
         return self.fit_features(
             feats, views=views, pseudo=pseudo, alpha=alpha, config=config, calibrate=calibrate
         )

@@ -135,6 +135,11 @@ class WinClip:
         """None: WinCLIP+ calibrates without nuisance views."""
         del params, support_images
 
+    def checks_refinement(self, config: Any) -> bool:
+        """False: WinCLIP+ runs no refinement check."""
+        del config
+        return False
+
     def pseudo_features(self, params: Any, support_images: Array) -> None:
         """None: WinCLIP+ fuses every scale's refined half without a refinement check."""
         del params, support_images
