@@ -28,6 +28,7 @@ SinkhornMode = Literal["log", "absorbed"]
 MStep = Literal["closed_form", "optax"]
 Optimizer = Literal["sgd", "preconditioned"]
 BankMode = Literal["refined", "union"]
+Products = Literal["auto", "gram", "features"]
 
 _DISTANCES = ("sqeuclidean", "cosine")
 _M_STEPS = ("closed_form", "optax")
@@ -35,6 +36,7 @@ _OPTIMIZERS = ("sgd", "preconditioned")
 _BANK_MODES = ("refined", "union")
 _PRECISIONS = ("float32", "tf32", "bfloat16", "float64")
 _SINKHORN_MODES = ("log", "absorbed")
+_PRODUCTS = ("auto", "gram", "features")
 
 # Accepted ranges of the traced fields: name -> (low, low inclusive, high).
 # epsilon below 1e-3 of the mean cost leaves the plan's potentials resolving
@@ -145,6 +147,17 @@ class RefineConfig:
         "Precision", measures each.
       blur_sigma: Gaussian blur sigma in map pixels, >= 0 (default 4, the
         paper's; kernel `2 * round(4 * sigma) + 1`, reflect padding, as scipy).
+      products: how the bank enters the refinement's products (a speed
+        setting: the same numbers in exact arithmetic, rounded differently).
+        `"gram"`: through the Gram matrix `G = M M^T [n, n]` (`O(n^2)` per
+        patch, the form of refine's module docstring); `"features"`: through
+        the bank's rows, `W G = (W M) M^T` and the ridge solve in the
+        `[c, c]` space (`O(n c)` per patch, no `[n, n]` array; closed-form
+        M-step only); `"auto"` (default): the features once `n > 2 c`, where
+        they are cheaper (`gram.uses_feature_form`), so every bank of at most
+        `2 c` rows, those of the dev tables (1-4 shots) included, keeps the
+        Gram form. A project choice (the paper is silent); BENCHMARKS.md,
+        "Large banks", measures both.
 
     Traced fields (a new value does not recompile):
       lam: weight of the transport term, >= 0 (default 0.3, the paper's
@@ -197,6 +210,7 @@ class RefineConfig:
     image_size: tuple[int, int] | None = struct.field(pytree_node=False, default=(256, 256))
     blur_sigma: float = struct.field(pytree_node=False, default=4.0)
     precision: Precision = struct.field(pytree_node=False, default="float32")
+    products: Products = struct.field(pytree_node=False, default="auto")
 
     @property
     def map_config(self) -> MapConfig:
@@ -215,6 +229,12 @@ class RefineConfig:
         _check_choice("bank", self.bank, _BANK_MODES)
         _check_choice("precision", self.precision, _PRECISIONS)
         _check_choice("sinkhorn_mode", self.sinkhorn_mode, _SINKHORN_MODES)
+        _check_choice("products", self.products, _PRODUCTS)
+        if self.products == "features" and self.m_step != "closed_form":
+            raise ValueError(
+                'products="features" needs m_step="closed_form" (the optax M-step is '
+                'written against the Gram matrix); use products="auto" or "gram".'
+            )
         if self.m_step == "closed_form" and self.distance != "sqeuclidean":
             raise ValueError(
                 'm_step="closed_form" exists only for distance="sqeuclidean"; '

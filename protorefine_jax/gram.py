@@ -71,6 +71,18 @@ class GramSystem(NamedTuple):
         `gram = bank_gram * 2^(2 shift)` exactly (module docstring, "Units").
       shift: int32 power-of-two offset of the query's units from the bank's
         (0 for the cosine distance).
+      bank_rows: `[n, c]` the rescaled prototypes in the bank's units, set
+        only in the feature form (`uses_feature_form`); there `gram`,
+        `bank_gram` and `chol` are None and every product with `G` is formed
+        as `(W M) M^T` (`bank_gram_times`).
+      query_rows: `[m, c]` the rescaled query patches in the query's units
+        (feature form only).
+      feature_chol: lower Cholesky factor of `M^T M + delta I` (`[c, c]`,
+        bank units; feature form with `with_inverse` only), the factor of
+        every solve there (`ridge_solution`).
+
+    The two forms hold the same numbers in exact arithmetic; they round
+    differently (`tests/test_feature_form.py` states by how much).
     """
 
     gram: Float[Array, "n n"]
@@ -81,8 +93,21 @@ class GramSystem(NamedTuple):
     delta: Float[Array, ""]
     weights: Float[Array, " n"]
     scale_sq: Float[Array, ""]
-    bank_gram: Float[Array, "n n"]
+    bank_gram: Float[Array, "n n"] | None
     shift: Array
+    bank_rows: Float[Array, "n c"] | None = None
+    query_rows: Float[Array, "m c"] | None = None
+    feature_chol: Float[Array, "c c"] | None = None
+
+    @property
+    def dtype(self):
+        """The dtype of every product of the system."""
+        return self.cross.dtype
+
+    @property
+    def feature_form(self) -> bool:
+        """True when the bank enters through its rows (`uses_feature_form`), not `G`."""
+        return self.bank_rows is not None
 
 
 def compute_dtype(config: RefineConfig):
@@ -199,6 +224,21 @@ def ridge_in_force(config: RefineConfig, n: int, c: int):
     return config.ridge_wide if uses_wide_ridge(n, c) else config.ridge
 
 
+def uses_feature_form(config: RefineConfig, n: int, c: int) -> bool:
+    """Does a bank of `n` rows (static) and `c` features enter through its rows?
+
+    `RefineConfig.products`: `"gram"` never, `"features"` always, `"auto"`
+    when the closed-form M-step runs and `n > 2 c`. Every product with the
+    Gram matrix is `W G`: `2 m n^2` flops through `G [n, n]`, `4 m n c` as
+    `(W M) M^T`, so the rows are the cheaper road once `n > 2 c`, and they
+    never form an `[n, n]` array (400 MB at n = 10,240). The optax M-step
+    (its loss and gradients are written against `G`) keeps the Gram form.
+    """
+    if config.products == "gram" or config.m_step != "closed_form":
+        return False
+    return config.products == "features" or n > 2 * c
+
+
 def gram_system(
     bank: Float[Array, "n c"],
     query: Float[Array, "m c"],
@@ -252,32 +292,45 @@ def gram_system(
         # Round once, so the squared norms below and the products agree.
         bank = bank.astype(jnp.bfloat16).astype(dtype)
         query = query.astype(jnp.bfloat16).astype(dtype)
-    bank_gram = feature_products(bank, bank, config.precision)  # [n, n], bank units
+    n, c = bank.shape
+    rows = uses_feature_form(config, n, c)
     # One product for a whole vmapped batch (the bank operand is unbatched).
     cross = times_pow2(feature_products(query, bank, config.precision), shift)  # [m, n]
-    gram = times_pow2(bank_gram, 2 * shift)
-    n, c = bank.shape
+    if rows:
+        bank_gram = gram = None
+        bank_m_sq = jnp.sum(bank * bank, axis=-1)
+    else:
+        bank_gram = feature_products(bank, bank, config.precision)  # [n, n], bank units
+        gram = times_pow2(bank_gram, 2 * shift)
+        bank_m_sq = jnp.diagonal(bank_gram)
     if weights is None:
-        weights = jnp.full((n,), 1.0 / n, gram.dtype)
-    weights = weights.astype(gram.dtype)
-    bank_m_sq = jnp.diagonal(bank_gram)
+        weights = jnp.full((n,), 1.0 / n, cross.dtype)
+    weights = weights.astype(cross.dtype)
     # Ridge relative to the mean eigenvalue trace(G)/n over the used rows:
     # scale-free, and keeps a singular G (n > c, duplicates) invertible.
     if span_rows is None:
         used = jnp.maximum(jnp.sum(weights > 0), 1)
         rel = ridge_in_force(config, n, c)
-        bank_delta = rel * jnp.maximum(jnp.trace(bank_gram) / used, _EPS)
+        trace = jnp.sum(bank_m_sq) if rows else jnp.trace(bank_gram)
+        bank_delta = rel * jnp.maximum(trace / used, _EPS)
     else:
         if not 1 <= span_rows <= n:
             raise ValueError(f"span_rows must lie in [1, n={n}], got {span_rows}.")
         rel = ridge_in_force(config, span_rows, c)
         bank_delta = rel * jnp.maximum(jnp.sum(bank_m_sq[:span_rows]) / span_rows, _EPS)
-    chol = None
-    if with_inverse:
-        chol = jnp.linalg.cholesky(bank_gram + bank_delta * jnp.eye(n, dtype=gram.dtype))
+    chol = feature_chol = None
+    if with_inverse and rows:
+        # The push-through identity: (M M^T + d I)^-1 M = M (M^T M + d I)^-1.
+        inner = jnp.matmul(bank.T, bank, precision=jax.lax.Precision.HIGHEST)
+        feature_chol = jnp.linalg.cholesky(inner + bank_delta * jnp.eye(c, dtype=cross.dtype))
+    elif with_inverse:
+        chol = jnp.linalg.cholesky(bank_gram + bank_delta * jnp.eye(n, dtype=cross.dtype))
     f_sq = jnp.sum(query * query, axis=-1)
     m_sq, delta = times_pow2(bank_m_sq, 2 * shift), times_pow2(bank_delta, 2 * shift)
-    return GramSystem(gram, cross, f_sq, m_sq, chol, delta, weights, scale_sq, bank_gram, shift)
+    extra = (bank, query, feature_chol) if rows else (None, None, None)
+    return GramSystem(
+        gram, cross, f_sq, m_sq, chol, delta, weights, scale_sq, bank_gram, shift, *extra
+    )
 
 
 def in_bank_units(sys: GramSystem) -> GramSystem:
@@ -289,23 +342,68 @@ def in_bank_units(sys: GramSystem) -> GramSystem:
     matrix stays unbatched (module docstring, "Units"). Only the Gram side
     (`gram`, `m_sq`, `delta`) moves; `cross` and `f_sq` stay in query units.
     """
+    if sys.feature_form:  # the rows are in the bank's units already
+        m_sq = times_pow2(sys.m_sq, -2 * sys.shift)
+    else:
+        m_sq = jnp.diagonal(sys.bank_gram)
     return sys._replace(
         gram=sys.bank_gram,
-        m_sq=jnp.diagonal(sys.bank_gram),
+        m_sq=m_sq,
         delta=times_pow2(sys.delta, -2 * sys.shift),
         shift=jnp.zeros_like(sys.shift),
     )
 
 
+def bank_gram_times(sys: GramSystem, w: Float[Array, "k n"]) -> Float[Array, "k n"]:
+    """`W G_bank [k, n]` (the bank's units): one GEMM with `bank_gram`, or `(W M) M^T`."""
+    if sys.feature_form:
+        return (w @ sys.bank_rows) @ sys.bank_rows.T
+    return w @ sys.bank_gram
+
+
+def gram_times(sys: GramSystem, w: Float[Array, "k n"]) -> Float[Array, "k n"]:
+    """`W G [k, n]` in the system's units (`w @ sys.gram` in the Gram form)."""
+    if sys.feature_form:
+        return times_pow2(bank_gram_times(sys, w), 2 * sys.shift)
+    return w @ sys.gram
+
+
+def refined_rows(sys: GramSystem, w: Float[Array, "m n"]) -> Float[Array, "m c"]:
+    """The refined prototypes `R = W M [m, c]` in the query's units (feature form only)."""
+    return times_pow2(w @ sys.bank_rows, sys.shift)
+
+
 def ridge_solve(sys: GramSystem, rhs: Float[Array, "k n"]) -> Float[Array, "k n"]:
-    """`rhs (G + delta I)^-1` by two triangular solves (no explicit inverse).
+    """`rhs (G + delta I)^-1` by two triangular solves (no explicit inverse; Gram form).
 
     The factor is the bank's (`chol`, bank units): `(G + delta I)^-1 =
-    2^(-2 shift) (G_bank + delta_bank I)^-1`, exactly.
+    2^(-2 shift) (G_bank + delta_bank I)^-1`, exactly. The feature form
+    solves only the ridge regression itself (`ridge_solution`).
     """
+    if sys.chol is None:
+        raise ValueError(
+            "ridge_solve needs the Gram factor: build the system with with_inverse=True "
+            'and RefineConfig(products="gram") for solves other than ridge_solution.'
+        )
     return times_pow2(jsl.cho_solve((sys.chol, True), rhs.T).T, -2 * sys.shift)
+
+
+def ridge_solution(sys: GramSystem) -> Float[Array, "m n"]:
+    """`W0 = P (G + delta I)^-1`, the ridge regression of the query on the bank.
+
+    Gram form: `ridge_solve(sys, P)`. Feature form, by the push-through
+    identity: `W0 = F (M^T M + delta I)^-1 M^T`, with `M = 2^shift M_bank`
+    `= 2^(-shift) F (M_bank^T M_bank + delta_bank I)^-1 M_bank^T`: a
+    `[c, c]` factor and two `m n c` products instead of an `[n, n]` factor.
+    """
+    if not sys.feature_form:
+        return ridge_solve(sys, sys.cross)
+    if sys.feature_chol is None:
+        raise ValueError("ridge_solution needs the system built with with_inverse=True.")
+    coef = jsl.cho_solve((sys.feature_chol, True), sys.query_rows.T).T  # [m, c]
+    return times_pow2(coef @ sys.bank_rows.T, -sys.shift)
 
 
 def refined_sq_norms(sys: GramSystem, w: Float[Array, "m n"]) -> Float[Array, " m"]:
     """`||R_j||^2 = (W G W^T)_jj` for every refined prototype (one GEMM with `bank_gram`)."""
-    return times_pow2(jnp.sum((w @ sys.bank_gram) * w, axis=-1), 2 * sys.shift)
+    return times_pow2(jnp.sum(bank_gram_times(sys, w) * w, axis=-1), 2 * sys.shift)

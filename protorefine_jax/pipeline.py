@@ -93,7 +93,7 @@ def _score(
             diag = Diagnostics(ref.marginal_error, ref.w_rel_change, ref.lsq_residual)
             w = ref.w
         else:
-            zero = jnp.zeros((), system.gram.dtype)
+            zero = jnp.zeros((), system.dtype)
             scores = base_patch_scores(system, config)
             diag = Diagnostics(zero, zero, zero)
             w = None

@@ -35,12 +35,15 @@ from protorefine_jax.config import RefineConfig
 from protorefine_jax.gram import (  # noqa: F401
     _EPS,
     GramSystem,
+    bank_gram_times,
     feature_products,
     gram_system,
+    gram_times,
     in_bank_units,
     matmul_precision,
     normalize_rows,
     refined_sq_norms,
+    ridge_solution,
     ridge_solve,
     times_pow2,
 )
@@ -76,7 +79,7 @@ def least_squares_init(sys: GramSystem) -> Float[Array, "m n"]:
 
     The ridge `delta`: docs/method.md, "The ridge rule".
     """
-    return ridge_solve(sys, sys.cross)
+    return ridge_solution(sys)
 
 
 def proto_to_refined(
@@ -96,7 +99,7 @@ def refined_to_proto(
     batched and `G` not (`gram.in_bank_units`), a vmapped batch is one GEMM
     `[B m, n] x [n, n]` and its output needs no transpose.
     """
-    return _cost_t(sys, w, w @ sys.gram, config)[0]
+    return _cost_t(sys, w, gram_times(sys, w), config)[0]
 
 
 def _cost_t(sys: GramSystem, w, dots, config: RefineConfig):
@@ -126,8 +129,8 @@ def cost_resolution(sys: GramSystem, config: RefineConfig) -> Float[Array, ""]:
         used = jnp.maximum(jnp.sum(sys.weights > 0), 1)
         scale = jnp.maximum(jnp.sum(jnp.where(sys.weights > 0, sys.m_sq, 0.0)) / used, _EPS)
     else:
-        scale = jnp.ones((), sys.gram.dtype)
-    return 64.0 * jnp.finfo(sys.gram.dtype).eps * scale
+        scale = jnp.ones((), sys.dtype)
+    return 64.0 * jnp.finfo(sys.dtype).eps * scale
 
 
 def self_distance(sys: GramSystem, w: Float[Array, "m n"], config: RefineConfig):
@@ -140,7 +143,11 @@ def self_distance(sys: GramSystem, w: Float[Array, "m n"], config: RefineConfig)
 
 
 def ridge_augmented(sys: GramSystem) -> GramSystem:
-    """The system of `[M, sqrt(delta) I]` and `[F, 0]` (see the module docstring)."""
+    """The system of `[M, sqrt(delta) I]` and `[F, 0]` (see the module docstring; Gram form)."""
+    if sys.feature_form:
+        raise ValueError(
+            'the optax M-step runs in the Gram form: RefineConfig(products="auto" or "gram").'
+        )
     eye = jnp.eye(sys.gram.shape[0], dtype=sys.gram.dtype)
     bank_gram = sys.bank_gram + times_pow2(sys.delta, -2 * sys.shift) * eye
     return sys._replace(
@@ -393,7 +400,7 @@ def refine(sys: GramSystem, config: RefineConfig) -> Refinement:
             w_new = closed_form_rows(w0, plan_t, col, config)
         else:
             w_new = optax_m_step(w, plan_t.T, sys, config, w0)
-        return w_new, w_new @ e_sys.gram, w, f, g, marginal_error
+        return w_new, gram_times(e_sys, w_new), w, f, g, marginal_error
 
     # Zero-weight prototypes start (and stay) at potential -inf: they must not
     # enter the first log-sum-exp of the warm-started Sinkhorn.

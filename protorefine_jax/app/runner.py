@@ -87,6 +87,7 @@ class Settings:
     inner_steps: int | None = None
     bank: str | None = None
     precision: str | None = None
+    products: str | None = None
     online_capacity: int = 256
     online_add: int = 16
     batch_size: int = 8

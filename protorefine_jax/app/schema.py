@@ -214,6 +214,7 @@ FLAGS: dict[str, Field] = {
     "optimizer": _choices(config_lib.Optimizer),
     "bank": _choices(config_lib.BankMode),
     "precision": _choices(config_lib.Precision),
+    "products": _choices(config_lib.Products),
     # WinCLIP's category text: the prompts say "a photo of a flawless <object_name>", ...
     "object_name": Text(pattern=r".{1,100}", max_len=100),
 }
@@ -266,6 +267,7 @@ REFINE_FLAGS = (
     "inner_steps",
     "bank",
     "precision",
+    "products",
 )
 _REFINE = {name: FLAGS[name] for name in REFINE_FLAGS}
 CONFIG = Dict(
@@ -278,7 +280,9 @@ CONFIG = Dict(
         "grid_shape": Optional(List(Int(1, 1024), length=2)),
         "image_size": Optional(List(IMAGE_SIDE, length=2)),
         "blur_sigma": Float(0.0, 64.0),
-    }
+    },
+    # Models fitted before the field existed ran the Gram form below 2c rows, as "auto" does.
+    optional=("products",),
 )
 _FILES = List(Text(), max_len=100_000)
 _WIDTH = Int(1, 65_536)
