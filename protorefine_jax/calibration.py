@@ -95,7 +95,7 @@ class HoldoutBudget:
         whose original patches are refined (spread evenly over the images
         and the four quadrants, deterministic), fewer against banks of more
         than `REFINED_WORK_ROWS` rows (`budget_units`: a refined patch costs
-        ~n^2); every quadrant and view gets its host score. The refined
+        ~n c); every quadrant and view gets its host score. The refined
         half's statistics come from these quadrants (paired with their host
         scores), and an image's held-out score takes its refined half only
         where it was refined: the host half supplied the held-out image
@@ -842,12 +842,14 @@ REFINED_WORK_ROWS = 1024
 def budget_units(count: int, bank_rows: int) -> int:
     """Quadrants refined against a bank of `bank_rows` rows: `count`, fewer for larger banks.
 
-    A patch's refinement costs ~`n^2` (`n` bank rows): above
-    `REFINED_WORK_ROWS` the count falls as `(REFINED_WORK_ROWS / n)^2`, so the
-    refinement's cost stays about flat in `k`, never below one quadrant of
-    each position (4) or above `count`.
+    A patch's refinement against `n > 2c` bank rows costs ~`n c` (the
+    feature form, `gram.uses_feature_form`): above `REFINED_WORK_ROWS` the
+    count falls as `REFINED_WORK_ROWS / n`, so the refinement's cost stays
+    about flat in `k`, never below one quadrant of each position (4) or above
+    `count`. (Before the feature form a patch cost ~`n^2` and the count fell
+    as the square of that ratio.)
     """
-    scaled = int(count * min(1.0, (REFINED_WORK_ROWS / max(bank_rows, 1)) ** 2))
+    scaled = int(count * min(1.0, REFINED_WORK_ROWS / max(bank_rows, 1)))
     return max(min(4, count), scaled)
 
 

@@ -10,6 +10,12 @@ so one EM iteration costs `O(n^2 m)` instead of `O(n m c)`, and the refined
 prototypes `[m, c]` are never formed. For the cosine distance `F` and `M` are
 row-normalised first (`<x, y>` then is a cosine for the unit rows).
 
+That is the cheaper road while `n <= 2c` (every few-shot bank). Larger banks
+(a fit on tens to hundreds of good images) take the feature form
+(`RefineConfig.products`, `gram.uses_feature_form`): the same algebra, with
+every `W G` formed as `(W M) M^T` and the ridge solve in the `[c, c]` space,
+`O(n m c)` per iteration and no `[n, n]` array.
+
 The ridge `delta` (docs/method.md, "The ridge rule") is one regulariser used
 consistently: the M-step loss is evaluated in the ridge-augmented space where
 each prototype is `[M_i, sqrt(delta) e_i]` and each patch `[F_j, 0]`, i.e.

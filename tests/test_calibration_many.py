@@ -147,8 +147,9 @@ def test_refined_units_spread_over_images_and_quadrants():
     np.testing.assert_array_equal(np.bincount(units[:, 1]), [4, 4, 4, 4])
     everything = cal.refined_units(3, 100)
     assert len({tuple(u) for u in everything}) == 12
-    assert cal.budget_units(16, 409) == 16 and cal.budget_units(16, 2560) == 4
-    assert cal.budget_units(16, 1638) == 6 and cal.budget_units(2, 10**6) == 2
+    assert cal.budget_units(16, 409) == 16 and cal.budget_units(16, 2560) == 6
+    assert cal.budget_units(16, 1638) == 10 and cal.budget_units(16, 10_240) == 4
+    assert cal.budget_units(2, 10**6) == 2
 
 
 @pytest.mark.parametrize("bad", [dict(exact_max=0), dict(refined_units=1.5)])

@@ -152,3 +152,13 @@ def test_feature_form_holds_no_n_by_n_array():
 
     assert (n, n) in shapes(RefineConfig(products="gram", image_size=None))
     assert (n, n) not in shapes(RefineConfig(image_size=None))  # "auto": n > 2c
+
+
+def test_the_benchmark_reports_both_forms():
+    """`experiments.bench_products` on a tiny problem: both forms timed, scores agreeing."""
+    from experiments import bench_products
+
+    rows = bench_products.run([16, 40], m=16, c=8, repeats=1, gram_max=16)
+    assert [r["n"] for r in rows] == [16, 40]
+    assert rows[0]["gram_ms"] > 0 and rows[0]["max_rel_diff"] < 1e-4
+    assert "gram_ms" not in rows[1] and rows[1]["features_ms"] > 0
