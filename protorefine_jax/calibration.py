@@ -745,7 +745,12 @@ def refinement_check(
     return check_units(host, refined, pasted.shape[1])
 
 
-def check_units(host: np.ndarray, refined: np.ndarray, pasted: int) -> RefinementCheck:
+def check_units(
+    host: np.ndarray,
+    refined: np.ndarray,
+    pasted: int,
+    calibration: ScoreCalibration | None = None,
+) -> RefinementCheck:
     """`refinement_check`'s decision from its held-out units.
 
     Args:
@@ -753,9 +758,11 @@ def check_units(host: np.ndarray, refined: np.ndarray, pasted: int) -> Refinemen
         the original, its `V` views, then its `P` pasted copies.
       refined: the refined scores, same shape.
       pasted: `P`.
+      calibration: the statistics the z-scores are taken in; None: those
+        of the originals' units (`host[:, 0]`, `refined[:, 0]`).
 
     Returns:
-      The `RefinementCheck`, in the statistics of the originals' units.
+      The `RefinementCheck`.
     """
     host, refined = np.asarray(host, np.float64), np.asarray(refined, np.float64)
     n, per_image, _ = host.shape
@@ -764,7 +771,7 @@ def check_units(host: np.ndarray, refined: np.ndarray, pasted: int) -> Refinemen
         raise ValueError(
             f"need clean and pasted units, got {per_image} units with {pasted} pasted."
         )
-    cal = statistics(host[:, 0], refined[:, 0])
+    cal = statistics(host[:, 0], refined[:, 0]) if calibration is None else calibration
     z_host, z_refined = (np.asarray(z, np.float64) for z in standardise(host, refined, cal))
     labels = np.r_[np.zeros(n * clean), np.ones(n * pasted)]
 

@@ -99,6 +99,25 @@ def test_check_drops_the_refinement_only_when_the_host_is_significantly_better()
         cal.check_units(host, refined, pasted=0)
 
 
+def test_check_units_take_the_statistics_they_are_given():
+    """Units scored as new parts are judged in the deployed statistics, not their own."""
+    rng = np.random.default_rng(2)
+    n, clean, pasted, m = 6, 5, 8, 16
+    host = rng.normal(size=(n, clean + pasted, m))
+    host[:, clean:, 0] += 4.0  # the host sees the defects
+    refined = rng.normal(size=host.shape)  # the refined half: noise alone
+    own = cal.statistics(host[:, 0], refined[:, 0])
+    same = cal.check_units(host, refined, pasted, calibration=own)
+    assert same == cal.check_units(host, refined, pasted)
+    # Statistics under which every unit's refined half reads far above normal (what the
+    # held-out rings showed on new parts): the fused max is refined noise, the host
+    # separates far better, and the refinement is dropped.
+    inflated = own._replace(refined_loc=own.refined_loc - 20.0 * own.refined_scale)
+    off = cal.check_units(host, refined, pasted, calibration=inflated)
+    assert float(off.fused_auroc) < float(same.fused_auroc) - 20.0
+    assert not off.keep and same.keep
+
+
 def test_paired_auroc_matches_sklearn_and_a_bootstrap_of_its_difference():
     rng = np.random.default_rng(5)
     labels = np.r_[np.zeros(60), np.ones(40)]

@@ -37,7 +37,9 @@ from protorefine_jax import RefineConfig, calibration, pseudo_anomalies
 from protorefine_jax.data import load_dataset_category, sample_support
 from protorefine_jax.metrics import auroc
 
-_STAGE = flags.DEFINE_enum("pseudo_stage", "analyse", ["score", "analyse"], "What to run.")
+_STAGE = flags.DEFINE_enum(
+    "pseudo_stage", "analyse", ["score", "cross", "analyse"], "What to run."
+)
 _PSEUDO = flags.DEFINE_integer(
     "pseudo", calibration.PSEUDO_ANOMALIES, "Pseudo-anomalous copies per support image."
 )
@@ -114,6 +116,44 @@ def score_stage() -> None:
                     print(path.name, flush=True)
 
 
+def cross_stage() -> None:
+    """Adds to each stored pseudo cell of k >= 2 its copies scored as new parts.
+
+    `cross_host` / `cross_ref` `[k, P, m]`: each pasted copy of support image
+    `i`, whole, against the coreset of the other `k - 1` images
+    (`calibration_study.cross_units`, the cells' own cross-image units of the
+    originals and views), patches in grid order.
+    """
+    cache = study_cells.FeatureCache(
+        Path(cs._DATA_ROOT.value), Path(cs._CACHE.value), (0, 1, 2, 3, 4), 4
+    )
+    out = Path(_PSEUDO_OUT.value)
+    cfg = RefineConfig(grid_shape=None, image_size=None)
+    for data in cs._DATA.value:
+        for feat in cs._FEATS.value:
+            feats = cache.get(data, feat)
+            pf = pseudo_features(data, feat, sorted(feats["train"]), _PSEUDO.value, cache.cache_dir)
+            for k in (int(s) for s in cs._SHOTS.value if int(s) >= 2):
+                for seed in map(int, cs._SEEDS.value):
+                    path = out / f"{data}_{feat}_k{k}_s{seed}.npz"
+                    if not path.exists():
+                        continue
+                    res = dict(np.load(path))
+                    if "cross_host" in res:
+                        continue
+                    names = [
+                        study_cells.image_key(p)
+                        for p in sample_support(feats["pool"], k, seed).paths
+                    ]
+                    sup = np.stack([feats["train"][n] for n in names])
+                    pseudo = np.stack([pf[n][0] for n in names])
+                    n_real = cs.coreset_size(k * sup.shape[1], cs.ALPHA)
+                    host, ref = cs.cross_units(sup, pseudo, cfg, n_real)
+                    res["cross_host"], res["cross_ref"] = host[:, 1:], ref[:, 1:]
+                    np.savez(path, **res)
+                    print(path.name, "cross", flush=True)
+
+
 HALVES = {"host": lambda h, r: h, "refined": lambda h, r: r, "shipped": np.maximum}
 
 
@@ -142,7 +182,20 @@ def probe(cell: dict, pseudo: dict) -> dict:
     out = {
         "check_keep": check.keep,
         "check_fused_higher": float(check.fused_auroc) > float(check.host_auroc),
+        "check_z": float(check.host_better_z),
     }
+    # The same decision with the clean units and the copies scored as new parts
+    # (whole, against the other images), in the shipped statistics `cal`.
+    if "cross_host" in pseudo and "cross_host" in cell:
+        cross = calibration.check_units(
+            np.concatenate([cell["cross_host"], pseudo["cross_host"]], axis=1),
+            np.concatenate([cell["cross_ref"], pseudo["cross_ref"]], axis=1),
+            pseudo["cross_host"].shape[1],
+            calibration=cal,
+        )
+        out["cross_keep"], out["cross_z"] = cross.keep, float(cross.host_better_z)
+    else:
+        out["cross_keep"], out["cross_z"] = check.keep, float(check.host_better_z)
     for name, f in HALVES.items():
         c, p = f(*clean), f(*pasted)
         neg = np.concatenate([c.ravel(), p[~mask]])
@@ -162,6 +215,12 @@ RULES = {
     ),
     "stricter: keep only if the fused AUROC is higher": lambda pr: (
         "shipped" if pr["check_fused_higher"] else "host"
+    ),
+    "cross check: copies and clean units as new parts (k >= 2; quadrant check at k = 1)": (
+        lambda pr: "shipped" if pr["cross_keep"] else "host"
+    ),
+    "both checks must keep": lambda pr: (
+        "shipped" if pr["check_keep"] and pr["cross_keep"] else "host"
     ),
     "host or shipped (pixel)": lambda pr: max(("host", "shipped"), key=lambda h: pr[f"pixel_{h}"]),
     "host, shipped or refined (pixel)": lambda pr: max(
@@ -204,6 +263,20 @@ def analyse_stage() -> dict:
             "same_sign": float(np.mean(np.sign(dx[decisive]) == np.sign(dy[decisive]))),
             "spearman": float(sps.spearmanr(dx, dy).correlation),
         }
+    # Does each check's z (host better) predict the test set's host-minus-fused
+    # AUROC? Over the cell-seeds where both checks ran (k >= 2).
+    both = [r for r in measured if not r["cell"].endswith("_k1")]
+    if len(both) > 2:
+        dy = np.array([r["test"]["host"] - r["test"]["shipped"] for r in both])
+        out["check_z_vs_test"] = {
+            name: float(sps.spearmanr([r[key] for r in both], dy).correlation)
+            for name, key in (("quadrant", "check_z"), ("cross", "cross_z"))
+        }
+        out["check_z_vs_test"]["cell_seeds"] = len(both)
+        out["check_drops"] = {
+            name: int(sum(not r[key] for r in measured))
+            for name, key in (("quadrant", "check_keep"), ("cross", "cross_keep"))
+        }
     for stress in cs.STRESS:
         for name, rule in RULES.items():
             cells: dict = {}
@@ -233,6 +306,9 @@ def main(argv):
     if _STAGE.value == "score":
         score_stage()
         return
+    if _STAGE.value == "cross":
+        cross_stage()
+        return
     res = analyse_stage()
     Path(_PSEUDO_JSON.value).parent.mkdir(parents=True, exist_ok=True)
     Path(_PSEUDO_JSON.value).write_text(json.dumps(res, indent=1))
@@ -241,6 +317,9 @@ def main(argv):
             f"{kind}: same sign as the test set in {a['same_sign']:.2f} of {a['decisive']} "
             f"decisive cell-seeds; Spearman {a['spearman']:+.2f}"
         )
+    if "check_z_vs_test" in res:
+        print("check z vs test host-minus-fused AUROC (Spearman):", res["check_z_vs_test"])
+        print("refinement dropped in cell-seeds:", res["check_drops"])
     print("| rule | " + " | ".join(res["rules"]) + " |")
     print("|---|" + "---|" * len(res["rules"]))
     for name in RULES:
