@@ -37,9 +37,7 @@ from protorefine_jax import RefineConfig, calibration, pseudo_anomalies
 from protorefine_jax.data import load_dataset_category, sample_support
 from protorefine_jax.metrics import auroc
 
-_STAGE = flags.DEFINE_enum(
-    "pseudo_stage", "analyse", ["score", "cross", "analyse"], "What to run."
-)
+_STAGE = flags.DEFINE_enum("pseudo_stage", "analyse", ["score", "cross", "analyse"], "What to run.")
 _PSEUDO = flags.DEFINE_integer(
     "pseudo", calibration.PSEUDO_ANOMALIES, "Pseudo-anomalous copies per support image."
 )
@@ -84,6 +82,13 @@ def pseudo_features(data: str, feat: str, names: list[str], count: int, cache_di
     return dict(zip(names, zip(feats, masks, strict=True), strict=True))
 
 
+def cell_support(feats: dict, pf: dict, k: int, seed: int):
+    """`(names, [k, m, c] support features, [k, P, m, c] their pasted copies)` of a cell-seed."""
+    names = [study_cells.image_key(p) for p in sample_support(feats["pool"], k, seed).paths]
+    sup = np.stack([feats["train"][n] for n in names])
+    return names, sup, np.stack([pf[n][0] for n in names])
+
+
 def score_stage() -> None:
     """Hold-out scores of the pseudo-anomalous support copies, per stored cell."""
     cache = study_cells.FeatureCache(
@@ -102,12 +107,7 @@ def score_stage() -> None:
                     path = out / f"{data}_{feat}_k{k}_s{seed}.npz"
                     if path.exists() or k > len(feats["pool"]):
                         continue
-                    names = [
-                        study_cells.image_key(p)
-                        for p in sample_support(feats["pool"], k, seed).paths
-                    ]
-                    sup = np.stack([feats["train"][n] for n in names])
-                    pseudo = np.stack([pf[n][0] for n in names])
+                    names, sup, pseudo = cell_support(feats, pf, k, seed)
                     host, ref = calibration.held_out_units(
                         sup, cs.ALPHA, cfg, cs.GRID, views=pseudo
                     )
@@ -141,12 +141,7 @@ def cross_stage() -> None:
                     res = dict(np.load(path))
                     if "cross_host" in res:
                         continue
-                    names = [
-                        study_cells.image_key(p)
-                        for p in sample_support(feats["pool"], k, seed).paths
-                    ]
-                    sup = np.stack([feats["train"][n] for n in names])
-                    pseudo = np.stack([pf[n][0] for n in names])
+                    names, sup, pseudo = cell_support(feats, pf, k, seed)
                     n_real = cs.coreset_size(k * sup.shape[1], cs.ALPHA)
                     host, ref = cs.cross_units(sup, pseudo, cfg, n_real)
                     res["cross_host"], res["cross_ref"] = host[:, 1:], ref[:, 1:]
