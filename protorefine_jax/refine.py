@@ -41,7 +41,6 @@ from protorefine_jax.config import RefineConfig
 from protorefine_jax.gram import (  # noqa: F401
     _EPS,
     GramSystem,
-    bank_gram_times,
     feature_products,
     gram_system,
     gram_times,
