@@ -8,7 +8,13 @@ refined patch-score grids of every test image and of HELD-OUT SUPPORT units:
   shift and rotation, gain and offset), against a bank of every other
   support patch (`calibration.held_out_units`, the shipped hold-outs);
 - `cross_*` `[k, 1 + V, m]` (k >= 2): each whole support image and its views
-  against a bank of the other `k - 1` images.
+  against a bank of the other `k - 1` images;
+- `context_ref` `[k, 1 + V, m]`: the refined scores of the `unit_*` quadrants
+  with the whole image (or view) as the refinement's query (`context_units`).
+
+`--support=alike` draws support images more alike than new parts are (the
+seed's first image and its nearest cached pool images), the held-out rings'
+failure on real images rather than moved scores.
 
 Stage `analyse` evaluates calibration rules on the stored grids: image AUROC
 of the fused score against PatchCore, and the calibration error on the normal
@@ -49,7 +55,7 @@ from protorefine_jax import (
 )
 from protorefine_jax.app.batching import normal_gate, stream_order
 from protorefine_jax.coreset import coreset_size
-from protorefine_jax.data import load_dataset_category, sample_support
+from protorefine_jax.data import load_dataset_category
 from protorefine_jax.metrics import auroc
 from protorefine_jax.scoring import maps_of_grids
 
@@ -73,6 +79,14 @@ _INJECT = flags.DEFINE_bool(
     "inject", False, "Add one good image of another dev set to each support set (last)."
 )
 _PIXEL = flags.DEFINE_bool("pixel", False, "Also pixel AUROC (slower).")
+_SUPPORT = flags.DEFINE_enum(
+    "support",
+    "random",
+    ["random", "alike"],
+    "How a cell's support images are drawn: `random` (sample_support), or `alike`: the "
+    "seed's first random image and its k - 1 nearest pool images (mean patch feature), "
+    "support images more alike than new parts are (the held-out rings' failure).",
+)
 _JSON = flags.DEFINE_string("json_out", "runs/calibration_study.json", "Analysis output.")
 
 ALPHA = study_cells.ALPHA
@@ -123,6 +137,16 @@ def stray_features(data: str, feat: str) -> tuple[np.ndarray, np.ndarray]:
     return feats, views
 
 
+def support_names(feats: dict, k: int, seed: int) -> list[str]:
+    """The cache keys of a cell-seed's `k` support images (`--support`)."""
+    return study_cells.support_names(feats, k, seed, alike=_SUPPORT.value == "alike")
+
+
+def context_units(sup, views, cfg):
+    """`study_cells.context_units` on the study's grid and coreset ratio."""
+    return study_cells.context_units(sup, views, cfg, ALPHA, GRID)
+
+
 def cross_units(sup, views, cfg, n_real):
     """`[k, 1 + V, m]` host/refined scores of each image and its views against the other images."""
     k, m, c = sup.shape
@@ -161,10 +185,9 @@ def score_stage() -> None:
                 for seed in map(int, _SEEDS.value):
                     path = out_dir / f"{data}_{feat}_k{k}_s{seed}.npz"
                     res = dict(np.load(path)) if path.exists() else {}
-                    if "full_host" in res:
+                    if "full_host" in res and "context_ref" in res:
                         continue
-                    support = sample_support(feats["pool"], k, seed)
-                    names = [study_cells.image_key(p) for p in support.paths]
+                    names = support_names(feats, k, seed)
                     sup = np.stack([feats["train"][n] for n in names])
                     views = np.stack([vf[n] for n in names])
                     if _INJECT.value:  # one good image of another dev set, last
@@ -190,13 +213,16 @@ def score_stage() -> None:
                         n_real = coreset_size(k * sup.shape[1], ALPHA)
                         res["cross_host"], res["cross_ref"] = cross_units(sup, views, cfg, n_real)
                     t3 = time.time()
+                    if "context_ref" not in res:
+                        res["context_ref"] = context_units(sup, views, cfg)
                     # Views of every support image against the real bank (all k originals).
                     flat_views = jnp.asarray(views.reshape(-1, *views.shape[2:]))
                     full_h = refine_and_score(bank, flat_views, cfg.replace(use_refinement=False))
                     full_r = refine_and_score(bank, flat_views, cfg)
                     res["full_host"] = np.asarray(full_h.patch_scores).reshape(views.shape[:3])
                     res["full_ref"] = np.asarray(full_r.patch_scores).reshape(views.shape[:3])
-                    res["seconds"] = np.array([t1 - t0, t2 - t1, t3 - t2, time.time() - t3])
+                    if "seconds" not in res:  # a cell completed later keeps its first timings
+                        res["seconds"] = np.array([t1 - t0, t2 - t1, t3 - t2, time.time() - t3])
                     np.savez(path, **res)
                     print(
                         f"{path.name}: test {t1 - t0:.1f}s units {t2 - t1:.1f}s "
@@ -225,6 +251,8 @@ def rule_units(cell: dict, rule: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         return uh, ur
     if rule == "views":
         return uh[:, 1:], ur[:, 1:]
+    if rule == "context":
+        return uh[:, :1], cell["context_ref"][:, :1]
     if rule == "fullviews":
         return cell["full_host"], cell["full_ref"]
     if rule in ("cross+quadrants", "cross+views"):
@@ -245,6 +273,7 @@ RULES = (
     "cross+quadrants",
     "cross+views",
     "fullviews",
+    "context",
     "stream",
 )
 FIT = RefineConfig(grid_shape=None, image_size=None)
@@ -512,8 +541,7 @@ def drop_stage(out_dir: Path) -> list[dict]:
                     rates = threshold_rates(cell, cal, labels, k, test_scores, True)
                     if not rates["named"]:
                         continue
-                    support = sample_support(feats["pool"], k, seed)
-                    names = [study_cells.image_key(p) for p in support.paths]
+                    names = support_names(feats, k, seed)
                     sup = np.stack([feats["train"][n] for n in names])
                     views = np.stack([vf[n] for n in names])
                     first = _fit_rates(sup, views, test, labels)

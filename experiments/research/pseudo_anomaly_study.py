@@ -34,7 +34,7 @@ from scipy import stats as sps
 from experiments.research import calibration_study as cs
 from experiments.research import study_cells
 from protorefine_jax import RefineConfig, calibration, pseudo_anomalies
-from protorefine_jax.data import load_dataset_category, sample_support
+from protorefine_jax.data import load_dataset_category
 from protorefine_jax.metrics import auroc
 
 _STAGE = flags.DEFINE_enum("pseudo_stage", "analyse", ["score", "cross", "analyse"], "What to run.")
@@ -84,7 +84,7 @@ def pseudo_features(data: str, feat: str, names: list[str], count: int, cache_di
 
 def cell_support(feats: dict, pf: dict, k: int, seed: int):
     """`(names, [k, m, c] support features, [k, P, m, c] their pasted copies)` of a cell-seed."""
-    names = [study_cells.image_key(p) for p in sample_support(feats["pool"], k, seed).paths]
+    names = cs.support_names(feats, k, seed)
     sup = np.stack([feats["train"][n] for n in names])
     return names, sup, np.stack([pf[n][0] for n in names])
 

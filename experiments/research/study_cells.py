@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from protorefine_jax import RefineConfig
+from protorefine_jax import RefineConfig, calibration
 from protorefine_jax import refine as refine_lib
 from protorefine_jax.app import runner
 from protorefine_jax.app.batching import BatchedDetector, score_features
@@ -431,4 +431,53 @@ def optax_convergence(cache: FeatureCache, quick: bool) -> dict[str, Any]:
                 ]
                 errs.append(float(np.median(rel)))
             out[f"{opt} ridge={ridge:g}"] = errs
+    return out
+
+
+def support_names(feats: dict, k: int, seed: int, alike: bool = False) -> list[str]:
+    """The cache keys of a cell-seed's `k` support images.
+
+    `alike=False`: `sample_support`'s draw. `alike=True` (k >= 2): the draw's
+    first image and its `k - 1` nearest cached pool images by the distance of
+    their mean patch features, support images more alike than new parts are
+    (the held-out rings' failure, on real images). The nearest are taken among
+    the images `FeatureCache` holds (every image the seeds draw), not the
+    whole pool.
+    """
+    names = [image_key(p) for p in sample_support(feats["pool"], k, seed).paths]
+    if not alike or k == 1:
+        return names
+    pool = sorted(feats["train"])
+    means = np.stack([feats["train"][n].mean(axis=0) for n in pool])
+    anchor = means[pool.index(names[0])]
+    order = np.argsort(np.sum((means - anchor) ** 2, axis=1), kind="stable")
+    return [pool[i] for i in order[:k]]  # the anchor first (distance 0)
+
+
+def context_units(sup, views, cfg: RefineConfig, alpha: float, grid: tuple[int, int]):
+    """`[k, 1 + V, m]` refined scores of each held-out quadrant with its WHOLE image as the query.
+
+    The banks are the shipped hold-outs' (every support patch outside the
+    quadrant, `calibration.holdouts`); the query is the whole image (or view)
+    the quadrant belongs to, all `m` patches as at deployment instead of the
+    quadrant's `m / 4`; only the held-out quadrant's patches are kept, in
+    `held_out_units`' order. The host half does not depend on the query.
+    """
+    k, m, c = sup.shape
+    if grid[0] % 2 or grid[1] % 2:
+        raise ValueError(f"context_units needs an even grid (equal quadrants), got {grid}.")
+    banks, _ = calibration.holdouts(sup, alpha, grid, views)
+    run_cfg = calibration._holdout_config(k * m, c, alpha, cfg)
+    sources = np.concatenate([sup[:, None], views], axis=1)
+    splits = calibration.holdout_splits(k, grid)
+    queries = [sources[int(held[0]) // m] for _, held in splits]
+    _, refs = calibration._host_and_refined(
+        jnp.stack(banks), jnp.asarray(np.stack(queries)), run_cfg
+    )
+    refs = np.asarray(refs, np.float64)
+    out = np.zeros((k, sources.shape[1], m))
+    quarter = m // 4
+    for j, (_, held) in enumerate(splits):  # quadrants of image i are splits 4i .. 4i + 3
+        i, q = divmod(j, 4)
+        out[i, :, q * quarter : (q + 1) * quarter] = refs[j][:, held - i * m]
     return out
