@@ -342,6 +342,9 @@ def analyse_cell(cell, labels, masks, k: int, rule: str, pixel: bool) -> dict:
         test = grids.max(axis=1)
         out["threshold"] = threshold_rates(cell, cal, labels, k, test, True)
         out["threshold_originals"] = threshold_rates(cell, cal, labels, k, test, False)
+    if rule == "context":  # the support image scores from the context hold-outs as well
+        held = {**cell, "unit_ref": cell["context_ref"]}
+        out["threshold"] = threshold_rates(held, cal, labels, k, grids.max(axis=1), True)
     return out
 
 
