@@ -16,6 +16,7 @@ from helpers import FAST_FIT, FAST_REFINE, demo_category
 from PIL import Image
 
 from protorefine_jax.app import deploy
+from protorefine_jax.calibration import RefinementCheck
 from protorefine_jax.data import make_synthetic_dataset
 from protorefine_jax.io.model_dir import ModelFormatError, ModelMismatchError
 
@@ -558,3 +559,18 @@ def test_fit_with_the_refinement_check_records_it_and_scores_in_its_units(demo, 
     np.testing.assert_allclose(
         np.asarray(detector.score(params, off, images[:2], config).image_scores), z, rtol=1e-4
     )
+
+
+def test_a_model_whose_refinement_beats_the_host_loads(model):
+    """The refinement check's z is negative when the fused score is better: a valid model
+    (it was refused as "a finite scalar in [0, 1e6]" before)."""
+    model, meta = model
+    state = deploy.model_dir.load_model(model).state
+    good = RefinementCheck(
+        np.float32(76.2), np.float32(89.4), np.float32(2), np.float32(16), np.float32(-2.35)
+    )
+    dim = meta["detector"]["feature_dim"]
+    deploy.check_state(state._replace(refinement_check=good), dim, model)
+    bad = good._replace(images=np.float32(-1))
+    with pytest.raises(deploy.model_dir.ModelFormatError, match="images must be"):
+        deploy.check_state(state._replace(refinement_check=bad), dim, model)

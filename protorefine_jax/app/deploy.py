@@ -1192,8 +1192,9 @@ def check_state(state: Any, feature_dim: int, path) -> None:
             raise bad("the refinement check is not a RefinementCheck")
         for name, value in check._asdict().items():
             v = np.asarray(value)
-            if v.shape != () or not np.isfinite(v) or not 0 <= v <= 1e6:
-                raise bad(f"refinement check {name} must be a finite scalar in [0, 1e6]")
+            low = -1e6 if name == "host_better_z" else 0  # a z-score: negative when fused is better
+            if v.shape != () or not np.isfinite(v) or not low <= v <= 1e6:
+                raise bad(f"refinement check {name} must be a finite scalar in [{low:g}, 1e6]")
 
 
 def _check_calibration(cal: Any, bad: Callable[[str], Exception]) -> None:
