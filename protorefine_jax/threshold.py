@@ -23,6 +23,10 @@ A detector outputs a score per image; deploying it needs a threshold
   support images do (lighting, pose, another batch) break the assumption:
   measure it (RESULTS.md, "Calibration that sees new parts").
 
+  After the fact, :func:`typical_check` tests that assumption on the
+  images scored (unlabelled): it warns when most of them score higher where
+  they are normal than every held-out support image and view does.
+
 - **F1-optimal** (:func:`f1_threshold`): labelled calibration images (good
   and defective) exist. The threshold maximises F1 on them; it says nothing
   about rates on other images.
@@ -393,3 +397,148 @@ def augment_views(image: np.ndarray, count: int, seed: int = 0, **ranges: float)
         bias = rng.uniform(-max_offset, max_offset)
         views[v] = np.clip(np.round(warped * gain + bias), 0, 255).astype(np.uint8)
     return views
+
+
+TYPICAL_LEVEL = 0.01
+"""Significance level of `typical_check`'s warning (the conventional 1 %)."""
+
+
+def exceedance_p_value(above: int, scored: int, references: int) -> float:
+    """P(at least `above` of `scored` draws exceed the largest of `references` draws).
+
+    All `scored + references` draws exchangeable and continuous (no ties).
+    With `U` the largest reference's quantile (density `N u^(N-1)`), the
+    count above it is Binomial(`n`, `1 - U`), so
+
+        P(E = j) = C(n, j) N B(j + 1, n - j + N)
+
+    (a Beta-Binomial law); the p-value sums it over `j >= above`. Computed
+    in log space (no overflow at thousands of images).
+
+    Args:
+      above: observed count `e`, `0 <= e <= n`.
+      scored: number of draws `n >= 0`.
+      references: number of reference draws `N >= 1`.
+
+    Returns:
+      The p-value in [0, 1] (1.0 for `above = 0`).
+    """
+    if references < 1 or scored < 0 or not 0 <= above <= scored:
+        raise ValueError(
+            f"need references >= 1 and 0 <= above <= scored, got above={above}, "
+            f"scored={scored}, references={references}."
+        )
+    if above == 0:
+        return 1.0
+    n, big_n = scored, references
+    logs = [
+        math.lgamma(n + 1)
+        - math.lgamma(n - j + 1)
+        + math.log(big_n)
+        + math.lgamma(n - j + big_n)
+        - math.lgamma(n + big_n + 1)
+        for j in range(above, n + 1)
+    ]  # C(n, j) B(j + 1, n - j + N) with the Gamma(j + 1) terms cancelled
+    top = max(logs)
+    return float(min(1.0, math.exp(top) * sum(math.exp(x - top) for x in logs)))
+
+
+class TypicalCheck(NamedTuple):
+    """Whether the images scored vary like the support images (`typical_check`).
+
+    Attributes:
+      scored: images scored `n`.
+      above: how many of them have a typical score above `support_max`.
+      references: held-out support units (images and views) `N`.
+      support_max: the largest typical score of a held-out support unit.
+      median: the median typical score of the images scored.
+      p_value: `exceedance_p_value(above, scored, references)`.
+      level: the warning's significance level.
+    """
+
+    scored: int
+    above: int
+    references: int
+    support_max: float
+    median: float
+    p_value: float
+    level: float = TYPICAL_LEVEL
+
+    @property
+    def warns(self) -> bool:
+        """The median image is above every support unit, and that is not chance (`p < level`)."""
+        return self.median > self.support_max and self.p_value < self.level
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields, `warns` included."""
+        return {**self._asdict(), "warns": self.warns}
+
+    def describe(self) -> str:
+        """One plain paragraph: what was seen, what it means, and the fix when it warns."""
+        expected = self.scored / (self.references + 1)
+        seen = (
+            f"{self.above} of {self.scored} images have a typical score (the 10th percentile of "
+            f"the image's patch scores: where it is normal) above every one of the "
+            f"{self.references} held-out support images and views (at most "
+            f"{self.support_max:.3g}; median of the images scored {self.median:.3g}); if new "
+            f"good parts varied like the support images, about {expected:.1f} would be "
+            f"(p = {self.p_value:.2g})"
+        )
+        if not self.warns:
+            return f"support check: {seen}. No sign that these images differ more."
+        return (
+            f"warning: these images differ from the support images more than the support "
+            f"images differ among themselves: {seen}. The threshold's promise assumes new good "
+            "parts vary like the support images, so it may not hold here: more good parts may "
+            "be flagged than it states (unless most of these images are defective, which also "
+            "raises their typical score). Fix: fit on good images from across the production "
+            "(other batches, days, lighting), or predict with --calibrate_on_stream."
+        )
+
+
+def typical_check(support_typical: Any, scored_typical: Any, level: float = TYPICAL_LEVEL):
+    """Tests, without labels, whether the images scored vary like the support images.
+
+    Each image's typical score is a low quantile of its patch scores in the
+    deployed units (`calibration.TYPICAL_QUANTILE`, the 10th percentile):
+    most patches of a good or a defective image are normal, so it says how
+    high the image scores where it is normal. The reference is the same
+    quantile for each held-out support image and view
+    (`calibration.SupportScores.typical`, the units the threshold comes
+    from). If the images scored were exchangeable with those units, the
+    number above the largest unit would follow `exceedance_p_value`. The
+    check warns when the MEDIAN image is above every unit (robust while most
+    images scored are good; a folder of mostly defective images can still
+    trip it) and the count is unlikely by chance (`p < level`): one image
+    alone warns only with at least `1 / level - 1` units (99), two need all
+    of them above every unit. Decided from the support units and the images
+    alone: no constant tuned on a data set (RESULTS.md, "Support check").
+
+    Args:
+      support_typical: `[N]` (any shape; flattened) typical scores of the
+        held-out support units.
+      scored_typical: `[n]` typical scores of the images scored, `n >= 1`.
+      level: significance level of the warning (default 1 %).
+
+    Returns:
+      `TypicalCheck`.
+    """
+    ref = np.asarray(support_typical, np.float64).reshape(-1)
+    got = np.asarray(scored_typical, np.float64).reshape(-1)
+    if ref.size == 0 or not np.all(np.isfinite(ref)):
+        raise ValueError("the support units' typical scores must be a non-empty, finite array.")
+    if got.size == 0 or not np.all(np.isfinite(got)):
+        raise ValueError("the scored images' typical scores must be a non-empty, finite array.")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}.")
+    top = float(ref.max())
+    above = int(np.sum(got > top))
+    return TypicalCheck(
+        scored=int(got.size),
+        above=above,
+        references=int(ref.size),
+        support_max=top,
+        median=float(np.median(got)),
+        p_value=exceedance_p_value(above, int(got.size), int(ref.size)),
+        level=float(level),
+    )

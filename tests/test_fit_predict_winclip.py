@@ -105,7 +105,7 @@ def test_predict_scores_match_the_library_detector(model, demo, clip, tmp_path):
     files = sorted((demo / "test").rglob("*.png"))
     size = manifest["metadata"]["image_size"][0]
     images, _, _ = deploy.read_batch(files, size, strict=True, resample="bicubic")
-    got, _ = scorer.score(images)
+    got = scorer.score(images)[0]
     detector, params = WinClip.from_folder(str(clip[0]))
     state = deploy.model_dir.load_model(model).state
     config = detector.config(use_refinement=False, num_iters=2, sinkhorn_iters=10)

@@ -31,6 +31,11 @@ move (the refined z-scores of new normal parts shifted up and widened more
 than the host's), and compares fusion rules that decide per query image or
 from the test set: does a rule keep its dev gain when its statistics are
 wrong in that direction?
+
+Stage `support_check` runs `predict`'s unlabelled support check
+(`threshold.typical_check`) on each cell's test images as three streams (all
+of them, the good ones, the good ones plus one defective image in ten) and
+sets its warnings beside the cells whose threshold broke its promise.
 """
 
 from __future__ import annotations
@@ -64,8 +69,9 @@ study_cells.DATA.setdefault("ball_screw", ("folder", "bsdata", "ball_screw"))
 _STAGE = flags.DEFINE_enum(
     "stage",
     "score",
-    ["score", "analyse", "stress", "drop"],
-    "What to run (stress: see `stress_stage`; drop: see `drop_stage`).",
+    ["score", "analyse", "stress", "drop", "support_check"],
+    "What to run (stress: see `stress_stage`; drop: see `drop_stage`; support_check: see "
+    "`support_check_stage`).",
 )
 _DATA_ROOT = flags.DEFINE_string("data_root", "../shared/data", "Dev data root.")
 _CACHE = flags.DEFINE_string("cache_dir", "runs/fusion_cache", "Feature cache (not committed).")
@@ -566,6 +572,82 @@ def drop_stage(out_dir: Path) -> list[dict]:
     return rows
 
 
+SUPPORT_STREAMS = ("all test images", "good only", "good + 10 % defective")
+
+
+def _streams(labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Test-image indices of each stream; the defective tenth is a fixed draw (seed 0)."""
+    good, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    few = np.random.default_rng(0).choice(bad, max(1, len(good) // 9), replace=False)
+    streams = (np.arange(len(labels)), good, np.concatenate([good, few]))
+    return dict(zip(SUPPORT_STREAMS, streams, strict=True))
+
+
+def support_check_stage(out_dir: Path, quantiles=(calibration.TYPICAL_QUANTILE, 0.5)) -> list:
+    """The support check of the shipped calibration and threshold on every stored cell.
+
+    The reference is the shipped `support_image_scores(...).typical` of the
+    images the threshold keeps; each stream's images are the test images'
+    typical scores under the same quantile (the shipped one, and the median
+    for comparison). A threshold "broke its promise" when more good test
+    images score above it than `false_alarm_bound`.
+    """
+    rows = []
+    for path in sorted(out_dir.glob("*_k*_s*.npz")):
+        data_feat, ks, _ = path.stem.rsplit("_", 2)
+        labels = np.load(out_dir / f"{data_feat}_truth.npz")["labels"]
+        cell, k = dict(np.load(path)), int(ks[1:])
+        cal = calibration.statistics(*rule_units(cell, "quadrants", k))
+        images = len(cell["unit_host"])
+        cross = (cell["cross_host"][:, :1], cell["cross_ref"][:, :1]) if images >= 3 else ()
+        held = calibration.HeldOut(cell["unit_host"], cell["unit_ref"], *cross)
+        scores = calibration.support_image_scores(held, FIT, cal)
+        t, named = threshold.from_support_scores(scores)
+        z_h, z_r = calibration.standardise(cell["test_host"], cell["test_ref"], cal)
+        grids = np.maximum(np.asarray(z_h), np.asarray(z_r))
+        row = {
+            "cell": path.stem,
+            "data": data_feat.rsplit("_", 1)[0],
+            "k": k,
+            "false_alarms": float(np.mean(grids[labels == 0].max(axis=1) > t.value)),
+            "bound": t.false_alarm_bound,
+        }
+        row["broke"] = row["false_alarms"] > row["bound"]
+        h, r = calibration.standardise(held.host, held.refined, cal)
+        units = np.maximum(np.asarray(h), np.asarray(r))
+        for q in quantiles:
+            # The shipped quantile's reference is the library's; another is the same units'.
+            ref = scores.typical if q == calibration.TYPICAL_QUANTILE else np.quantile(units, q, -1)
+            typical = np.quantile(grids, q, axis=1)
+            for name, ix in _streams(labels).items():
+                check = threshold.typical_check(ref[~named], typical[ix])
+                row[f"q{q:g} {name}"] = check.warns
+        rows.append(row)
+    return rows
+
+
+def support_check_table(rows: list) -> str:
+    """Per dev set and quantile: cells warned in each stream, and broken promises."""
+    lines = [
+        "| data | quantile | cell-seeds | promise broken | "
+        + " | ".join(f"warned: {s} (of them broken)" for s in SUPPORT_STREAMS)
+        + " |"
+    ]
+    lines.append("|---|---|---|---|" + "---|" * len(SUPPORT_STREAMS))
+    keys = sorted({k.split(" ", 1)[0] for r in rows for k in r if k.startswith("q")})
+    for data in sorted({r["data"] for r in rows}) + ["all"]:
+        sub = [r for r in rows if data in ("all", r["data"])]
+        for q in keys:
+            warned = {s: [r for r in sub if r[f"{q} {s}"]] for s in SUPPORT_STREAMS}
+            cells = [f"{len(w)} ({sum(r['broke'] for r in w)})" for w in warned.values()]
+            lines.append(
+                f"| {data} | {q[1:]} | {len(sub)} | {sum(r['broke'] for r in sub)} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv):
     """Runs the requested stage."""
     del argv
@@ -576,6 +658,12 @@ def main(argv):
         rows = drop_stage(Path(_OUT.value))
         Path(_JSON.value).parent.mkdir(parents=True, exist_ok=True)
         Path(_JSON.value).write_text(json.dumps(rows, indent=1))
+        return
+    if _STAGE.value == "support_check":
+        rows = support_check_stage(Path(_OUT.value))
+        Path(_JSON.value).parent.mkdir(parents=True, exist_ok=True)
+        Path(_JSON.value).write_text(json.dumps(rows, indent=1))
+        print(support_check_table(rows))
         return
     if _STAGE.value == "stress":
         res = stress_stage(Path(_OUT.value))

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -44,6 +45,7 @@ from protorefine_jax.app.overlays import (
     with_key,
 )
 from protorefine_jax.app.prefetch import NO_STAGES, Stages, ordered_map
+from protorefine_jax.calibration import TYPICAL_QUANTILE
 from protorefine_jax.data.errors import DatasetError
 from protorefine_jax.data.imageio import decode_image, is_image_file, read_image, resize_decoded
 from protorefine_jax.features.preprocess import image_hw
@@ -300,13 +302,17 @@ def calibration_set(folder: str | os.PathLike) -> tuple[list[Path], np.ndarray]:
 def padded(fn: Callable[[np.ndarray], Any], images: np.ndarray, batch_size: int) -> Iterator[Any]:
     """`fn` over `images` in batches of exactly `batch_size` (last padded); yields outputs cut."""
     for chunk, n in fixed_batches(images, batch_size):
-        scores, maps = fn(chunk)
-        yield np.asarray(scores)[:n], np.asarray(maps)[:n]
+        yield tuple(np.asarray(x)[:n] for x in fn(chunk))
 
 
 @dataclasses.dataclass
 class Scorer:
-    """Scores batches of `[B, H, W, 3]` images: `score(images) -> (scores [B], maps [B, H, W])`.
+    """Scores batches of `[B, H, W, 3]` images: `score(images) -> (scores, maps, typical)`.
+
+    `scores [B]`, `maps [B, H, W]`, and `typical [B]`: each image's
+    `calibration.TYPICAL_QUANTILE` of patch scores, what the support check
+    compares with the support images' (`threshold.typical_check`; NaN where
+    the model has none, WinCLIP).
 
     Attributes:
       score: the scoring function (library detector or exported program).
@@ -319,19 +325,25 @@ class Scorer:
       resample: the resize filter of the detector's inputs (WinCLIP: bicubic).
     """
 
-    score: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+    score: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
     runtime: str
     image_size: int | tuple[int, int]
     stream: Any = None  # StreamSetup of a calibrated PatchCore+ library model, else None
-    submit: Callable[[Any], tuple[Any, Any]] | None = None
+    submit: Callable[[Any], tuple[Any, Any, Any]] | None = None
     place: Callable[[np.ndarray], Any] = np.asarray
     resample: str = "bilinear"
 
 
+@jax.jit
+def typical_scores(patch_scores):
+    """`[B, m] -> [B]`: each image's `TYPICAL_QUANTILE` of patch scores (one compiled call)."""
+    return jnp.quantile(patch_scores, TYPICAL_QUANTILE, axis=1)
+
+
 def submit_padded(
     scorer: Scorer, images: np.ndarray, batch_size: int, stages: Stages = NO_STAGES
-) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
-    """Starts `scorer` on `images` (padded batches) and returns `wait() -> (scores, maps)`.
+) -> Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Starts `scorer` on `images` (padded batches): `wait() -> (scores, maps, typical)`.
 
     With a library scorer the detector runs asynchronously (JAX dispatch):
     the caller does other work (the previous images' overlays) until it calls
@@ -348,15 +360,14 @@ def submit_padded(
         with stages("dispatch", n):
             pending.append((scorer.submit(placed), n))
 
-    def wait() -> tuple[np.ndarray, np.ndarray]:
+    def wait() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not pending:
-            return np.zeros(0), np.zeros((0, *image_hw(scorer.image_size)))
-        scores, maps = [], []
-        for (s_, m_), n in pending:
+            return np.zeros(0), np.zeros((0, *image_hw(scorer.image_size))), np.zeros(0)
+        outs = []
+        for out, n in pending:
             with stages("wait for detector", n):
-                scores.append(np.asarray(s_)[:n])
-                maps.append(np.asarray(m_)[:n])
-        return np.concatenate(scores), np.concatenate(maps)
+                outs.append([np.asarray(x)[:n] for x in out])
+        return tuple(np.concatenate(parts) for parts in zip(*outs, strict=True))
 
     return wait
 
@@ -744,6 +755,7 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
                 else [float(x) for x in support_scores.against_others]
             ),
             "outliers": [names[i] for i in np.flatnonzero(outliers)],
+            **support_typical(support_scores, outliers),
         },
         "calibration": calibration,
         **refinement_check_metadata(state.refinement_check),
@@ -772,6 +784,20 @@ def _fit_model(s: FitSettings, out: Path, log: Callable[[str], None]) -> dict[st
     model_dir.save_model(out, saved, meta, extra_files=extra, overwrite=s.overwrite)
     log(f"model written to {s.out}/ ({', '.join([model_dir.MANIFEST, model_dir.ARRAYS, *extra])})")
     return meta
+
+
+def support_typical(scores: Any, outliers: np.ndarray) -> dict[str, Any]:
+    """`{"typical": [...]}`: the held-out typical scores `predict`'s support check compares with.
+
+    Each kept support image's and view's typical patch score
+    (`SupportScores.typical`); the images left out of the threshold are left
+    out here too. Empty where the detector has none (WinCLIP).
+    """
+    typical = getattr(scores, "typical", None)
+    if typical is None:
+        return {}
+    kept = np.asarray(typical, np.float64)[~np.asarray(outliers, bool)]
+    return {"typical": [float(x) for x in kept.reshape(-1)]}
 
 
 def fit_winclip(detector, feats, context, config):
@@ -976,12 +1002,11 @@ def _export_scorer(path, manifest, size: int) -> Scorer:
         call = export.deserialize(bytearray(blob)).call
 
     def submit(images):
-        scores, maps, _ = call(np.asarray(images, np.float32))
-        return scores, maps
+        scores, maps, patches = call(np.asarray(images, np.float32))
+        return scores, maps, typical_scores(patches)
 
     def score(images):
-        scores, maps = submit(images)
-        return np.asarray(scores), np.asarray(maps)
+        return tuple(np.asarray(x) for x in submit(images))
 
     return Scorer(score=score, runtime="export", image_size=size, submit=submit)
 
@@ -1025,11 +1050,11 @@ def _library_scorer(path, meta, size: int, weights: str | None) -> Scorer:
 
     def submit(images):
         out = detector.score(params, state, images, config)
-        return out.image_scores, out.maps  # device arrays: not waited for here
+        # device arrays: not waited for here
+        return out.image_scores, out.maps, typical_scores(out.patch_scores)
 
     def score(images):
-        scores, maps = submit(images)
-        return np.asarray(scores), np.asarray(maps)
+        return tuple(np.asarray(x) for x in submit(images))
 
     def halves(images):
         feats = detector.features(params, images)
@@ -1089,11 +1114,10 @@ def _winclip_scorer(path, meta, clip_dir: str | None) -> Scorer:
 
     def submit(images):
         out = detector.score(params, state, images, config)
-        return out.image_scores, out.maps
+        return out.image_scores, out.maps, jnp.full(out.image_scores.shape, jnp.nan)  # no check
 
     def score(images):
-        scores, maps = submit(images)
-        return np.asarray(scores), np.asarray(maps)
+        return tuple(np.asarray(x) for x in submit(images))
 
     size = parse_image_size(meta["image_size"])
     return Scorer(
@@ -1123,7 +1147,7 @@ class StreamSetup:
     refined_on: float = 1.0
 
     def fuser(self, gate: float) -> Callable[[np.ndarray, np.ndarray], tuple]:
-        """`(host, refined) -> (scores, maps)` of the next images, statistics learnt as they come.
+        """`(host, refined) -> (scores, maps, typical)` of the next images, statistics learnt.
 
         Images in call order; an image scored above `gate` is not learnt from
         (`stream_calibration.fuse_next`).
@@ -1141,7 +1165,7 @@ class StreamSetup:
             nonlocal state
             state, fused, _ = stream_calibration.fuse_next(state, host, refined, gate)
             maps = maps_of_grids(fused, cfg.grid_shape, cfg.image_size, cfg.blur_sigma)
-            return fused.max(axis=1), maps
+            return fused.max(axis=1), maps, np.quantile(fused, TYPICAL_QUANTILE, axis=1)
 
         return fuse
 
@@ -1182,8 +1206,9 @@ def check_state(state: Any, feature_dim: int, path) -> None:
             if value is None:
                 continue
             v = np.asarray(value)
-            if v.ndim != 1 or v.size == 0 or v.size > 10_000_000 or not np.all(np.isfinite(v)):
-                raise bad(f"support scores {name} must be a non-empty finite 1-D array")
+            dims = 2 if name == "typical" else 1  # typical: [images, 1 + views]
+            if v.ndim != dims or v.size == 0 or v.size > 10_000_000 or not np.all(np.isfinite(v)):
+                raise bad(f"support scores {name} must be a non-empty finite {dims}-D array")
     check = state.refinement_check
     if check is not None:
         from protorefine_jax.calibration import RefinementCheck
@@ -1380,6 +1405,7 @@ def _predict(
         )
     rows: list[dict[str, Any]] = []
     items: list[tuple[dict[str, Any], Any]] = []  # (ReportItem fields, its thumbnail's future)
+    typicals: list[float] = []  # each scored image's typical patch score (the support check)
     size = scorer.image_size
     t0 = time.time()
     scored = 0
@@ -1393,7 +1419,7 @@ def _predict(
     def finish(start, n_part, pixels, ok, errors, wait) -> None:
         """Outputs of one chunk, once its scores are back (the next chunk is on the detector)."""
         nonlocal scored, first
-        scores, maps = wait()
+        scores, maps, typical = wait()
         ok_scored = len(ok)
         for j, i in enumerate(ok):
             index = start + i
@@ -1405,6 +1431,7 @@ def _predict(
                 )
                 ok_scored -= 1
                 continue
+            typicals.append(float(typical[j]))
             anomalous = score > thr
             link = None
             if s.overlays == "all" or (s.overlays == "anomalous" and anomalous):
@@ -1485,6 +1512,11 @@ def _predict(
             ]
     seconds = time.time() - t0
     steady = (scored - first[1]) / max(seconds - first[0], 1e-9) if scored > first[1] else None
+    check = support_check(meta, typicals, s.calibrate_on_stream)
+    checked = isinstance(check, threshold_lib.TypicalCheck)
+    check_line = check.describe() if checked else check
+    if checked:
+        log(check_line)
     rows.sort(key=lambda r: r["file"])
     fields = ["file", "score", "decision", "threshold", "error"]
     labelled = None
@@ -1537,7 +1569,10 @@ def _predict(
             thresholds=thresholds,
             threshold_note=thr_note,
             metrics=metrics,
-            notes=[_speed_line(scored, seconds, steady)],
+            notes=[
+                _speed_line(scored, seconds, steady),
+                check_line,
+            ],
             legend=html_report.Legend(lo=lo, hi=hi, threshold=thr),
             per_folder=None if labelled is None else labelled["per_folder"],
             support=support_items(meta, s.support_dir, scorer.image_size, log),
@@ -1553,6 +1588,7 @@ def _predict(
         "images_per_second": scored / max(seconds, 1e-9),
         "images_per_second_after_first_batch": steady,
         "runtime": scorer.runtime,
+        "support_check": check.to_dict() if checked else {"note": check_line},
         "complete": True,
     }
     if labelled is not None:
@@ -1567,6 +1603,29 @@ def _predict(
     return summary
 
 
+def support_check(meta: dict[str, Any], typicals: list[float], on_stream: bool):
+    """`threshold.typical_check` of the images scored, or a line saying why it did not run.
+
+    It compares the images' typical patch scores with the fit's held-out
+    support units (`model.json` `threshold_calibration.typical`). It does not
+    apply under `--calibrate_on_stream` (the statistics follow the images),
+    to models without those units (WinCLIP, or fitted before the check), or
+    when no image was scored.
+    """
+    reference = meta.get("threshold_calibration", {}).get("typical")
+    if on_stream:
+        return "support check: not run (--calibrate_on_stream adapts the statistics to the images)"
+    if not reference:
+        return (
+            "support check: not run (the model has no held-out typical scores: WinCLIP, or "
+            "fitted before the check existed; refit to get it)"
+        )
+    finite = [t for t in typicals if math.isfinite(t)]
+    if not finite:
+        return "support check: not run (no image was scored)"
+    return threshold_lib.typical_check(reference, finite)
+
+
 # Threads that decode images ahead of the detector, and threads that encode its outputs.
 PREDICT_WORKERS = 2
 # zlib level of the overlay PNGs (`overlays.encode_png`): lossless at any level (the same
@@ -1574,10 +1633,10 @@ PREDICT_WORKERS = 2
 OVERLAY_PNG_LEVEL = 1
 
 
-def _joined(results, size) -> tuple[np.ndarray, np.ndarray]:
+def _joined(results, size) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not results:
-        return np.zeros(0), np.zeros((0, *image_hw(size)))
-    return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+        return np.zeros(0), np.zeros((0, *image_hw(size))), np.zeros(0)
+    return tuple(np.concatenate(parts) for parts in zip(*results, strict=True))
 
 
 def encode_overlay(picture: np.ndarray) -> bytes:

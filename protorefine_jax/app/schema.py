@@ -395,8 +395,9 @@ METADATA = Dict(
                 "scores": List(SCORE, max_len=100_000),
                 "against_others": Optional(List(SCORE, max_len=100_000)),
                 "outliers": _FILES,
+                "typical": List(SCORE, max_len=100_000),
             },
-            optional=("against_others", "outliers"),
+            optional=("against_others", "outliers", "typical"),
         ),
         "calibration": Optional(
             Dict(
