@@ -66,7 +66,7 @@ from protorefine_jax.gram import feature_products, gram_system, matmul_precision
 from protorefine_jax.metrics import paired_auroc
 from protorefine_jax.refine import refine
 from protorefine_jax.scoring import _min_distance, base_patch_scores, refined_patch_scores
-from protorefine_jax.threshold import augment_views
+from protorefine_jax.threshold import TYPICAL_QUANTILE, augment_views
 
 _TINY = 1e-12
 
@@ -78,17 +78,6 @@ CHECK_Z = 1.96
 
 PSEUDO_ANOMALIES = 16
 """Pasted-defect copies per checked support image in `refinement_check` (0: no check)."""
-
-TYPICAL_QUANTILE = 0.1
-"""Quantile of an image's patch scores that says how high it scores where it is normal.
-
-The support check (`threshold.typical_check`) compares it between new images
-and the held-out support units. A low quantile, not the median: a defect
-would have to cover 90 % of the patches to move it, and the refined half
-raises the scores of a defective query across the whole image (measured:
-with the median, test folders of mostly defective images tripped the check
-in 25 of 90 dev cell-seeds against 8 with their good images alone; RESULTS.md,
-"Support check")."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -584,21 +573,12 @@ def support_image_scores(
       the `TYPICAL_QUANTILE` of each held-out image's and view's patch scores (`typical`).
     """
 
-    def patch_scores(h, r):
-        if not config.use_refinement:
-            return np.asarray(h, np.float64)
-        if calibration is not None and config.calibrated:
-            z_h, z_r = (np.asarray(z, np.float64) for z in standardise(h, r, calibration))
-            # fmax: a refined score left out by the budget (NaN) leaves the host's.
-            return np.fmax(z_h, z_r) if float(calibration.refined_on) > 0 else z_h
-        return np.asarray(r, np.float64)
-
-    def image_score(h, r):
-        return patch_scores(h, r).max(axis=-1).max(axis=-1)  # patches, then original and views
+    def image_score(h, r):  # patches, then the original and its views
+        return deployed_patch_scores(h, r, config, calibration).max(axis=-1).max(axis=-1)
 
     others = None if held.cross_host is None else image_score(held.cross_host, held.cross_refined)
     host, refined = paired_originals(held)
-    units = patch_scores(held.host, held.refined)
+    units = deployed_patch_scores(held.host, held.refined, config, calibration)
     return SupportScores(
         units.max(axis=-1).max(axis=-1),
         others,
@@ -606,6 +586,27 @@ def support_image_scores(
         np.asarray(refined, np.float32),
         np.quantile(units, TYPICAL_QUANTILE, axis=-1),
     )
+
+
+def deployed_patch_scores(
+    host: np.ndarray,
+    refined: np.ndarray,
+    config: RefineConfig,
+    calibration: ScoreCalibration | None,
+) -> np.ndarray:
+    """Float64 patch scores in the deployed detector's units, from the two halves' raw scores.
+
+    The host score for the host method; the fused z-score with a calibration
+    and `config.calibrated` (the host's z alone where the refinement check
+    dropped the refined half; `fmax`: a refined score the hold-out budget
+    left out, NaN, leaves the host's); else the refined score.
+    """
+    if not config.use_refinement:
+        return np.asarray(host, np.float64)
+    if calibration is not None and config.calibrated:
+        z_h, z_r = (np.asarray(z, np.float64) for z in standardise(host, refined, calibration))
+        return np.fmax(z_h, z_r) if float(calibration.refined_on) > 0 else z_h
+    return np.asarray(refined, np.float64)
 
 
 def paired_originals(held: HeldOut) -> tuple[np.ndarray, np.ndarray]:

@@ -613,8 +613,7 @@ def support_check_stage(out_dir: Path, quantiles=(calibration.TYPICAL_QUANTILE, 
             "bound": t.false_alarm_bound,
         }
         row["broke"] = row["false_alarms"] > row["bound"]
-        h, r = calibration.standardise(held.host, held.refined, cal)
-        units = np.maximum(np.asarray(h), np.asarray(r))
+        units = calibration.deployed_patch_scores(held.host, held.refined, FIT, cal)
         for q in quantiles:
             # The shipped quantile's reference is the library's; another is the same units'.
             ref = scores.typical if q == calibration.TYPICAL_QUANTILE else np.quantile(units, q, -1)

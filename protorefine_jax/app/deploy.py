@@ -45,7 +45,6 @@ from protorefine_jax.app.overlays import (
     with_key,
 )
 from protorefine_jax.app.prefetch import NO_STAGES, Stages, ordered_map
-from protorefine_jax.calibration import TYPICAL_QUANTILE
 from protorefine_jax.data.errors import DatasetError
 from protorefine_jax.data.imageio import decode_image, is_image_file, read_image, resize_decoded
 from protorefine_jax.features.preprocess import image_hw
@@ -310,7 +309,7 @@ class Scorer:
     """Scores batches of `[B, H, W, 3]` images: `score(images) -> (scores, maps, typical)`.
 
     `scores [B]`, `maps [B, H, W]`, and `typical [B]`: each image's
-    `calibration.TYPICAL_QUANTILE` of patch scores, what the support check
+    `threshold.TYPICAL_QUANTILE` of patch scores, what the support check
     compares with the support images' (`threshold.typical_check`; NaN where
     the model has none, WinCLIP).
 
@@ -337,7 +336,7 @@ class Scorer:
 @jax.jit
 def typical_scores(patch_scores):
     """`[B, m] -> [B]`: each image's `TYPICAL_QUANTILE` of patch scores (one compiled call)."""
-    return jnp.quantile(patch_scores, TYPICAL_QUANTILE, axis=1)
+    return jnp.quantile(patch_scores, threshold_lib.TYPICAL_QUANTILE, axis=1)
 
 
 def submit_padded(
@@ -793,10 +792,9 @@ def support_typical(scores: Any, outliers: np.ndarray) -> dict[str, Any]:
     (`SupportScores.typical`); the images left out of the threshold are left
     out here too. Empty where the detector has none (WinCLIP).
     """
-    typical = getattr(scores, "typical", None)
-    if typical is None:
+    if scores.typical is None:
         return {}
-    kept = np.asarray(typical, np.float64)[~np.asarray(outliers, bool)]
+    kept = np.asarray(scores.typical, np.float64)[~np.asarray(outliers, bool)]
     return {"typical": [float(x) for x in kept.reshape(-1)]}
 
 
@@ -1165,7 +1163,8 @@ class StreamSetup:
             nonlocal state
             state, fused, _ = stream_calibration.fuse_next(state, host, refined, gate)
             maps = maps_of_grids(fused, cfg.grid_shape, cfg.image_size, cfg.blur_sigma)
-            return fused.max(axis=1), maps, np.quantile(fused, TYPICAL_QUANTILE, axis=1)
+            typical = np.quantile(fused, threshold_lib.TYPICAL_QUANTILE, axis=1)
+            return fused.max(axis=1), maps, typical
 
         return fuse
 
